@@ -1,0 +1,33 @@
+# GPT-2 small (124M: 12 layers, 768 wide) on FineWeb, at the reference run's 524,288 tokens per
+# iteration, sized for a 12 GB GPU: micro-batch 8 (bf16 + compile + flash attention peaks at
+# ~9 GB on the 124M shape) with 64 accumulation steps. With more memory, raise batch_size and lower
+# gradient_accumulation_steps to keep their product at 512 sequences: bench.py --fit_memory finds it.
+out_dir = "out-fineweb-124m"
+dataset = "fineweb"
+wandb_project = "fineweb"
+wandb_run_name = "gpt-124m"
+
+batch_size = 8
+block_size = 1024
+gradient_accumulation_steps = 64
+
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0
+bias = False
+
+learning_rate = 6e-4
+max_iters = 6000
+lr_schedule = "cosine"
+warmup_iters = 200
+lr_decay_iters = 6000
+min_lr = 6e-5
+weight_decay = 0.1
+
+eval_interval = 250
+eval_iters = 100
+log_interval = 10
+
+dtype = "auto"
+compile = True

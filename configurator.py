@@ -1,0 +1,88 @@
+"""
+Command-line configuration for train.py, sample.py and the other scripts:
+
+    python train.py config/train_fineweb.py --batch_size=8 --compile=False --out_dir='out-x'
+
+Each script keeps its defaults as plain globals; `configure(defaults, argv)` applies config files
+(plain Python assignments, run in order) and then `--key=value` overrides, and returns the result.
+Values are Python literals checked against the default's type (an int is accepted for a float;
+a bare word is taken as a string where the default is a string; a None default accepts any literal).
+Anything wrong ends the program with one line naming the problem and exit status 2.
+"""
+import ast
+import os
+import sys
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_type(key, value, default):
+    """The value to store for key, or exit with a message when its type does not fit the default."""
+    if default is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        fail(f"{key}={value!r} is a {type(value).__name__}, but {key} takes a {type(default).__name__} "
+             f"(default {default!r})")
+    return value
+
+
+def parse_value(key, text, default):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if isinstance(default, str) or default is None:
+            return text  # --init_from=resume: a bare word is a string
+        fail(f"--{key}={text}: not a Python literal (e.g. 12, 3e-4, True, 'text')")
+
+
+def apply_config_file(config, path):
+    if not os.path.isfile(path):
+        fail(f"config file {path!r} not found")
+    namespace = dict(config)
+    try:
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), namespace)
+    except Exception as e:  # a config file is user code: report its error in one line
+        fail(f"config file {path!r} failed: {type(e).__name__}: {e}")
+    for key, value in namespace.items():
+        if key.startswith("_") or callable(value) or type(value).__name__ == "module":
+            continue
+        if key not in config:
+            fail(f"config file {path!r} sets unknown key {key!r}; known keys: {', '.join(sorted(config))}")
+        config[key] = check_type(key, value, config[key])
+
+
+def configure(defaults, argv):
+    """defaults: {name: default value}; argv: sys.argv[1:]. Returns the final config dict."""
+    config = dict(defaults)
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not arg.endswith(".py"):
+                fail(f"argument {arg!r}: expected a config file (*.py) or --key=value")
+            apply_config_file(config, arg)
+            continue
+        if "=" not in arg:
+            fail(f"argument {arg!r}: expected --key=value")
+        key, text = arg[2:].split("=", 1)  # only the first '=': values may contain '='
+        if key not in config:
+            fail(f"unknown config key {key!r}; known keys: {', '.join(sorted(config))}")
+        config[key] = check_type(key, parse_value(key, text, defaults[key]), defaults[key])
+    return config
+
+
+def config_globals(namespace):
+    """The configurable names of a script: its public globals of plain value types."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))}

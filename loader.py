@@ -1,0 +1,122 @@
+"""
+Training batches from a token file (train.bin / val.bin: raw uint16 GPT-2 ids, as prepare.py writes
+them), with a state that a checkpoint can hold, so a resumed run sees exactly the batches the
+uninterrupted run would have seen.
+
+Two orders:
+- 'random' (nanoGPT): each row is a window starting at a uniformly random position. Simple and
+  the reference user's behaviour; windows may repeat or be missed within an epoch.
+- 'shuffle': the file is cut into non-overlapping windows, shuffled once per epoch by (seed, epoch),
+  and each DDP rank takes a disjoint share; every window is seen once per epoch.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+
+from tokenizer import ENCODING_NAME, TOKEN_DTYPE
+
+ORDERS = ("random", "shuffle")
+
+
+def read_dataset_meta(data_dir):
+    """meta.json of a prepared dataset, checked against the bins beside it. A dataset made by
+    another tool (no meta.json) is accepted as uint16 GPT-2 tokens, with a warning."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, f"{split}.bin")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found: run `python data/fineweb/prepare.py` first "
+                                    "(or set --dataset / --data_dir)")
+    if not os.path.exists(meta_path):
+        print(f"warning: {meta_path} not found; assuming {data_dir}/*.bin hold uint16 {ENCODING_NAME} tokens")
+        return None
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("dtype") != np.dtype(TOKEN_DTYPE).name:
+        raise ValueError(f"{meta_path}: dtype {meta.get('dtype')!r}, but train.py reads {np.dtype(TOKEN_DTYPE).name}")
+    for split, info in meta.get("splits", {}).items():
+        path = os.path.join(data_dir, info.get("file", f"{split}.bin"))
+        expected = info["tokens"] * np.dtype(TOKEN_DTYPE).itemsize
+        if os.path.getsize(path) != expected:
+            raise ValueError(f"{path} holds {os.path.getsize(path)} bytes but meta.json says {info['tokens']} "
+                             f"tokens ({expected} bytes): incomplete or stale; re-run prepare.py --force")
+    return meta
+
+
+def num_tokens(path):
+    return os.path.getsize(path) // np.dtype(TOKEN_DTYPE).itemsize
+
+
+class TokenBatches:
+    """Endless (x, y) batches of int64 tensors (batch_size, block_size); y is x shifted by one."""
+
+    def __init__(self, path, block_size, batch_size, order="random", seed=1337, rank=0, world_size=1):
+        if order not in ORDERS:
+            raise ValueError(f"data_order={order!r}: allowed are {', '.join(map(repr, ORDERS))}")
+        self.path, self.block_size, self.batch_size = path, block_size, batch_size
+        self.order, self.seed, self.rank, self.world_size = order, seed, rank, world_size
+        self.n_tokens = num_tokens(path)
+        if self.n_tokens < block_size + 1:
+            raise ValueError(f"{path} has {self.n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}; "
+                             "use a smaller block_size or more data")
+        self.n_windows = (self.n_tokens - 1) // block_size
+        if order == "shuffle" and self.n_windows < world_size * batch_size:
+            raise ValueError(f"{path}: {self.n_windows} windows of {block_size} tokens cannot fill one batch of "
+                             f"{batch_size} on each of {world_size} ranks; use data_order='random'")
+        # random order: one generator per rank, its state saved in checkpoints
+        self.generator = torch.Generator().manual_seed(seed + rank)
+        self.epoch, self.position = 0, 0  # shuffle order: which epoch, how far into this rank's share
+        self.tokens_served = 0  # per rank; tokens_served * world_size / n_tokens = epochs
+
+    def _epoch_share(self):
+        perm = torch.randperm(self.n_windows, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        share = perm[self.rank::self.world_size]
+        return share[: len(perm) // self.world_size]  # equal shares, so ranks stay in step
+
+    def _starts(self):
+        if self.order == "random":
+            return torch.randint(self.n_tokens - self.block_size, (self.batch_size,), generator=self.generator)
+        share = self._epoch_share()
+        if self.position + self.batch_size > len(share):
+            self.epoch, self.position = self.epoch + 1, 0
+            share = self._epoch_share()
+        starts = share[self.position:self.position + self.batch_size] * self.block_size
+        self.position += self.batch_size
+        return starts
+
+    def next_batch(self):
+        # re-open the memmap every batch: a long-lived np.memmap keeps every page it touched
+        # resident, and RSS grows with the file over a long run
+        data = np.memmap(self.path, dtype=TOKEN_DTYPE, mode="r")
+        starts = self._starts().tolist()
+        x = torch.from_numpy(np.stack([data[i:i + self.block_size] for i in starts]).astype(np.int64))
+        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + self.block_size] for i in starts]).astype(np.int64))
+        self.tokens_served += self.batch_size * self.block_size
+        return x, y
+
+    def epochs_done(self):
+        """Passes over the file so far, counting every rank's batches."""
+        return self.tokens_served * self.world_size / self.n_tokens
+
+    def state_dict(self):
+        return {"order": self.order, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "generator": self.generator.get_state(), "epoch": self.epoch, "position": self.position,
+                "tokens_served": self.tokens_served}
+
+    def load_state_dict(self, state):
+        for key in ("order", "seed", "world_size"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"data loader state has {key}={state[key]!r} but this run has "
+                                 f"{getattr(self, key)!r}; the batch order cannot be resumed exactly")
+        self.generator.set_state(state["generator"])
+        self.epoch, self.position, self.tokens_served = state["epoch"], state["position"], state["tokens_served"]
+
+
+def eval_batches(path, block_size, batch_size, n_batches, seed=0):
+    """The same n_batches windows at every evaluation (a fresh generator, same seed), so changes
+    in the estimate reflect the model, not which windows happened to be drawn."""
+    batches = TokenBatches(path, block_size, batch_size, order="random", seed=seed)
+    for _ in range(n_batches):
+        yield batches.next_batch()

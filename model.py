@@ -1,0 +1,357 @@
+"""
+The GPT-2 language model in one file, plus the two facts about its cost that everything else reuses:
+the FLOPs per token and the peak FLOPs of the device it runs on.
+
+With every switch at its default this is GPT-2 exactly: learned token and position embeddings,
+pre-LayerNorm blocks, causal self-attention, GELU MLP, final LayerNorm, lm_head tied to the token
+embedding. The opt-in switches (rotary, qk_norm, mlp='relu2', norm='rmsnorm', tie_embeddings=False,
+zero_init_proj) are the "modern recipe" ablation; each is one flag and one small branch.
+"""
+import inspect
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm, like GPT-2
+    # opt-in architecture switches; defaults are GPT-2
+    rotary: bool = False  # rotary position embeddings on q, k instead of the learned wpe table
+    qk_norm: bool = False  # RMS-normalise q and k per head before attention
+    mlp: str = "gelu"  # 'gelu' (GPT-2, tanh approximation) or 'relu2' (ReLU squared)
+    norm: str = "layernorm"  # 'layernorm' or 'rmsnorm'
+    tie_embeddings: bool = True  # lm_head shares the token embedding matrix
+    zero_init_proj: bool = False  # output projections start at zero, so each block starts as identity
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.mlp not in ("gelu", "relu2"):
+            raise ValueError(f"mlp={self.mlp!r}: allowed are 'gelu' and 'relu2'")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"norm={self.norm!r}: allowed are 'layernorm' and 'rmsnorm'")
+        if self.rotary and (self.n_embd // self.n_head) % 2 != 0:
+            raise ValueError(f"rotary needs an even head size, got {self.n_embd // self.n_head}")
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build from a checkpoint's model_args, ignoring keys this version does not know."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class Norm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1), or RMSNorm."""
+
+    def __init__(self, ndim, config):
+        super().__init__()
+        self.rms = config.norm == "rmsnorm"
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if config.bias and not self.rms else None
+
+    def forward(self, x):
+        if self.rms:
+            return F.rms_norm(x, self.weight.shape, self.weight, 1e-5)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+def rotary_tables(head_size, length, base=10000.0):
+    """cos and sin of shape (length, head_size // 2) for positions 0..length-1."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate pairs (first half, second half) of the head dimension of x (B, nh, T, hs)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for positions generated so far, so that each new token
+    costs one position of compute instead of the whole context. Used by generate() only."""
+
+    def __init__(self, n_layer, max_len):
+        self.layers = [None] * n_layer
+        self.max_len = max_len
+        self.length = 0  # positions stored; advanced by GPT.forward once all layers have written
+
+    def update(self, layer, k, v):
+        if self.layers[layer] is None:
+            B, nh, _, hs = k.shape
+            shape = (B, nh, self.max_len, hs)
+            self.layers[layer] = (k.new_zeros(shape), v.new_zeros(shape))
+        K, V = self.layers[layer]
+        end = self.length + k.size(2)
+        K[:, :, self.length:end] = k
+        V[:, :, self.length:end] = v
+        return K[:, :, :end], V[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.qk_norm, self.layer_idx = config.qk_norm, layer_idx
+
+    def forward(self, x, rotary=None, kv_cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        # With a cache, a single new query may look at every stored position: no mask needed.
+        # Prefill (and training) is an ordinary causal square. Flash attention when available.
+        is_causal = T > 1
+        if kv_cache is not None and T > 1 and kv_cache.length > 0:
+            raise ValueError("a KV cache takes a prompt only when empty, then one token at a time")
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=is_causal)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.relu2 = config.mlp == "relu2"
+
+    def forward(self, x):
+        x = self.c_fc(x)
+        # GPT-2 used the tanh approximation of GELU; matching it keeps HF export exact
+        x = F.relu(x).square() if self.relu2 else F.gelu(x, approximate="tanh")
+        return self.dropout(self.c_proj(x))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = Norm(config.n_embd, config)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = Norm(config.n_embd, config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rotary=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), rotary, kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=Norm(config.n_embd, config),
+        ))
+        if not config.rotary:
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        else:
+            cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size)
+            self.register_buffer("rotary_cos", cos, persistent=False)  # derived, so not saved
+            self.register_buffer("rotary_sin", sin, persistent=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), as each layer adds two of them
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                if config.zero_init_proj:
+                    torch.nn.init.zeros_(p)
+                else:
+                    torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count. non_embedding leaves out the position table (a lookup, and the number
+        people quote); the token embedding stays in because, tied, it is also the output layer."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding and not self.config.rotary:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        B, T = idx.size()
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
+        x = self.transformer.wte(idx)
+        rotary = None
+        if self.config.rotary:
+            rotary = (self.rotary_cos[start:start + T], self.rotary_sin[start:start + T])
+        else:
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, rotary, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += T
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            # inference: only the last position's logits are needed
+            return self.lm_head(x[:, [-1], :]), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        """Use a shorter context than the model was built for (e.g. a smaller model from a checkpoint)."""
+        if block_size > self.config.block_size:
+            raise ValueError(f"can only shrink block_size, {block_size} > {self.config.block_size}")
+        self.config.block_size = block_size
+        if self.config.rotary:
+            self.rotary_cos, self.rotary_sin = self.rotary_cos[:block_size], self.rotary_sin[:block_size]
+        else:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices only (not on biases, norms); fused on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        extra = dict(fused=True) if fused else dict()
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+    def flops_per_token(self):
+        """Training FLOPs per token (forward + backward), see flops_per_token() below."""
+        cfg = self.config
+        matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return flops_per_token(matmul_params, cfg.n_layer, cfg.n_embd, cfg.block_size)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 vocab_size=None, stop_token=None, use_cache=True):
+        """Sample max_new_tokens continuations of idx (B, T). vocab_size keeps the padded rows of the
+        output layer out of the draw; stop_token ends a row (later positions repeat stop_token) and
+        ends early once every row has stopped. With use_cache, keys/values are kept so each step costs
+        one position; once the context passes block_size, learned positions shift, so each step
+        re-runs the cropped window exactly as the cache-free path does."""
+        kv_cache = None
+        stopped = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size:]
+            if use_cache and idx.size(1) <= self.config.block_size:
+                if kv_cache is None:  # prefill with the whole prompt
+                    kv_cache = KVCache(self.config.n_layer, self.config.block_size)
+                else:
+                    context = idx[:, -1:]
+                logits, _ = self(context, kv_cache=kv_cache)
+            else:
+                logits, _ = self(context)
+            idx_next = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, vocab_size)
+            if stop_token is not None:
+                idx_next[stopped] = stop_token
+                stopped |= idx_next.squeeze(1) == stop_token
+            idx = torch.cat((idx, idx_next), dim=1)
+            if stop_token is not None and bool(stopped.all()):
+                break
+        return idx
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, vocab_size=None):
+    """One token per row from logits (B, V): temperature 0 is greedy; top_k keeps the k most likely;
+    top_p keeps the smallest set whose probability reaches p (always at least one token)."""
+    logits = logits.float()
+    if vocab_size is not None:
+        logits[:, vocab_size:] = -float("inf")
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already reaches p
+        sorted_logits[drop] = -float("inf")
+        logits = torch.full_like(logits, -float("inf")).scatter(1, sorted_idx, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cost: one FLOPs formula and one peak table, used by train.py, bench.py and the MFU figures.
+
+def flops_per_token(matmul_params, n_layer, n_embd, seq_len):
+    """Training FLOPs per token, forward + backward: 6 per weight of every matmul (2 forward, 4
+    backward; lm_head included, embedding lookups excluded) plus attention's QK^T and AV products,
+    2 * 2 * seq_len * n_embd per layer forward, times 3 for the backward. As in the PaLM paper,
+    attention is counted over the full square although causal kernels skip half of it."""
+    return 6 * matmul_params + 12 * n_layer * n_embd * seq_len
+
+
+# Dense peak TFLOP/s per GPU: (bf16/fp16 tensor cores with fp32 accumulate, tf32, fp32), from the
+# vendors' data sheets. GeForce cards run fp32-accumulate tensor math at half their headline fp16
+# rate; PyTorch accumulates in fp32, so that is the honest peak. First matching name wins.
+PEAK_TFLOPS = [
+    ("H200", (989.4, 494.7, 66.9)),
+    ("H100 PCIe", (756.0, 378.0, 51.2)),
+    ("H100", (989.4, 494.7, 66.9)),
+    ("A100", (312.0, 156.0, 19.5)),
+    ("L40S", (362.1, 183.2, 91.6)),
+    ("L4", (121.0, 60.0, 30.3)),
+    ("RTX 4090", (165.2, 82.6, 82.6)),
+    ("RTX 4080 SUPER", (104.4, 52.2, 52.2)),
+    ("RTX 4080", (97.5, 48.7, 48.7)),
+    ("RTX 4070 Ti SUPER", (88.2, 44.1, 44.1)),
+    ("RTX 4070 Ti", (80.2, 40.1, 40.1)),
+    ("RTX 4070 SUPER", (71.0, 35.5, 35.5)),
+    ("RTX 4070", (58.3, 29.1, 29.1)),
+    ("RTX 3090", (71.0, 35.6, 35.6)),
+    ("RTX 3080", (59.5, 29.8, 29.8)),
+]
+PEAK_COLUMN = {"bfloat16": 0, "float16": 0, "tf32": 1, "float32": 2}
+
+
+def peak_flops(device_name, dtype):
+    """Peak FLOP/s of a GPU by its name (torch.cuda.get_device_name) for a dtype ('bfloat16',
+    'float16', 'tf32', 'float32'); None when the device is not in the table."""
+    for name, peaks in PEAK_TFLOPS:
+        if name.lower() in device_name.lower():
+            return peaks[PEAK_COLUMN[dtype]] * 1e12
+    return None
+
+
+def estimate_mfu(flops_per_token, tokens_per_second, peak):
+    """Model FLOPs utilisation as a fraction of the peak, or None when the peak is unknown."""
+    return None if not peak else flops_per_token * tokens_per_second / peak

@@ -1,0 +1,109 @@
+"""
+Where and how the model runs: device and dtype choice, autocast, timing that can be trusted,
+torch.compile with a fallback. Shared by train.py, sample.py and bench.py.
+"""
+import os
+import sys
+import warnings
+from contextlib import nullcontext
+
+import torch
+
+from model import peak_flops
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device):
+    """'auto' -> cuda, then mps, then cpu; anything else is checked and returned."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    kind = device.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available here; use --device=cpu (or auto)")
+    if kind not in ("cuda", "cpu", "mps"):
+        raise ValueError(f"device={device!r}: allowed are auto, cpu, cuda, cuda:N, mps")
+    return device
+
+
+def cpu_has_bf16():
+    """True where the CPU has native bf16 matmuls (AVX512-BF16 or AMX): there bf16 autocast is
+    ~2.5x faster than fp32; elsewhere it is emulated and slower, so we stay in fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(dtype, device):
+    """'auto' -> bf16 where the device does it natively, fp16 on older GPUs, else fp32.
+    An explicit bf16 on a GPU without it is an error that suggests fp16."""
+    kind = device.split(":")[0]
+    if dtype == "auto":
+        if kind == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        if kind == "cpu" and cpu_has_bf16():
+            return "bfloat16"
+        return "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: allowed are auto, {', '.join(DTYPES)}")
+    if dtype == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"dtype='bfloat16' is not supported by {torch.cuda.get_device_name()}; "
+                         "use --dtype=float16 (mixed precision with a GradScaler)")
+    if dtype == "float16" and kind == "cpu":
+        raise ValueError("dtype='float16' is not supported on CPU; use bfloat16 or float32")
+    return dtype
+
+
+def autocast_context(device, dtype):
+    """Mixed precision for the forward pass: weights stay fp32, matmuls run in dtype."""
+    if dtype == "float32" or device.startswith("mps"):
+        return nullcontext()
+    return torch.amp.autocast(device_type=device.split(":")[0], dtype=DTYPES[dtype])
+
+
+def synchronize(device):
+    """Wait for queued device work, so that wall-clock timings measure the work itself."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elif device.startswith("mps"):
+        torch.mps.synchronize()
+
+
+def device_peak_flops(device, dtype, override=None):
+    """(peak FLOP/s, description) for MFU; peak is None when unknown (CPU, a GPU not in the table)."""
+    if override:
+        return float(override), f"peak_flops={float(override):.3g} (from config)"
+    if not device.startswith("cuda"):
+        return None, f"{device}: no peak FLOP/s known, reporting tokens/s only"
+    name = torch.cuda.get_device_name(device)
+    tensor_dtype = "tf32" if dtype == "float32" and torch.backends.cuda.matmul.allow_tf32 else dtype
+    peak = peak_flops(name, tensor_dtype)
+    if peak is None:
+        return None, f"{name}: not in model.PEAK_TFLOPS, reporting tokens/s only (set peak_flops to get MFU)"
+    return peak, f"{name}: peak {peak / 1e12:.1f} TFLOP/s ({tensor_dtype})"
+
+
+def compile_with_fallback(model, example_step):
+    """torch.compile(model), tried on one real step (compilation is lazy, so failures show up on
+    first use: no C++ compiler, no Triton on Windows, an old GPU). On failure, warn once and
+    return the eager model, so a long run never dies for the sake of speed."""
+    if sys.platform == "win32" and os.environ.get("NANOGPT_FORCE_COMPILE") != "1":
+        warnings.warn("torch.compile is not supported on Windows; running eagerly")
+        return model
+    compiled = torch.compile(model)
+    try:
+        # the trial step must not advance the RNG (dropout), or a resumed run would diverge
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            example_step(compiled)
+        return compiled
+    except Exception as e:  # any backend failure: fall back rather than abort the run
+        print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+              "continuing without it (--compile=False silences this)", file=sys.stderr)
+        return model

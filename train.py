@@ -1,0 +1,398 @@
+"""
+Train a GPT on a prepared token dataset, on one GPU, a CPU, or several GPUs with DDP.
+
+One GPU (or CPU):
+$ python train.py config/train_fineweb.py
+$ python train.py config/train_fineweb.py --batch_size=8 --gradient_accumulation_steps=64
+
+DDP on 4 GPUs of one node (the same command with gloo on CPU-only machines):
+$ torchrun --standalone --nproc_per_node=4 train.py config/train_fineweb.py
+
+Continue a run (exactly where it stopped: same batches, same RNG):
+$ python train.py config/train_fineweb.py --init_from=resume
+"""
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from checkpoint import (checkpoint_path, load_checkpoint, model_from_checkpoint, rng_state, save_checkpoint,
+                        set_rng_state)
+from configurator import config_globals, configure, fail
+from loader import TokenBatches, eval_batches, read_dataset_meta
+from model import GPT, GPTConfig, estimate_mfu
+from runtime import autocast_context, compile_with_fallback, device_peak_flops, pick_device, pick_dtype, synchronize
+from schedule import cooldown_start, get_lr
+from tokenizer import VOCAB_SIZE
+
+# -----------------------------------------------------------------------------
+# default config values, for a GPT-2 small (124M) on FineWeb; config/*.py and --key=value override
+# I/O
+out_dir = "out"
+eval_interval = 2000  # evaluate, and save ckpt.pt (and best.pt if better), every this many iterations
+log_interval = 1  # print and record metrics every this many iterations
+eval_iters = 200  # batches per loss estimate
+eval_only = False  # evaluate once and exit
+init_from = "scratch"  # 'scratch' or 'resume' (from out_dir)
+resume_from = "last"  # with init_from='resume': 'last' (ckpt.pt), 'best', 'stable' or a path
+allow_lr_increase = False  # allow a resume whose schedule raises the learning rate (see README)
+# wandb logging
+wandb_log = False
+wandb_project = "fineweb"
+wandb_run_name = "gpt2"
+# data
+dataset = "fineweb"  # reads data/<dataset>/train.bin and val.bin
+data_dir = ""  # if set, read the bins from here instead
+data_order = "random"  # 'random' windows (nanoGPT) or 'shuffle' (every window once per epoch)
+gradient_accumulation_steps = 40  # micro-steps per iteration, summed over all DDP ranks
+batch_size = 12  # micro-batch size per rank
+block_size = 1024
+# model
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0  # 0 for pretraining, try 0.1+ for finetuning
+bias = False  # biases in Linear and LayerNorm layers
+rotary = False  # the architecture switches below default to GPT-2; see model.py
+qk_norm = False
+mlp = "gelu"
+norm = "layernorm"
+tie_embeddings = True
+zero_init_proj = False
+# AdamW
+learning_rate = 6e-4  # peak learning rate
+max_iters = 600000  # total iterations
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip gradients at this norm, or 0.0 to disable
+# learning rate schedule, see schedule.py
+lr_schedule = "cosine"  # 'cosine', 'wsd' or 'constant'
+warmup_iters = 2000
+lr_decay_iters = 600000  # cosine: decay ends here (usually = max_iters)
+min_lr = 6e-5  # ~learning_rate/10 per Chinchilla
+cooldown_frac = 0.2  # wsd: the last fraction of max_iters decays linearly to min_lr
+# system
+device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:0', 'mps'
+dtype = "auto"  # 'auto' (bf16 where native, fp16 on older GPUs, else fp32), 'bfloat16', 'float16', 'float32'
+compile = True  # torch.compile the model (falls back to eager with a warning where it cannot)
+peak_flops = 0.0  # device peak FLOP/s for MFU; 0 looks the GPU up in model.PEAK_TFLOPS
+seed = 1337
+# -----------------------------------------------------------------------------
+config = configure(config_globals(globals()), sys.argv[1:])
+globals().update(config)
+# -----------------------------------------------------------------------------
+
+# DDP: torchrun sets RANK; each process drives one GPU (or one CPU process with gloo)
+ddp = int(os.environ.get("RANK", -1)) != -1
+try:
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device)
+except ValueError as e:
+    fail(str(e))
+if ddp:
+    ddp_rank, ddp_local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{ddp_local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+else:
+    ddp_rank, ddp_local_rank, world_size = 0, 0, 1
+master_process = ddp_rank == 0  # only rank 0 prints, logs and writes checkpoints
+device_type = device.split(":")[0]
+
+
+def stop(message):
+    """A problem found before training: one line, exit status 2, from every rank."""
+    if master_process:
+        print(f"error: {message}", file=sys.stderr)
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(2)
+
+
+if gradient_accumulation_steps % world_size != 0:
+    stop(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the "
+         f"{world_size} DDP ranks")
+gradient_accumulation_steps //= world_size  # per rank from here on
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+if init_from not in ("scratch", "resume"):
+    stop(f"init_from={init_from!r}: allowed are 'scratch' and 'resume'")
+if master_process:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write_test.{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        stop(f"out_dir={out_dir!r} is not writable: {e.strerror}")
+
+torch.manual_seed(seed + ddp_rank)
+torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores where they can
+torch.backends.cudnn.allow_tf32 = True
+ctx = autocast_context(device, dtype)
+
+# data: uint16 token files written by data/<dataset>/prepare.py
+data_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+try:
+    dataset_meta = read_dataset_meta(data_dir)
+    train_path, val_path = os.path.join(data_dir, "train.bin"), os.path.join(data_dir, "val.bin")
+    train_batches = TokenBatches(train_path, block_size, batch_size, data_order, seed, ddp_rank, world_size)
+    for _ in eval_batches(val_path, block_size, 1, 1):
+        pass  # fails early with a clear message if val.bin is shorter than one window
+except (FileNotFoundError, ValueError) as e:
+    stop(str(e))
+if dataset_meta and dataset_meta.get("vocab_size", VOCAB_SIZE) > 50304:
+    stop(f"{data_dir}/meta.json: vocab_size {dataset_meta['vocab_size']} exceeds the model's 50304")
+
+# model
+model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                  vocab_size=50304, dropout=dropout, rotary=rotary, qk_norm=qk_norm, mlp=mlp, norm=norm,
+                  tie_embeddings=tie_embeddings, zero_init_proj=zero_init_proj)
+iter_num, best_val_loss, ckpt = 0, float("inf"), None
+if init_from == "resume":
+    resume_path = checkpoint_path(out_dir, resume_from)
+    try:
+        ckpt = load_checkpoint(resume_path, map_location="cpu")
+    except (FileNotFoundError, ValueError) as e:
+        stop(f"cannot resume: {e}")
+    changed = [f"{k} (checkpoint {ckpt['model_args'].get(k)!r}, config {v!r})" for k, v in model_args.items()
+               if k != "dropout" and ckpt["model_args"].get(k, GPTConfig.__dataclass_fields__[k].default) != v]
+    if changed:
+        stop(f"cannot resume {resume_path}: the model shape changed: {'; '.join(changed)}")
+    iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+try:
+    gptconf = GPTConfig(**model_args)
+except ValueError as e:
+    stop(str(e))
+model = GPT(gptconf)
+if ckpt is not None:
+    model.load_state_dict(model_from_checkpoint(ckpt).state_dict())
+model.to(device)
+raw_model = model  # the plain module: for checkpoints, evaluation and FLOPs counting
+
+# GradScaler only does anything for float16; for bf16/fp32 it is a no-op
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if ckpt is not None:
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    rank_state = (ckpt.get("ranks") or [])[ddp_rank:ddp_rank + 1]
+    if len(ckpt.get("ranks") or []) == world_size and rank_state:
+        set_rng_state(rank_state[0]["rng"])
+        try:
+            train_batches.load_state_dict(rank_state[0]["data"])
+        except ValueError as e:
+            stop(str(e))
+    elif master_process:
+        print(f"warning: the checkpoint was written by {len(ckpt.get('ranks') or [])} rank(s), this run has "
+              f"{world_size}: data order and RNG start afresh (not an exact resume)")
+
+lr_args = dict(schedule=lr_schedule, learning_rate=learning_rate, min_lr=min_lr, warmup_iters=warmup_iters,
+               lr_decay_iters=lr_decay_iters, max_iters=max_iters, cooldown_frac=cooldown_frac)
+try:
+    lr = get_lr(iter_num, **lr_args)
+except ValueError as e:
+    stop(str(e))
+if ckpt is not None and ckpt.get("lr") and lr > 1.1 * ckpt["lr"] and not allow_lr_increase:
+    stop(f"resuming at iteration {iter_num} would raise the learning rate from {ckpt['lr']:.3g} to {lr:.3g} "
+         f"(lr_schedule={lr_schedule}, max_iters={max_iters}, lr_decay_iters={lr_decay_iters}); see README "
+         "'Long runs' to continue a run, or pass --allow_lr_increase=True")
+ckpt = None  # free memory
+
+
+def train_step(m, x, y):
+    """Forward and backward of one micro-batch; returns the (unscaled) loss tensor."""
+    with ctx:
+        _, loss = m(x, y)
+    scaler.scale(loss / gradient_accumulation_steps).backward()
+    return loss.detach()
+
+
+if compile:
+    if master_process:
+        print("compiling the model... (takes a minute)")
+    x0 = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
+    model = compile_with_fallback(model, lambda m: train_step(m, x0, x0))
+    optimizer.zero_grad(set_to_none=True)
+if ddp:
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
+
+flops_per_token = raw_model.flops_per_token()
+peak, peak_description = device_peak_flops(device, dtype, peak_flops)
+if master_process:
+    n_params = raw_model.get_num_params()
+    train_tokens = train_batches.n_tokens
+    print(f"model: {n_params / 1e6:.2f}M parameters (excluding position embeddings), "
+          f"{flops_per_token / 1e6:.1f} MFLOPs/token")
+    print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} rank(s) x {gradient_accumulation_steps} "
+          f"micro-steps x {batch_size} x {block_size})")
+    print(f"planned: {max_iters:,} iterations = {max_iters * tokens_per_iter / 1e9:.3f}B tokens "
+          f"= {max_iters * tokens_per_iter / train_tokens:.2f} epochs of train.bin ({train_tokens:,} tokens)")
+    print(f"device {device}, dtype {dtype}, {peak_description}")
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters fixed batches of each split, with the plain (unwrapped) module."""
+    out = {}
+    raw_model.eval()
+    for split, path in (("train", train_path), ("val", val_path)):
+        losses = []
+        for x, y in eval_batches(path, block_size, batch_size, eval_iters):
+            with ctx:
+                _, loss = raw_model(x.to(device), y.to(device))
+            losses.append(loss.item())
+        out[split] = sum(losses) / len(losses)
+    raw_model.train()
+    return out
+
+
+def log_metrics(record):
+    """One JSON line per log step or evaluation in out_dir/metrics.jsonl (and wandb if on)."""
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if wandb_log:
+        wandb.log({k: v for k, v in record.items() if k != "iter"}, step=record["iter"])
+
+
+def save(val_loss, names):
+    """Gather every rank's RNG and data state (collective: all ranks call this), then rank 0 writes."""
+    state = {"rng": rng_state(), "data": train_batches.state_dict()}
+    ranks = [None] * world_size
+    if ddp:
+        dist.all_gather_object(ranks, state)
+    else:
+        ranks = [state]
+    if not master_process:
+        return
+    checkpoint = {"model_args": model_args, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                  "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
+                  "scaler": scaler.state_dict() if scaler.is_enabled() else None, "ranks": ranks,
+                  "lr": lr, "val_loss": val_loss, "dataset_meta": dataset_meta}
+    for name in names:
+        save_checkpoint(checkpoint, checkpoint_path(out_dir, name))
+
+
+# Ctrl-C / SIGTERM: finish the current iteration, save, exit 0
+stop_requested = False
+
+
+def request_stop(signum, frame):
+    global stop_requested
+    if stop_requested:  # a second Ctrl-C means now
+        raise KeyboardInterrupt
+    stop_requested = True
+    if master_process:
+        print(f"\n{signal.Signals(signum).name} received: finishing this iteration, then saving", flush=True)
+
+
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+
+if wandb_log and master_process:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume="allow")
+
+# training loop
+start_iter, run_start = iter_num, time.time()
+t0, tokens_since_log, losses = time.time(), 0, []
+last_eval = None
+while True:
+    # evaluate and save; skipped at the iteration a resumed run starts from (already done then)
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num != start_iter or init_from == "scratch" or eval_only):
+        last_eval = estimate_loss() if master_process else None
+        names = ["last"]
+        if master_process:
+            is_best = last_eval["val"] < best_val_loss
+            best_val_loss = min(best_val_loss, last_eval["val"])
+            print(f"step {iter_num}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}"
+                  f"{' (best)' if is_best else ''}")
+            log_metrics({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train_loss": last_eval["train"],
+                         "val_loss": last_eval["val"], "best_val_loss": best_val_loss})
+            names += ["best"] if is_best else []
+            if lr_schedule == "wsd" and iter_num < cooldown_start(max_iters, cooldown_frac):
+                names.append("stable")
+        if iter_num > 0 and not eval_only:
+            save(last_eval["val"] if last_eval else None, names if master_process else [])
+        t0 = time.time()  # evaluation time is not training time
+    if eval_only or iter_num >= max_iters:
+        break
+
+    lr = get_lr(iter_num, **lr_args)
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr
+    for micro_step in range(gradient_accumulation_steps):
+        if ddp:
+            # sync gradients only on the last micro-step; the official way is the no_sync() context
+            # manager, this flag is what it sets and keeps the loop flat
+            model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+        x, y = train_batches.next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        losses.append(train_step(model, x, y))
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+    tokens_since_log += tokens_per_iter
+
+    loss_value = torch.stack(losses).mean().item()  # a host sync: the iteration's work is done
+    grad_norm_value = grad_norm.item()
+    if not math.isfinite(loss_value) or (not scaler.is_enabled() and not math.isfinite(grad_norm_value)):
+        if master_process:
+            last_ckpt = checkpoint_path(out_dir, "last")
+            print(f"error: non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} at iteration "
+                  f"{iter_num - 1}; stopping. The last good checkpoint, untouched: "
+                  f"{last_ckpt if os.path.exists(last_ckpt) else '(none saved yet)'}", file=sys.stderr)
+        sys.exit(1)
+    losses = []
+    if iter_num % log_interval == 0 and master_process:
+        synchronize(device)
+        dt = time.time() - t0
+        tokens_per_sec = tokens_since_log / dt
+        mfu = estimate_mfu(flops_per_token, tokens_per_sec, peak)
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None
+        epoch = train_batches.epochs_done()
+        print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {grad_norm_value:.3f}, "
+              f"{dt * 1000 / (tokens_since_log / tokens_per_iter):.0f} ms/iter, {tokens_per_sec:,.0f} tok/s"
+              + (f", MFU {mfu * 100:.1f}%" if mfu is not None else "")
+              + (f", mem {mem:.2f} GiB" if mem is not None else "") + f", epoch {epoch:.3f}")
+        log_metrics({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "epoch": epoch, "loss": loss_value,
+                     "lr": lr, "grad_norm": grad_norm_value, "ms_per_iter": dt * 1000 / (tokens_since_log / tokens_per_iter),
+                     "tokens_per_sec": tokens_per_sec, "mfu": mfu, "peak_mem_gib": mem})
+        t0, tokens_since_log = time.time(), 0
+
+    if ddp:  # every rank must agree to stop, else the others wait for it forever
+        flag = torch.tensor([float(stop_requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop_requested = bool(flag.item())
+    if stop_requested:
+        save(None, ["last"])
+        if master_process:
+            print(f"stopped at iteration {iter_num}; checkpoint saved to {checkpoint_path(out_dir, 'last')}; "
+                  "continue with --init_from=resume")
+        break
+
+if master_process:
+    wall = time.time() - run_start
+    trained = (iter_num - start_iter) * tokens_per_iter
+    print(f"done: {iter_num - start_iter} iterations, {trained:,} tokens in {wall:.0f}s "
+          f"({trained / max(wall, 1e-9):,.0f} tok/s overall); best val loss {best_val_loss:.4f}"
+          + (f", final val loss {last_eval['val']:.4f}" if last_eval else ""))
+    print(f"checkpoints: {checkpoint_path(out_dir, 'last')} (latest)"
+          + (f", {checkpoint_path(out_dir, 'best')} (best val)" if os.path.exists(checkpoint_path(out_dir, 'best')) else ""))
+    if wandb_log:
+        wandb.finish()
+if ddp:
+    dist.destroy_process_group()
