@@ -258,15 +258,13 @@ class GPT(nn.Module):
         return flops_per_token(matmul_params, cfg.n_layer, cfg.n_embd, cfg.block_size)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 vocab_size=None, stop_token=None, use_cache=True):
-        """Sample max_new_tokens continuations of idx (B, T). vocab_size keeps the padded rows of the
-        output layer out of the draw; stop_token ends a row (later positions repeat stop_token) and
-        ends early once every row has stopped. With use_cache, keys/values are kept so each step costs
-        one position; once the context passes block_size, learned positions shift, so each step
-        re-runs the cropped window exactly as the cache-free path does."""
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, vocab_size=None,
+                        use_cache=True):
+        """Yield the next token of every row, (B, 1), max_new_tokens times. With use_cache, keys and
+        values are kept so each step costs one position; once the context passes block_size, learned
+        positions shift, so each step re-runs the cropped window exactly as the cache-free path does.
+        vocab_size keeps the padded rows of the output layer out of the draw."""
         kv_cache = None
-        stopped = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size:]
             if use_cache and idx.size(1) <= self.config.block_size:
@@ -278,9 +276,19 @@ class GPT(nn.Module):
             else:
                 logits, _ = self(context)
             idx_next = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, vocab_size)
+            yield idx_next
+            idx = torch.cat((idx, idx_next), dim=1)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, vocab_size=None,
+                 stop_token=None, use_cache=True):
+        """idx (B, T) followed by up to max_new_tokens sampled tokens. A row that produced stop_token
+        is padded with stop_token; generation ends early once every row has stopped."""
+        stopped = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
+        for idx_next in self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, vocab_size, use_cache):
             if stop_token is not None:
-                idx_next[stopped] = stop_token
-                stopped |= idx_next.squeeze(1) == stop_token
+                idx_next = torch.where(stopped, stop_token, idx_next)
+                stopped |= idx_next == stop_token
             idx = torch.cat((idx, idx_next), dim=1)
             if stop_token is not None and bool(stopped.all()):
                 break

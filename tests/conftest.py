@@ -37,3 +37,33 @@ def run_script(*args, cwd=REPO_ROOT, timeout=300, check=True, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def make_token_dataset(data_dir, n_train=20_000, n_val=4_000, seed=0, vocab=50257):
+    """train.bin / val.bin of random GPT-2 ids plus a meta.json as prepare.py writes it: enough for
+    a few iterations of a tiny model. Returns the folder."""
+    import json
+    import numpy as np
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        rng.integers(0, vocab, n, dtype=np.uint16).tofile(data_dir / f"{split}.bin")
+        splits[split] = {"documents": 1, "tokens": n, "file": f"{split}.bin"}
+    meta = {"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": 50256, "eot_placement": "prepend",
+            "dtype": "uint16", "splits": splits}
+    (data_dir / "meta.json").write_text(json.dumps(meta))
+    return data_dir
+
+
+# A model small enough that a training iteration takes milliseconds on one CPU core.
+TINY_TRAIN_ARGS = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+                   "--gradient_accumulation_steps=2", "--compile=False", "--device=cpu", "--dtype=float32",
+                   "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-3",
+                   "--min_lr=1e-4"]
+
+
+@pytest.fixture
+def token_dataset(tmp_path):
+    return make_token_dataset(tmp_path / "data")
