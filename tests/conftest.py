@@ -15,6 +15,9 @@ if (SHARED / "tiktoken_cache").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an offline hf_hub_download otherwise retries for ~23 s
 os.environ.setdefault("WANDB_MODE", "offline")
+# Tiny test models gain nothing from threads, and on a busy 2-core machine spinning OpenMP threads
+# make them several times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
