@@ -11,6 +11,7 @@ $ torchrun --standalone --nproc_per_node=4 train.py config/train_fineweb.py
 Continue a run (exactly where it stopped: same batches, same RNG):
 $ python train.py config/train_fineweb.py --init_from=resume
 """
+import io
 import json
 import math
 import os
@@ -268,11 +269,14 @@ def log_metrics(record):
 def save(val_loss, names):
     """Gather every rank's RNG and data state (collective: all ranks call this), then rank 0 writes."""
     state = {"rng": rng_state(), "data": train_batches.state_dict()}
-    ranks = [None] * world_size
+    ranks = [state]
     if ddp:
-        dist.all_gather_object(ranks, state)
-    else:
-        ranks = [state]
+        # gathered as torch.save bytes: all_gather_object cannot pickle the RNGs' byte tensors
+        payload = io.BytesIO()
+        torch.save(state, payload)
+        ranks = [None] * world_size
+        dist.all_gather_object(ranks, payload.getvalue())
+        ranks = [torch.load(io.BytesIO(b), weights_only=True) for b in ranks]
     if not master_process:
         return
     checkpoint = {"model_args": model_args, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),

@@ -1,0 +1,98 @@
+"""Configuration: config files and --key=value overrides, type-checked, with one-line errors."""
+import pytest
+
+from conftest import REPO_ROOT, run_script
+from configurator import configure
+
+DEFAULTS = dict(out_dir="out", batch_size=12, learning_rate=6e-4, compile=True, peak_flops=None, start="")
+
+
+def expect_error(capsys, argv, *fragments):
+    with pytest.raises(SystemExit) as exit_info:
+        configure(DEFAULTS, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")  # exactly one line
+    for fragment in fragments:
+        assert fragment in err
+    return err
+
+
+def test_overrides_of_each_type():
+    config = configure(DEFAULTS, ["--batch_size=32", "--learning_rate=1e-3", "--compile=False",
+                                  "--out_dir=out-x", "--peak_flops=1.5e14"])
+    assert config == dict(DEFAULTS, batch_size=32, learning_rate=1e-3, compile=False, out_dir="out-x",
+                          peak_flops=1.5e14)
+
+
+def test_int_is_accepted_for_a_float_and_becomes_a_float():
+    config = configure(DEFAULTS, ["--learning_rate=1"])
+    assert config["learning_rate"] == 1.0 and isinstance(config["learning_rate"], float)
+
+
+def test_strings_quoted_or_bare_and_with_equals_signs():
+    assert configure(DEFAULTS, ["--out_dir='my out'"])["out_dir"] == "my out"
+    assert configure(DEFAULTS, ["--start=a=b=c"])["start"] == "a=b=c"
+    assert configure(DEFAULTS, ["--start=x == y, said 2+2=4"])["start"] == "x == y, said 2+2=4"
+
+
+def test_config_file_then_overrides_in_order(tmp_path):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("batch_size = 8\n_helper = 4\nlearning_rate = 3e-4 * _helper\n")
+    config = configure(DEFAULTS, [str(cfg), "--batch_size=16"])
+    assert config["batch_size"] == 16 and config["learning_rate"] == pytest.approx(1.2e-3)
+
+
+def test_the_shipped_configs_are_valid():
+    train_defaults = dict(run_train_defaults())
+    for path in sorted((REPO_ROOT / "config").glob("train_*.py")):
+        configure(train_defaults, [str(path)])  # exits on any unknown key or wrong type
+
+
+def run_train_defaults():
+    """train.py's own defaults, read from its source without running it."""
+    import ast
+    source = (REPO_ROOT / "train.py").read_text()
+    block = source.split("# -----------------------------------------------------------------------------")[1]
+    values = {}
+    for node in ast.parse(block).body:
+        if isinstance(node, ast.Assign):
+            values[node.targets[0].id] = ast.literal_eval(node.value)
+    assert "n_embd" in values and "learning_rate" in values
+    return values
+
+
+def test_unknown_key(capsys):
+    expect_error(capsys, ["--batch_szie=8"], "unknown config key 'batch_szie'", "batch_size")
+
+
+def test_wrong_type(capsys):
+    expect_error(capsys, ["--batch_size=1.5"], "batch_size=1.5", "int")
+    expect_error(capsys, ["--compile=1"], "compile=1", "bool")
+    expect_error(capsys, ["--out_dir=3"], "out_dir=3", "str")
+
+
+def test_malformed_arguments(capsys):
+    expect_error(capsys, ["--batch_size"], "expected --key=value")
+    expect_error(capsys, ["batch_size=3"], "expected a config file")
+    expect_error(capsys, ["--batch_size=[1,"], "not a Python literal")
+
+
+def test_missing_config_file(capsys, tmp_path):
+    expect_error(capsys, [str(tmp_path / "nope.py")], "nope.py", "not found")
+
+
+def test_config_file_with_unknown_key_or_error(capsys, tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("n_embd_typo = 3\n")
+    expect_error(capsys, [str(bad)], "unknown key 'n_embd_typo'")
+    broken = tmp_path / "broken.py"
+    broken.write_text("batch_size = 1 / 0\n")
+    expect_error(capsys, [str(broken)], "ZeroDivisionError")
+
+
+def test_train_py_reports_a_bad_key_and_exits_2():
+    proc = run_script("train.py", "--no_such_key=1", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+    assert "unknown config key 'no_such_key'" in proc.stderr and proc.stdout == ""

@@ -1,0 +1,52 @@
+"""Learning-rate schedules: warmup, peak, decay, and what happens after the planned end."""
+import math
+
+import pytest
+
+from schedule import cooldown_start, get_lr
+
+BASE = dict(learning_rate=5e-4, min_lr=5e-5, warmup_iters=200, lr_decay_iters=6000, max_iters=6000,
+            cooldown_frac=0.2)
+
+
+def lr(it, schedule="cosine", **overrides):
+    return get_lr(it, schedule=schedule, **{**BASE, **overrides})
+
+
+def test_cosine_warmup_peak_decay_and_after():
+    assert lr(0) == pytest.approx(5e-4 / 201)  # warmup starts small but not at zero
+    assert lr(199) == pytest.approx(5e-4 * 200 / 201)
+    assert lr(200) == pytest.approx(5e-4)  # peak
+    midpoint = 200 + (6000 - 200) // 2
+    assert lr(midpoint) == pytest.approx(5e-5 + 0.5 * (5e-4 - 5e-5))
+    assert lr(6000) == pytest.approx(5e-5)  # end of decay
+    assert lr(12000) == pytest.approx(5e-5)  # past the plan: stays at min_lr
+    values = [lr(i) for i in range(200, 6001, 50)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay
+
+
+def test_cosine_follows_the_formula():
+    it = 1234
+    progress = (it - 200) / (6000 - 200)
+    assert lr(it) == pytest.approx(5e-5 + 0.5 * (1 + math.cos(math.pi * progress)) * (5e-4 - 5e-5))
+
+
+def test_wsd_stable_then_linear_cooldown():
+    assert cooldown_start(6000, 0.2) == 4800
+    assert lr(1000, "wsd") == lr(4799, "wsd") == pytest.approx(5e-4)
+    assert lr(5400, "wsd") == pytest.approx(5e-4 + 0.5 * (5e-5 - 5e-4))
+    assert lr(6000, "wsd") == pytest.approx(5e-5)
+    assert lr(7000, "wsd") == pytest.approx(5e-5)
+
+
+def test_wsd_extended_while_stable_moves_the_cooldown():
+    """A wsd run resumed during its stable phase with a larger max_iters simply stays stable longer."""
+    assert lr(4000, "wsd") == lr(4000, "wsd", max_iters=12000) == pytest.approx(5e-4)
+    assert lr(9000, "wsd", max_iters=12000) == pytest.approx(5e-4)
+    assert lr(12000, "wsd", max_iters=12000) == pytest.approx(5e-5)
+
+
+def test_constant_and_unknown_schedule():
+    assert lr(5000, "constant") == pytest.approx(5e-4)
+    with pytest.raises(ValueError, match="lr_schedule='linear'"):
+        lr(0, "linear")

@@ -1,0 +1,77 @@
+"""train.py end to end on CPU: a few iterations of a tiny model, checkpoints, resume, sampling, DDP."""
+import sys
+
+import torch
+
+from checkpoint import clean_state_dict, load_checkpoint, model_from_checkpoint
+from conftest import TINY_TRAIN_ARGS, run_script
+from model import GPT, GPTConfig
+from runtime import compile_with_fallback
+
+NANOGPT_KEYS = {"model_args", "model", "optimizer", "iter_num", "best_val_loss", "config"}
+
+
+def train(data_dir, out_dir, *extra, **kwargs):
+    return run_script("train.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY_TRAIN_ARGS, *extra, **kwargs)
+
+
+def test_train_checkpoint_resume_and_sample(token_dataset, tmp_path):
+    out = tmp_path / "out"
+    proc = train(token_dataset, out, "--max_iters=4", "--eval_interval=2", "--lr_decay_iters=8")
+    assert "tokens per iteration: 256" in proc.stdout and "epochs of train.bin" in proc.stdout
+    assert "step 4: train loss" in proc.stdout
+
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)  # safe to load
+    assert NANOGPT_KEYS <= set(ckpt) and ckpt["iter_num"] == 4
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    assert ckpt["model_args"]["n_embd"] == 32 and ckpt["config"]["max_iters"] == 4
+    model = model_from_checkpoint(ckpt)
+    assert isinstance(model, GPT) and model.config.n_layer == 2
+
+    proc = train(token_dataset, out, "--max_iters=6", "--eval_interval=2", "--lr_decay_iters=8", "--init_from=resume")
+    assert "iter 5:" in proc.stdout and "iter 1:" not in proc.stdout  # continues, not restarts
+    assert load_checkpoint(str(out / "ckpt.pt"))["iter_num"] == 6
+
+    proc = run_script("sample.py", f"--out_dir={out}", "--device=cpu", "--num_samples=2", "--max_new_tokens=8",
+                      "--start=Once upon a time", "--stop_at_eot=False")
+    samples = proc.stdout.split("---------------")
+    assert len(samples) == 3 and all(s.strip().startswith("Once upon a time") for s in samples[:2])
+    assert "16 tokens" in proc.stderr
+
+
+def test_ddp_two_cpu_ranks_write_one_checkpoint(token_dataset, tmp_path):
+    out = tmp_path / "out"
+    proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                      f"--data_dir={token_dataset}", f"--out_dir={out}", *TINY_TRAIN_ARGS, "--max_iters=3",
+                      "--eval_interval=3", "--lr_decay_iters=3", "--gradient_accumulation_steps=4", timeout=240)
+    # the 4 grad-accum steps are divided across ranks: 2 ranks x 2 micro-steps x 4 x 32 tokens
+    assert "tokens per iteration: 512 (2 rank(s) x 2 micro-steps" in proc.stdout
+    assert proc.stdout.count("step 3: train loss") == 1  # only rank 0 prints and writes
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".pt") == ["best.pt", "ckpt.pt"]
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["iter_num"] == 3 and len(ckpt["ranks"]) == 2
+
+
+def test_grad_accum_not_divisible_by_world_size_is_refused(token_dataset, tmp_path):
+    proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                      f"--data_dir={token_dataset}", f"--out_dir={tmp_path}", *TINY_TRAIN_ARGS,
+                      "--gradient_accumulation_steps=3", check=False, timeout=240)
+    assert proc.returncode != 0
+    assert "gradient_accumulation_steps=3 is not divisible by the 2 DDP ranks" in proc.stderr
+
+
+def test_compile_failure_falls_back_to_eager(capsys):
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=16))
+
+    def failing_step(m):
+        raise RuntimeError("no C++ compiler found")
+
+    assert compile_with_fallback(model, failing_step) is model
+    assert "torch.compile failed (RuntimeError: no C++ compiler found)" in capsys.readouterr().err
+
+
+def test_compiled_state_dict_prefixes_are_stripped():
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=16))
+    wrapped = torch.compile(model).state_dict()  # keys start with '_orig_mod.', as in nanoGPT's checkpoints
+    assert all(k.startswith("_orig_mod.") for k in wrapped)
+    assert clean_state_dict(wrapped).keys() == model.state_dict().keys()
