@@ -17,7 +17,6 @@ Peak memory is torch.cuda.max_memory_allocated on a GPU; on a CPU the process's 
 size stands in for it (the whole process, Python and libraries included).
 """
 import ast
-import math
 import os
 import re
 import resource
