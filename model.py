@@ -354,6 +354,8 @@ PEAK_COLUMN = {"bfloat16": 0, "float16": 0, "tf32": 1, "float32": 2}
 def peak_flops(device_name, dtype):
     """Peak FLOP/s of a GPU by its name (torch.cuda.get_device_name) for a dtype ('bfloat16',
     'float16', 'tf32', 'float32'); None when the device is not in the table."""
+    if "laptop" in device_name.lower():  # laptop parts carry desktop names but have their own, lower peaks
+        return None
     for name, peaks in PEAK_TFLOPS:
         if name.lower() in device_name.lower():
             return peaks[PEAK_COLUMN[dtype]] * 1e12

@@ -263,7 +263,7 @@ def log_metrics(record):
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
     if wandb_log:
-        wandb.log({k: v for k, v in record.items() if k != "iter"}, step=record["iter"])
+        wandb.log({k: v for k, v in record.items() if k != "iter" and v is not None}, step=record["iter"])
 
 
 def save(val_loss, names):
@@ -303,8 +303,12 @@ def request_stop(signum, frame):
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
 
+if wandb_log:  # checked on every rank, so that all of them stop together
+    try:
+        import wandb
+    except ImportError:
+        stop("wandb_log=True but wandb is not installed: pip install wandb (or --wandb_log=False)")
 if wandb_log and master_process:
-    import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume="allow")
 
 # training loop
@@ -328,7 +332,7 @@ while True:
                 names.append("stable")
         if iter_num > 0 and not eval_only:
             save(last_eval["val"] if last_eval else None, names if master_process else [])
-        t0 = time.time()  # evaluation time is not training time
+        t0, tokens_since_log = time.time(), 0  # evaluation time is not training time: restart the window
     if eval_only or iter_num >= max_iters:
         break
 
