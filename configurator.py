@@ -83,6 +83,7 @@ def configure(defaults, argv):
 
 
 def config_globals(namespace):
-    """The configurable names of a script: its public globals of plain value types."""
+    """The configurable names of a script: its public globals of plain value types, except
+    UPPER_CASE constants (imported facts such as VOCAB_SIZE are not settings)."""
     return {k: v for k, v in namespace.items()
-            if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))}
+            if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str, type(None)))}

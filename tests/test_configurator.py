@@ -2,6 +2,7 @@
 import pytest
 
 from conftest import REPO_ROOT, run_script
+from bench import train_defaults
 from configurator import configure
 
 DEFAULTS = dict(out_dir="out", batch_size=12, learning_rate=6e-4, compile=True, peak_flops=None, start="")
@@ -44,22 +45,10 @@ def test_config_file_then_overrides_in_order(tmp_path):
 
 
 def test_the_shipped_configs_are_valid():
-    train_defaults = dict(run_train_defaults())
+    defaults = train_defaults()
+    assert "n_embd" in defaults and "learning_rate" in defaults and "VOCAB_SIZE" not in defaults
     for path in sorted((REPO_ROOT / "config").glob("train_*.py")):
-        configure(train_defaults, [str(path)])  # exits on any unknown key or wrong type
-
-
-def run_train_defaults():
-    """train.py's own defaults, read from its source without running it."""
-    import ast
-    source = (REPO_ROOT / "train.py").read_text()
-    block = source.split("# -----------------------------------------------------------------------------")[1]
-    values = {}
-    for node in ast.parse(block).body:
-        if isinstance(node, ast.Assign):
-            values[node.targets[0].id] = ast.literal_eval(node.value)
-    assert "n_embd" in values and "learning_rate" in values
-    return values
+        configure(defaults, [str(path)])  # exits on any unknown key or wrong type
 
 
 def test_unknown_key(capsys):
