@@ -104,7 +104,9 @@ if ddp:
     if gradient_accumulation_steps % world_size != 0:  # checked before the ranks wait on each other
         message = (f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the "
                    f"{world_size} DDP ranks; use a multiple of {world_size}")
-        fail(message) if ddp_rank == 0 else sys.exit(2)
+        if ddp_rank == 0:
+            fail(message)
+        sys.exit(2)
     if device.startswith("cuda"):
         device = f"cuda:{ddp_local_rank}"
         torch.cuda.set_device(device)
@@ -128,6 +130,11 @@ gradient_accumulation_steps //= world_size  # per rank from here on
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 if init_from not in ("scratch", "resume"):
     stop(f"init_from={init_from!r}: allowed are 'scratch' and 'resume'")
+lr_args = schedule_args(config)
+try:
+    get_lr(0, **lr_args)  # checks lr_schedule and cooldown_frac before any work
+except ValueError as e:
+    stop(str(e))
 if master_process:
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -208,11 +215,7 @@ if ckpt is not None:
         print(f"warning: the checkpoint was written by {len(ckpt.get('ranks') or [])} rank(s), this run has "
               f"{world_size}: data order and RNG start afresh (not an exact resume)")
 
-lr_args = schedule_args(config)
-try:
-    lr = get_lr(iter_num, **lr_args)
-except ValueError as e:
-    stop(str(e))
+lr = get_lr(iter_num, **lr_args)
 if ckpt is not None:
     # the learning rate the checkpoint's own schedule had planned for this iteration: a new config
     # (a larger max_iters, lr_decay_iters or learning_rate) must not jump above it by accident
@@ -223,7 +226,9 @@ if ckpt is not None:
     if planned_lr is not None and lr > planned_lr * (1 + 1e-6) and not allow_lr_increase:
         stop(f"resuming at iteration {iter_num} would raise the learning rate from {planned_lr:.3g} (the "
              f"checkpoint's schedule) to {lr:.3g} (lr_schedule={lr_schedule}, max_iters={max_iters}, "
-             f"lr_decay_iters={lr_decay_iters}); see README 'Long runs', or pass --allow_lr_increase=True")
+             f"lr_decay_iters={lr_decay_iters}); "
+             + ("to extend a wsd run, resume from before its cooldown (--resume_from=stable); " if lr_schedule == "wsd" else "")
+             + "see README 'Long runs', or pass --allow_lr_increase=True")
     if master_process:
         print(f"resuming from {resume_path} at iteration {iter_num}, lr {lr:.3g}, best val loss {best_val_loss:.4f}")
 ckpt = None  # free memory

@@ -300,7 +300,7 @@ def test_resume_refuses_an_accidental_jump_back_up_in_lr(cosine_run, wsd_run, da
     # wsd: ckpt.pt is cooled down; extending from it would jump to the peak (stable.pt is the way)
     code, _, stderr = run_inprocess("train.py", *train_args(data_dir, copy_run(wsd_run, tmp_path / "w"), *WSD,
                                                             "--max_iters=12", "--init_from=resume"))
-    assert code == 2 and "would raise the learning rate" in stderr
+    assert code == 2 and "would raise the learning rate" in stderr and "--resume_from=stable" in stderr
 
 
 def test_wsd_resume_from_stable_with_larger_max_iters_moves_the_cooldown(wsd_run, data_dir, tmp_path):
