@@ -107,6 +107,23 @@ def test_ddp_two_gloo_ranks_resume_is_bit_exact(token_dataset, tmp_path):
     assert [(r["loss"], r["grad_norm"]) for r in resumed] == [(r["loss"], r["grad_norm"]) for r in full[2:]]
 
 
+def test_grad_scaler_state_survives_a_weights_only_checkpoint(tmp_path):
+    """fp16 runs store the GradScaler (scale, growth tracker) with the checkpoint; this CPU machine cannot
+    train in fp16, so this checks the format: the state comes back whole through weights_only=True."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    for grad in (1.0, float("inf"), 1.0):  # one overflow: the scale halves, the growth tracker restarts
+        optimizer.zero_grad()
+        scaler.scale((weight * grad).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    save_checkpoint({"model_args": {}, "model": {}, "iter_num": 3, "scaler": scaler.state_dict()}, tmp_path / "c.pt")
+    restored = torch.amp.GradScaler("cpu")
+    restored.load_state_dict(load_checkpoint(tmp_path / "c.pt")["scaler"])
+    assert restored.state_dict() == scaler.state_dict() and restored.get_scale() == 512.0
+
+
 # ---------------------------------------------------------------------------------------------
 # data order
 
