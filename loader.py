@@ -5,7 +5,8 @@ uninterrupted run would have seen.
 
 Two orders:
 - 'random' (nanoGPT): each row is a window starting at a uniformly random position. Simple and
-  the reference user's behaviour; windows may repeat or be missed within an epoch.
+  the reference user's behaviour; windows may repeat or be missed: after one epoch's worth of
+  batches ~37% of the tokens (e^-1) were never seen, after two ~14%, after four ~2%.
 - 'shuffle': the file is cut into non-overlapping windows, shuffled once per epoch by (seed, epoch),
   and each DDP rank takes a disjoint share; every window is seen once per epoch.
 """
