@@ -11,14 +11,18 @@ cannot run code), under nanoGPT's key names so tools written for nanoGPT keep wo
     config          the full training config
   and for exact resume:
     scaler          GradScaler state (fp16 only, else None)
-    rng             per-rank RNG states: python, numpy, torch CPU, CUDA
-    data            per-rank data loader states (loader.TokenBatches.state_dict)
-    lr              the learning rate of the last iteration, to catch schedule jumps on resume
+    ranks           one entry per DDP rank (a single one without DDP), each {"rng": rng_state(),
+                    "data": loader.TokenBatches.state_dict()}: RNG states (python, numpy, torch CPU,
+                    CUDA) and the data loader's position
+    lr              the learning rate of the last iteration (informative; train.py compares the
+                    checkpoint's config schedule with the new one to catch jumps on resume)
+    dataset_meta    the dataset's meta.json (None for a dataset without one)
     val_loss        this checkpoint's own validation loss (None when saved between evaluations)
 
 Files in out_dir: ckpt.pt (always the latest), best.pt (lowest val loss), and for the wsd schedule
 stable.pt (the last checkpoint before the cooldown, from which a run can be extended).
-Writes go to a temporary file that replaces the old one only when complete.
+Writes go to a temporary file (<name>.tmp) that replaces the old one only when complete; a crash
+mid-write leaves at most that .tmp file, which the next save overwrites.
 """
 import os
 import pickle
@@ -43,8 +47,9 @@ def checkpoint_path(out_dir, which="last"):
 
 
 def save_checkpoint(state, path):
-    """Write atomically: a crash or SIGKILL mid-write leaves the previous file intact."""
-    tmp = f"{path}.tmp.{os.getpid()}"
+    """Write atomically: a crash or SIGKILL mid-write leaves the previous file intact. One fixed
+    temporary name, so repeated crashes cannot pile up half-written files."""
+    tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -72,6 +77,16 @@ def load_checkpoint(path, map_location="cpu"):
     if missing:
         raise ValueError(f"{path} is not a model checkpoint: missing {', '.join(missing)}")
     return ckpt
+
+
+def saved_val_loss(path):
+    """The val_loss recorded in the checkpoint at path, or None (no file, unreadable, or saved
+    between evaluations). Memory-maps the file, so the tensors are not read."""
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("val_loss")
+    except Exception:  # a missing or damaged best.pt holds no usable record
+        return None
+    return value if isinstance(value, float) else None
 
 
 def clean_state_dict(state_dict):

@@ -21,7 +21,7 @@ out_dir = "out"  # where train.py wrote its checkpoints
 ckpt = "last"  # 'last' (ckpt.pt), 'best' (best.pt), 'stable' or a path to a .pt file
 start = ""  # prompt text, or FILE:path to read it from a file; empty = start a new document
 num_samples = 10  # generated together as one batch
-max_new_tokens = 500
+max_new_tokens = 500  # past block_size the model sees only the last block_size tokens (a sliding window)
 temperature = 0.8  # 1.0 = the model's distribution, lower = more conservative, 0 = greedy
 top_k = 200  # keep only the top_k most likely tokens; 0 disables
 top_p = 1.0  # nucleus sampling: keep the smallest set of tokens with this much probability; 1.0 disables
@@ -77,6 +77,9 @@ def main():
         model = torch.compile(model)
     enc = get_encoding()
     prompt = encode_prompt(enc, read_prompt(start))
+    if len(prompt) > model.config.block_size:  # generation crops the context to the last block_size tokens
+        print(f"warning: the prompt is {len(prompt)} tokens but the model sees at most block_size="
+              f"{model.config.block_size}: only its last {model.config.block_size} tokens are used", file=sys.stderr)
     torch.manual_seed(seed)
     if dev.startswith("cuda"):
         torch.cuda.manual_seed(seed)

@@ -25,12 +25,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (checkpoint_path, load_checkpoint, model_from_checkpoint, rng_state, save_checkpoint,
-                        set_rng_state)
+                        saved_val_loss, set_rng_state)
 from configurator import config_globals, configure, fail
-from loader import TokenBatches, eval_batches, read_dataset_meta
+from loader import TokenBatches, check_token_ids, eval_batches, read_dataset_meta
 from model import GPT, GPTConfig, estimate_mfu
 from runtime import autocast_context, compile_with_fallback, device_peak_flops, pick_device, pick_dtype, synchronize
-from schedule import cooldown_start, get_lr
+from schedule import cooldown_start, get_lr, schedule_args
 from tokenizer import VOCAB_SIZE
 
 # -----------------------------------------------------------------------------
@@ -101,6 +101,12 @@ except ValueError as e:
 if ddp:
     ddp_rank, ddp_local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
+    if gradient_accumulation_steps % world_size != 0:  # checked before the ranks wait on each other
+        message = (f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the "
+                   f"{world_size} DDP ranks; use a multiple of {world_size}")
+        if ddp_rank == 0:
+            fail(message)
+        sys.exit(2)
     if device.startswith("cuda"):
         device = f"cuda:{ddp_local_rank}"
         torch.cuda.set_device(device)
@@ -120,13 +126,15 @@ def stop(message):
     sys.exit(2)
 
 
-if gradient_accumulation_steps % world_size != 0:
-    stop(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the "
-         f"{world_size} DDP ranks")
 gradient_accumulation_steps //= world_size  # per rank from here on
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 if init_from not in ("scratch", "resume"):
     stop(f"init_from={init_from!r}: allowed are 'scratch' and 'resume'")
+lr_args = schedule_args(config)
+try:
+    get_lr(0, **lr_args)  # checks lr_schedule and cooldown_frac before any work
+except ValueError as e:
+    stop(str(e))
 if master_process:
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -149,6 +157,8 @@ try:
     train_batches = TokenBatches(train_path, block_size, batch_size, data_order, seed, ddp_rank, world_size)
     for _ in eval_batches(val_path, block_size, 1, 1):
         pass  # fails early with a clear message if val.bin is shorter than one window
+    for path in (train_path, val_path):
+        check_token_ids(path, (dataset_meta or {}).get("vocab_size", VOCAB_SIZE))
 except (FileNotFoundError, ValueError) as e:
     stop(str(e))
 if dataset_meta and dataset_meta.get("vocab_size", VOCAB_SIZE) > 50304:
@@ -158,6 +168,10 @@ if dataset_meta and dataset_meta.get("vocab_size", VOCAB_SIZE) > 50304:
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=50304, dropout=dropout, rotary=rotary, qk_norm=qk_norm, mlp=mlp, norm=norm,
                   tie_embeddings=tie_embeddings, zero_init_proj=zero_init_proj)
+try:
+    gptconf = GPTConfig(**model_args)  # checks the shape (n_embd % n_head...) before any heavy work
+except ValueError as e:
+    stop(str(e))
 iter_num, best_val_loss, ckpt = 0, float("inf"), None
 if init_from == "resume":
     resume_path = checkpoint_path(out_dir, resume_from)
@@ -169,11 +183,14 @@ if init_from == "resume":
                if k != "dropout" and ckpt["model_args"].get(k, GPTConfig.__dataclass_fields__[k].default) != v]
     if changed:
         stop(f"cannot resume {resume_path}: the model shape changed: {'; '.join(changed)}")
-    iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-try:
-    gptconf = GPTConfig(**model_args)
-except ValueError as e:
-    stop(str(e))
+    iter_num, best_val_loss = ckpt["iter_num"], ckpt.get("best_val_loss", float("inf"))
+    # resuming from stable.pt or another file: best.pt may hold a better model than it knows of
+    best_on_disk = saved_val_loss(checkpoint_path(out_dir, "best"))
+    if master_process and best_on_disk is not None:
+        best_val_loss = min(best_val_loss, best_on_disk)
+    if iter_num >= max_iters and not eval_only:
+        stop(f"{resume_path} is at iteration {iter_num} and max_iters={max_iters}: nothing to train; "
+             f"pass a larger --max_iters to continue (see README 'Long runs')")
 model = GPT(gptconf)
 if ckpt is not None:
     model.load_state_dict(model_from_checkpoint(ckpt).state_dict())
@@ -198,16 +215,22 @@ if ckpt is not None:
         print(f"warning: the checkpoint was written by {len(ckpt.get('ranks') or [])} rank(s), this run has "
               f"{world_size}: data order and RNG start afresh (not an exact resume)")
 
-lr_args = dict(schedule=lr_schedule, learning_rate=learning_rate, min_lr=min_lr, warmup_iters=warmup_iters,
-               lr_decay_iters=lr_decay_iters, max_iters=max_iters, cooldown_frac=cooldown_frac)
-try:
-    lr = get_lr(iter_num, **lr_args)
-except ValueError as e:
-    stop(str(e))
-if ckpt is not None and ckpt.get("lr") and lr > 1.1 * ckpt["lr"] and not allow_lr_increase:
-    stop(f"resuming at iteration {iter_num} would raise the learning rate from {ckpt['lr']:.3g} to {lr:.3g} "
-         f"(lr_schedule={lr_schedule}, max_iters={max_iters}, lr_decay_iters={lr_decay_iters}); see README "
-         "'Long runs' to continue a run, or pass --allow_lr_increase=True")
+lr = get_lr(iter_num, **lr_args)
+if ckpt is not None:
+    # the learning rate the checkpoint's own schedule had planned for this iteration: a new config
+    # (a larger max_iters, lr_decay_iters or learning_rate) must not jump above it by accident
+    try:
+        planned_lr = get_lr(iter_num, **schedule_args(ckpt["config"]))
+    except (KeyError, TypeError, ValueError):  # a checkpoint from another tool: nothing to compare
+        planned_lr = None
+    if planned_lr is not None and lr > planned_lr * (1 + 1e-6) and not allow_lr_increase:
+        stop(f"resuming at iteration {iter_num} would raise the learning rate from {planned_lr:.3g} (the "
+             f"checkpoint's schedule) to {lr:.3g} (lr_schedule={lr_schedule}, max_iters={max_iters}, "
+             f"lr_decay_iters={lr_decay_iters}); "
+             + ("to extend a wsd run, resume from before its cooldown (--resume_from=stable); " if lr_schedule == "wsd" else "")
+             + "see README 'Long runs', or pass --allow_lr_increase=True")
+    if master_process:
+        print(f"resuming from {resume_path} at iteration {iter_num}, lr {lr:.3g}, best val loss {best_val_loss:.4f}")
 ckpt = None  # free memory
 
 
@@ -271,12 +294,12 @@ def save(val_loss, names):
     state = {"rng": rng_state(), "data": train_batches.state_dict()}
     ranks = [state]
     if ddp:
-        # gathered as torch.save bytes: all_gather_object cannot pickle the RNGs' byte tensors
-        payload = io.BytesIO()
-        torch.save(state, payload)
-        ranks = [None] * world_size
-        dist.all_gather_object(ranks, payload.getvalue())
-        ranks = [torch.load(io.BytesIO(b), weights_only=True) for b in ranks]
+        # sent as torch.save bytes: all_gather_object's own pickling of tensors fails to unpickle
+        # (torch 2.13: "UntypedStorage has no attribute 'dtype'")
+        buffer, gathered = io.BytesIO(), [None] * world_size
+        torch.save(state, buffer)
+        dist.all_gather_object(gathered, buffer.getvalue())
+        ranks = [torch.load(io.BytesIO(b), weights_only=True) for b in gathered]
     if not master_process:
         return
     checkpoint = {"model_args": model_args, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -288,14 +311,18 @@ def save(val_loss, names):
 
 
 # Ctrl-C / SIGTERM: finish the current iteration, save, exit 0
-stop_requested = False
+stop_requested, stop_requested_at = False, 0.0
 
 
 def request_stop(signum, frame):
-    global stop_requested
-    if stop_requested:  # a second Ctrl-C means now
-        raise KeyboardInterrupt
-    stop_requested = True
+    global stop_requested, stop_requested_at
+    if stop_requested:
+        # a second Ctrl-C means now; but a scheduler that signals every process while torchrun also
+        # forwards the signal delivers two at once, and those must not abort the save
+        if time.time() - stop_requested_at > 1.0:
+            raise KeyboardInterrupt
+        return
+    stop_requested, stop_requested_at = True, time.time()
     if master_process:
         print(f"\n{signal.Signals(signum).name} received: finishing this iteration, then saving", flush=True)
 
@@ -321,14 +348,15 @@ while True:
         last_eval = estimate_loss() if master_process else None
         names = ["last"]
         if master_process:
-            is_best = last_eval["val"] < best_val_loss
-            best_val_loss = min(best_val_loss, last_eval["val"])
+            # the untrained model at iteration 0 is not saved, so it cannot be the best checkpoint
+            is_best = iter_num > 0 and not eval_only and last_eval["val"] < best_val_loss
+            best_val_loss = last_eval["val"] if is_best else best_val_loss
             print(f"step {iter_num}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}"
                   f"{' (best)' if is_best else ''}")
             log_metrics({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train_loss": last_eval["train"],
                          "val_loss": last_eval["val"], "best_val_loss": best_val_loss})
             names += ["best"] if is_best else []
-            if lr_schedule == "wsd" and iter_num < cooldown_start(max_iters, cooldown_frac):
+            if lr_schedule == "wsd" and iter_num <= cooldown_start(max_iters, cooldown_frac):
                 names.append("stable")
         if iter_num > 0 and not eval_only:
             save(last_eval["val"] if last_eval else None, names if master_process else [])
@@ -357,12 +385,23 @@ while True:
 
     loss_value = torch.stack(losses).mean().item()  # a host sync: the iteration's work is done
     grad_norm_value = grad_norm.item()
-    if not math.isfinite(loss_value) or (not scaler.is_enabled() and not math.isfinite(grad_norm_value)):
+    # a NaN/Inf loss, or gradient norm (with fp16, inf gradients are the GradScaler's business: it
+    # skips that step and lowers the scale), means the weights are ruined: stop before saving them
+    bad = ("loss" if not math.isfinite(loss_value) else
+           "gradient norm" if not scaler.is_enabled() and not math.isfinite(grad_norm_value) else "")
+    if ddp:  # every rank stops together, else the others wait for it forever
+        flags = torch.tensor([float(bool(bad)), float(stop_requested)], device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad = bad or ("loss or gradient norm on another rank" if flags[0].item() else "")
+        stop_requested = bool(flags[1].item())
+    if bad:
         if master_process:
             last_ckpt = checkpoint_path(out_dir, "last")
-            print(f"error: non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} at iteration "
-                  f"{iter_num - 1}; stopping. The last good checkpoint, untouched: "
+            print(f"error: non-finite {bad} at iteration {iter_num} (loss {loss_value}, grad norm "
+                  f"{grad_norm_value}); stopping without saving. Last good checkpoint, untouched: "
                   f"{last_ckpt if os.path.exists(last_ckpt) else '(none saved yet)'}", file=sys.stderr)
+        if ddp:
+            dist.destroy_process_group()
         sys.exit(1)
     losses = []
     if iter_num % log_interval == 0 and master_process:
@@ -381,11 +420,7 @@ while True:
                      "tokens_per_sec": tokens_per_sec, "mfu": mfu, "peak_mem_gib": mem})
         t0, tokens_since_log = time.time(), 0
 
-    if ddp:  # every rank must agree to stop, else the others wait for it forever
-        flag = torch.tensor([float(stop_requested)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop_requested = bool(flag.item())
-    if stop_requested:
+    if stop_requested:  # under DDP agreed by all ranks above
         save(None, ["last"])
         if master_process:
             print(f"stopped at iteration {iter_num}; checkpoint saved to {checkpoint_path(out_dir, 'last')}; "

@@ -1,0 +1,44 @@
+"""Run a repo script (train.py, sample.py) inside the test process, as `python script args` would,
+without paying a fresh interpreter and torch import (~3-5 s) per run. For checks that end early or
+train a few iterations; the exact-resume tests use real subprocesses instead."""
+import contextlib
+import io
+import runpy
+import signal
+import sys
+
+from conftest import REPO_ROOT
+
+
+def run_inprocess(script, *args):
+    """(exit status, stdout, stderr) of `python script *args`, run with runpy in this process."""
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, saved_handlers = sys.argv, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    sys.argv = [str(REPO_ROOT / script), *map(str, args)]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(REPO_ROOT / script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+        for s, handler in saved_handlers.items():  # train.py installs its Ctrl-C handler
+            signal.signal(s, handler)
+    return code, out.getvalue(), err.getvalue()
+
+
+def train_args(data_dir, out_dir, *extra):
+    """train.py arguments for a tiny CPU run on data_dir writing to out_dir; extra overrides. Even
+    smaller batches than TINY_TRAIN_ARGS: the 50304-wide output layer dominates the cost."""
+    from conftest import TINY_TRAIN_ARGS
+    return [f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY_TRAIN_ARGS, "--batch_size=2", "--block_size=16",
+            *extra]
+
+
+def read_metrics(out_dir):
+    """(training records, evaluation records) from out_dir/metrics.jsonl, in file order."""
+    import json
+    from pathlib import Path
+    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
