@@ -25,8 +25,8 @@ a 2 GB shard. They keep their index, so the other documents' split does not chan
 that is not strings is refused.
 """
 import argparse
+import array
 import glob
-import itertools
 import json
 import multiprocessing as mp
 import os
@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 # tokenizer.py lives at the repo root, which is not on the path when this file runs as a script
@@ -188,7 +187,7 @@ def threshold_for_val_tokens(sources, seed, val_tokens):
             raise PrepareError(f"{source['path']}: --val_tokens needs FineWeb's token_count column and this file "
                                f"has none; use --val_fraction")
         column = pq.read_table(source["path"], columns=["token_count"]).column("token_count")
-        counts.append(column.fill_null(0).to_numpy())
+        counts.append(np.array([count or 0 for count in column.to_pylist()], dtype=np.int64))
     tokens_per_doc = np.concatenate(counts) + 1
     if val_tokens >= tokens_per_doc.sum():
         raise PrepareError(f"--val_tokens {val_tokens} must be below the input's {tokens_per_doc.sum()} tokens")
@@ -215,7 +214,10 @@ def open_parquet(path):
 
 def to_token_array(docs):
     """One flat uint16 array from lists of ids; the ids are checked first, as a cast would wrap silently."""
-    ids = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.int64, count=sum(map(len, docs)))
+    ids = array.array("I")  # extending a C array is ~2x faster than np.fromiter over the lists
+    for doc in docs:
+        ids.extend(doc)
+    ids = np.frombuffer(ids, dtype=np.uint32)
     if ids.size and ids.max() >= VOCAB_SIZE:
         raise PrepareError(f"token id {ids.max()} >= vocab size {VOCAB_SIZE} ({2**16} fits uint16): tokenizer bug")
     return ids.astype(TOKEN_DTYPE)
@@ -239,7 +241,8 @@ def tokenize_row_group(task):
             split_docs["val" if to_val else "train"].append(next(docs))
     result = {"null_texts": present.count(False), "token_count": None}
     if task["has_token_count"]:
-        result["token_count"] = pc.sum(table.column("token_count").filter(pa.array(present))).as_py() or 0
+        token_counts = table.column("token_count").to_pylist()
+        result["token_count"] = sum(count or 0 for count, is_present in zip(token_counts, present) if is_present)
     for split, docs_of_split in split_docs.items():
         result[split] = to_token_array(docs_of_split)
         result[f"{split}_documents"] = len(docs_of_split)
