@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO_ROOT, run_script
-from tokenizer import EOT_TOKEN, get_encoding
+from tokenizer import EOT_TOKEN, encode_documents, encode_documents_flat, get_encoding
 
 sys.path.insert(0, str(REPO_ROOT / "data" / "fineweb"))
 import prepare  # noqa: E402
@@ -86,6 +86,12 @@ def assert_bins_hold(out_dir, texts):
     return meta
 
 
+def test_flat_encoding_is_the_documents_concatenated():
+    flat = encode_documents_flat(ENC, TRICKY_DOCS)
+    assert flat.tolist() == [i for doc in encode_documents(ENC, TRICKY_DOCS) for i in doc]
+    assert encode_documents_flat(ENC, []).size == 0
+
+
 def test_tricky_documents_round_trip(tmp_path):
     texts = TRICKY_DOCS * 3 + [f"document number {i}" for i in range(20)]
     source = write_parquet(tmp_path / "docs.parquet", texts, row_group_size=7)
@@ -106,6 +112,8 @@ def test_shared_corpus_round_trip(tmp_path, small_corpus):
     texts = pq.read_table(small_corpus, columns=["text"]).column("text").to_pylist()
     meta = run(tmp_path, "--input", small_corpus)
     assert_bins_hold(tmp_path / "out", texts)
+    train, val = read_docs(tmp_path / "out" / "train.bin"), read_docs(tmp_path / "out" / "val.bin")
+    assert not set(train) & set(val) and len(set(train) | set(val)) == len(set(texts))  # the corpus has no duplicates
     assert meta["token_count_diff"] == 0
     token_count = pq.read_table(small_corpus, columns=["token_count"]).column("token_count").to_numpy().sum()
     assert sum(s["tokens"] for s in meta["splits"].values()) == token_count + len(texts)
@@ -294,18 +302,15 @@ def test_output_folder_not_writable(tmp_path):
             prepare.main(["--input", str(source), "--out_dir", str(read_only)])
 
 
-def test_disk_full_removes_temporary_files(tmp_path, monkeypatch):
+def disk_full(*args):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("failing_step", ["append_tokens", "write_json_atomically"])
+def test_disk_full_leaves_no_outputs(tmp_path, monkeypatch, failing_step):
     source = write_parquet(tmp_path / "docs.parquet", synthetic_texts(100), row_group_size=20)
-    calls = []
-
-    def append_until_disk_is_full(file, tokens):
-        calls.append(len(tokens))
-        if len(calls) > 3:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        file.write(tokens.data)
-
-    monkeypatch.setattr(prepare, "append_tokens", append_until_disk_is_full)
-    with pytest.raises(SystemExit, match="out: writing failed \\(No space left on device\\); temporary files removed"):
+    monkeypatch.setattr(prepare, failing_step, disk_full)  # the bins' writes, or meta.json after the bins' rename
+    with pytest.raises(SystemExit, match="out: writing failed \\(No space left on device\\); partial outputs removed"):
         run(tmp_path, "--input", source)
     assert not list((tmp_path / "out").iterdir())
 

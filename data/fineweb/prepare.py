@@ -25,7 +25,6 @@ a 2 GB shard. They keep their index, so the other documents' split does not chan
 that is not strings is refused.
 """
 import argparse
-import array
 import glob
 import json
 import multiprocessing as mp
@@ -46,7 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 from tokenizer import (ENCODING_NAME, EOT_PLACEMENT, EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE,  # noqa: E402
-                       encode_documents, get_encoding)
+                       encode_documents_flat, get_encoding)
 
 HF_REPO = "HuggingFaceFW/fineweb"
 DEFAULT_DUMP = "CC-MAIN-2013-20"
@@ -212,12 +211,8 @@ def open_parquet(path):
     return pq.ParquetFile(path)  # kept open per worker: a big shard's footer is worth parsing once
 
 
-def to_token_array(docs):
-    """One flat uint16 array from lists of ids; the ids are checked first, as a cast would wrap silently."""
-    ids = array.array("I")  # extending a C array is ~2x faster than np.fromiter over the lists
-    for doc in docs:
-        ids.extend(doc)
-    ids = np.frombuffer(ids, dtype=np.uint32)
+def to_uint16(ids):
+    """The ids as uint16, checked first: a cast would wrap an id >= 2**16 silently."""
     if ids.size and ids.max() >= VOCAB_SIZE:
         raise PrepareError(f"token id {ids.max()} >= vocab size {VOCAB_SIZE} ({2**16} fits uint16): tokenizer bug")
     return ids.astype(TOKEN_DTYPE)
@@ -233,20 +228,18 @@ def tokenize_row_group(task):
     texts = table.column("text").to_pylist()
     doc_index = task["first_doc"] + np.arange(len(texts))
     is_val = (val_scores(task["seed"], doc_index) < task["threshold"]) | (doc_index == task["forced_val_doc"])
-    present = [text is not None for text in texts]
-    docs = iter(encode_documents(get_encoding(), [text for text in texts if text is not None], num_threads=1))
-    split_docs = {"train": [], "val": []}
-    for to_val, is_present in zip(is_val, present):
-        if is_present:
-            split_docs["val" if to_val else "train"].append(next(docs))
-    result = {"null_texts": present.count(False), "token_count": None}
+    split_texts = {"train": [], "val": []}
+    for text, to_val in zip(texts, is_val):
+        if text is not None:
+            split_texts["val" if to_val else "train"].append(text)
+    result = {"null_texts": texts.count(None), "token_count": None}
     if task["has_token_count"]:
-        token_counts = table.column("token_count").to_pylist()
-        result["token_count"] = sum(count or 0 for count, is_present in zip(token_counts, present) if is_present)
-    for split, docs_of_split in split_docs.items():
-        result[split] = to_token_array(docs_of_split)
-        result[f"{split}_documents"] = len(docs_of_split)
-        result[f"{split}_text_tokens"] = sum(map(len, docs_of_split)) - len(docs_of_split)  # without the EOTs
+        counts = table.column("token_count").to_pylist()
+        result["token_count"] = sum(count or 0 for count, text in zip(counts, texts) if text is not None)
+    for split, texts_of_split in split_texts.items():
+        result[split] = to_uint16(encode_documents_flat(get_encoding(), texts_of_split))
+        result[f"{split}_documents"] = len(texts_of_split)
+        result[f"{split}_text_tokens"] = len(result[split]) - len(texts_of_split)  # without the EOTs
     return result
 
 
@@ -302,10 +295,12 @@ def verify_split_file(path, documents, tokens):
     """Re-read a written bin: its size, and exactly one EOT per document (encode_ordinary never emits EOT)."""
     if path.stat().st_size != tokens * TOKEN_BYTES:
         raise PrepareError(f"verification failed: {path} holds {path.stat().st_size} bytes, expected {tokens} tokens")
-    ids = np.memmap(path, dtype=TOKEN_DTYPE, mode="r") if tokens else np.zeros(0, dtype=TOKEN_DTYPE)
-    chunk = 2**24
-    eots = sum(int(np.count_nonzero(ids[i:i + chunk] == EOT_TOKEN)) for i in range(0, len(ids), chunk))
-    if eots != documents or (documents and ids[0] != EOT_TOKEN):
+    eots, first = 0, None
+    with open(path, "rb") as f:  # read in chunks, not np.memmap: mapped pages would count against our RSS
+        while (ids := np.fromfile(f, dtype=TOKEN_DTYPE, count=2**22)).size:
+            first = ids[0] if first is None else first
+            eots += int(np.count_nonzero(ids == EOT_TOKEN))
+    if eots != documents or (documents and first != EOT_TOKEN):
         raise PrepareError(f"verification failed: {path} holds {eots} EOT tokens for {documents} documents")
 
 
@@ -418,6 +413,7 @@ def prepare(args):
     for name in ("meta.json", "train.bin", "val.bin"):
         (out_dir / name).unlink(missing_ok=True)
     tmp_paths = {split: out_dir / f"{split}.bin.tmp" for split in SPLITS}
+    complete = False
     try:
         counts = write_splits(row_group_tasks(sources, args.seed, threshold, forced_val), args.workers,
                               tmp_paths, total_docs)
@@ -428,25 +424,31 @@ def prepare(args):
             if splits[split]["documents"] == 0:  # only possible with null texts or a val_fraction near 1
                 raise PrepareError(f"the {split} split came out empty; change --val_fraction/--val_tokens")
             verify_split_file(tmp_paths[split], splits[split]["documents"], splits[split]["tokens"])
+        meta = make_meta(sources, splits, counts, val_request, threshold, forced_val, args.workers, time.time() - t0)
         for split in SPLITS:
             os.replace(tmp_paths[split], out_dir / f"{split}.bin")
+        write_json_atomically(out_dir / "meta.json", meta)  # last: it marks the bins as complete
+        complete = True
     except OSError as e:
-        raise PrepareError(f"{out_dir}: writing failed ({e.strerror or e}); temporary files removed")
+        raise PrepareError(f"{out_dir}: writing failed ({e.strerror or e}); partial outputs removed")
     finally:
-        for path in tmp_paths.values():
+        unfinished = [out_dir / "meta.json.tmp", *tmp_paths.values()]
+        unfinished += [] if complete else [out_dir / f"{split}.bin" for split in SPLITS]
+        for path in unfinished:
             path.unlink(missing_ok=True)
+    print_summary(meta, out_dir)
+    return meta
 
+
+def make_meta(sources, splits, counts, val_request, threshold, forced_val, workers, seconds):
     text_tokens = counts["train_text_tokens"] + counts["val_text_tokens"]
-    meta = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
+    return {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
             "eot_placement": EOT_PLACEMENT, "dtype": np.dtype(TOKEN_DTYPE).name, "splits": splits,
             "sources": [{k: s[k] for k in ("name", "path", "size", "mtime", "documents")} for s in sources],
             "val_split": {"rule": VAL_RULE, **val_request, "threshold": threshold, "forced_last_doc": forced_val >= 0},
             "null_texts_skipped": counts["null_texts"],
             "token_count_diff": None if counts["token_count"] is None else text_tokens - counts["token_count"],
-            "workers": args.workers, "seconds": round(time.time() - t0, 2)}
-    write_json_atomically(out_dir / "meta.json", meta)  # last: it marks the bins as complete
-    print_summary(meta, out_dir)
-    return meta
+            "workers": workers, "seconds": round(seconds, 2)}
 
 
 def print_summary(meta, out_dir):
