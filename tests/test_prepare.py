@@ -269,6 +269,7 @@ def bad_inputs(tmp_path):
     pq.write_table(pa.table({"body": ["x"], "url": ["u"]}), tmp_path / "no_text.parquet")
     pq.write_table(pa.table({"text": pa.array([], type=pa.string())}), tmp_path / "empty.parquet")
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "numbers.parquet")
+    (tmp_path / "no_shards").mkdir()
     return {
         "missing": (tmp_path / "absent.parquet", "no such file"),
         "not parquet": (tmp_path / "notes.parquet", "not a parquet file"),
@@ -276,11 +277,12 @@ def bad_inputs(tmp_path):
         "empty": (tmp_path / "empty.parquet", "empty (0 rows)"),
         "non-string text": (tmp_path / "numbers.parquet", "column 'text' holds int64, expected strings"),
         "glob matches nothing": (tmp_path / "nothing*.parquet", "matches no files"),
+        "folder without parquet": (tmp_path / "no_shards", "the folder holds no .parquet files"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing", "not parquet", "no text column", "empty", "non-string text",
-                                  "glob matches nothing"])
+                                  "glob matches nothing", "folder without parquet"])
 def test_bad_input_fails_in_one_line_with_no_outputs(tmp_path, case):
     path, message = bad_inputs(tmp_path)[case]
     proc = run_script(PREPARE, "--input", path, "--out_dir", tmp_path / "out", check=False)
