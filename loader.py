@@ -16,33 +16,39 @@ import os
 import numpy as np
 import torch
 
-from tokenizer import ENCODING_NAME, TOKEN_DTYPE
+from tokenizer import ENCODING_NAME, EOT_PLACEMENT, EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE
 
 ORDERS = ("random", "shuffle")
 
 
 def read_dataset_meta(data_dir):
-    """meta.json of a prepared dataset, checked against the bins beside it. A dataset made by
-    another tool (no meta.json) is accepted as uint16 GPT-2 tokens, with a warning."""
+    """meta.json of a dataset prepare.py finished, checked against tokenizer.py and the bins beside
+    it. prepare.py writes meta.json last, so bins without it are from an unfinished run.
+    Raises FileNotFoundError (nothing prepared there) or ValueError (unfinished or inconsistent)."""
     meta_path = os.path.join(data_dir, "meta.json")
-    for split in ("train", "val"):
-        path = os.path.join(data_dir, f"{split}.bin")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} not found: run `python data/fineweb/prepare.py` first "
-                                    "(or set --dataset / --data_dir)")
     if not os.path.exists(meta_path):
-        print(f"warning: {meta_path} not found; assuming {data_dir}/*.bin hold uint16 {ENCODING_NAME} tokens")
-        return None
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("dtype") != np.dtype(TOKEN_DTYPE).name:
-        raise ValueError(f"{meta_path}: dtype {meta.get('dtype')!r}, but train.py reads {np.dtype(TOKEN_DTYPE).name}")
-    for split, info in meta.get("splits", {}).items():
-        path = os.path.join(data_dir, info.get("file", f"{split}.bin"))
-        expected = info["tokens"] * np.dtype(TOKEN_DTYPE).itemsize
-        if os.path.getsize(path) != expected:
-            raise ValueError(f"{path} holds {os.path.getsize(path)} bytes but meta.json says {info['tokens']} "
-                             f"tokens ({expected} bytes): incomplete or stale; re-run prepare.py --force")
+        raise FileNotFoundError(f"{meta_path} not found: run `python data/fineweb/prepare.py` first, or set "
+                                "--dataset / --data_dir (bins without meta.json are from an unfinished run)")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        expected = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
+                    "eot_placement": EOT_PLACEMENT, "dtype": np.dtype(TOKEN_DTYPE).name}
+        for key, value in expected.items():
+            if meta.get(key) != value:
+                raise ValueError(f"{meta_path}: {key} is {meta.get(key)!r} but tokenizer.py says {value!r}; "
+                                 "rerun prepare.py --force")
+        for split in ("train", "val"):
+            info = meta["splits"][split]
+            path = os.path.join(data_dir, info["file"])
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path} not found although {meta_path} lists it; rerun prepare.py")
+            expected_bytes = info["tokens"] * np.dtype(TOKEN_DTYPE).itemsize
+            if os.path.getsize(path) != expected_bytes:
+                raise ValueError(f"{path} holds {os.path.getsize(path)} bytes but meta.json says {info['tokens']} "
+                                 f"tokens ({expected_bytes} bytes): incomplete or stale; rerun prepare.py --force")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{meta_path}: not a prepare.py meta.json ({type(e).__name__}: {e}); rerun prepare.py")
     return meta
 
 

@@ -158,11 +158,9 @@ try:
     for _ in eval_batches(val_path, block_size, 1, 1):
         pass  # fails early with a clear message if val.bin is shorter than one window
     for path in (train_path, val_path):
-        check_token_ids(path, (dataset_meta or {}).get("vocab_size", VOCAB_SIZE))
+        check_token_ids(path, VOCAB_SIZE)
 except (FileNotFoundError, ValueError) as e:
     stop(str(e))
-if dataset_meta and dataset_meta.get("vocab_size", VOCAB_SIZE) > 50304:
-    stop(f"{data_dir}/meta.json: vocab_size {dataset_meta['vocab_size']} exceeds the model's 50304")
 
 # model
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,

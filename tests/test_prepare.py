@@ -75,7 +75,7 @@ def expected_splits(texts, meta):
 
 def assert_bins_hold(out_dir, texts):
     """The bins decode to exactly these documents, each in one split, in order, with meta.json to match."""
-    meta = prepare.read_meta(out_dir)
+    meta = prepare.read_dataset_meta(out_dir)
     expected = expected_splits(texts, meta)
     for split in ("train", "val"):
         docs = read_docs(out_dir / f"{split}.bin")
@@ -240,7 +240,7 @@ def test_sigkill_mid_run_leaves_nothing_accepted_and_rerun_completes(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the worker processes too
     proc.wait()
     with pytest.raises(FileNotFoundError):
-        prepare.read_meta(out_dir)
+        prepare.read_dataset_meta(out_dir)
     assert not (out_dir / "train.bin").exists() and not (out_dir / "meta.json").exists()
     run_script(*args[1:])
     assert_bins_hold(out_dir, texts)
@@ -319,12 +319,12 @@ def test_disk_full_leaves_no_outputs(tmp_path, monkeypatch, failing_step):
 
 def test_read_meta_rejects_missing_and_inconsistent_outputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="meta.json not found"):
-        prepare.read_meta(tmp_path)
+        prepare.read_dataset_meta(tmp_path)
     run(tmp_path, "--input", write_parquet(tmp_path / "docs.parquet", TRICKY_DOCS))
     with open(tmp_path / "out" / "train.bin", "ab") as f:
         f.write(b"\0\0")
     with pytest.raises(ValueError, match="train.bin holds .* bytes but meta.json says"):
-        prepare.read_meta(tmp_path / "out")
+        prepare.read_dataset_meta(tmp_path / "out")
 
 
 def test_bad_option_value_is_one_line(tmp_path):

@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+from loader import read_dataset_meta  # noqa: E402  (the contract with train.py: one reader of meta.json)
 from tokenizer import (ENCODING_NAME, EOT_PLACEMENT, EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE,  # noqa: E402
                        encode_documents_flat, get_encoding)
 
@@ -59,39 +60,6 @@ VAL_RULE = ("document i (0-based over all rows of all sources, in order; skipped
 
 class PrepareError(Exception):
     """A problem the user can fix; main() prints it as one line and exits non-zero."""
-
-
-# -----------------------------------------------------------------------------
-# the contract with train.py
-
-def read_meta(data_dir):
-    """meta.json of a finished run, checked against the bins beside it. train.py calls this.
-
-    Raises FileNotFoundError (nothing prepared there) or ValueError (unfinished or inconsistent)."""
-    data_dir = Path(data_dir)
-    meta_path = data_dir / "meta.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path} not found: run data/fineweb/prepare.py "
-                                f"(bins without meta.json are from an unfinished run)")
-    try:
-        meta = json.loads(meta_path.read_text())
-        expected = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
-                    "eot_placement": EOT_PLACEMENT, "dtype": np.dtype(TOKEN_DTYPE).name}
-        for key, value in expected.items():
-            if meta.get(key) != value:
-                raise ValueError(f"{meta_path}: {key} is {meta.get(key)!r} but tokenizer.py says {value!r}; "
-                                 f"rerun prepare.py --force")
-        for split in SPLITS:
-            info = meta["splits"][split]
-            bin_path = data_dir / info["file"]
-            if not bin_path.exists():
-                raise FileNotFoundError(f"{bin_path} not found although {meta_path} lists it; rerun prepare.py")
-            if bin_path.stat().st_size != info["tokens"] * TOKEN_BYTES:
-                raise ValueError(f"{bin_path} holds {bin_path.stat().st_size} bytes but meta.json says "
-                                 f"{info['tokens']} tokens ({info['tokens'] * TOKEN_BYTES} bytes); rerun prepare.py")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{meta_path}: not a prepare.py meta.json ({type(e).__name__}: {e}); rerun prepare.py")
-    return meta
 
 
 # -----------------------------------------------------------------------------
@@ -393,7 +361,7 @@ def prepare(args):
     val_request.update({"val_tokens": args.val_tokens} if args.val_tokens else {"val_fraction": args.val_fraction})
     if not args.force:
         try:
-            meta = read_meta(out_dir)
+            meta = read_dataset_meta(out_dir)
         except (FileNotFoundError, ValueError):
             meta = None
         if meta and matches_request(meta, sources, val_request):
