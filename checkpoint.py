@@ -27,6 +27,7 @@ mid-write leaves at most that .tmp file, which the next save overwrites.
 import os
 import pickle
 import random
+import zipfile
 
 import numpy as np
 import torch
@@ -68,6 +69,9 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        if not zipfile.is_zipfile(path):  # torch.save writes zip files; anything else is damaged, not unsafe
+            raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): not a torch.save "
+                             "zip file") from None
         raise ValueError(f"{path} holds something other than tensors and plain values, refused for "
                          f"safety (weights_only=True): {str(e).splitlines()[0][:200]}") from None
     except Exception as e:  # truncated zip, garbage bytes: all mean the same to the user

@@ -118,12 +118,12 @@ class CausalSelfAttention(nn.Module):
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if kv_cache is not None:
+            if T > 1 and kv_cache.length > 0:  # is_causal below would misalign a block of new queries
+                raise ValueError("a KV cache takes a prompt only when empty, then one token at a time")
             k, v = kv_cache.update(self.layer_idx, k, v)
         # With a cache, a single new query may look at every stored position: no mask needed.
         # Prefill (and training) is an ordinary causal square. Flash attention when available.
         is_causal = T > 1
-        if kv_cache is not None and T > 1 and kv_cache.length > 0:
-            raise ValueError("a KV cache takes a prompt only when empty, then one token at a time")
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=is_causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -298,7 +298,7 @@ class GPT(nn.Module):
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, vocab_size=None):
     """One token per row from logits (B, V): temperature 0 is greedy; top_k keeps the k most likely;
     top_p keeps the smallest set whose probability reaches p (always at least one token)."""
-    logits = logits.float()
+    logits = logits.float().clone()  # masked in place below; the caller's tensor stays as it was
     if vocab_size is not None:
         logits[:, vocab_size:] = -float("inf")
     if temperature == 0:

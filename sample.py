@@ -25,13 +25,12 @@ max_new_tokens = 500  # past block_size the model sees only the last block_size 
 temperature = 0.8  # 1.0 = the model's distribution, lower = more conservative, 0 = greedy
 top_k = 200  # keep only the top_k most likely tokens; 0 disables
 top_p = 1.0  # nucleus sampling: keep the smallest set of tokens with this much probability; 1.0 disables
-stop_at_eot = True  # end a sample at <|endoftext|>, the end of a document
+stop_at_eot = True  # end a sample at <|endoftext|>: the document ended, what follows would be another one
 stream = False  # print tokens as they arrive (num_samples must be 1)
 use_cache = True  # KV cache: each new token costs one position instead of the whole context
 seed = 1337
 device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:0', 'mps'
 dtype = "auto"
-compile = False  # torch.compile the model (worth it only for long generations)
 # -----------------------------------------------------------------------------
 config = configure(config_globals(globals()), sys.argv[1:])
 globals().update(config)
@@ -73,8 +72,6 @@ def main():
     model = model_from_checkpoint(checkpoint)
     check_options(model.config.block_size)
     model.eval().to(dev)
-    if compile:
-        model = torch.compile(model)
     enc = get_encoding()
     prompt = encode_prompt(enc, read_prompt(start))
     if len(prompt) > model.config.block_size:  # generation crops the context to the last block_size tokens

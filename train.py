@@ -10,6 +10,9 @@ $ torchrun --standalone --nproc_per_node=4 train.py config/train_fineweb.py
 
 Continue a run (exactly where it stopped: same batches, same RNG):
 $ python train.py config/train_fineweb.py --init_from=resume
+
+Fine-tune GPT-2 (from the hub, or a folder saved with GPT2LMHeadModel.save_pretrained):
+$ python train.py config/train_fineweb.py --init_from=gpt2 --learning_rate=6e-5
 """
 import io
 import json
@@ -27,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (checkpoint_path, load_checkpoint, model_from_checkpoint, rng_state, save_checkpoint,
                         saved_val_loss, set_rng_state)
 from configurator import config_globals, configure, fail
+from hf import HUB_MODELS, load_gpt2
 from loader import TokenBatches, check_token_ids, eval_batches, read_dataset_meta
 from model import GPT, GPTConfig, estimate_mfu
 from runtime import autocast_context, compile_with_fallback, device_peak_flops, pick_device, pick_dtype, synchronize
@@ -41,7 +45,7 @@ eval_interval = 2000  # evaluate, and save ckpt.pt (and best.pt if better), ever
 log_interval = 1  # print and record metrics every this many iterations
 eval_iters = 200  # batches per loss estimate
 eval_only = False  # evaluate once and exit
-init_from = "scratch"  # 'scratch' or 'resume' (from out_dir)
+init_from = "scratch"  # 'scratch', 'resume' (from out_dir), 'gpt2'...'gpt2-xl' or a Hugging Face GPT-2 folder
 resume_from = "last"  # with init_from='resume': 'last' (ckpt.pt), 'best', 'stable' or a path
 allow_lr_increase = False  # allow a resume whose schedule raises the learning rate (see README)
 # wandb logging
@@ -128,8 +132,9 @@ def stop(message):
 
 gradient_accumulation_steps //= world_size  # per rank from here on
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
-if init_from not in ("scratch", "resume"):
-    stop(f"init_from={init_from!r}: allowed are 'scratch' and 'resume'")
+if init_from not in ("scratch", "resume", *HUB_MODELS) and not os.path.isdir(init_from):
+    stop(f"init_from={init_from!r}: allowed are scratch, resume, {', '.join(HUB_MODELS)} or a folder holding a "
+         "Hugging Face GPT-2 (config.json, model.safetensors)")
 lr_args = schedule_args(config)
 try:
     get_lr(0, **lr_args)  # checks lr_schedule and cooldown_frac before any work
@@ -167,16 +172,17 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
                   vocab_size=50304, dropout=dropout, rotary=rotary, qk_norm=qk_norm, mlp=mlp, norm=norm,
                   tie_embeddings=tie_embeddings, zero_init_proj=zero_init_proj)
 try:
-    gptconf = GPTConfig(**model_args)  # checks the shape (n_embd % n_head...) before any heavy work
+    GPTConfig(**model_args)  # checks the shape (n_embd % n_head...) before any heavy work
 except ValueError as e:
     stop(str(e))
-iter_num, best_val_loss, ckpt = 0, float("inf"), None
+iter_num, best_val_loss, ckpt, hf_state = 0, float("inf"), None, None
 if init_from == "resume":
     resume_path = checkpoint_path(out_dir, resume_from)
     try:
         ckpt = load_checkpoint(resume_path, map_location="cpu")
     except (FileNotFoundError, ValueError) as e:
         stop(f"cannot resume: {e}")
+    model_args["vocab_size"] = ckpt["model_args"].get("vocab_size", 50304)  # 50257 for GPT-2 weights
     changed = [f"{k} (checkpoint {ckpt['model_args'].get(k)!r}, config {v!r})" for k, v in model_args.items()
                if k != "dropout" and ckpt["model_args"].get(k, GPTConfig.__dataclass_fields__[k].default) != v]
     if changed:
@@ -189,9 +195,23 @@ if init_from == "resume":
     if iter_num >= max_iters and not eval_only:
         stop(f"{resume_path} is at iteration {iter_num} and max_iters={max_iters}: nothing to train; "
              f"pass a larger --max_iters to continue (see README 'Long runs')")
+elif init_from != "scratch":  # GPT-2 weights, see hf.py; the model's shape comes from them
+    try:
+        hf_args, hf_state = load_gpt2(init_from, block_size)
+    except ValueError as e:
+        stop(str(e))
+    changed = [f"--{k}={v}" for k, v in hf_args.items() if k != "vocab_size" and model_args[k] != v]
+    if master_process and changed:
+        print(f"{init_from} sets the model's shape, overriding the config: {' '.join(changed)} "
+              "(pass the same to resume this run)")
+    model_args.update(hf_args)
+gptconf = GPTConfig(**model_args)
 model = GPT(gptconf)
 if ckpt is not None:
     model.load_state_dict(model_from_checkpoint(ckpt).state_dict())
+if hf_state is not None:
+    model.load_state_dict(hf_state)
+    hf_state = None
 model.to(device)
 raw_model = model  # the plain module: for checkpoints, evaluation and FLOPs counting
 
@@ -342,7 +362,7 @@ t0, tokens_since_log, losses = time.time(), 0, []
 last_eval = None
 while True:
     # evaluate and save; skipped at the iteration a resumed run starts from (already done then)
-    if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num != start_iter or init_from == "scratch" or eval_only):
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num != start_iter or init_from != "resume" or eval_only):
         last_eval = estimate_loss() if master_process else None
         names = ["last"]
         if master_process:
