@@ -278,7 +278,7 @@ if master_process:
           f"{flops_per_token / 1e6:.1f} MFLOPs/token")
     print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} rank(s) x {gradient_accumulation_steps} "
           f"micro-steps x {batch_size} x {block_size})")
-    print(f"planned: {max_iters:,} iterations = {max_iters * tokens_per_iter / 1e9:.3f}B tokens "
+    print(f"planned: {max_iters:,} iterations = {max_iters * tokens_per_iter:,} tokens "
           f"= {max_iters * tokens_per_iter / train_tokens:.2f} epochs of train.bin ({train_tokens:,} tokens)")
     print(f"device {device}, dtype {dtype}, {peak_description}")
 
