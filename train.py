@@ -372,7 +372,8 @@ while True:
             print(f"step {iter_num}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}"
                   f"{' (best)' if is_best else ''}")
             log_metrics({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train_loss": last_eval["train"],
-                         "val_loss": last_eval["val"], "best_val_loss": best_val_loss})
+                         "val_loss": last_eval["val"],
+                         "best_val_loss": best_val_loss if math.isfinite(best_val_loss) else None})
             names += ["best"] if is_best else []
             if lr_schedule == "wsd" and iter_num <= cooldown_start(max_iters, cooldown_frac):
                 names.append("stable")
