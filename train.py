@@ -392,6 +392,8 @@ while True:
             # manager, this flag is what it sets and keeps the loop flat
             model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
         x, y = train_batches.next_batch()
+        if device_type == "cuda":  # pinned memory lets the copy overlap the GPU's work
+            x, y = x.pin_memory(), y.pin_memory()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         losses.append(train_step(model, x, y))
     scaler.unscale_(optimizer)
@@ -430,12 +432,13 @@ while True:
         mfu = estimate_mfu(flops_per_token, tokens_per_sec, peak)
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None
         epoch = train_batches.epochs_done()
+        ms_per_iter = dt * 1000 / (tokens_since_log / tokens_per_iter)
         print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {grad_norm_value:.3f}, "
-              f"{dt * 1000 / (tokens_since_log / tokens_per_iter):.0f} ms/iter, {tokens_per_sec:,.0f} tok/s"
+              f"{ms_per_iter:.0f} ms/iter, {tokens_per_sec:,.0f} tok/s"
               + (f", MFU {mfu * 100:.1f}%" if mfu is not None else "")
               + (f", mem {mem:.2f} GiB" if mem is not None else "") + f", epoch {epoch:.3f}")
         log_metrics({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "epoch": epoch, "loss": loss_value,
-                     "lr": lr, "grad_norm": grad_norm_value, "ms_per_iter": dt * 1000 / (tokens_since_log / tokens_per_iter),
+                     "lr": lr, "grad_norm": grad_norm_value, "ms_per_iter": ms_per_iter,
                      "tokens_per_sec": tokens_per_sec, "mfu": mfu, "peak_mem_gib": mem})
         t0, tokens_since_log = time.time(), 0
 
