@@ -117,6 +117,12 @@ def tokens_to_reach(evals, target):
     return None
 
 
+def running_mean_curve(logs, window):
+    """(tokens, mean training loss of the last `window` iterations) at each iteration from window on."""
+    return [(logs[i]["tokens"], mean([r["loss"] for r in logs[i + 1 - window:i + 1]]))
+            for i in range(window - 1, len(logs))]
+
+
 def mean(xs):
     return sum(xs) / len(xs)
 
@@ -142,7 +148,15 @@ def write_report(args):
     tokens = scale["max_iters"] * scale["batch_size"] * scale["block_size"] * scale["gradient_accumulation_steps"]
     final = {name: {s: ev[-1]["val_loss"] for s, ev in runs.items()} for name, runs in results.items()}
     base = mean(list(final["baseline"].values()))
-    lines = [f"Scale `{args.scale}`: {scale['n_layer']} layers x {scale['n_embd']} wide, block "
+    command = "python benchmarks/ablation.py --data_dir=data/en_docs" + ("" if args.scale == "cpu" else f" --scale={args.scale}")
+    lines = ["# The modern-recipe ablation", "",
+             "Written by `benchmarks/ablation.py`; reproduce (after `python data/fineweb/prepare.py --input "
+             f"../shared/corpus/en_docs.parquet --out_dir data/en_docs`) with:", "", f"    {command}", "",
+             "Baseline: the reference recipe (config/train_fineweb.py) scaled down: GPT-2 architecture, AdamW "
+             "(0.9, 0.95), weight decay 0.1, cosine to lr/10, warmup 1/30 of the run, lr 5e-4. Each other row "
+             "changes only what its `changes` column says; `all` is every change at once. Seeds change the "
+             "initialisation and the order of the training windows; every run is evaluated on the same windows.",
+             "", f"Scale `{args.scale}`: {scale['n_layer']} layers x {scale['n_embd']} wide, block "
              f"{scale['block_size']}, {tokens:,} training tokens per run, val loss on "
              f"{scale['eval_iters'] * scale['batch_size'] * scale['block_size']:,} fixed held-out tokens.", "",
              "| config | changes | final val loss per seed | mean | delta vs baseline | seed spread (max-min) |",
@@ -159,6 +173,18 @@ def write_report(args):
             reached = tokens_to_reach(evals, base)
             lines.append(f"- seed {seed}: " + (f"{reached:,.0f} tokens = {reached / tokens:.0%} of the baseline's "
                                               f"{tokens:,}" if reached else "not reached"))
+        # cross-check at every iteration: a run this short sees each training window once, so its
+        # training loss is measured on unseen text too
+        window = max(2, SCALES[args.scale]["max_iters"] // 8)
+        base_train = mean([running_mean_curve(read_metrics(run_dir(args.out_root, "baseline", s) / "metrics.jsonl")[1],
+                                              window)[-1][1] for s in results["baseline"]])
+        lines += ["", f"Cross-check on the training loss ({window}-iteration running mean; every window is "
+                  f"unseen in a run this short): baseline final {base_train:.3f}, reached by `all` at:", ""]
+        for seed in sorted(results["all"]):
+            curve = running_mean_curve(read_metrics(run_dir(args.out_root, "all", seed) / "metrics.jsonl")[1], window)
+            reached = next((t for t, loss in curve if loss <= base_train), None)
+            lines.append(f"- seed {seed}: " + (f"{reached:,} tokens = {reached / tokens:.0%}" if reached
+                                              else "not reached"))
         lines += ["", "The curve is of a run whose schedule ends at the full budget; a run planned for fewer "
                   "tokens would cool down earlier and get there sooner, so this ratio is an upper bound."]
     Path(args.table).parent.mkdir(parents=True, exist_ok=True)
