@@ -52,6 +52,7 @@ CHANGES = {
     "qk_norm+rmsnorm": dict(qk_norm=True, norm="rmsnorm"),
     "relu2": dict(mlp="relu2"),
     "untied+zero_init": dict(tie_embeddings=False, zero_init_proj=True),
+    "lr_x3": dict(learning_rate=1.5e-3, min_lr=1.5e-4),  # the baseline's cosine at 3x its lr
     "wsd+lr_x3": dict(lr_schedule="wsd", learning_rate=1.5e-3, min_lr=1.5e-4),  # 3x the baseline's lr
 }
 CONFIGS = {"baseline": {}, **CHANGES, "all": {k: v for change in CHANGES.values() for k, v in change.items()}}
