@@ -428,7 +428,7 @@ def print_summary(meta, out_dir):
         print(f"warning: skipped {meta['null_texts_skipped']:,} documents with a null text")
     if meta["token_count_diff"] is not None:
         print(f"tokens written minus FineWeb's token_count column: {meta['token_count_diff']:+,}")
-    print(f"done in {meta['seconds']:.1f} s ({total_tokens / meta['seconds'] / 1e6:.2f}M tokens/s); "
+    print(f"done in {meta['seconds']:.1f} s ({total_tokens / max(meta['seconds'], 1e-6) / 1e6:.2f}M tokens/s); "
           f"meta: {out_dir / 'meta.json'}")
 
 
