@@ -1,14 +1,13 @@
 """Export to and import from Hugging Face GPT-2: same logits both ways, clear errors."""
 import json
-import runpy
-import sys
 
 import pytest
 import torch
 
 from checkpoint import save_checkpoint
-from conftest import REPO_ROOT, TINY_TRAIN_ARGS, run_script
+from conftest import TINY_TRAIN_ARGS, run_script
 from hf import load_gpt2
+from inprocess import run_inprocess
 from model import GPT, GPTConfig
 from tokenizer import VOCAB_SIZE
 
@@ -25,18 +24,9 @@ def random_model(seed=0, **args):
     return model.eval()
 
 
-def run_export(capsys, *args):
+def run_export(*args):
     """(exit code, stdout, stderr) of export.py run in-process."""
-    argv, sys.argv = sys.argv, ["export.py", *args]
-    code = 0
-    try:
-        runpy.run_path(str(REPO_ROOT / "export.py"), run_name="__main__")
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_inprocess("export.py", *args)
 
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50304)
@@ -44,11 +34,11 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50304)
 
 @pytest.mark.parametrize("switches", [dict(bias=True), dict(bias=False, mlp="relu2", tie_embeddings=False)],
                          ids=["gpt2", "nobias-relu2-untied"])
-def test_export_loads_in_transformers_with_the_same_logits(tmp_path, capsys, switches):
+def test_export_loads_in_transformers_with_the_same_logits(tmp_path, switches):
     args = dict(TINY, **switches)
     model = random_model(**args)
     save_checkpoint({"model_args": args, "model": model.state_dict(), "iter_num": 5}, tmp_path / "ckpt.pt")
-    code, out, err = run_export(capsys, f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}")
+    code, out, err = run_export(f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}")
     assert code == 0, err
     hf, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not any(info.values())  # no missing, unexpected or mismatched weights
@@ -61,47 +51,47 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, capsys, swi
     assert ours.abs().max() > 1  # the comparison is not between near-zero numbers
 
 
-def test_exported_tokenizer_is_gpt2(tmp_path, capsys):
+def test_exported_tokenizer_is_gpt2(tmp_path):
     import tiktoken
     save_checkpoint({"model_args": TINY, "model": random_model(**TINY).state_dict(), "iter_num": 1},
                     tmp_path / "ckpt.pt")
-    assert run_export(capsys, f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}")[0] == 0
+    assert run_export(f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}")[0] == 0
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "Hello world! Naïve café — 1234\n\n  <|endoftext|>The end"
     assert tok.encode(text) == tiktoken.get_encoding("gpt2").encode(text, allowed_special="all")
     assert tok.eos_token_id == 50256 and tok.model_max_length == 32
 
 
-def test_export_refuses_what_gpt2_cannot_express(tmp_path, capsys):
+def test_export_refuses_what_gpt2_cannot_express(tmp_path):
     args = dict(TINY, rotary=True, qk_norm=True, norm="rmsnorm")
     save_checkpoint({"model_args": args, "model": random_model(**args).state_dict(), "iter_num": 1},
                     tmp_path / "ckpt.pt")
-    code, _, err = run_export(capsys, f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}")
+    code, _, err = run_export(f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "rotary=True" in err and "qk_norm=True" in err and "norm='rmsnorm'" in err
     assert not (tmp_path / "hf").exists() and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
-def test_export_bad_inputs_and_existing_folder(tmp_path, capsys):
-    code, _, err = run_export(capsys, f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}")
+def test_export_bad_inputs_and_existing_folder(tmp_path):
+    code, _, err = run_export(f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}")
     assert code == 2 and "no checkpoint at" in err and len(err.strip().splitlines()) == 1
     (tmp_path / "ckpt.pt").write_bytes(b"\x00" * 100)
-    code, _, err = run_export(capsys, f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}")
+    code, _, err = run_export(f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}")
     assert code == 2 and "corrupt" in err and len(err.strip().splitlines()) == 1
 
     save_checkpoint({"model_args": TINY, "model": random_model(**TINY).state_dict(), "iter_num": 1},
                     tmp_path / "ckpt.pt")
-    assert run_export(capsys, f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}")[0] == 0
+    assert run_export(f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}")[0] == 0
     before = (tmp_path / "hf" / "model.safetensors").read_bytes()
-    code, _, err = run_export(capsys, f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}")
+    code, _, err = run_export(f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}")
     assert code == 2 and "--force=True" in err and len(err.strip().splitlines()) == 1
     save_checkpoint({"model_args": TINY, "model": random_model(seed=1, **TINY).state_dict(), "iter_num": 2},
                     tmp_path / "ckpt.pt")
-    assert run_export(capsys, f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}", "--force=True")[0] == 0
+    assert run_export(f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}", "--force=True")[0] == 0
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() != before
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("precious")
-    code, _, err = run_export(capsys, f"--out_dir={tmp_path}", f"--to={tmp_path / 'mine'}", "--force=True")
+    code, _, err = run_export(f"--out_dir={tmp_path}", f"--to={tmp_path / 'mine'}", "--force=True")
     assert code == 2 and "notes.txt" in err and (tmp_path / "mine" / "notes.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "hf", "mine"]  # no temporary left
 
@@ -161,11 +151,11 @@ def test_import_errors_are_one_line(tmp_path, monkeypatch):
         load_gpt2(str(tmp_path / "odd"))
 
 
-def test_export_then_import_round_trip(tmp_path, capsys):
+def test_export_then_import_round_trip(tmp_path):
     args = dict(TINY, bias=False)
     model = random_model(**args)
     save_checkpoint({"model_args": args, "model": model.state_dict(), "iter_num": 1}, tmp_path / "ckpt.pt")
-    assert run_export(capsys, f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}")[0] == 0
+    assert run_export(f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}")[0] == 0
     model_args, state = load_gpt2(str(tmp_path / "hf"))
     assert model_args["vocab_size"] == VOCAB_SIZE and model_args["bias"]
     back = GPT(GPTConfig(**model_args))

@@ -1,12 +1,10 @@
 """KV-cache generation equals full recomputation; sampling options; sample.py end to end."""
-import runpy
-import sys
 
 import pytest
 import torch
 
 from checkpoint import save_checkpoint
-from conftest import REPO_ROOT
+from inprocess import run_inprocess
 from model import GPT, GPTConfig, KVCache, sample_next_token
 from tokenizer import EOT_TOKEN
 
@@ -109,19 +107,9 @@ def save_tiny_checkpoint(path, seed, eot_bias=0.0, iter_num=10):
                      "best_val_loss": 1.0}, path)
 
 
-def run_sample(capsys, *args):
-    """(exit code, stdout, stderr) of sample.py with these --key=value arguments."""
-    argv = sys.argv
-    sys.argv = ["sample.py", "--device=cpu", "--dtype=float32", *args]
-    code = 0
-    try:
-        runpy.run_path(str(REPO_ROOT / "sample.py"), run_name="__main__")
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return code, out, err
+def run_sample(*args):
+    """(exit code, stdout, stderr) of sample.py with these --key=value arguments, run in-process."""
+    return run_inprocess("sample.py", "--device=cpu", "--dtype=float32", *args)
 
 
 @pytest.fixture
@@ -131,35 +119,35 @@ def checkpoints(tmp_path):
     return tmp_path
 
 
-def test_stream_prints_what_batch_sampling_prints_and_ckpt_best_file_prompt(checkpoints, capsys):
+def test_stream_prints_what_batch_sampling_prints_and_ckpt_best_file_prompt(checkpoints):
     prompt = checkpoints / "prompt.txt"
     prompt.write_text("The café opened at dawn;")
     common = ["--num_samples=1", "--max_new_tokens=20", "--top_p=0.9", "--seed=5"]
-    code, streamed, err = run_sample(capsys, f"--out_dir={checkpoints}", "--ckpt=best", f"--start=FILE:{prompt}",
+    code, streamed, err = run_sample(f"--out_dir={checkpoints}", "--ckpt=best", f"--start=FILE:{prompt}",
                                      "--stream=True", *common)
     assert code == 0, err
     assert "best.pt" in err
-    code, batch, _ = run_sample(capsys, f"--ckpt={checkpoints / 'best.pt'}", "--start=The café opened at dawn;",
+    code, batch, _ = run_sample(f"--ckpt={checkpoints / 'best.pt'}", "--start=The café opened at dawn;",
                                 *common)
     assert code == 0
     assert batch == streamed + "---------------\n"
     assert streamed.startswith("The café opened at dawn;") and len(streamed) > len("The café opened at dawn;\n")
-    _, last, _ = run_sample(capsys, f"--out_dir={checkpoints}", "--start=The café opened at dawn;", *common)
+    _, last, _ = run_sample(f"--out_dir={checkpoints}", "--start=The café opened at dawn;", *common)
     assert last != batch  # --ckpt=last (the default) is another model
-    _, other_seed, _ = run_sample(capsys, f"--ckpt={checkpoints / 'best.pt'}", "--start=The café opened at dawn;",
+    _, other_seed, _ = run_sample(f"--ckpt={checkpoints / 'best.pt'}", "--start=The café opened at dawn;",
                                   *common[:-1], "--seed=6")
     assert other_seed != batch
 
 
-def test_batch_of_samples_and_stop_at_eot(tmp_path, capsys):
+def test_batch_of_samples_and_stop_at_eot(tmp_path):
     save_tiny_checkpoint(tmp_path / "ckpt.pt", seed=1, eot_bias=0.35)
-    code, out, err = run_sample(capsys, f"--out_dir={tmp_path}", "--num_samples=4", "--max_new_tokens=30",
+    code, out, err = run_sample(f"--out_dir={tmp_path}", "--num_samples=4", "--max_new_tokens=30",
                                 "--temperature=1.0")
     assert code == 0, err
     samples = out.split("---------------\n")[:-1]
     assert len(samples) == 4 and len(set(samples)) == 4
     assert "<|endoftext|>" not in out  # each sample ends where its document ends
-    code, out, _ = run_sample(capsys, f"--out_dir={tmp_path}", "--num_samples=4", "--max_new_tokens=30",
+    code, out, _ = run_sample(f"--out_dir={tmp_path}", "--num_samples=4", "--max_new_tokens=30",
                               "--temperature=1.0", "--stop_at_eot=False")
     full_samples = out.split("---------------\n")[:-1]
     # the same draws continue past the EOT: a stopped sample is the full one cut at its first EOT
@@ -176,14 +164,14 @@ def test_batch_of_samples_and_stop_at_eot(tmp_path, capsys):
     (["--top_p=0"], "top_p=0.0"),
     (["--start=FILE:/nonexistent/prompt.txt"], "not found"),
 ])
-def test_bad_options_fail_in_one_line(tmp_path, capsys, args, message):
+def test_bad_options_fail_in_one_line(tmp_path, args, message):
     save_tiny_checkpoint(tmp_path / "ckpt.pt", seed=1)
-    code, out, err = run_sample(capsys, f"--out_dir={tmp_path}", *args)
+    code, out, err = run_sample(f"--out_dir={tmp_path}", *args)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_corrupt_checkpoint_fails_in_one_line(tmp_path, capsys):
+def test_corrupt_checkpoint_fails_in_one_line(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint at all")
-    code, _, err = run_sample(capsys, f"--out_dir={tmp_path}")
+    code, _, err = run_sample(f"--out_dir={tmp_path}")
     assert code == 2 and "not a readable checkpoint" in err and len(err.strip().splitlines()) == 1
