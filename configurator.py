@@ -10,6 +10,7 @@ a bare word is taken as a string where the default is a string; a None default a
 Anything wrong ends the program with one line naming the problem and exit status 2.
 """
 import ast
+import difflib
 import os
 import sys
 
@@ -17,6 +18,14 @@ import sys
 def fail(message):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def unknown_key_hint(key, config):
+    """'did you mean ...' for a typo, else the full list of keys."""
+    close = difflib.get_close_matches(key, config, n=3)
+    if close:
+        return "did you mean " + " or ".join(map(repr, close)) + "?"
+    return "known keys: " + ", ".join(sorted(config))
 
 
 def check_type(key, value, default):
@@ -60,7 +69,7 @@ def apply_config_file(config, path):
         if key.startswith("_") or callable(value) or type(value).__name__ == "module":
             continue
         if key not in config:
-            fail(f"config file {path!r} sets unknown key {key!r}; known keys: {', '.join(sorted(config))}")
+            fail(f"config file {path!r} sets unknown key {key!r}; {unknown_key_hint(key, config)}")
         config[key] = check_type(key, value, config[key])
 
 
@@ -77,7 +86,7 @@ def configure(defaults, argv):
             fail(f"argument {arg!r}: expected --key=value")
         key, text = arg[2:].split("=", 1)  # only the first '=': values may contain '='
         if key not in config:
-            fail(f"unknown config key {key!r}; known keys: {', '.join(sorted(config))}")
+            fail(f"unknown config key {key!r}; {unknown_key_hint(key, config)}")
         config[key] = check_type(key, parse_value(key, text, defaults[key]), defaults[key])
     return config
 

@@ -52,7 +52,8 @@ def test_the_shipped_configs_are_valid():
 
 
 def test_unknown_key(capsys):
-    expect_error(capsys, ["--batch_szie=8"], "unknown config key 'batch_szie'", "batch_size")
+    expect_error(capsys, ["--batch_szie=8"], "unknown config key 'batch_szie'", "did you mean 'batch_size'")
+    expect_error(capsys, ["--zzz=8"], "unknown config key 'zzz'", "known keys: batch_size, compile, learning_rate")
 
 
 def test_wrong_type(capsys):
