@@ -10,46 +10,14 @@ Two orders:
 - 'shuffle': the file is cut into non-overlapping windows, shuffled once per epoch by (seed, epoch),
   and each DDP rank takes a disjoint share; every window is seen once per epoch.
 """
-import json
 import os
 
 import numpy as np
 import torch
 
-from tokenizer import ENCODING_NAME, EOT_PLACEMENT, EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE
+from tokenizer import ENCODING_NAME, TOKEN_DTYPE
 
 ORDERS = ("random", "shuffle")
-
-
-def read_dataset_meta(data_dir):
-    """meta.json of a dataset prepare.py finished, checked against tokenizer.py and the bins beside
-    it. prepare.py writes meta.json last, so bins without it are from an unfinished run.
-    Raises FileNotFoundError (nothing prepared there) or ValueError (unfinished or inconsistent)."""
-    meta_path = os.path.join(data_dir, "meta.json")
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"{meta_path} not found: run `python data/fineweb/prepare.py` first, or set "
-                                "--dataset / --data_dir (bins without meta.json are from an unfinished run)")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        expected = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
-                    "eot_placement": EOT_PLACEMENT, "dtype": np.dtype(TOKEN_DTYPE).name}
-        for key, value in expected.items():
-            if meta.get(key) != value:
-                raise ValueError(f"{meta_path}: {key} is {meta.get(key)!r} but tokenizer.py says {value!r}; "
-                                 "rerun prepare.py --force")
-        for split in ("train", "val"):
-            info = meta["splits"][split]
-            path = os.path.join(data_dir, info["file"])
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{path} not found although {meta_path} lists it; rerun prepare.py")
-            expected_bytes = info["tokens"] * np.dtype(TOKEN_DTYPE).itemsize
-            if os.path.getsize(path) != expected_bytes:
-                raise ValueError(f"{path} holds {os.path.getsize(path)} bytes but meta.json says {info['tokens']} "
-                                 f"tokens ({expected_bytes} bytes): incomplete or stale; rerun prepare.py --force")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{meta_path}: not a prepare.py meta.json ({type(e).__name__}: {e}); rerun prepare.py")
-    return meta
 
 
 def check_token_ids(path, vocab_size, n=1 << 20):

@@ -1,13 +1,17 @@
 """
 The one place that decides how text becomes tokens: GPT-2's BPE through tiktoken, and one
-<|endoftext|> token *prepended* to every document. prepare.py, train.py, sample.py and export.py
-all read these facts from here.
+<|endoftext|> token *prepended* to every document; and how tokens are stored: raw uint16 files
+(train.bin, val.bin) described by a meta.json. prepare.py, train.py, sample.py and export.py all
+read these facts from here.
 
 Why prepend: every document, including the first, then starts right after an EOT, so a model
 sampled from a bare EOT starts a fresh document, and the token stream is "EOT doc EOT doc ...":
 exactly one EOT between any two documents.
 """
 import array
+
+import json
+import os
 
 import numpy as np
 import tiktoken
@@ -46,3 +50,34 @@ def encode_prompt(enc, text):
 
 def decode(enc, ids):
     return enc.decode(list(ids))
+
+
+def read_dataset_meta(data_dir):
+    """meta.json of a dataset prepare.py finished, checked against tokenizer.py and the bins beside
+    it. prepare.py writes meta.json last, so bins without it are from an unfinished run.
+    Raises FileNotFoundError (nothing prepared there) or ValueError (unfinished or inconsistent)."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{meta_path} not found: run `python data/fineweb/prepare.py` first, or set "
+                                "--dataset / --data_dir (bins without meta.json are from an unfinished run)")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        expected = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
+                    "eot_placement": EOT_PLACEMENT, "dtype": np.dtype(TOKEN_DTYPE).name}
+        for key, value in expected.items():
+            if meta.get(key) != value:
+                raise ValueError(f"{meta_path}: {key} is {meta.get(key)!r} but tokenizer.py says {value!r}; "
+                                 "rerun prepare.py --force")
+        for split in ("train", "val"):
+            info = meta["splits"][split]
+            path = os.path.join(data_dir, info["file"])
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path} not found although {meta_path} lists it; rerun prepare.py")
+            expected_bytes = info["tokens"] * np.dtype(TOKEN_DTYPE).itemsize
+            if os.path.getsize(path) != expected_bytes:
+                raise ValueError(f"{path} holds {os.path.getsize(path)} bytes but meta.json says {info['tokens']} "
+                                 f"tokens ({expected_bytes} bytes): incomplete or stale; rerun prepare.py --force")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{meta_path}: not a prepare.py meta.json ({type(e).__name__}: {e}); rerun prepare.py")
+    return meta

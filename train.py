@@ -31,11 +31,11 @@ from checkpoint import (checkpoint_path, load_checkpoint, model_from_checkpoint,
                         saved_val_loss, set_rng_state)
 from configurator import config_globals, configure, fail
 from hf import HUB_MODELS, load_gpt2
-from loader import TokenBatches, check_token_ids, eval_batches, read_dataset_meta
+from loader import TokenBatches, check_token_ids, eval_batches
 from model import GPT, GPTConfig, estimate_mfu
 from runtime import autocast_context, compile_with_fallback, device_peak_flops, pick_device, pick_dtype, synchronize
 from schedule import cooldown_start, get_lr, schedule_args
-from tokenizer import VOCAB_SIZE
+from tokenizer import VOCAB_SIZE, read_dataset_meta
 
 # -----------------------------------------------------------------------------
 # default config values, for a GPT-2 small (124M) on FineWeb; config/*.py and --key=value override

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conftest import run_script
-from loader import read_dataset_meta
+from tokenizer import read_dataset_meta
 
 DOCS = ["The quick brown fox jumps over the lazy dog. " * 40,
         "Une phrase en français, avec des accents: é à ç. " * 30,

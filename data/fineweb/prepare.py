@@ -44,9 +44,8 @@ import pyarrow.parquet as pq
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-from loader import read_dataset_meta  # noqa: E402  (the contract with train.py: one reader of meta.json)
 from tokenizer import (ENCODING_NAME, EOT_PLACEMENT, EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE,  # noqa: E402
-                       encode_documents_flat, get_encoding)
+                       encode_documents_flat, get_encoding, read_dataset_meta)
 
 HF_REPO = "HuggingFaceFW/fineweb"
 DEFAULT_DUMP = "CC-MAIN-2013-20"
