@@ -2,7 +2,7 @@
 Sample from a trained model.
 
 $ python sample.py --out_dir=out-fineweb --device=cuda --num_samples=10 --max_new_tokens=512
-$ python sample.py --out_dir=out-fineweb --start="The meaning of life is" --top_p=0.9 --stream=True
+$ python sample.py --out_dir=out-fineweb --start="The meaning of life is" --top_p=0.9 --num_samples=1 --stream=True
 $ python sample.py --out_dir=out-fineweb --start=FILE:prompt.txt --ckpt=best
 """
 import os

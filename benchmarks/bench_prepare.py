@@ -155,11 +155,12 @@ def main():
         before = measure_tokenizer(args.input, args.workers)
         run = run_prepare(input_path, args.workers, Path(tmp) / "out")
         after = measure_tokenizer(args.input, args.workers)
+        input_mib = os.path.getsize(input_path) / 2**20  # before the temporary folder goes
     tokenizer_only, tokenizer_cpu_per_token, rates = max(before, after, key=lambda m: m[0])
 
     tokens = sum(s["tokens"] for s in run["meta"]["splits"].values())
     end_to_end = tokens / run["seconds"]
-    print(f"\ninput: {input_path.name} ({os.path.getsize(input_path) / 2**20:,.0f} MiB), workers: {args.workers}, "
+    print(f"\ninput: {input_path.name} ({input_mib:,.0f} MiB), workers: {args.workers}, "
           f"cores: {os.cpu_count()}")
     print(f"end-to-end:     {end_to_end / 1e6:6.2f} M tokens/s  ({tokens:,} tokens in {run['seconds']:.1f} s wall, "
           f"interpreter start included; by prepare.py's own clock {tokens / run['meta']['seconds'] / 1e6:.2f})")
