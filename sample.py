@@ -31,6 +31,7 @@ use_cache = True  # KV cache: each new token costs one position instead of the w
 seed = 1337
 device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:0', 'mps'
 dtype = "auto"
+compile = False  # torch.compile the forward pass: pays off for long generations on a GPU
 # -----------------------------------------------------------------------------
 config = configure(config_globals(globals()), sys.argv[1:])
 globals().update(config)
@@ -72,6 +73,10 @@ def main():
     model = model_from_checkpoint(checkpoint)
     check_options(model.config.block_size)
     model.eval().to(dev)
+    if compile:
+        # generate() calls forward once per token, so forward is what must be compiled (compiling the
+        # module would leave generate() calling the eager forward); the cache grows every step: dynamic
+        model.forward = torch.compile(model.forward, dynamic=True)
     enc = get_encoding()
     prompt = encode_prompt(enc, read_prompt(start))
     if len(prompt) > model.config.block_size:  # generation crops the context to the last block_size tokens

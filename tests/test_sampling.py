@@ -175,3 +175,15 @@ def test_corrupt_checkpoint_fails_in_one_line(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint at all")
     code, _, err = run_sample(f"--out_dir={tmp_path}")
     assert code == 2 and "not a readable checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_compiled_forward_samples_the_same_tokens(checkpoints):
+    """--compile=True compiles the forward pass generate() calls (about a minute on a CPU): the
+    greedy continuation must be the eager one."""
+    args = [f"--out_dir={checkpoints}", "--start=The café", "--num_samples=2", "--max_new_tokens=6",
+            "--temperature=0", "--stop_at_eot=False"]
+    code, eager, err = run_sample(*args)
+    assert code == 0, err
+    code, compiled, err = run_sample(*args, "--compile=True")
+    assert code == 0, err
+    assert compiled == eager
