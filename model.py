@@ -309,8 +309,8 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, vocab_siz
         logits[logits < v[:, [-1]]] = -float("inf")
     if top_p is not None and top_p < 1.0:
         sorted_logits, sorted_idx = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already reaches p
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before this token already reaches p
         sorted_logits[drop] = -float("inf")
         logits = torch.full_like(logits, -float("inf")).scatter(1, sorted_idx, sorted_logits)
     probs = F.softmax(logits, dim=-1)
