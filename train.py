@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (checkpoint_path, load_checkpoint, model_from_checkpoint, rng_state, save_checkpoint,
+from checkpoint import (checkpoint_path, clean_state_dict, load_checkpoint, rng_state, save_checkpoint,
                         saved_val_loss, set_rng_state)
 from configurator import config_globals, configure, fail
 from hf import HUB_MODELS, load_gpt2
@@ -208,7 +208,7 @@ elif init_from != "scratch":  # GPT-2 weights, see hf.py; the model's shape come
 gptconf = GPTConfig(**model_args)
 model = GPT(gptconf)
 if ckpt is not None:
-    model.load_state_dict(model_from_checkpoint(ckpt).state_dict())
+    model.load_state_dict(clean_state_dict(ckpt["model"]))  # no second model built just to copy weights
 if hf_state is not None:
     model.load_state_dict(hf_state)
     hf_state = None
