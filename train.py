@@ -21,7 +21,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -32,8 +31,9 @@ from checkpoint import (checkpoint_path, clean_state_dict, load_checkpoint, rng_
 from configurator import config_globals, configure, fail
 from hf import HUB_MODELS, load_gpt2
 from loader import TokenBatches, check_token_ids, eval_batches
-from model import GPT, GPTConfig, estimate_mfu
-from runtime import autocast_context, compile_with_fallback, device_peak_flops, pick_device, pick_dtype, synchronize
+from model import GPT, GPTConfig
+from runtime import (autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu, pick_device,
+                     pick_dtype, synchronize)
 from schedule import cooldown_start, get_lr, schedule_args
 from tokenizer import VOCAB_SIZE, read_dataset_meta
 
@@ -88,9 +88,11 @@ cooldown_frac = 0.2  # wsd: the last fraction of max_iters decays linearly to mi
 device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:0', 'mps'
 dtype = "auto"  # 'auto' (bf16 where native, fp16 on older GPUs, else fp32), 'bfloat16', 'float16', 'float32'
 compile = True  # torch.compile the model (falls back to eager with a warning where it cannot)
-peak_flops = 0.0  # device peak FLOP/s for MFU; 0 looks the GPU up in model.PEAK_TFLOPS
+peak_flops = 0.0  # device peak FLOP/s for MFU; 0 looks the GPU up in runtime.PEAK_TFLOPS
 seed = 1337
 # -----------------------------------------------------------------------------
+if __name__ == "__settings__":  # bench.py takes the settings above as its own defaults; nothing below runs
+    raise SystemExit
 config = configure(config_globals(globals()), sys.argv[1:])
 globals().update(config)
 # -----------------------------------------------------------------------------

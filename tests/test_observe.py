@@ -10,8 +10,8 @@ import torch
 import bench
 import plot
 from conftest import REPO_ROOT, TINY_TRAIN_ARGS, run_script
-from model import GPT, GPTConfig, estimate_mfu, peak_flops
-from runtime import device_peak_flops
+from model import GPT, GPTConfig
+from runtime import device_peak_flops, estimate_mfu, peak_flops
 
 TINY_TOKENS_PER_ITER = 2 * 4 * 32  # gradient_accumulation_steps x batch_size x block_size in TINY_TRAIN_ARGS
 

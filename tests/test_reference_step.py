@@ -16,7 +16,7 @@ import torch
 from conftest import make_token_dataset
 from inprocess import read_metrics, run_inprocess
 from loader import TokenBatches
-from model import GPT, GPTConfig
+from model import PADDED_VOCAB_SIZE, GPT, GPTConfig
 
 SEED = 1337
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, dropout=0.0)
@@ -36,7 +36,7 @@ def reference_lr(it):
 def reference_run(train_path):
     """ITERS optimizer steps by hand. Returns (state dict, [mean loss per iter], [grad norm per iter])."""
     torch.manual_seed(SEED)  # train.py seeds torch with seed + rank before building the model
-    model = GPT(GPTConfig(vocab_size=50304, **SHAPE))
+    model = GPT(GPTConfig(vocab_size=PADDED_VOCAB_SIZE, **SHAPE))
     batches = TokenBatches(str(train_path), SHAPE["block_size"], BATCH_SIZE, "random", SEED, 0, 1)
     params = dict(model.named_parameters())
     m = {name: torch.zeros_like(p) for name, p in params.items()}
@@ -111,6 +111,6 @@ def test_weights_after_three_steps_equal_the_reference(reference_and_train_py):
         torch.testing.assert_close(weights[name], expected, rtol=0, atol=1e-6, msg=name)
     # and the steps moved every weight measurably, so the comparison above has something to compare
     torch.manual_seed(SEED)
-    initial = GPT(GPTConfig(vocab_size=50304, **SHAPE)).state_dict()
+    initial = GPT(GPTConfig(vocab_size=PADDED_VOCAB_SIZE, **SHAPE)).state_dict()
     moved = [name for name in state if name.endswith("weight") and (state[name] - initial[name]).abs().max() > 1e-4]
     assert len(moved) == len([n for n in state if n.endswith("weight")])
