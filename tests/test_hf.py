@@ -165,6 +165,7 @@ def test_export_then_import_round_trip(tmp_path):
         assert torch.allclose(back.eval()(x, x)[0], model(x, x)[0][..., :VOCAB_SIZE], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_train_init_from_local_folder_then_resume(tmp_path, token_dataset):
     """train.py evaluates the imported weights first (loss as transformers computes it on the same
     windows), takes the model's shape from them, and a run so started can be resumed."""

@@ -177,6 +177,7 @@ def test_corrupt_checkpoint_fails_in_one_line(tmp_path):
     assert code == 2 and "not a readable checkpoint" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_compiled_forward_samples_the_same_tokens(checkpoints):
     """--compile=True compiles the forward pass generate() calls (about a minute on a CPU): the
     greedy continuation must be the eager one."""

@@ -125,6 +125,7 @@ def test_kv_cache_sampling_matches_full_recompute(name, prompt_len):
         assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.slow
 def test_train_resume_and_sample_with_every_switch(token_dataset, tmp_path):
     out = tmp_path / "out"
     common = [f"--data_dir={token_dataset}", f"--out_dir={out}", *TINY_TRAIN_ARGS, *ALL_SWITCH_ARGS,
