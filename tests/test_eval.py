@@ -322,3 +322,12 @@ def test_hellaswag_during_training_under_ddp_equals_eval_py(token_dataset, tmp_p
     assert (tmp_path / "h.png").stat().st_size > 0
     assert plot.read_metrics(out / "metrics.jsonl", "hellaswag")[1] == [(r["tokens"], r["hellaswag_acc_norm"])
                                                                         for r in evals if "hellaswag_n" in r]
+
+
+def test_train_refuses_a_bad_hellaswag_setting_before_training(token_dataset, tmp_path):
+    for bad, message in ((f"--hellaswag_file={tmp_path / 'missing.jsonl'}", "missing.jsonl' not found"),
+                         ("--hellaswag_limit=-1", "hellaswag_limit=-1: must be >= 0")):
+        code, _, err = run_inprocess("train.py", *train_args(token_dataset, tmp_path / "out", "--max_iters=2",
+                                                             "--hellaswag_interval=2", f"--hellaswag_file={FIXTURE}", bad))
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+        assert not list((tmp_path / "out").glob("*.pt"))
