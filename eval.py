@@ -1,5 +1,5 @@
 """
-How good is a model: val loss and bits per byte on val.bin, and HellaSwag accuracy (see evaluate.py
+How good is a model: val loss and bits per byte on val.bin, and HellaSwag accuracy (see evaluation.py
 for what each figure means). Prints them and appends them as one JSON line to out_dir/evals.jsonl.
 
 $ python eval.py --out_dir=out-fineweb --ckpt=best
@@ -14,7 +14,7 @@ import time
 
 from checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
 from configurator import config_globals, configure, fail
-from evaluate import evaluate_hellaswag, evaluate_val, load_hellaswag, render_examples
+from evaluation import evaluate_hellaswag, evaluate_val, load_hellaswag, render_examples
 from hf import load_gpt2
 from loader import check_token_ids, num_tokens
 from model import GPT, GPTConfig
@@ -64,7 +64,8 @@ def load_model():
 
 def val_path(train_config):
     """val.bin of --data_dir, else of the dataset the checkpoint was trained on."""
-    folder = data_dir or train_config.get("data_dir") or os.path.join(REPO_DIR, "data", train_config.get("dataset", "fineweb"))
+    dataset = train_config.get("dataset", "fineweb")
+    folder = data_dir or train_config.get("data_dir") or os.path.join(REPO_DIR, "data", dataset)
     path = os.path.join(folder, "val.bin")
     if not os.path.isfile(path):
         fail(f"{path} not found: pass --data_dir=<folder holding val.bin>, or --eval_val=False for HellaSwag only")

@@ -54,7 +54,8 @@ def read_metrics(path, metric="loss"):
     (thin_key, _), (thick_key, _), _, _ = METRICS[metric]
     train = [(r["tokens"], r[thin_key]) for r in records if r.get(thin_key) is not None]
     val = [(r["tokens"], r[thick_key]) for r in records if r.get(thick_key) is not None]
-    if not train and metric == "loss":  # log records missing (e.g. eval_only): the evaluations' train loss still tells something
+    if not train and metric == "loss":
+        # log records missing (e.g. eval_only): the evaluations' train loss still tells something
         train = [(r["tokens"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
     return train, val
 

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (checkpoint_path, clean_state_dict, load_checkpoint, rng_state, save_checkpoint,
                         saved_val_loss, set_rng_state)
 from configurator import config_globals, configure, fail
-from evaluate import evaluate_hellaswag, load_hellaswag, render_examples
+from evaluation import evaluate_hellaswag, load_hellaswag, render_examples
 from hf import HUB_MODELS, load_gpt2
 from loader import TokenBatches, check_token_ids, eval_batches
 from model import GPT, GPTConfig, estimate_mfu
@@ -48,7 +48,7 @@ eval_iters = 200  # batches per loss estimate
 eval_only = False  # evaluate once and exit
 hellaswag_interval = 0  # also score HellaSwag at evaluation steps every this many iterations (and the last); 0 = off
 hellaswag_limit = 0  # the first this many HellaSwag examples (0 = all 10,042), split over the DDP ranks
-hellaswag_file = ""  # hellaswag_val.jsonl; '' = downloaded once into data/hellaswag/ (see evaluate.py)
+hellaswag_file = ""  # hellaswag_val.jsonl; '' = downloaded once into data/hellaswag/ (see evaluation.py)
 init_from = "scratch"  # 'scratch', 'resume' (from out_dir), 'gpt2'...'gpt2-xl' or a Hugging Face GPT-2 folder
 resume_from = "last"  # with init_from='resume': 'last' (ckpt.pt), 'best', 'stable' or a path
 allow_lr_increase = False  # allow a resume whose schedule raises the learning rate (see README)

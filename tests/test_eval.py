@@ -1,4 +1,4 @@
-"""evaluate.py and eval.py: HellaSwag scoring against a one-row-at-a-time reference and a rigged model,
+"""evaluation.py and eval.py: HellaSwag scoring against a one-row-at-a-time reference and a rigged model,
 bits per byte by hand, the download and its checks, a checkpoint against its Hugging Face export, and
 HellaSwag during training under DDP into metrics.jsonl and plot.py."""
 import hashlib
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-import evaluate
+import evaluation
 from checkpoint import save_checkpoint
 from conftest import REPO_ROOT, make_token_dataset
 from inprocess import run_inprocess, train_args
@@ -55,11 +55,11 @@ def one_row_logprobs(model, row, n_scored):
 @pytest.mark.parametrize("block_size", [64, 22], ids=["whole-rows", "some-rows-cut-from-the-left"])
 def test_batched_scores_equal_one_ending_at_a_time(block_size):
     model = random_model(**dict(TINY, block_size=block_size))
-    rendered = evaluate.render_examples(evaluate.read_hellaswag(FIXTURE), block_size)
+    rendered = evaluation.render_examples(evaluation.read_hellaswag(FIXTURE), block_size)
     lengths = {len(row) for example in rendered for row in example[0]}
     assert len(lengths) > 3 and max(lengths) <= block_size  # rows of many lengths: the batch is padded
     with torch.no_grad():
-        total, mean = evaluate.score_endings(model, rendered, "cpu")  # all 48 rows in one forward pass
+        total, mean = evaluation.score_endings(model, rendered, "cpu")  # all 48 rows in one forward pass
     assert total.shape == mean.shape == (12, 4)
     for i, (rows, scored, _) in enumerate(rendered):
         for j, (row, n) in enumerate(zip(rows, scored)):
@@ -69,7 +69,7 @@ def test_batched_scores_equal_one_ending_at_a_time(block_size):
             assert mean[i, j].item() == pytest.approx(sum(reference) / n, abs=1e-5)
     # the ending, and only the ending, is scored: the context's own tokens are not
     enc = get_encoding()
-    example = evaluate.read_hellaswag(FIXTURE)[0]
+    example = evaluation.read_hellaswag(FIXTURE)[0]
     assert rendered[0][1] == [len(enc.encode_ordinary(" " + e)) for e in example["endings"]]
 
 
@@ -99,17 +99,17 @@ class RiggedModel(torch.nn.Module):
 @pytest.mark.parametrize("pick, expected", [(lambda label: label, 1.0), (lambda label: (label + 1) % 4, 0.0)],
                          ids=["prefers-label", "prefers-another"])
 def test_rigged_model_scores_as_rigged(pick, expected):
-    rendered = evaluate.render_examples(evaluate.read_hellaswag(FIXTURE), 64)
+    rendered = evaluation.render_examples(evaluation.read_hellaswag(FIXTURE), 64)
     assert sorted({label for _, _, label in rendered}) == [0, 1, 2, 3]
-    result = evaluate.evaluate_hellaswag(RiggedModel(rendered, pick), rendered, "cpu", torch.autocast("cpu", enabled=False),
-                                         batch_size=5)
+    no_autocast = torch.autocast("cpu", enabled=False)
+    result = evaluation.evaluate_hellaswag(RiggedModel(rendered, pick), rendered, "cpu", no_autocast, batch_size=5)
     assert result == {"hellaswag_acc": expected, "hellaswag_acc_norm": expected, "hellaswag_n": 12}
 
 
 def test_limit_and_ddp_shares_cover_every_example_once():
-    examples = evaluate.read_hellaswag(FIXTURE)
-    assert len(evaluate.render_examples(examples, 64, limit=5)) == 5
-    rendered = evaluate.render_examples(examples, 64)
+    examples = evaluation.read_hellaswag(FIXTURE)
+    assert len(evaluation.render_examples(examples, 64, limit=5)) == 5
+    rendered = evaluation.render_examples(examples, 64)
     shares = [rendered[rank::3] for rank in range(3)]  # what evaluate_hellaswag gives each of 3 ranks
     assert sorted(map(id, sum(shares, []))) == sorted(map(id, rendered))
 
@@ -129,7 +129,7 @@ def test_a_file_in_another_schema_is_refused_in_one_line(tmp_path, line, problem
     bad = tmp_path / "bad.jsonl"
     bad.write_text(FIXTURE.read_text().splitlines()[0] + "\n" + line + "\n")
     with pytest.raises(ValueError, match=f"{bad} line 2: .*{problem}") as e:
-        evaluate.read_hellaswag(bad)
+        evaluation.read_hellaswag(bad)
     assert "\n" not in str(e.value) and "ctx (text), endings (4 texts) and label (0-3)" in str(e.value)
 
 
@@ -159,18 +159,19 @@ def fixture_server():
 
 def test_download_once_checked_then_cached(tmp_path, monkeypatch, fixture_server):
     cache = tmp_path / "cache" / "hellaswag_val.jsonl"
-    monkeypatch.setattr(evaluate, "HELLASWAG_URL", f"http://127.0.0.1:{fixture_server.server_port}/hellaswag_val.jsonl")
-    monkeypatch.setattr(evaluate, "HELLASWAG_CACHE", str(cache))
-    monkeypatch.setattr(evaluate, "HELLASWAG_SHA256", hashlib.sha256(b"other bytes").hexdigest())
+    url = f"http://127.0.0.1:{fixture_server.server_port}/hellaswag_val.jsonl"
+    monkeypatch.setattr(evaluation, "HELLASWAG_URL", url)
+    monkeypatch.setattr(evaluation, "HELLASWAG_CACHE", str(cache))
+    monkeypatch.setattr(evaluation, "HELLASWAG_SHA256", hashlib.sha256(b"other bytes").hexdigest())
     with pytest.raises(ValueError, match="its sha256 is .* not the published .*; not kept") as e:
-        evaluate.load_hellaswag()
+        evaluation.load_hellaswag()
     assert "\n" not in str(e.value) and "--hellaswag_file=PATH" in str(e.value)
     assert os.listdir(cache.parent) == []  # nothing half-written or unchecked is left
 
-    monkeypatch.setattr(evaluate, "HELLASWAG_SHA256", hashlib.sha256(FIXTURE.read_bytes()).hexdigest())
-    assert evaluate.load_hellaswag() == evaluate.read_hellaswag(FIXTURE)
+    monkeypatch.setattr(evaluation, "HELLASWAG_SHA256", hashlib.sha256(FIXTURE.read_bytes()).hexdigest())
+    assert evaluation.load_hellaswag() == evaluation.read_hellaswag(FIXTURE)
     assert cache.read_bytes() == FIXTURE.read_bytes() and os.listdir(cache.parent) == [cache.name]
-    assert evaluate.load_hellaswag() == evaluate.read_hellaswag(FIXTURE)
+    assert evaluation.load_hellaswag() == evaluation.read_hellaswag(FIXTURE)
     assert fixture_server.requests == 2  # the failed download and the good one; the last call read the cache
 
 
@@ -179,8 +180,8 @@ def test_offline_and_not_cached_names_hellaswag_file(tmp_path, monkeypatch, fini
     with socket.socket() as s:  # a port nobody listens on: the connection is refused, as offline
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setattr(evaluate, "HELLASWAG_URL", f"http://127.0.0.1:{port}/hellaswag_val.jsonl")
-    monkeypatch.setattr(evaluate, "HELLASWAG_CACHE", str(tmp_path / "cache" / "hellaswag_val.jsonl"))
+    monkeypatch.setattr(evaluation, "HELLASWAG_URL", f"http://127.0.0.1:{port}/hellaswag_val.jsonl")
+    monkeypatch.setattr(evaluation, "HELLASWAG_CACHE", str(tmp_path / "cache" / "hellaswag_val.jsonl"))
     code, out, err = run_inprocess("eval.py", f"--out_dir={finished_checkpoint}", "--eval_val=False", *CPU_FP32)
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: HellaSwag is not cached at ")
     assert "--hellaswag_file=PATH" in err and "refused" in err.lower()
@@ -208,7 +209,7 @@ def test_bits_per_byte_of_a_uniform_model_by_hand(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
-    result = evaluate.evaluate_val(model, str(path), "cpu", torch.autocast("cpu", enabled=False), batch_size=3)
+    result = evaluation.evaluate_val(model, str(path), "cpu", torch.autocast("cpu", enabled=False), batch_size=3)
     text_bytes = sum(len(doc.encode("utf-8")) for doc in documents)
     assert n_tokens - 1 > 3 * 8 and (n_tokens - 1) % 8 != 0  # several batches and a shorter last window
     assert result["val_tokens"] == n_tokens - 1 and result["val_bytes"] == text_bytes  # the EOTs are no text
@@ -227,7 +228,7 @@ def test_val_loss_of_a_random_model_equals_its_own_loss_per_window(tmp_path):
         for start in range(0, limit - 1, 16):
             window = tokens[start:min(start + 17, limit)][None]
             nats += model(window[:, :-1], window[:, 1:])[1].item() * (window.size(1) - 1)
-    result = evaluate.evaluate_val(model, str(path), "cpu", torch.autocast("cpu", enabled=False), 2, max_tokens=limit)
+    result = evaluation.evaluate_val(model, str(path), "cpu", torch.autocast("cpu", enabled=False), 2, max_tokens=limit)
     assert result["val_tokens"] == limit - 1
     assert result["val_loss"] == pytest.approx(nats / (limit - 1), rel=1e-5)
     enc = get_encoding()
@@ -257,12 +258,13 @@ def test_checkpoint_and_its_hugging_face_export_evaluate_the_same(finished_check
     pytest.importorskip("safetensors")
     hf = tmp_path / "hf"
     assert run_inprocess("export.py", f"--out_dir={finished_checkpoint}", f"--to={hf}")[0] == 0
-    code, out, err = run_inprocess("eval.py", f"--out_dir={finished_checkpoint}", f"--hellaswag_file={FIXTURE}", *CPU_FP32)
+    code, out, err = run_inprocess("eval.py", f"--out_dir={finished_checkpoint}", f"--hellaswag_file={FIXTURE}",
+                                   *CPU_FP32)
     assert code == 0, err
     assert "hellaswag: 12 examples: acc " in out and "bits/byte" in out
     data = finished_checkpoint.parent / "data"
-    code, _, err = run_inprocess("eval.py", f"--init_from={hf}", f"--out_dir={finished_checkpoint}", f"--data_dir={data}",
-                                 f"--hellaswag_file={FIXTURE}", "--batch_size=3", *CPU_FP32)
+    code, _, err = run_inprocess("eval.py", f"--init_from={hf}", f"--out_dir={finished_checkpoint}",
+                                 f"--data_dir={data}", f"--hellaswag_file={FIXTURE}", "--batch_size=3", *CPU_FP32)
     assert code == 0, err
     ours, theirs = read_evals(finished_checkpoint)
     assert set(ours) == {"checkpoint", "iter", "val_loss", "val_bpb", "val_tokens", "hellaswag_acc",
@@ -283,7 +285,8 @@ def test_eval_errors_are_one_line(finished_checkpoint, tmp_path):
     assert "no checkpoint at" in eval_py(f"--out_dir={tmp_path / 'nothing'}")
     assert "--data_dir=<folder holding val.bin>" in eval_py(f"--out_dir={finished_checkpoint}",
                                                              f"--data_dir={tmp_path}", f"--hellaswag_file={FIXTURE}")
-    assert "hellaswag_file='nope.jsonl' not found" in eval_py(f"--out_dir={finished_checkpoint}", "--hellaswag_file=nope.jsonl")
+    assert "hellaswag_file='nope.jsonl' not found" in eval_py(f"--out_dir={finished_checkpoint}",
+                                                              "--hellaswag_file=nope.jsonl")
     (tmp_path / "train.jsonl").write_text('{"text": "a FineWeb document"}\n')
     assert "not HellaSwag's schema (no ctx text)" in eval_py(f"--out_dir={finished_checkpoint}",
                                                              f"--hellaswag_file={tmp_path / 'train.jsonl'}")
@@ -327,7 +330,8 @@ def test_hellaswag_during_training_under_ddp_equals_eval_py(token_dataset, tmp_p
 def test_train_refuses_a_bad_hellaswag_setting_before_training(token_dataset, tmp_path):
     for bad, message in ((f"--hellaswag_file={tmp_path / 'missing.jsonl'}", "missing.jsonl' not found"),
                          ("--hellaswag_limit=-1", "hellaswag_limit=-1: must be >= 0")):
-        code, _, err = run_inprocess("train.py", *train_args(token_dataset, tmp_path / "out", "--max_iters=2",
-                                                             "--hellaswag_interval=2", f"--hellaswag_file={FIXTURE}", bad))
+        args = train_args(token_dataset, tmp_path / "out", "--max_iters=2", "--hellaswag_interval=2",
+                          f"--hellaswag_file={FIXTURE}", bad)
+        code, _, err = run_inprocess("train.py", *args)
         assert code == 2 and err.count("\n") == 1 and message in err, err
         assert not list((tmp_path / "out").glob("*.pt"))

@@ -12,6 +12,9 @@ for a checkpoint or GPT-2 weights; train.py evaluates HellaSwag while training (
 Both score over the tokenizer's 50,257 ids only: the model's padded output rows (50257..50303) are
 ids the tokenizer never produces, and leaving them out makes a checkpoint and its Hugging Face export
 (which drops them) evaluate the same.
+
+(Named evaluation.py, not evaluate.py: that would shadow Hugging Face's `evaluate` package, which
+lm-evaluation-harness imports, for anyone running it from this folder.)
 """
 import hashlib
 import json
@@ -50,8 +53,9 @@ def download_hellaswag(path):
                 digest.update(chunk)
                 f.write(chunk)
         if digest.hexdigest() != HELLASWAG_SHA256:
-            raise ValueError(f"downloaded {HELLASWAG_URL} but its sha256 is {digest.hexdigest()}, not the published "
-                             f"{HELLASWAG_SHA256}; not kept. Pass --hellaswag_file=PATH (a copy of hellaswag_val.jsonl)")
+            raise ValueError(f"downloaded {HELLASWAG_URL} but its sha256 is {digest.hexdigest()}, not the "
+                             f"published {HELLASWAG_SHA256}; not kept. Pass --hellaswag_file=PATH (a copy of "
+                             "hellaswag_val.jsonl)")
         os.replace(tmp, path)
     except OSError as e:  # urllib's URLError and HTTPError are OSErrors too: offline, DNS, 404, timeout
         reason = getattr(e, "reason", None) or e.strerror or e
