@@ -53,15 +53,17 @@ def main():
     autocast = autocast_context(dev, dt)
     evaluate_hellaswag(model, rendered[:batch_size], dev, autocast, batch_size)  # warm-up: allocator, kernels
     synchronize(dev)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     result = evaluate_hellaswag(model, rendered, dev, autocast, batch_size)
     synchronize(dev)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     rows = [row for example in rendered for row in example[0]]
     tokens = sum(map(len, rows))
     print(f"{n_layer}x{n_embd} model on {dev} ({dt}, {torch.get_num_threads()} threads), batch_size {batch_size}: "
           f"{result['hellaswag_n']} examples in {seconds:.2f}s = {result['hellaswag_n'] / seconds:.1f} examples/s "
-          f"({tokens / len(rows):.1f} tokens per row, {tokens / seconds:,.0f} tokens/s)")
+          f"({tokens / len(rows):.1f} tokens per row, {tokens / seconds:,.0f} tokens/s); this process used "
+          f"{cpu_seconds:.2f} CPU-seconds = {result['hellaswag_n'] / cpu_seconds:.1f} examples per CPU-second "
+          "(on a machine shared with other jobs the wall-clock figure is lower)")
 
 
 if __name__ == "__main__":
