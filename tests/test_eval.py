@@ -299,6 +299,7 @@ def test_eval_errors_are_one_line(finished_checkpoint, tmp_path):
 # during training
 
 
+@pytest.mark.slow
 def test_hellaswag_during_training_under_ddp_equals_eval_py(token_dataset, tmp_path):
     """torchrun with 2 CPU ranks: each scores half of the examples, the counts summed into rank 0's
     metrics.jsonl equal eval.py's on the checkpoint saved at the same step; plot.py draws them."""
