@@ -52,6 +52,16 @@ def run(tmp_path, *args):
     return prepare.main(["--out_dir", str(tmp_path / "out"), "--workers", "1", *map(str, args)])
 
 
+def fails_with(capsys, *args):
+    """prepare.main(args) refused as a user error: exit status 2 and one line `error: ...`; returns it."""
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.main([*map(str, args)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
 def read_docs(bin_path):
     """The documents of a bin: the stream is EOT doc EOT doc ..., so split on EOT and drop the empty head."""
     ids = np.fromfile(bin_path, dtype=np.uint16)
@@ -153,10 +163,9 @@ def test_val_tokens_takes_the_fewest_documents_in_score_order(tmp_path):
     assert val_tokens >= 1000 > val_tokens - (len(ENC.encode_ordinary(texts[last_in])) + 1)
 
 
-def test_val_tokens_needs_token_count(tmp_path):
+def test_val_tokens_needs_token_count(tmp_path, capsys):
     source = write_parquet(tmp_path / "plain.parquet", ["a", "b"], token_count=False)
-    with pytest.raises(SystemExit, match="token_count column"):
-        run(tmp_path, "--input", source, "--val_tokens", 1)
+    assert "token_count column" in fails_with(capsys, "--input", source, "--out_dir", tmp_path / "out", "--val_tokens", 1)
 
 
 def test_several_inputs_glob_and_folder_in_order(tmp_path):
@@ -191,7 +200,7 @@ def test_default_source_downloads_through_the_hub(tmp_path, monkeypatch):
     assert calls[-1]["filename"] == "data/CC-MAIN-2024-10/007_00000.parquet"
 
 
-def test_missing_remote_file_names_dump_and_shard(tmp_path, monkeypatch):
+def test_missing_remote_file_names_dump_and_shard(tmp_path, monkeypatch, capsys):
     import huggingface_hub
     from huggingface_hub.utils import EntryNotFoundError
 
@@ -199,8 +208,8 @@ def test_missing_remote_file_names_dump_and_shard(tmp_path, monkeypatch):
         raise EntryNotFoundError("404")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hf_hub_download)
-    with pytest.raises(SystemExit, match="no file data/CC-MAIN-1999-01/002_00000.parquet: check --dump"):
-        run(tmp_path, "--dump", "CC-MAIN-1999-01", "--shard", 2)
+    assert "no file data/CC-MAIN-1999-01/002_00000.parquet: check --dump" in fails_with(
+        capsys, "--out_dir", tmp_path / "out", "--dump", "CC-MAIN-1999-01", "--shard", 2)
 
 
 def test_unreachable_network_points_to_input(tmp_path):
@@ -286,22 +295,21 @@ def bad_inputs(tmp_path):
 def test_bad_input_fails_in_one_line_with_no_outputs(tmp_path, case):
     path, message = bad_inputs(tmp_path)[case]
     proc = run_script(PREPARE, "--input", path, "--out_dir", tmp_path / "out", check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # exactly one line
     assert message in proc.stderr and path.name in proc.stderr
     assert not list((tmp_path / "out").iterdir())
 
 
-def test_output_folder_not_writable(tmp_path):
+def test_output_folder_not_writable(tmp_path, capsys):
     source = write_parquet(tmp_path / "docs.parquet", TRICKY_DOCS)
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(SystemExit, match="a_file/out: the output folder is not writable"):
-        prepare.main(["--input", str(source), "--out_dir", str(tmp_path / "a_file" / "out")])
+    assert "a_file/out: the output folder is not writable" in fails_with(
+        capsys, "--input", source, "--out_dir", tmp_path / "a_file" / "out")
     if os.geteuid() != 0:  # root writes through permission bits, so this half only runs as a normal user
         read_only = tmp_path / "read_only"
         read_only.mkdir(mode=0o555)
-        with pytest.raises(SystemExit, match="read_only: the output folder is not writable"):
-            prepare.main(["--input", str(source), "--out_dir", str(read_only)])
+        assert "read_only: the output folder is not writable" in fails_with(capsys, "--input", source, "--out_dir", read_only)
 
 
 def disk_full(*args):
@@ -309,11 +317,11 @@ def disk_full(*args):
 
 
 @pytest.mark.parametrize("failing_step", ["append_tokens", "write_json_atomically"])
-def test_disk_full_leaves_no_outputs(tmp_path, monkeypatch, failing_step):
+def test_disk_full_leaves_no_outputs(tmp_path, monkeypatch, capsys, failing_step):
     source = write_parquet(tmp_path / "docs.parquet", synthetic_texts(100), row_group_size=20)
     monkeypatch.setattr(prepare, failing_step, disk_full)  # the bins' writes, or meta.json after the bins' rename
-    with pytest.raises(SystemExit, match="out: writing failed \\(No space left on device\\); partial outputs removed"):
-        run(tmp_path, "--input", source)
+    assert "out: writing failed (No space left on device); partial outputs removed" in fails_with(
+        capsys, "--input", source, "--out_dir", tmp_path / "out", "--workers", 1)
     assert not list((tmp_path / "out").iterdir())
 
 
@@ -327,6 +335,5 @@ def test_read_meta_rejects_missing_and_inconsistent_outputs(tmp_path):
         prepare.read_dataset_meta(tmp_path / "out")
 
 
-def test_bad_option_value_is_one_line(tmp_path):
-    with pytest.raises(SystemExit, match="--val_fraction 1.5: must be between 0 and 1"):
-        prepare.main(["--input", "x.parquet", "--val_fraction", "1.5"])
+def test_bad_option_value_is_one_line(capsys):
+    assert "--val_fraction 1.5: must be between 0 and 1" in fails_with(capsys, "--input", "x.parquet", "--val_fraction", 1.5)

@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+from configurator import fail  # noqa: E402
 from tokenizer import (ENCODING_NAME, EOT_PLACEMENT, EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE,  # noqa: E402
                        encode_documents_flat, get_encoding, read_dataset_meta)
 
@@ -58,7 +59,7 @@ VAL_RULE = ("document i (0-based over all rows of all sources, in order; skipped
 
 
 class PrepareError(Exception):
-    """A problem the user can fix; main() prints it as one line and exits non-zero."""
+    """A problem the user can fix; main() prints it as one line `error: ...` and exits with status 2."""
 
 
 # -----------------------------------------------------------------------------
@@ -301,7 +302,7 @@ def matches_request(meta, sources, val_split):
 def parse_args(argv):
     class OneLineErrors(argparse.ArgumentParser):
         def error(self, message):
-            sys.exit(f"prepare.py: error: {message} (see --help)")
+            fail(f"{message} (see --help)")
 
     parser = OneLineErrors(description="FineWeb parquet -> train.bin, val.bin (uint16 GPT-2 tokens), meta.json")
     parser.add_argument("--input", nargs="+", metavar="PATH",
@@ -436,7 +437,7 @@ def main(argv=None):
     try:
         return prepare(args)
     except PrepareError as e:
-        raise SystemExit(f"prepare.py: error: {e}")
+        fail(str(e))
 
 
 if __name__ == "__main__":
