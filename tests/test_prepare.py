@@ -337,3 +337,30 @@ def test_read_meta_rejects_missing_and_inconsistent_outputs(tmp_path):
 
 def test_bad_option_value_is_one_line(capsys):
     assert "--val_fraction 1.5: must be between 0 and 1" in fails_with(capsys, "--input", "x.parquet", "--val_fraction", 1.5)
+
+
+def test_second_run_into_the_same_folder_is_refused_and_the_first_stays_intact(tmp_path, monkeypatch):
+    """Two prepare.py runs into one out_dir: the second is refused in one line and touches nothing (before
+    the lock its clean-up deleted the first run's files); once the first is done, the folder is free again."""
+    first_texts, second_texts = synthetic_texts(60, seed=1), synthetic_texts(50, seed=2)
+    first = write_parquet(tmp_path / "first.parquet", first_texts, row_group_size=20)
+    second = write_parquet(tmp_path / "second.parquet", second_texts)
+    second_run = []
+    real_append_tokens = prepare.append_tokens
+
+    def append_and_start_a_second_run(file, tokens):
+        if not second_run:  # the first run is writing its bins: a second one starts into the same folder
+            second_run.append(run_script(PREPARE, "--input", second, "--out_dir", tmp_path / "out", "--workers", 1,
+                                         check=False))
+        real_append_tokens(file, tokens)
+
+    monkeypatch.setattr(prepare, "append_tokens", append_and_start_a_second_run)
+    run(tmp_path, "--input", first, "--val_fraction", 0.2)
+    refused = second_run[0]
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "another prepare.py" in refused.stderr and "--out_dir" in refused.stderr
+    assert_bins_hold(tmp_path / "out", first_texts)
+    monkeypatch.setattr(prepare, "append_tokens", real_append_tokens)
+    run(tmp_path, "--input", second, "--val_fraction", 0.2)
+    assert_bins_hold(tmp_path / "out", second_texts)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", "train.bin", "val.bin"]

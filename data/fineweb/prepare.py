@@ -36,6 +36,11 @@ from collections import deque
 from functools import lru_cache
 from pathlib import Path
 
+try:
+    import fcntl  # the out_dir lock; POSIX only
+except ImportError:
+    fcntl = None
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -52,6 +57,7 @@ HF_REPO = "HuggingFaceFW/fineweb"
 DEFAULT_DUMP = "CC-MAIN-2013-20"
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent  # data/fineweb/, whatever the working directory
 SPLITS = ("train", "val")
+LOCK_NAME = "prepare.lock"
 TOKEN_BYTES = np.dtype(TOKEN_DTYPE).itemsize
 VAL_RULE = ("document i (0-based over all rows of all sources, in order; skipped null texts keep their index) "
             "goes to val iff (splitmix64(splitmix64(seed) ^ i) >> 11) / 2**53 < threshold; if none does, "
@@ -289,6 +295,39 @@ def check_writable(out_dir):
         raise PrepareError(f"{out_dir}: the output folder is not writable ({e.strerror or e})")
 
 
+def lock_out_dir(out_dir):
+    """Hold out_dir/prepare.lock until release_lock: a second prepare.py into the same folder is refused
+    instead of deleting this run's files. flock is dropped by the kernel when the process ends, even on
+    SIGKILL, so a stale lock never blocks a later run. (POSIX only: on Windows there is no lock.)"""
+    if fcntl is None:
+        return None
+    path = out_dir / LOCK_NAME
+    while True:
+        lock_file = open(path, "a+")
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "another process"
+            lock_file.close()
+            raise PrepareError(f"{out_dir}: another prepare.py ({holder}) is writing to this folder; wait for it "
+                               f"to finish or choose another --out_dir")
+        # the holder we waited on may have removed the file before we locked it: then lock the new one
+        if path.exists() and os.path.samestat(os.fstat(lock_file.fileno()), path.stat()):
+            break
+        lock_file.close()
+    lock_file.truncate(0)
+    lock_file.write(f"pid {os.getpid()}")
+    lock_file.flush()
+    return lock_file
+
+
+def release_lock(out_dir, lock_file):
+    if lock_file is not None:
+        (out_dir / LOCK_NAME).unlink(missing_ok=True)  # removed while still held, so no one locks a stale file
+        lock_file.close()
+
+
 def matches_request(meta, sources, val_split):
     """Whether meta.json came from these very inputs and split settings (then a rerun is a no-op)."""
     def key(source):
@@ -353,9 +392,17 @@ def row_group_tasks(sources, seed, threshold, forced_val):
 
 
 def prepare(args):
-    t0 = time.time()
     out_dir = args.out_dir.resolve()
     check_writable(out_dir)
+    lock = lock_out_dir(out_dir)
+    try:
+        return prepare_locked(args, out_dir)
+    finally:
+        release_lock(out_dir, lock)
+
+
+def prepare_locked(args, out_dir):
+    t0 = time.time()
     sources = find_sources(args)
     val_request = {"seed": args.seed}
     val_request.update({"val_tokens": args.val_tokens} if args.val_tokens else {"val_fraction": args.val_fraction})
