@@ -52,6 +52,16 @@ def decode(enc, ids):
     return enc.decode(list(ids))
 
 
+def max_token_id(path, chunk_tokens=1 << 24):
+    """The largest id in a token file (-1 if empty), read in 32 MiB chunks: memory stays flat whatever
+    the file's size, and np.fromfile leaves no mapped pages behind to count against RSS."""
+    largest = -1
+    with open(path, "rb") as f:
+        while (ids := np.fromfile(f, dtype=TOKEN_DTYPE, count=chunk_tokens)).size:
+            largest = max(largest, int(ids.max()))
+    return largest
+
+
 def read_dataset_meta(data_dir):
     """meta.json of a dataset prepare.py finished, checked against tokenizer.py and the bins beside
     it. prepare.py writes meta.json last, so bins without it are from an unfinished run.

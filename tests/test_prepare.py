@@ -93,6 +93,7 @@ def assert_bins_hold(out_dir, texts):
         assert meta["splits"][split]["documents"] == len(docs) > 0
         tokens = sum(len(ENC.encode_ordinary(d)) + 1 for d in docs)  # an independent count: + 1 EOT per doc
         assert meta["splits"][split]["tokens"] == tokens == (out_dir / f"{split}.bin").stat().st_size // 2
+        assert meta["splits"][split]["max_token_id"] == int(np.fromfile(out_dir / f"{split}.bin", np.uint16).max())
     return meta
 
 

@@ -266,16 +266,22 @@ def write_splits(tasks, workers, tmp_paths, total_docs):
 
 
 def verify_split_file(path, documents, tokens):
-    """Re-read a written bin: its size, and exactly one EOT per document (encode_ordinary never emits EOT)."""
+    """Re-read a written bin: its size, exactly one EOT per document (encode_ordinary never emits EOT),
+    every id below the vocabulary. Returns its largest id, which meta.json records so that train.py
+    need not read the whole file again."""
     if path.stat().st_size != tokens * TOKEN_BYTES:
         raise PrepareError(f"verification failed: {path} holds {path.stat().st_size} bytes, expected {tokens} tokens")
-    eots, first = 0, None
+    eots, first, largest = 0, None, -1
     with open(path, "rb") as f:  # read in chunks, not np.memmap: mapped pages would count against our RSS
         while (ids := np.fromfile(f, dtype=TOKEN_DTYPE, count=2**22)).size:
             first = ids[0] if first is None else first
             eots += int(np.count_nonzero(ids == EOT_TOKEN))
+            largest = max(largest, int(ids.max()))
     if eots != documents or (documents and first != EOT_TOKEN):
         raise PrepareError(f"verification failed: {path} holds {eots} EOT tokens for {documents} documents")
+    if largest >= VOCAB_SIZE:
+        raise PrepareError(f"verification failed: {path} holds token id {largest} >= vocab size {VOCAB_SIZE}")
+    return largest
 
 
 def write_json_atomically(path, data):
@@ -438,7 +444,8 @@ def prepare_locked(args, out_dir):
         for split in SPLITS:
             if splits[split]["documents"] == 0:  # only possible with null texts or a val_fraction near 1
                 raise PrepareError(f"the {split} split came out empty; change --val_fraction/--val_tokens")
-            verify_split_file(tmp_paths[split], splits[split]["documents"], splits[split]["tokens"])
+            splits[split]["max_token_id"] = verify_split_file(tmp_paths[split], splits[split]["documents"],
+                                                              splits[split]["tokens"])
         meta = make_meta(sources, splits, counts, val_request, threshold, forced_val, args.workers, time.time() - t0)
         for split in SPLITS:
             os.replace(tmp_paths[split], out_dir / f"{split}.bin")
