@@ -1,24 +1,35 @@
 """
-Turn FineWeb parquet shards into train.bin / val.bin: raw uint16 GPT-2 token streams that np.memmap
-reads (nanoGPT's format), plus meta.json describing them. The tokenizer and the EOT rule (one
-<|endoftext|> prepended to every document) come from tokenizer.py at the repo root.
+Turn FineWeb parquet shards (or any Hugging Face text dataset) into train.bin / val.bin: raw uint16 GPT-2
+token streams that np.memmap reads (nanoGPT's format), plus meta.json describing them. The tokenizer and
+the EOT rule (one <|endoftext|> prepended to every document) come from tokenizer.py at the repo root.
 
-    python data/fineweb/prepare.py                             # downloads data/CC-MAIN-2013-20/000_00000.parquet
-    python data/fineweb/prepare.py --dump CC-MAIN-2013-20 --shard 3
-    python data/fineweb/prepare.py --input shard.parquet       # a file, a glob or a folder of .parquet files
-    python data/fineweb/prepare.py --input 'shards/*.parquet' --val_tokens 1000000 --workers 2
+    python data/fineweb/prepare.py                                   # FineWeb, dump CC-MAIN-2013-20, its first file
+    python data/fineweb/prepare.py --shards 0-9                      # its first ten files, one pair of bins
+    python data/fineweb/prepare.py --dump CC-MAIN-2024-10 --shard 3  # the 4th file (by name) of another dump
+    python data/fineweb/prepare.py --subset sample-10BT --shards 0-4 --keep_parquet False
+    python data/fineweb/prepare.py --repo HuggingFaceFW/fineweb-edu --subset sample-10BT
+    python data/fineweb/prepare.py --input shard.parquet             # a file, a glob or a folder of .parquet files
+    python data/fineweb/prepare.py --hf_dataset roneneldan/TinyStories --max_tokens 100000000
+    python data/fineweb/prepare.py --adopt data/shakespeare          # bins from another tool: check, write meta.json
 
-How it runs: row groups are read (only the needed columns), tokenized and split by `--workers`
-processes, and written in input order by this process, at most 2 * workers row groups in flight, so
-memory does not grow with the input. Outputs go to *.tmp files, are re-read and checked, then renamed;
-meta.json is written last, so bins without a matching meta.json are an unfinished run. Running again on
-the same inputs and settings does nothing (--force redoes it).
+Shards are found by listing the Hub folder (data/<dump> or sample/<size>) and sorting the names, so
+--shard N is the N-th file; the listing is cached under HF_HOME, so the same command works offline later.
+Shard k+1 downloads while shard k is tokenized; --keep_parquet False deletes each one once tokenized.
 
-Validation split, by whole documents: document i (0-based, counting the rows of all inputs in order)
-goes to val iff val_scores(seed, i) < threshold, a hash of (seed, i) alone, so the split does not depend
-on --workers or row-group sizes. threshold is --val_fraction, or, with --val_tokens, the smallest one
-whose documents reach that many tokens (by FineWeb's token_count column). If no document qualifies,
-the last document goes to val, so val is never empty.
+How it runs: row groups (or batches of 1024 streamed documents) are tokenized and split by --workers
+processes and written in input order by this process, at most 2 * workers batches in flight, so memory
+does not grow with the input. Everything is written into out_dir/prepare.work/ with a manifest updated
+after each finished source, so a killed run continues from the source it was in and produces the same
+bytes. At the end the bins are re-read and checked, moved into out_dir, and meta.json is written last:
+bins without a matching meta.json are not a finished run. Running again on the same inputs and settings
+does nothing (--force redoes it). A lock on out_dir refuses a second run into the same folder.
+
+Validation split, by whole documents: document i of a source (0-based within its file or stream) goes to
+val iff val_scores(seed, i) < threshold, a hash of (seed, i) alone, so the split does not depend on
+--workers, row-group sizes or the other sources, and a multi-source run is the concatenation of
+single-source runs. threshold is --val_fraction, or, with --val_tokens, the smallest one whose documents
+reach that many tokens (by FineWeb's token_count column). If no document qualifies, the last document of
+the last source goes to val, so val is never empty.
 
 Null texts are skipped and counted (reported, and in meta.json): one bad row should not sink a run over
 a 2 GB shard. They keep their index, so the other documents' split does not change. A `text` column
@@ -29,21 +40,23 @@ import glob
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 try:
     import fcntl  # the out_dir lock; POSIX only
 except ImportError:
     fcntl = None
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 # tokenizer.py lives at the repo root, which is not on the path when this file runs as a script
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -51,42 +64,33 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 from configurator import fail  # noqa: E402
 from tokenizer import (ENCODING_NAME, EOT_PLACEMENT, EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE,  # noqa: E402
-                       encode_documents_flat, get_encoding, read_dataset_meta)
+                       TokenizerUnavailable, encode_documents_flat, get_encoding, max_token_id, read_dataset_meta)
 
 HF_REPO = "HuggingFaceFW/fineweb"
 DEFAULT_DUMP = "CC-MAIN-2013-20"
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent  # data/fineweb/, whatever the working directory
 SPLITS = ("train", "val")
-LOCK_NAME = "prepare.lock"
 TOKEN_BYTES = np.dtype(TOKEN_DTYPE).itemsize
-VAL_RULE = ("document i (0-based over all rows of all sources, in order; skipped null texts keep their index) "
-            "goes to val iff (splitmix64(splitmix64(seed) ^ i) >> 11) / 2**53 < threshold; if none does, "
-            "the last document goes to val (see prepare.val_scores)")
+LOCK_NAME = "prepare.lock"
+WORK_NAME = "prepare.work"  # the unfinished run: bins so far and manifest.json
+STREAM_BATCH = 1024  # documents per task when streaming a `datasets` dataset
+# the free-space check's estimate: bins of about the parquet's size (0.97x on en_docs, ~0.7x on FineWeb shards)
+BIN_BYTES_PER_PARQUET_BYTE = 1.0
+VAL_RULE = ("document i of each source (0-based within its file or stream; skipped null texts keep their index) "
+            "goes to val iff (splitmix64(splitmix64(seed) ^ i) >> 11) / 2**53 < threshold; if none does, the last "
+            "document of the last source goes to val (see prepare.val_scores)")
 
 
 class PrepareError(Exception):
     """A problem the user can fix; main() prints it as one line `error: ...` and exits with status 2."""
 
 
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 # -----------------------------------------------------------------------------
-# finding the inputs
-
-def download_shard(dump, shard):
-    """The shard's local path, through huggingface_hub: its cache, its resume, its retries."""
-    from huggingface_hub import hf_hub_download  # imported here: only the download path needs it
-    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
-    filename = f"data/{dump}/{shard:03d}_00000.parquet"
-    try:
-        return Path(hf_hub_download(repo_id=HF_REPO, repo_type="dataset", filename=filename))
-    except LocalEntryNotFoundError:  # raised for "offline" and for "could not connect" alike
-        raise PrepareError(f"cannot download {filename} from {HF_REPO}: the network is unreachable (or HF_HUB_OFFLINE "
-                           f"is set) and it is not in the cache; fetch it elsewhere and pass --input PATH")
-    except EntryNotFoundError:
-        raise PrepareError(f"{HF_REPO} has no file {filename}: check --dump {dump} and --shard {shard}")
-    except Exception as e:  # a download boundary: whatever went wrong, say it in one line with the way out
-        raise PrepareError(f"cannot download {filename} from {HF_REPO} ({type(e).__name__}: {first_line(e)}); "
-                           f"fetch it elsewhere and pass --input PATH")
-
+# finding the inputs: local parquet files
 
 def resolve_inputs(patterns):
     """The parquet files named by --input: files, globs and folders, each expanded in sorted order."""
@@ -109,12 +113,8 @@ def resolve_inputs(patterns):
     return paths
 
 
-def first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def describe_source(path, name=None):
-    """Check one input and describe it: name, size, mtime (the no-op check), rows, row groups."""
+def describe_parquet(path, name):
+    """Check one parquet file and describe what the tokenizer tasks need: rows, row groups, columns."""
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
@@ -127,11 +127,145 @@ def describe_source(path, name=None):
         raise PrepareError(f"{path}: column 'text' holds {text_type}, expected strings")
     if parquet.metadata.num_rows == 0:
         raise PrepareError(f"{path}: the parquet is empty (0 rows)")
-    stat = path.stat()
-    return {"name": name or str(path), "path": str(path), "size": stat.st_size, "mtime": stat.st_mtime,
-            "documents": parquet.metadata.num_rows,
+    return {"name": name, "path": str(path), "documents": parquet.metadata.num_rows,
             "row_group_rows": [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)],
             "has_token_count": "token_count" in columns}
+
+
+def local_source(path):
+    stat = path.stat()  # name, size and mtime identify it for the no-op check and for resuming
+    return {"name": str(path), "path": str(path), "size": stat.st_size, "mtime": stat.st_mtime}
+
+
+# -----------------------------------------------------------------------------
+# finding the inputs: FineWeb shards on the Hugging Face Hub
+
+def hub_folder(args):
+    """The folder of --repo that --dump or --subset names: data/<dump> or sample/<size>."""
+    if args.subset is None:
+        return "data/" + (args.dump or DEFAULT_DUMP)
+    if not args.subset.startswith("sample-"):
+        raise PrepareError(f"--subset {args.subset}: FineWeb's subsets are its samples, named like sample-10BT; "
+                           f"a dump is chosen with --dump")
+    return "sample/" + args.subset.removeprefix("sample-")
+
+
+def listing_cache_file(repo, folder):
+    from huggingface_hub import constants
+    return Path(constants.HF_HOME) / "fineweb-gpt" / "listings" / (f"{repo}/{folder}".replace("/", "--") + ".json")
+
+
+def list_shards(repo, folder):
+    """The .parquet files of one folder of a Hub dataset, sorted by name: [{path, size, blob_id}]. From
+    the Hub's listing API, kept in a cache so that the same command works offline later."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import EntryNotFoundError, RepositoryNotFoundError
+    cache = listing_cache_file(repo, folder)
+    try:
+        entries = list(HfApi().list_repo_tree(repo, path_in_repo=folder, repo_type="dataset"))
+    except RepositoryNotFoundError:
+        raise PrepareError(f"--repo {repo}: no such dataset on the Hugging Face Hub (or it needs a login)")
+    except EntryNotFoundError:  # the folder is not in the repo (404)
+        raise PrepareError(f"{repo} has no folder {folder}{some_valid_names(repo, folder)}")
+    except Exception as e:  # offline, unreachable, ...: a listing from an earlier run will do
+        if cache.exists():
+            return json.loads(cache.read_text())
+        raise PrepareError(f"cannot list {repo}/{folder} ({type(e).__name__}: {first_line(e)}) and no earlier run "
+                           f"cached its listing; run once with a network, or download the files and pass --input")
+    shards = sorted(({"path": e.path, "size": e.size, "blob_id": e.blob_id} for e in entries
+                     if e.path.endswith(".parquet") and hasattr(e, "size")), key=lambda shard: shard["path"])
+    if not shards:
+        raise PrepareError(f"{repo}/{folder} holds no .parquet files")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(cache, shards)
+    except OSError:
+        pass  # the cache only spares a later offline run the network; this run has what it needs
+    return shards
+
+
+def some_valid_names(repo, folder):
+    """'; valid --dump values include ...' from the Hub's listing of the parent folder, or '' offline."""
+    from huggingface_hub import HfApi
+    parent = folder.rsplit("/", 1)[0]
+    try:
+        names = sorted(e.path.rsplit("/", 1)[-1] for e in HfApi().list_repo_tree(repo, path_in_repo=parent,
+                                                                                 repo_type="dataset")
+                       if not hasattr(e, "size"))  # folders have no size
+    except Exception:  # the hint is a courtesy: without it the error still names the folder
+        return ""
+    option, prefix = ("--dump", "") if parent == "data" else ("--subset", "sample-")
+    shown = names if len(names) <= 6 else names[:3] + ["..."] + names[-3:]
+    return f"; valid {option} values ({len(names)}) include: {', '.join(prefix + n if n != '...' else n for n in shown)}"
+
+
+def select_shards(shards, first, last, where):
+    if last >= len(shards):
+        raise PrepareError(f"{where} has {len(shards)} files (shards 0-{len(shards) - 1}); "
+                           f"--shard/--shards asks for {first}-{last}")
+    return shards[first:last + 1]
+
+
+def hub_sources(args):
+    repo, folder = args.repo, hub_folder(args)
+    first, last = args.shards or (args.shard or 0, args.shard or 0)
+    shards = select_shards(list_shards(repo, folder), first, last, f"{repo}/{folder}")
+    return [{"name": f"hf://datasets/{repo}/{shard['path']}", "repo": repo, "remote": shard["path"],
+             "size": shard["size"], "blob_id": shard["blob_id"]} for shard in shards]
+
+
+def download_shard(source):
+    """The shard's local path, through huggingface_hub: its cache, its resume, its retries."""
+    from huggingface_hub import hf_hub_download  # imported here: only the download path needs it
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+    repo, filename = source["repo"], source["remote"]
+    try:
+        return Path(hf_hub_download(repo_id=repo, repo_type="dataset", filename=filename))
+    except LocalEntryNotFoundError:  # raised for "offline" and for "could not connect" alike
+        raise PrepareError(f"cannot download {filename} from {repo}: the network is unreachable (or HF_HUB_OFFLINE "
+                           f"is set) and it is not in the cache; fetch it elsewhere and pass --input PATH")
+    except EntryNotFoundError:
+        raise PrepareError(f"{repo} has no file {filename} any more: its listing is stale; run with a network")
+    except Exception as e:  # a download boundary: whatever went wrong, say it in one line with the way out
+        raise PrepareError(f"cannot download {filename} from {repo} ({type(e).__name__}: {first_line(e)}); "
+                           f"fetch it elsewhere and pass --input PATH")
+
+
+def delete_downloaded(path):
+    """A downloaded shard, gone from the Hugging Face cache: the snapshot link and the blob it points to."""
+    path.resolve().unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+
+
+# -----------------------------------------------------------------------------
+# finding the inputs: any dataset through the `datasets` package, streamed
+
+def dataset_source(args):
+    name = f"hf-datasets://{args.hf_dataset}" + "".join(f"/{part}" for part in (args.hf_config, args.hf_split) if part)
+    return {"name": name, "stream": True, "size": None, "data_files": args.hf_data_files}
+
+
+def stream_batches(args):
+    """Lists of up to STREAM_BATCH texts from --hf_dataset, streamed: nothing is downloaded in full."""
+    try:
+        import datasets
+    except ImportError:
+        raise PrepareError("--hf_dataset needs the `datasets` package: pip install datasets")
+    try:
+        dataset = datasets.load_dataset(args.hf_dataset, args.hf_config, split=args.hf_split, streaming=True,
+                                        data_files=args.hf_data_files)
+        for batch in dataset.iter(batch_size=STREAM_BATCH):
+            if args.text_column not in batch:
+                raise PrepareError(f"--hf_dataset {args.hf_dataset}: no column {args.text_column!r} (--text_column); "
+                                   f"it has: {', '.join(batch)}")
+            texts = batch[args.text_column]
+            if not all(text is None or isinstance(text, str) for text in texts):
+                raise PrepareError(f"--hf_dataset {args.hf_dataset}: column {args.text_column!r} does not hold strings")
+            yield texts
+    except PrepareError:
+        raise
+    except Exception as e:  # a download/parsing boundary: one line with what datasets said
+        raise PrepareError(f"--hf_dataset {args.hf_dataset}: cannot read it ({type(e).__name__}: {first_line(e)})")
 
 
 # -----------------------------------------------------------------------------
@@ -146,35 +280,36 @@ def splitmix64(x):
 
 
 def val_scores(seed, doc_indices):
-    """A score in [0, 1) per document that depends only on (seed, global document index)."""
+    """A score in [0, 1) per document that depends only on (seed, document index in its source)."""
     key = splitmix64(np.array([seed], dtype=np.uint64))
     mixed = splitmix64(np.asarray(doc_indices, dtype=np.uint64) ^ key)
     return (mixed >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
-def threshold_for_val_tokens(sources, seed, val_tokens):
+def threshold_for_val_tokens(described, seed, val_tokens):
     """The smallest threshold whose documents hold >= val_tokens tokens (FineWeb's token_count + 1 EOT each)."""
-    counts = []
-    for source in sources:
+    tokens_per_doc, scores = [], []
+    for source in described:
         if not source["has_token_count"]:
             raise PrepareError(f"{source['path']}: --val_tokens needs FineWeb's token_count column and this file "
                                f"has none; use --val_fraction")
         column = pq.read_table(source["path"], columns=["token_count"]).column("token_count")
-        counts.append(np.array([count or 0 for count in column.to_pylist()], dtype=np.int64))
-    tokens_per_doc = np.concatenate(counts) + 1
+        tokens_per_doc.append(np.array([count or 0 for count in column.to_pylist()], dtype=np.int64) + 1)
+        scores.append(val_scores(seed, np.arange(source["documents"])))
+    tokens_per_doc, scores = np.concatenate(tokens_per_doc), np.concatenate(scores)
     if val_tokens >= tokens_per_doc.sum():
         raise PrepareError(f"--val_tokens {val_tokens} must be below the input's {tokens_per_doc.sum()} tokens")
-    scores = val_scores(seed, np.arange(len(tokens_per_doc)))
     order = np.argsort(scores, kind="stable")
     last_val = np.searchsorted(np.cumsum(tokens_per_doc[order]), val_tokens)  # first position reaching val_tokens
     return float(np.nextafter(scores[order[last_val]], 1.0))
 
 
-def forced_val_doc(total_docs, seed, threshold):
-    """The last document's index when the rule picks no document (val must not be empty), else -1."""
-    picks_any = any((val_scores(seed, np.arange(start, min(start + 2**22, total_docs))) < threshold).any()
-                    for start in range(0, total_docs, 2**22))
-    return -1 if picks_any else total_docs - 1
+def no_document_qualifies(documents_per_source, seed, threshold):
+    """Whether the rule sends no document of any source to val (then the very last one goes there).
+    Scores depend on the index within a source only, so the longest source decides."""
+    longest = max(documents_per_source)
+    return not any((val_scores(seed, np.arange(start, min(start + 2**22, longest))) < threshold).any()
+                   for start in range(0, longest, 2**22))
 
 
 # -----------------------------------------------------------------------------
@@ -192,24 +327,33 @@ def to_uint16(ids):
     return ids.astype(TOKEN_DTYPE)
 
 
-def tokenize_row_group(task):
-    """One row group in; its documents' tokens out, already split into train and val."""
+def read_task_texts(task):
+    """A task's texts (a parquet row group, or a batch from a stream) and FineWeb's token_count summed
+    over the non-null ones (None without that column)."""
+    if "texts" in task:
+        return task["texts"], None
     columns = ["text", "token_count"] if task["has_token_count"] else ["text"]
     try:
         table = open_parquet(task["path"]).read_row_group(task["row_group"], columns=columns)
     except (pa.ArrowException, OSError) as e:
         raise PrepareError(f"{task['path']}: cannot read row group {task['row_group']} ({first_line(e)})")
     texts = table.column("text").to_pylist()
+    if not task["has_token_count"]:
+        return texts, None
+    counts = table.column("token_count").to_pylist()
+    return texts, sum(count or 0 for count, text in zip(counts, texts) if text is not None)
+
+
+def tokenize_task(task):
+    """One batch of documents in; their tokens out, already split into train and val."""
+    texts, token_count = read_task_texts(task)
     doc_index = task["first_doc"] + np.arange(len(texts))
     is_val = (val_scores(task["seed"], doc_index) < task["threshold"]) | (doc_index == task["forced_val_doc"])
     split_texts = {"train": [], "val": []}
     for text, to_val in zip(texts, is_val):
         if text is not None:
             split_texts["val" if to_val else "train"].append(text)
-    result = {"null_texts": texts.count(None), "token_count": None}
-    if task["has_token_count"]:
-        counts = table.column("token_count").to_pylist()
-        result["token_count"] = sum(count or 0 for count, text in zip(counts, texts) if text is not None)
+    result = {"rows": len(texts), "null_texts": texts.count(None), "token_count": token_count}
     for split, texts_of_split in split_texts.items():
         result[split] = to_uint16(encode_documents_flat(get_encoding(), texts_of_split))
         result[f"{split}_documents"] = len(texts_of_split)
@@ -217,53 +361,182 @@ def tokenize_row_group(task):
     return result
 
 
-def tokenize_in_order(tasks, workers):
-    """Each row group's result in input order, `workers` processes tokenizing ahead of the writer.
+def tokenize_in_order(tasks, pool, workers):
+    """Each task's result in input order, `workers` processes tokenizing ahead of the writer.
 
-    At most 2 * workers row groups are in flight, so memory stays bounded however long the input is."""
-    if workers == 1:  # no pool: one core gains nothing from it, and tests run faster in-process
-        yield from map(tokenize_row_group, tasks)
+    At most 2 * workers tasks are in flight, so memory stays bounded however long the input is."""
+    if pool is None:  # one worker: no pool, one core gains nothing from it and tests run faster in-process
+        yield from map(tokenize_task, tasks)
         return
-    # spawn, not fork: the same on Linux and macOS, and no forking of a process that holds threads
-    with mp.get_context("spawn").Pool(workers) as pool:
-        in_flight = deque()
-        for task in tasks:
-            in_flight.append(pool.apply_async(tokenize_row_group, (task,)))
-            if len(in_flight) >= 2 * workers:
-                yield in_flight.popleft().get()
-        while in_flight:
+    in_flight = deque()
+    for task in tasks:
+        in_flight.append(pool.apply_async(tokenize_task, (task,)))
+        if len(in_flight) >= 2 * workers:
             yield in_flight.popleft().get()
+    while in_flight:
+        yield in_flight.popleft().get()
+
+
+def row_group_tasks(described, seed, threshold, forced_val_doc):
+    first_doc = 0
+    for row_group, rows in enumerate(described["row_group_rows"]):
+        yield {"path": described["path"], "row_group": row_group, "first_doc": first_doc, "seed": seed,
+               "threshold": threshold, "forced_val_doc": forced_val_doc, "has_token_count": described["has_token_count"]}
+        first_doc += rows
+
+
+def stream_tasks(args, threshold):
+    first_doc = 0
+    for texts in stream_batches(args):
+        yield {"texts": texts, "first_doc": first_doc, "seed": args.seed, "threshold": threshold, "forced_val_doc": -1}
+        first_doc += len(texts)
+
+
+class Prefetch:
+    """One source's file made local in a background thread, so the next shard downloads while this one
+    is tokenized. A daemon thread: an error or Ctrl-C does not wait for a download to end."""
+
+    def __init__(self, source):
+        self.path, self.error, self.thread = None, None, None
+        if source.get("remote"):
+            self.thread = threading.Thread(target=self.download, args=(source,), daemon=True)
+            self.thread.start()
+        elif not source.get("stream"):
+            self.path = Path(source["path"])
+
+    def download(self, source):
+        try:
+            self.path = download_shard(source)
+        except Exception as e:  # raised in the main thread by wait()
+            self.error = e
+
+    def done(self):
+        return self.thread is None or not self.thread.is_alive()
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.path
 
 
 # -----------------------------------------------------------------------------
-# writing, checking, publishing
+# writing: the work folder, its manifest, one source after another
+
+def new_counts():
+    counts = {"rows": 0, "null_texts": 0, "token_count": 0}
+    for split in SPLITS:
+        counts.update({f"{split}_documents": 0, f"{split}_text_tokens": 0})
+    return counts
+
+
+def add_counts(total, more):
+    for key in total:  # token_count stays None once one batch had no such column
+        total[key] = None if None in (total[key], more[key]) else total[key] + more[key]
+
+
+def split_tokens(counts, split):
+    return counts[f"{split}_text_tokens"] + counts[f"{split}_documents"]  # one EOT per document
+
 
 def append_tokens(file, tokens):
     file.write(tokens.data)
 
 
-def write_splits(tasks, workers, tmp_paths, total_docs):
-    """Tokenize all row groups into the temporary bins; returns the counts."""
-    from tqdm import tqdm
-    counts = {"null_texts": 0, "token_count": 0}
-    for split in SPLITS:
-        counts.update({f"{split}_documents": 0, f"{split}_text_tokens": 0})
-    with open(tmp_paths["train"], "wb") as train_file, open(tmp_paths["val"], "wb") as val_file, \
-            tqdm(total=total_docs, unit="doc", unit_scale=True, disable=None, smoothing=0.1) as bar:
-        files = {"train": train_file, "val": val_file}
-        for result in tokenize_in_order(tasks, workers):
+def open_work(work_dir, request, force):
+    """The manifest of the unfinished run in work_dir if it was for this very request (then its bins are
+    cut back to what the manifest counts: a killed run may have written past it), else a fresh one."""
+    manifest_path = work_dir / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        sizes = {split: (work_dir / f"{split}.bin").stat().st_size for split in SPLITS}
+    except (OSError, ValueError):
+        manifest = None
+    if manifest and not force and manifest.get("request") == request:
+        done = new_counts()
+        for entry in manifest["done"]:
+            add_counts(done, entry)
+        if all(sizes[split] >= split_tokens(done, split) * TOKEN_BYTES for split in SPLITS):
             for split in SPLITS:
-                append_tokens(files[split], result[split])
-            for key in counts:
-                counts[key] = None if None in (counts[key], result[key]) else counts[key] + result[key]
-            bar.update(sum(result[f"{split}_documents"] for split in SPLITS) + result["null_texts"])
-            tokens = sum(counts[f"{split}_text_tokens"] + counts[f"{split}_documents"] for split in SPLITS)
-            bar.set_postfix_str(f"{tokens / max(bar.format_dict['elapsed'], 1e-9) / 1e6:.2f}M tok/s", refresh=False)
-        for file in files.values():
-            file.flush()
-            os.fsync(file.fileno())  # the rename must not publish data still only in the page cache
-    return counts
+                os.truncate(work_dir / f"{split}.bin", split_tokens(done, split) * TOKEN_BYTES)
+            print(f"continuing an unfinished run: {len(manifest['done'])} of {len(request['sources'])} source(s) "
+                  f"already done ({work_dir})")
+            return manifest
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir()
+    for split in SPLITS:
+        (work_dir / f"{split}.bin").touch()
+    manifest = {"request": request, "done": [], "threshold": None, "forced_last_doc": False}
+    write_json_atomically(manifest_path, manifest)
+    return manifest
 
+
+def tokenize_sources(sources, manifest, work_dir, args):
+    """Tokenize the sources the manifest does not list as done, appending to the work bins. The manifest
+    is rewritten after each source (bins fsynced first), so a killed run continues with the source it was in."""
+    from tqdm import tqdm
+    first = len(manifest["done"])
+    threshold, total = manifest["threshold"], new_counts()
+    for entry in manifest["done"]:
+        add_counts(total, entry)
+    tokens_before = sum(split_tokens(total, split) for split in SPLITS)  # a continued run's speed counts its own
+    prefetch = Prefetch(sources[first])
+    prefetch.wait()  # the first download in the foreground, with huggingface_hub's own progress bar
+    if any(source.get("remote") for source in sources):
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()  # later downloads run behind our bar, which shows their state
+    pool = mp.get_context("spawn").Pool(args.workers) if args.workers > 1 else None  # spawn: same on every OS
+    try:
+        with open(work_dir / "train.bin", "ab") as train_file, open(work_dir / "val.bin", "ab") as val_file, \
+                tqdm(unit="doc", unit_scale=True, disable=None, smoothing=0.1) as bar:
+            files, started = {"train": train_file, "val": val_file}, time.time()
+            for k in range(first, len(sources)):
+                path, source = prefetch.wait(), sources[k]
+                prefetch = Prefetch(sources[k + 1]) if k + 1 < len(sources) else None
+                if source.get("stream"):
+                    tasks = stream_tasks(args, threshold)
+                else:
+                    described = describe_parquet(path, source["name"])
+                    rows = [entry["rows"] for entry in manifest["done"]] + [described["documents"]]
+                    last_is_forced = k == len(sources) - 1 and no_document_qualifies(rows, args.seed, threshold)
+                    tasks = row_group_tasks(described, args.seed, threshold, rows[-1] - 1 if last_is_forced else -1)
+                    manifest["forced_last_doc"] = last_is_forced
+                counts, reached_max = new_counts(), False
+                for result in tokenize_in_order(tasks, pool, args.workers):
+                    for split in SPLITS:
+                        append_tokens(files[split], result[split])
+                    add_counts(counts, result)
+                    bar.update(result["rows"])
+                    done_tokens = sum(split_tokens(total, s) + split_tokens(counts, s) for s in SPLITS)
+                    status = f"{(done_tokens - tokens_before) / max(time.time() - started, 1e-9) / 1e6:.2f}M tok/s"
+                    if len(sources) > 1:
+                        status += f", source {k + 1}/{len(sources)}"
+                    if prefetch is not None and prefetch.thread is not None:
+                        status += ", next shard: " + ("downloaded" if prefetch.done() else "downloading")
+                    bar.set_postfix_str(status, refresh=False)
+                    if args.max_tokens and done_tokens >= args.max_tokens:
+                        reached_max = True
+                        break
+                for file in files.values():
+                    file.flush()
+                    os.fsync(file.fileno())  # the manifest must not count data still only in the page cache
+                manifest["done"].append({"name": source["name"], **counts})
+                add_counts(total, counts)
+                write_json_atomically(work_dir / "manifest.json", manifest)
+                if source.get("remote") and not args.keep_parquet:
+                    delete_downloaded(path)
+                if reached_max:
+                    break
+        manifest["complete"] = True
+        write_json_atomically(work_dir / "manifest.json", manifest)
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+# -----------------------------------------------------------------------------
+# checking and publishing
 
 def verify_split_file(path, documents, tokens):
     """Re-read a written bin: its size, exactly one EOT per document (encode_ordinary never emits EOT),
@@ -284,6 +557,63 @@ def verify_split_file(path, documents, tokens):
     return largest
 
 
+def check_both_splits_filled(total, names):
+    """Train and val each need a document; say what is wrong with the input when it cannot give them."""
+    documents = total["train_documents"] + total["val_documents"]
+    if documents == 0:
+        raise PrepareError(f"{names}: every text is null ({total['rows']:,} rows): there is nothing to tokenize")
+    if documents == 1:
+        raise PrepareError(f"{names}: the input holds a single document ({total['rows']:,} rows, "
+                           f"{total['null_texts']:,} null); a train and a val split need at least two")
+    for split in SPLITS:
+        if total[f"{split}_documents"] == 0:  # the rule put every document on one side: only its settings can fix it
+            raise PrepareError(f"the {split} split came out empty ({documents:,} documents); "
+                               f"change --val_fraction/--val_tokens")
+
+
+def publish(out_dir, work_dir, manifest, sources, args, seconds):
+    """Check the finished work bins, then move them into out_dir; meta.json last, as it marks them complete."""
+    total = new_counts()
+    for entry in manifest["done"]:
+        add_counts(total, entry)
+    try:
+        check_both_splits_filled(total, ", ".join(source["name"] for source in sources))
+    except PrepareError:
+        manifest["done"].clear()  # nothing worth keeping: the same command would fail the same way
+        raise
+    splits = {split: {"documents": total[f"{split}_documents"], "tokens": split_tokens(total, split),
+                      "file": f"{split}.bin"} for split in SPLITS}
+    for split in SPLITS:
+        splits[split]["max_token_id"] = verify_split_file(work_dir / f"{split}.bin", splits[split]["documents"],
+                                                          splits[split]["tokens"])
+    meta = make_meta(sources, manifest, splits, total, args, seconds)
+    write_json_atomically(work_dir / "meta.json", meta)  # before any move: a full disk fails here, work intact
+    for split in SPLITS:
+        os.replace(work_dir / f"{split}.bin", out_dir / f"{split}.bin")
+    os.replace(work_dir / "meta.json", out_dir / "meta.json")
+    shutil.rmtree(work_dir)
+    return meta
+
+
+def make_meta(sources, manifest, splits, total, args, seconds):
+    text_tokens = total["train_text_tokens"] + total["val_text_tokens"]
+    described = [{**{k: v for k, v in source.items() if k in ("name", "path", "size", "mtime", "blob_id", "data_files")},
+                  "documents": entry["rows"]} for source, entry in zip(sources, manifest["done"])]
+    request = manifest["request"]
+    val_request = {k: request[k] for k in ("seed", "val_fraction", "val_tokens") if k in request}
+    meta = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
+            "eot_placement": EOT_PLACEMENT, "dtype": np.dtype(TOKEN_DTYPE).name, "splits": splits,
+            "sources": described,
+            "val_split": {"rule": VAL_RULE, **val_request, "threshold": manifest["threshold"],
+                          "forced_last_doc": manifest["forced_last_doc"]},
+            "null_texts_skipped": total["null_texts"],
+            "token_count_diff": None if total["token_count"] is None else text_tokens - total["token_count"],
+            "workers": args.workers, "seconds": round(seconds, 2)}
+    if args.max_tokens:
+        meta["max_tokens"] = args.max_tokens
+    return meta
+
+
 def write_json_atomically(path, data):
     tmp_path = path.with_name(path.name + ".tmp")
     with open(tmp_path, "w") as f:
@@ -292,6 +622,9 @@ def write_json_atomically(path, data):
         os.fsync(f.fileno())
     os.replace(tmp_path, path)
 
+
+# -----------------------------------------------------------------------------
+# before any work: the output folder, its lock, the free space
 
 def check_writable(out_dir):
     try:
@@ -334,12 +667,48 @@ def release_lock(out_dir, lock_file):
         lock_file.close()
 
 
-def matches_request(meta, sources, val_split):
-    """Whether meta.json came from these very inputs and split settings (then a rerun is a no-op)."""
-    def key(source):
-        return source["name"], source["size"], source["mtime"]
-    return ([key(s) for s in meta.get("sources", [])] == [key(s) for s in sources]
-            and all(meta.get("val_split", {}).get(k) == v for k, v in val_split.items()))
+def existing_parent(path):
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_free_space(out_dir, sources, first_todo, keep_parquet):
+    """Refuse before any work when the bins, and the shards still to download, will not fit on their disks."""
+    todo = sources[first_todo:]
+    if any(source["size"] is None for source in todo):
+        return  # a stream: its size is unknown until it is read
+    needs = [(out_dir, "train.bin/val.bin", sum(source["size"] for source in todo) * BIN_BYTES_PER_PARQUET_BYTE)]
+    downloads = [source["size"] for source in todo if source.get("remote") and not is_downloaded(source)]
+    if downloads:
+        from huggingface_hub import constants
+        needs.append((Path(constants.HF_HUB_CACHE), "the parquet downloads",
+                      sum(downloads) if keep_parquet else sum(sorted(downloads)[-2:])))  # without: two at a time
+    by_disk = {}
+    for folder, what, size in needs:
+        folder = existing_parent(folder)
+        disk = by_disk.setdefault(folder.stat().st_dev, {"folder": folder, "what": [], "bytes": 0})
+        disk["what"].append(what)
+        disk["bytes"] += size
+    for disk in by_disk.values():
+        free = shutil.disk_usage(disk["folder"]).free
+        if disk["bytes"] > free:
+            hint = "; --keep_parquet False keeps two shards at a time" if downloads and keep_parquet else ""
+            raise PrepareError(f"{disk['folder']}: {' and '.join(disk['what'])} need about {disk['bytes'] / 1e9:.1f} GB "
+                               f"and its disk has {free / 1e9:.1f} GB free; free some space or choose another "
+                               f"--out_dir{hint}")
+
+
+def is_downloaded(source):
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(source["repo"], source["remote"], repo_type="dataset"), str)
+
+
+def load_tokenizer():
+    try:
+        get_encoding()  # here, before any work: workers would hit the same failure, dressed as another
+    except TokenizerUnavailable as e:
+        raise PrepareError(str(e))
 
 
 # -----------------------------------------------------------------------------
@@ -349,11 +718,35 @@ def parse_args(argv):
         def error(self, message):
             fail(f"{message} (see --help)")
 
+    def shard_range(text):
+        first, _, last = text.partition("-")
+        if not (first.isdigit() and last.isdigit() and int(first) <= int(last)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a range A-B of shard numbers with A <= B")
+        return int(first), int(last)
+
+    def yes_no(text):
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise argparse.ArgumentTypeError(f"{text!r}: allowed are True or False")
+        return text.lower() in ("true", "1", "yes")
+
     parser = OneLineErrors(description="FineWeb parquet -> train.bin, val.bin (uint16 GPT-2 tokens), meta.json")
     parser.add_argument("--input", nargs="+", metavar="PATH",
                         help="local parquet: a file, a glob or a folder (several: processed in order into one pair)")
-    parser.add_argument("--dump", help=f"FineWeb dump to download (default {DEFAULT_DUMP})")
-    parser.add_argument("--shard", type=int, help="file index in the dump: data/{dump}/{shard:03d}_00000.parquet (default 0)")
+    parser.add_argument("--repo", default=HF_REPO, help=f"Hub dataset to download from (default {HF_REPO})")
+    parser.add_argument("--dump", help=f"a dump of --repo, i.e. its folder data/<dump> (default {DEFAULT_DUMP})")
+    parser.add_argument("--subset", help="a sample folder of --repo instead, e.g. sample-10BT (sample/10BT)")
+    parser.add_argument("--shard", type=int, help="the N-th file of the folder, sorted by name (default 0)")
+    parser.add_argument("--shards", type=shard_range, metavar="A-B", help="files A to B of the folder, inclusive")
+    parser.add_argument("--keep_parquet", type=yes_no, default=True, metavar="True|False",
+                        help="keep downloaded shards in the Hugging Face cache (False: delete each once tokenized)")
+    parser.add_argument("--hf_dataset", metavar="NAME", help="any Hugging Face text dataset, streamed by `datasets`")
+    parser.add_argument("--hf_config", help="its configuration (datasets' `name`)")
+    parser.add_argument("--hf_split", default="train", help="its split to read (default train)")
+    parser.add_argument("--hf_data_files", nargs="+", metavar="PATH", help="data_files passed to datasets.load_dataset")
+    parser.add_argument("--text_column", default="text", help="the column holding the text (default text)")
+    parser.add_argument("--max_tokens", type=int, help="stop after the batch that reaches this many tokens")
+    parser.add_argument("--adopt", type=Path, metavar="DIR",
+                        help="train.bin/val.bin written by another tool: check them and write their meta.json")
     parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT_DIR, help="where the bins go (default: this folder)")
     val_size = parser.add_mutually_exclusive_group()
     val_size.add_argument("--val_fraction", type=float, help="expected fraction of documents in val (default 0.005)")
@@ -363,38 +756,68 @@ def parse_args(argv):
                         else os.cpu_count(), help="tokenizer processes (default: every core)")
     parser.add_argument("--force", action="store_true", help="redo even if the outputs match the inputs")
     args = parser.parse_args(argv)
-    if args.input and (args.dump is not None or args.shard is not None):
-        parser.error("--input and --dump/--shard are alternatives: give one")
+    hub_options = [f"--{k}" for k in ("dump", "subset", "shard", "shards") if getattr(args, k) is not None]
+    hub_options += ["--repo"] if args.repo != HF_REPO else []
+    chosen = [name for name, given in (("--input", args.input), (" ".join(hub_options), hub_options),
+                                       ("--hf_dataset", args.hf_dataset), ("--adopt", args.adopt)) if given]
+    if len(chosen) > 1:
+        parser.error(f"{' and '.join(chosen)} are alternatives: give one")
+    if args.dump is not None and args.subset is not None:
+        parser.error("--dump and --subset are alternatives: a dump's files or a sample's")
+    if args.shard is not None and args.shards is not None:
+        parser.error("--shard and --shards are alternatives: give one")
+    if args.hf_dataset is None and (args.hf_config or args.hf_data_files or args.hf_split != "train"
+                                    or args.text_column != "text"):
+        parser.error("--hf_config, --hf_split, --hf_data_files and --text_column go with --hf_dataset")
+    if args.hf_dataset and args.val_tokens is not None:
+        parser.error("--val_tokens needs FineWeb's token_count column, which a stream does not give; use --val_fraction")
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         parser.error(f"--val_fraction {args.val_fraction}: must be between 0 and 1 (exclusive)")
     if args.val_tokens is not None and args.val_tokens < 1:
         parser.error(f"--val_tokens {args.val_tokens}: must be at least 1")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        parser.error(f"--max_tokens {args.max_tokens}: must be at least 1")
     if not 0 <= args.seed < 2**64:
         parser.error(f"--seed {args.seed}: must be between 0 and 2**64 - 1")
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: must be at least 1")
-    if args.shard is not None and not 0 <= args.shard <= 999:
-        parser.error(f"--shard {args.shard}: must be between 0 and 999")
+    if args.shard is not None and args.shard < 0:
+        parser.error(f"--shard {args.shard}: must be 0 or more")
     if args.val_fraction is None and args.val_tokens is None:
         args.val_fraction = 0.005
     return args
 
 
 def find_sources(args):
+    """What to read, before any work: local files (checked now), Hub shards (listed now, downloaded as
+    they come), or a `datasets` stream."""
     if args.input:
-        return [describe_source(path) for path in resolve_inputs(args.input)]
-    dump, shard = args.dump or DEFAULT_DUMP, args.shard or 0
-    path = download_shard(dump, shard)
-    return [describe_source(path, name=f"hf://datasets/{HF_REPO}/data/{dump}/{shard:03d}_00000.parquet")]
+        return [local_source(path) for path in resolve_inputs(args.input)]
+    if args.hf_dataset:
+        return [dataset_source(args)]
+    return hub_sources(args)
 
 
-def row_group_tasks(sources, seed, threshold, forced_val):
-    first_doc = 0
-    for source in sources:
-        for row_group, rows in enumerate(source["row_group_rows"]):
-            yield {"path": source["path"], "row_group": row_group, "first_doc": first_doc, "seed": seed,
-                   "threshold": threshold, "forced_val_doc": forced_val, "has_token_count": source["has_token_count"]}
-            first_doc += rows
+def identity(source):
+    """What makes a source the same input again: for the no-op check and for continuing a killed run."""
+    return {k: source.get(k) for k in ("name", "size", "mtime", "blob_id")}
+
+
+def val_request(args):
+    return {"seed": args.seed, **({"val_tokens": args.val_tokens} if args.val_tokens else {"val_fraction": args.val_fraction})}
+
+
+def already_done(out_dir, sources, request):
+    """meta.json of an earlier run from these very sources and settings, else None (a stream is never the same)."""
+    try:
+        meta = read_dataset_meta(out_dir)
+    except (FileNotFoundError, ValueError):
+        return None
+    same_sources = [identity(s) for s in meta.get("sources", [])] == [identity(s) for s in sources]
+    same_split = all((meta.get("val_split") or {}).get(k) == v for k, v in val_request(request).items())
+    if same_sources and same_split and meta.get("max_tokens") == request.max_tokens and not request.hf_dataset:
+        return meta
+    return None
 
 
 def prepare(args):
@@ -409,68 +832,49 @@ def prepare(args):
 
 def prepare_locked(args, out_dir):
     t0 = time.time()
+    load_tokenizer()
     sources = find_sources(args)
-    val_request = {"seed": args.seed}
-    val_request.update({"val_tokens": args.val_tokens} if args.val_tokens else {"val_fraction": args.val_fraction})
-    if not args.force:
-        try:
-            meta = read_dataset_meta(out_dir)
-        except (FileNotFoundError, ValueError):
-            meta = None
-        if meta and matches_request(meta, sources, val_request):
-            print(f"{out_dir}: train.bin and val.bin already hold these inputs "
-                  f"({meta['splits']['train']['tokens']:,} + {meta['splits']['val']['tokens']:,} tokens); "
-                  f"nothing to do (--force redoes it)")
-            return meta
+    for source in sources:
+        if "path" in source:
+            describe_parquet(Path(source["path"]), source["name"])  # a bad local input fails before any work
+    meta = None if args.force else already_done(out_dir, sources, args)
+    if meta:
+        print(f"{out_dir}: train.bin and val.bin already hold these inputs ({meta['splits']['train']['tokens']:,} + "
+              f"{meta['splits']['val']['tokens']:,} tokens); nothing to do (--force redoes it)")
+        return meta
 
-    total_docs = sum(source["documents"] for source in sources)
-    threshold = args.val_fraction or threshold_for_val_tokens(sources, args.seed, args.val_tokens)
-    forced_val = forced_val_doc(total_docs, args.seed, threshold)
-    row_groups = sum(len(source["row_group_rows"]) for source in sources)
-    print(f"tokenizing {len(sources)} file(s), {total_docs:,} documents in {row_groups} row groups "
-          f"with {args.workers} worker(s) -> {out_dir}")
-
+    request = json.loads(json.dumps({"sources": [identity(s) for s in sources], **val_request(args),
+                                     "max_tokens": args.max_tokens}))  # as it reads back from the manifest
+    work_dir = out_dir / WORK_NAME
     # from here on the old outputs are invalid: without meta.json no reader accepts the bins
     for name in ("meta.json", "train.bin", "val.bin"):
         (out_dir / name).unlink(missing_ok=True)
-    tmp_paths = {split: out_dir / f"{split}.bin.tmp" for split in SPLITS}
-    complete = False
+    manifest = None
     try:
-        counts = write_splits(row_group_tasks(sources, args.seed, threshold, forced_val), args.workers,
-                              tmp_paths, total_docs)
-        splits = {split: {"documents": counts[f"{split}_documents"],
-                          "tokens": counts[f"{split}_text_tokens"] + counts[f"{split}_documents"],
-                          "file": f"{split}.bin"} for split in SPLITS}
-        for split in SPLITS:
-            if splits[split]["documents"] == 0:  # only possible with null texts or a val_fraction near 1
-                raise PrepareError(f"the {split} split came out empty; change --val_fraction/--val_tokens")
-            splits[split]["max_token_id"] = verify_split_file(tmp_paths[split], splits[split]["documents"],
-                                                              splits[split]["tokens"])
-        meta = make_meta(sources, splits, counts, val_request, threshold, forced_val, args.workers, time.time() - t0)
-        for split in SPLITS:
-            os.replace(tmp_paths[split], out_dir / f"{split}.bin")
-        write_json_atomically(out_dir / "meta.json", meta)  # last: it marks the bins as complete
-        complete = True
+        manifest = open_work(work_dir, request, args.force)
+        if not manifest.get("complete"):
+            check_free_space(out_dir, sources, len(manifest["done"]), args.keep_parquet)
+            if manifest["threshold"] is None:
+                manifest["threshold"] = args.val_fraction or threshold_for_val_tokens(
+                    [describe_parquet(Prefetch(s).wait(), s["name"]) for s in sources], args.seed, args.val_tokens)
+            print(f"tokenizing {len(sources)} source(s) with {args.workers} worker(s) -> {out_dir}")
+            tokenize_sources(sources, manifest, work_dir, args)
+        meta = publish(out_dir, work_dir, manifest, sources, args, time.time() - t0)
     except OSError as e:
-        raise PrepareError(f"{out_dir}: writing failed ({e.strerror or e}); partial outputs removed")
-    finally:
-        unfinished = [out_dir / "meta.json.tmp", *tmp_paths.values()]
-        unfinished += [] if complete else [out_dir / f"{split}.bin" for split in SPLITS]
-        for path in unfinished:
-            path.unlink(missing_ok=True)
+        raise PrepareError(f"{out_dir}: writing failed ({e.strerror or e}); {give_up(work_dir, manifest)}")
+    except PrepareError as e:
+        raise PrepareError(f"{e}; {give_up(work_dir, manifest)}")
     print_summary(meta, out_dir)
     return meta
 
 
-def make_meta(sources, splits, counts, val_request, threshold, forced_val, workers, seconds):
-    text_tokens = counts["train_text_tokens"] + counts["val_text_tokens"]
-    return {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
-            "eot_placement": EOT_PLACEMENT, "dtype": np.dtype(TOKEN_DTYPE).name, "splits": splits,
-            "sources": [{k: s[k] for k in ("name", "path", "size", "mtime", "documents")} for s in sources],
-            "val_split": {"rule": VAL_RULE, **val_request, "threshold": threshold, "forced_last_doc": forced_val >= 0},
-            "null_texts_skipped": counts["null_texts"],
-            "token_count_diff": None if counts["token_count"] is None else text_tokens - counts["token_count"],
-            "workers": workers, "seconds": round(seconds, 2)}
+def give_up(work_dir, manifest):
+    """After an error: keep the finished sources for the next run to continue from, or remove the work."""
+    if manifest and manifest["done"]:
+        return (f"the {len(manifest['done'])} finished source(s) are kept in {work_dir}: the same command "
+                f"continues from there")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return "partial outputs removed"
 
 
 def print_summary(meta, out_dir):
@@ -486,9 +890,54 @@ def print_summary(meta, out_dir):
           f"meta: {out_dir / 'meta.json'}")
 
 
+# -----------------------------------------------------------------------------
+# bins from another tool
+
+ADOPTED_NOTE = ("train.bin and val.bin were written by another tool; prepare.py --adopt checked that they are "
+                "uint16 ids all below GPT-2's vocabulary. Not known, so not recorded: the document count, the split "
+                "rule, where EOT tokens go, and whether the ids are really GPT-2's (another tokenizer with a "
+                "vocabulary this small would pass)")
+
+
+def adopt(data_dir):
+    """meta.json for train.bin / val.bin written by another tool (e.g. nanoGPT's prepare scripts): check
+    that they hold uint16 ids below GPT-2's vocabulary, record what can be known, say what cannot."""
+    if (data_dir / "meta.json").exists():
+        raise PrepareError(f"{data_dir / 'meta.json'} exists already: --adopt is for bins without one "
+                           f"(delete it to adopt the bins as they are)")
+    splits = {}
+    for split in SPLITS:
+        path = data_dir / f"{split}.bin"
+        if not path.is_file():
+            raise PrepareError(f"{path}: no such file; --adopt needs train.bin and val.bin")
+        size = path.stat().st_size
+        if size == 0 or size % TOKEN_BYTES:
+            raise PrepareError(f"{path}: {size} bytes, not a non-empty file of uint16 tokens")
+        largest = max_token_id(path)
+        if largest >= VOCAB_SIZE:
+            raise PrepareError(f"{path} holds token id {largest}, not below GPT-2's vocabulary of {VOCAB_SIZE}: "
+                               f"not GPT-2 tokens in uint16; cannot adopt it")
+        splits[split] = {"documents": None, "tokens": size // TOKEN_BYTES, "file": path.name, "max_token_id": largest}
+    meta = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN, "eot_placement": "unknown",
+            "dtype": np.dtype(TOKEN_DTYPE).name, "splits": splits, "sources": [], "val_split": None,
+            "adopted": ADOPTED_NOTE}
+    write_json_atomically(data_dir / "meta.json", meta)
+    print(f"{data_dir / 'meta.json'}: train {splits['train']['tokens']:,} tokens, val {splits['val']['tokens']:,} "
+          f"tokens, every id below {VOCAB_SIZE}; not known (not recorded): document count, split rule, EOT placement")
+    return meta
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.adopt:
+            data_dir = args.adopt.resolve()
+            check_writable(data_dir)
+            lock = lock_out_dir(data_dir)
+            try:
+                return adopt(data_dir)
+            finally:
+                release_lock(data_dir, lock)
         return prepare(args)
     except PrepareError as e:
         fail(str(e))
