@@ -316,6 +316,18 @@ def test_unreachable_network_points_to_input(tmp_path):
     assert not list((tmp_path / "out").iterdir())
 
 
+def test_missing_tokenizer_files_name_the_download_and_the_cache_variable(tmp_path):
+    # no cached BPE files, and a proxy that refuses every connection: the download fails at once, online or not
+    source = write_parquet(tmp_path / "docs.parquet", TRICKY_DOCS)
+    env = {"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"), "HTTPS_PROXY": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9"}
+    proc = run_script(PREPARE, "--input", source, "--out_dir", tmp_path / "out", check=False, env=env)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "cannot load the gpt2 tokenizer: tiktoken downloads its BPE files" in proc.stderr
+    assert "set TIKTOKEN_CACHE_DIR" in proc.stderr and "writing failed" not in proc.stderr
+    assert not list((tmp_path / "out").iterdir())
+
+
 def test_rerun_is_a_no_op_and_force_redoes(tmp_path, capsys):
     source = write_parquet(tmp_path / "docs.parquet", TRICKY_DOCS)
     run(tmp_path, "--input", source)
