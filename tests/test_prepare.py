@@ -328,6 +328,30 @@ def test_missing_tokenizer_files_name_the_download_and_the_cache_variable(tmp_pa
     assert not list((tmp_path / "out").iterdir())
 
 
+def test_a_datasets_stream_gives_the_same_bins_as_the_parquet_path(tmp_path, small_corpus):
+    pytest.importorskip("datasets")
+    by_datasets = run(tmp_path, "--hf_dataset", "parquet", "--hf_data_files", small_corpus, "--out_dir", tmp_path / "d")
+    by_pyarrow = run(tmp_path, "--input", small_corpus, "--out_dir", tmp_path / "p")
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "d" / name).read_bytes() == (tmp_path / "p" / name).read_bytes()
+    assert by_datasets["splits"] == by_pyarrow["splits"]
+    assert by_datasets["sources"][0]["name"] == "hf-datasets://parquet/train"
+
+
+def test_max_tokens_stops_after_the_batch_that_reaches_it(tmp_path):
+    texts = synthetic_texts(100)
+    source = write_parquet(tmp_path / "docs.parquet", texts, row_group_size=10)
+    full = run(tmp_path, "--input", source, "--val_fraction", 0.1, "--out_dir", tmp_path / "full")
+    cut = run(tmp_path, "--input", source, "--val_fraction", 0.1, "--max_tokens", 3000, "--out_dir", tmp_path / "cut")
+    tokens = sum(split["tokens"] for split in cut["splits"].values())
+    per_row_group = sum(len(ENC.encode_ordinary(t)) + 1 for t in texts[:10])
+    assert 3000 <= tokens < 3000 + 2 * per_row_group and cut["max_tokens"] == 3000
+    assert cut["sources"][0]["documents"] % 10 == 0 < cut["sources"][0]["documents"] < 100
+    for name in ("train.bin", "val.bin"):  # the first row groups of the full run, exactly
+        assert (tmp_path / "full" / name).read_bytes().startswith((tmp_path / "cut" / name).read_bytes())
+    assert sum(split["tokens"] for split in full["splits"].values()) > tokens
+
+
 def test_rerun_is_a_no_op_and_force_redoes(tmp_path, capsys):
     source = write_parquet(tmp_path / "docs.parquet", TRICKY_DOCS)
     run(tmp_path, "--input", source)
