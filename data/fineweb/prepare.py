@@ -807,15 +807,15 @@ def val_request(args):
     return {"seed": args.seed, **({"val_tokens": args.val_tokens} if args.val_tokens else {"val_fraction": args.val_fraction})}
 
 
-def already_done(out_dir, sources, request):
+def already_done(out_dir, sources, args):
     """meta.json of an earlier run from these very sources and settings, else None (a stream is never the same)."""
     try:
         meta = read_dataset_meta(out_dir)
     except (FileNotFoundError, ValueError):
         return None
     same_sources = [identity(s) for s in meta.get("sources", [])] == [identity(s) for s in sources]
-    same_split = all((meta.get("val_split") or {}).get(k) == v for k, v in val_request(request).items())
-    if same_sources and same_split and meta.get("max_tokens") == request.max_tokens and not request.hf_dataset:
+    same_split = all((meta.get("val_split") or {}).get(k) == v for k, v in val_request(args).items())
+    if same_sources and same_split and meta.get("max_tokens") == args.max_tokens and not args.hf_dataset:
         return meta
     return None
 
