@@ -301,10 +301,13 @@ def test_keep_parquet_false_deletes_each_shard_once_tokenized(tmp_path, fake_hub
 def test_not_enough_disk_space_is_refused_before_any_download(tmp_path, fake_hub, monkeypatch, capsys):
     from collections import namedtuple
     usage = namedtuple("usage", "total used free")
+    run(tmp_path, "--val_fraction", 0.2)
+    fake_hub.downloads.clear()
     monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 5000, 5000))
     line = fails_with(capsys, "--out_dir", tmp_path / "out", "--shards", "0-2")
     assert "train.bin/val.bin and the parquet downloads need about 0.0 GB and its disk has 0.0 GB free" in line
     assert fake_hub.downloads == []
+    assert_bins_hold(tmp_path / "out", fake_hub.texts["a"])  # the earlier run's bins, untouched
 
 
 def test_unreachable_network_points_to_input(tmp_path):
@@ -374,6 +377,7 @@ def test_sigkill_mid_run_leaves_nothing_accepted_and_rerun_continues(tmp_path):
     sources = [write_parquet(tmp_path / f"{k}.parquet", texts[k], row_group_size=100, token_count=False) for k in range(4)]
     out_dir, work = tmp_path / "out", tmp_path / "out" / "prepare.work"
     args = [sys.executable, str(PREPARE), "--input", *map(str, sources), "--out_dir", str(out_dir), "--workers", "2"]
+    done_at_kill = 0
     for finished_sources in (0, 1, 2):
         proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         deadline = time.time() + 120
@@ -384,11 +388,14 @@ def test_sigkill_mid_run_leaves_nothing_accepted_and_rerun_continues(tmp_path):
         assert proc.poll() is None, "prepare.py finished before it could be killed: make the input bigger"
         os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the worker processes too
         output = proc.communicate()[0]
-        assert ("continuing an unfinished run" in output) == (finished_sources > 0)
+        assert ("continuing an unfinished run" in output) == (done_at_kill > 0)  # the previous kill's work
+        assert f"{done_at_kill} of 4 source(s) already done" in output or done_at_kill == 0
+        done_at_kill = len(json.loads((work / "manifest.json").read_text())["done"])
         with pytest.raises(FileNotFoundError):
             prepare.read_dataset_meta(out_dir)
+    assert done_at_kill >= 2
     finished = run_script(*args[1:]).stdout
-    assert "continuing an unfinished run: 2 of 4 source(s) already done" in finished
+    assert f"continuing an unfinished run: {done_at_kill} of 4 source(s) already done" in finished
     assert_bins_hold(out_dir, *texts)
     assert sorted(p.name for p in out_dir.iterdir()) == ["meta.json", "train.bin", "val.bin"]
     run_script(*args[1:-4], "--out_dir", tmp_path / "uninterrupted", "--workers", "2")

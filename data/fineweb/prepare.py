@@ -243,8 +243,9 @@ def open_work(work_dir, request, force):
         if all(sizes[split] >= split_tokens(done, split) * TOKEN_BYTES for split in SPLITS):
             for split in SPLITS:
                 os.truncate(work_dir / f"{split}.bin", split_tokens(done, split) * TOKEN_BYTES)
-            print(f"continuing an unfinished run: {len(manifest['done'])} of {len(request['sources'])} source(s) "
-                  f"already done ({work_dir})")
+            if manifest["done"]:
+                print(f"continuing an unfinished run: {len(manifest['done'])} of {len(request['sources'])} "
+                      f"source(s) already done ({work_dir})")
             return manifest
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir()
@@ -481,7 +482,9 @@ def check_free_space(out_dir, sources, first_todo, keep_parquet):
         from huggingface_hub import constants
         needs.append((Path(constants.HF_HUB_CACHE), "the parquet downloads",
                       sum(downloads) if keep_parquet else sum(sorted(downloads)[-2:])))  # without: two at a time
-    by_disk = {}
+    old_bins = [out_dir / f"{split}.bin" for split in SPLITS if (out_dir / f"{split}.bin").exists()]
+    freed = sum(path.stat().st_size for path in old_bins)  # this run replaces them
+    by_disk = {out_dir.stat().st_dev: {"folder": out_dir, "what": [], "bytes": -freed}}
     for folder, what, size in needs:
         folder = existing_parent(folder)
         disk = by_disk.setdefault(folder.stat().st_dev, {"folder": folder, "what": [], "bytes": 0})
@@ -494,13 +497,6 @@ def check_free_space(out_dir, sources, first_todo, keep_parquet):
             raise PrepareError(f"{disk['folder']}: {' and '.join(disk['what'])} need about {disk['bytes'] / 1e9:.1f} GB "
                                f"and its disk has {free / 1e9:.1f} GB free; free some space or choose another "
                                f"--out_dir{hint}")
-
-
-def load_tokenizer():
-    try:
-        get_encoding()  # here, before any work: workers would hit the same failure, dressed as another
-    except TokenizerUnavailable as e:
-        raise PrepareError(str(e))
 
 
 # -----------------------------------------------------------------------------
@@ -624,7 +620,6 @@ def prepare(args):
 
 def prepare_locked(args, out_dir):
     t0 = time.time()
-    load_tokenizer()
     sources = find_sources(args)
     for source in sources:
         if "path" in source:
@@ -637,15 +632,15 @@ def prepare_locked(args, out_dir):
 
     request = json.loads(json.dumps({"sources": [identity(s) for s in sources], **val_request(args),
                                      "max_tokens": args.max_tokens}))  # as it reads back from the manifest
-    work_dir = out_dir / WORK_NAME
-    # from here on the old outputs are invalid: without meta.json no reader accepts the bins
-    for name in ("meta.json", "train.bin", "val.bin"):
-        (out_dir / name).unlink(missing_ok=True)
-    manifest = None
+    work_dir, manifest = out_dir / WORK_NAME, None
     try:
         manifest = open_work(work_dir, request, args.force)
         if not manifest.get("complete"):
             check_free_space(out_dir, sources, len(manifest["done"]), args.keep_parquet)
+        # from here on the old outputs are invalid: without meta.json no reader accepts the bins
+        for name in ("meta.json", "train.bin", "val.bin"):
+            (out_dir / name).unlink(missing_ok=True)
+        if not manifest.get("complete"):
             if manifest["threshold"] is None:
                 manifest["threshold"] = args.val_fraction or threshold_for_val_tokens(
                     [describe_parquet(Prefetch(s).wait(), s["name"]) for s in sources], args.seed, args.val_tokens)
@@ -654,7 +649,7 @@ def prepare_locked(args, out_dir):
         meta = publish(out_dir, work_dir, manifest, sources, args, time.time() - t0)
     except OSError as e:
         raise PrepareError(f"{out_dir}: writing failed ({e.strerror or e}); {give_up(work_dir, manifest)}")
-    except PrepareError as e:
+    except (PrepareError, TokenizerUnavailable) as e:  # the latter from the first batch, in whichever process
         raise PrepareError(f"{e}; {give_up(work_dir, manifest)}")
     print_summary(meta, out_dir)
     return meta
