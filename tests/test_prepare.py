@@ -369,6 +369,7 @@ def test_rerun_is_a_no_op_and_force_redoes(tmp_path, capsys):
     assert "nothing to do" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_leaves_nothing_accepted_and_rerun_continues(tmp_path):
     """Killed at several points of a four-source run (while the first source is written, after one and after
     two finished sources): nothing train.py accepts; each next run continues where the manifest says and the

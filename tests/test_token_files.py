@@ -83,6 +83,7 @@ def test_a_bin_past_4_gib_is_read_at_its_far_end(sparse_dataset, monkeypatch):
     assert x[0, :4].tolist() == [0, 0, 1000, 1001] and y[0, :3].tolist() == [0, 1000, 1001]
 
 
+@pytest.mark.slow  # reads 4 GiB (of holes): seconds
 def test_the_id_check_reads_past_4_gib(sparse_dataset):
     with open(sparse_dataset / "train.bin", "r+b") as f:
         f.seek((BIG - 3) * 2)
