@@ -35,8 +35,9 @@ def get_encoding():
     except Exception as e:  # a download boundary (requests' errors and others): one line with the way out
         raise TokenizerUnavailable(
             f"cannot load the {ENCODING_NAME} tokenizer: tiktoken downloads its BPE files (vocab.bpe, encoder.json "
-            f"from openaipublic.blob.core.windows.net) on first use and that failed ({type(e).__name__}); without "
-            f"a network, copy a tiktoken cache folder from a machine that has one and set TIKTOKEN_CACHE_DIR to it") from e
+            f"from openaipublic.blob.core.windows.net) on first use and that failed ({type(e).__name__}); "
+            f"without a network, copy a tiktoken cache folder from a machine that has one and set "
+            f"TIKTOKEN_CACHE_DIR to it") from e
 
 
 def encode_documents(enc, texts, num_threads=8):

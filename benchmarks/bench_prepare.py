@@ -184,8 +184,9 @@ def main():
         label = {"datasets": "through datasets", str(args.compare_with): f"{args.compare_with}, 1 input"}.get(
             how, f"{how} input(s)")
         print(f"\n{label}:")
+        own_clock = tokens / run["meta"]["seconds"] / 1e6
         print(f"  end-to-end:     {end_to_end / 1e6:6.2f} M tokens/s  ({tokens:,} tokens in {run['seconds']:.1f} s "
-              f"wall, interpreter start included; by prepare.py's own clock {tokens / run['meta']['seconds'] / 1e6:.2f})")
+              f"wall, interpreter start included; by prepare.py's own clock {own_clock:.2f})")
         print(f"  ratio:          {end_to_end / tokenizer_only:6.2f}")
         print(f"  CPU per token:  {run['cpu_seconds'] / tokens * 1e9:6.0f} ns end-to-end, "
               f"{tokenizer_cpu_per_token * 1e9:.0f} ns tokenizer-only: ratio "

@@ -169,7 +169,8 @@ def test_val_tokens_takes_the_fewest_documents_in_score_order(tmp_path):
 
 def test_val_tokens_needs_token_count(tmp_path, capsys):
     source = write_parquet(tmp_path / "plain.parquet", ["a", "b"], token_count=False)
-    assert "token_count column" in fails_with(capsys, "--input", source, "--out_dir", tmp_path / "out", "--val_tokens", 1)
+    line = fails_with(capsys, "--input", source, "--out_dir", tmp_path / "out", "--val_tokens", 1)
+    assert "token_count column" in line
 
 
 def test_several_inputs_glob_and_folder_in_order(tmp_path):
@@ -219,7 +220,8 @@ def fake_hub(tmp_path, monkeypatch):
     """Three shards of one FineWeb dump, a sample folder, FineWeb-Edu's sample; the listing cache in tmp_path."""
     import huggingface_hub
     texts = {name: synthetic_texts(40, seed=k) for k, name in enumerate(["a", "b", "c", "edu"])}
-    files = {("HuggingFaceFW/fineweb", f"data/CC-MAIN-2013-20/000_0000{k}.parquet"): name for k, name in enumerate("abc")}
+    files = {("HuggingFaceFW/fineweb", f"data/CC-MAIN-2013-20/000_0000{k}.parquet"): name
+             for k, name in enumerate("abc")}
     files[("HuggingFaceFW/fineweb", "data/CC-MAIN-2024-10/000_00000.parquet")] = "a"
     files[("HuggingFaceFW/fineweb", "sample/10BT/000_00000.parquet")] = "b"
     files[("HuggingFaceFW/fineweb-edu", "sample/10BT/000_00000.parquet")] = "edu"
@@ -247,7 +249,8 @@ def test_shard_numbers_index_the_sorted_listing(tmp_path, fake_hub):
     assert fake_hub.downloads[-1][1] == "data/CC-MAIN-2013-20/000_00001.parquet"  # not "001_00000.parquet"
     assert_bins_hold(tmp_path / "out", fake_hub.texts["b"])
     meta = run(tmp_path, "--shards", "0-2", "--val_fraction", 0.2)
-    assert [name for _, name in fake_hub.downloads[-3:]] == [f"data/CC-MAIN-2013-20/000_0000{k}.parquet" for k in range(3)]
+    assert [name for _, name in fake_hub.downloads[-3:]] == [f"data/CC-MAIN-2013-20/000_0000{k}.parquet"
+                                                             for k in range(3)]
     assert [s["documents"] for s in meta["sources"]] == [40, 40, 40]
     assert_bins_hold(tmp_path / "out", fake_hub.texts["a"], fake_hub.texts["b"], fake_hub.texts["c"])
 
@@ -286,6 +289,27 @@ def test_the_listing_is_cached_for_offline_runs(tmp_path, fake_hub, monkeypatch,
     line = fails_with(capsys, "--out_dir", tmp_path / "out", "--dump", "CC-MAIN-2024-10")
     assert "cannot list HuggingFaceFW/fineweb/data/CC-MAIN-2024-10 (ConnectionError: no network)" in line
     assert "no earlier run cached its listing" in line and "--input" in line
+
+
+def test_the_next_shard_downloads_while_this_one_is_tokenized(tmp_path, fake_hub, monkeypatch):
+    import threading
+    next_shard_asked = threading.Event()
+    real_download, real_append_tokens = fake_hub.hf_hub_download, prepare.append_tokens
+
+    def download(repo_id, repo_type, filename):
+        if filename.endswith("000_00001.parquet"):
+            next_shard_asked.set()
+        return real_download(repo_id, repo_type, filename)
+
+    def append_tokens(file, tokens):  # shard 0's first write waits for shard 1's download to start: it must
+        assert next_shard_asked.wait(timeout=10), "shard 1 was not asked for while shard 0 was written"
+        real_append_tokens(file, tokens)
+
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(prepare, "append_tokens", append_tokens)
+    run(tmp_path, "--shards", "0-1", "--val_fraction", 0.2)
+    assert_bins_hold(tmp_path / "out", fake_hub.texts["a"], fake_hub.texts["b"])
 
 
 def test_keep_parquet_false_deletes_each_shard_once_tokenized(tmp_path, fake_hub):
@@ -375,12 +399,14 @@ def test_sigkill_mid_run_leaves_nothing_accepted_and_rerun_continues(tmp_path):
     two finished sources): nothing train.py accepts; each next run continues where the manifest says and the
     end result is byte for byte that of an uninterrupted run."""
     texts = [synthetic_texts(700, words_per_doc=300, seed=k) for k in range(4)]
-    sources = [write_parquet(tmp_path / f"{k}.parquet", texts[k], row_group_size=100, token_count=False) for k in range(4)]
+    sources = [write_parquet(tmp_path / f"{k}.parquet", texts[k], row_group_size=100, token_count=False)
+               for k in range(4)]
     out_dir, work = tmp_path / "out", tmp_path / "out" / "prepare.work"
     args = [sys.executable, str(PREPARE), "--input", *map(str, sources), "--out_dir", str(out_dir), "--workers", "2"]
     done_at_kill = 0
     for finished_sources in (0, 1, 2):
-        proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True)
         deadline = time.time() + 120
         while time.time() < deadline and not (
                 (work / "train.bin").exists() and (work / "train.bin").stat().st_size > 0 and
@@ -447,7 +473,7 @@ def test_a_failed_run_keeps_its_finished_sources_and_the_same_command_continues(
 def test_several_sources_are_the_concatenation_of_single_source_runs(tmp_path):
     texts = [synthetic_texts(50, seed=k) for k in range(3)]
     sources = [write_parquet(tmp_path / f"{k}.parquet", texts[k], row_group_size=16) for k in range(3)]
-    settings = ["--workers", "1", "--val_fraction", "0.2"]  # val gets documents by the rule, not by the empty-val fallback
+    settings = ["--workers", "1", "--val_fraction", "0.2"]  # val documents by the rule, not the empty-val fallback
     prepare.main(["--input", *map(str, sources), "--out_dir", str(tmp_path / "all"), *settings])
     for k, source in enumerate(sources):
         prepare.main(["--input", str(source), "--out_dir", str(tmp_path / f"single{k}"), *settings])
@@ -458,7 +484,7 @@ def test_several_sources_are_the_concatenation_of_single_source_runs(tmp_path):
 
 @pytest.mark.parametrize("texts, message", [
     ([None, None, None], "every text is null (3 rows): there is nothing to tokenize"),
-    (["the only document"], "the input holds a single document (1 rows, 0 null); a train and a val split need at least two"),
+    (["the only document"], "a single document (1 rows, 0 null); a train and a val split need at least two"),
     ([None, "one document", None], "the input holds a single document (3 rows, 2 null)"),
 ])
 def test_inputs_too_small_to_split_say_so(tmp_path, capsys, texts, message):
@@ -521,7 +547,8 @@ def test_output_folder_not_writable(tmp_path, capsys):
     if os.geteuid() != 0:  # root writes through permission bits, so this half only runs as a normal user
         read_only = tmp_path / "read_only"
         read_only.mkdir(mode=0o555)
-        assert "read_only: the output folder is not writable" in fails_with(capsys, "--input", source, "--out_dir", read_only)
+        line = fails_with(capsys, "--input", source, "--out_dir", read_only)
+        assert "read_only: the output folder is not writable" in line
 
 
 def disk_full(*args):
@@ -548,7 +575,8 @@ def test_read_meta_rejects_missing_and_inconsistent_outputs(tmp_path):
 
 
 def test_bad_option_value_is_one_line(capsys):
-    assert "--val_fraction 1.5: must be between 0 and 1" in fails_with(capsys, "--input", "x.parquet", "--val_fraction", 1.5)
+    line = fails_with(capsys, "--input", "x.parquet", "--val_fraction", 1.5)
+    assert "--val_fraction 1.5: must be between 0 and 1" in line
 
 
 def test_second_run_into_the_same_folder_is_refused_and_the_first_stays_intact(tmp_path, monkeypatch):

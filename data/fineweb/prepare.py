@@ -10,7 +10,7 @@ the EOT rule (one <|endoftext|> prepended to every document) come from tokenizer
     python data/fineweb/prepare.py --repo HuggingFaceFW/fineweb-edu --subset sample-10BT
     python data/fineweb/prepare.py --input shard.parquet             # a file, a glob or a folder of .parquet files
     python data/fineweb/prepare.py --hf_dataset roneneldan/TinyStories --max_tokens 100000000
-    python data/fineweb/prepare.py --adopt data/shakespeare          # bins from another tool: check, write meta.json
+    python data/fineweb/prepare.py --adopt ../nanoGPT/data/openwebtext  # bins from another tool: write meta.json
 
 Shards are found by listing the Hub folder (data/<dump> or sample/<size>) and sorting the names, so
 --shard N is the N-th file; the listing is cached under HF_HOME, so the same command works offline later.
@@ -193,7 +193,8 @@ def row_group_tasks(described, seed, threshold, forced_val_doc):
     first_doc = 0
     for row_group, rows in enumerate(described["row_group_rows"]):
         yield {"path": described["path"], "row_group": row_group, "first_doc": first_doc, "seed": seed,
-               "threshold": threshold, "forced_val_doc": forced_val_doc, "has_token_count": described["has_token_count"]}
+               "threshold": threshold, "forced_val_doc": forced_val_doc,
+               "has_token_count": described["has_token_count"]}
         first_doc += rows
 
 
@@ -247,6 +248,8 @@ def open_work(work_dir, request, force):
                 print(f"continuing an unfinished run: {len(manifest['done'])} of {len(request['sources'])} "
                       f"source(s) already done ({work_dir})")
             return manifest
+    if manifest and manifest["done"]:
+        print(f"discarding an unfinished run of other inputs or settings{' (--force)' if force else ''}: {work_dir}")
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir()
     for split in SPLITS:
@@ -293,14 +296,13 @@ def tokenize_sources(sources, manifest, work_dir, args):
                     file.flush()
                     os.fsync(file.fileno())  # the manifest must not count data still only in the page cache
                 manifest["done"].append({"name": source["name"], **counts})
+                manifest["complete"] = reached_max or k == len(sources) - 1  # in the same write: no gap to fall into
                 add_counts(total, counts)
                 write_json_atomically(work_dir / "manifest.json", manifest)
                 if source.get("remote") and not args.keep_parquet:
                     delete_downloaded(path)
                 if reached_max:
                     break
-        manifest["complete"] = True
-        write_json_atomically(work_dir / "manifest.json", manifest)
     finally:
         if pool is not None:
             pool.terminate()
@@ -395,8 +397,9 @@ def publish(out_dir, work_dir, manifest, sources, args, seconds):
 
 def make_meta(sources, manifest, splits, total, args, seconds):
     text_tokens = total["train_text_tokens"] + total["val_text_tokens"]
-    described = [{**{k: v for k, v in source.items() if k in ("name", "path", "size", "mtime", "blob_id", "data_files")},
-                  "documents": entry["rows"]} for source, entry in zip(sources, manifest["done"])]
+    recorded = ("name", "path", "size", "mtime", "blob_id", "data_files")
+    described = [{**{k: v for k, v in source.items() if k in recorded}, "documents": entry["rows"]}
+                 for source, entry in zip(sources, manifest["done"])]
     request = manifest["request"]
     val_request = {k: request[k] for k in ("seed", "val_fraction", "val_tokens") if k in request}
     meta = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
@@ -494,9 +497,9 @@ def check_free_space(out_dir, sources, first_todo, keep_parquet):
         free = shutil.disk_usage(disk["folder"]).free
         if disk["bytes"] > free:
             hint = "; --keep_parquet False keeps two shards at a time" if downloads and keep_parquet else ""
-            raise PrepareError(f"{disk['folder']}: {' and '.join(disk['what'])} need about {disk['bytes'] / 1e9:.1f} GB "
-                               f"and its disk has {free / 1e9:.1f} GB free; free some space or choose another "
-                               f"--out_dir{hint}")
+            raise PrepareError(f"{disk['folder']}: {' and '.join(disk['what'])} need about "
+                               f"{disk['bytes'] / 1e9:.1f} GB and its disk has {free / 1e9:.1f} GB free; "
+                               f"free some space or choose another --out_dir{hint}")
 
 
 # -----------------------------------------------------------------------------
@@ -535,7 +538,8 @@ def parse_args(argv):
     parser.add_argument("--max_tokens", type=int, help="stop after the batch that reaches this many tokens")
     parser.add_argument("--adopt", type=Path, metavar="DIR",
                         help="train.bin/val.bin written by another tool: check them and write their meta.json")
-    parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT_DIR, help="where the bins go (default: this folder)")
+    parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT_DIR,
+                        help="where the bins go (default: this folder)")
     val_size = parser.add_mutually_exclusive_group()
     val_size.add_argument("--val_fraction", type=float, help="expected fraction of documents in val (default 0.005)")
     val_size.add_argument("--val_tokens", type=int, help="val size in tokens instead (needs FineWeb's token_count)")
@@ -558,7 +562,8 @@ def parse_args(argv):
                                     or args.text_column != "text"):
         parser.error("--hf_config, --hf_split, --hf_data_files and --text_column go with --hf_dataset")
     if args.hf_dataset and args.val_tokens is not None:
-        parser.error("--val_tokens needs FineWeb's token_count column, which a stream does not give; use --val_fraction")
+        parser.error("--val_tokens needs FineWeb's token_count column, which a stream does not give; "
+                     "use --val_fraction")
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         parser.error(f"--val_fraction {args.val_fraction}: must be between 0 and 1 (exclusive)")
     if args.val_tokens is not None and args.val_tokens < 1:
@@ -592,7 +597,8 @@ def identity(source):
 
 
 def val_request(args):
-    return {"seed": args.seed, **({"val_tokens": args.val_tokens} if args.val_tokens else {"val_fraction": args.val_fraction})}
+    size = {"val_tokens": args.val_tokens} if args.val_tokens else {"val_fraction": args.val_fraction}
+    return {"seed": args.seed, **size}
 
 
 def already_done(out_dir, sources, args):

@@ -137,7 +137,8 @@ def some_valid_names(repo, folder):
         return ""
     option, prefix = ("--dump", "") if parent == "data" else ("--subset", "sample-")
     shown = names if len(names) <= 6 else names[:3] + ["..."] + names[-3:]
-    return f"; valid {option} values ({len(names)}) include: {', '.join(prefix + n if n != '...' else n for n in shown)}"
+    shown = [name if name == "..." else prefix + name for name in shown]
+    return f"; valid {option} values ({len(names)}) include: {', '.join(shown)}"
 
 
 def select_shards(shards, first, last, where):
