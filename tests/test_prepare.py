@@ -490,7 +490,7 @@ def test_several_sources_are_the_concatenation_of_single_source_runs(tmp_path):
 def test_inputs_too_small_to_split_say_so(tmp_path, capsys, texts, message):
     source = write_parquet(tmp_path / "small.parquet", texts)
     line = fails_with(capsys, "--input", source, "--out_dir", tmp_path / "out", "--workers", 1)
-    assert f"{source}: {message}" in line and "--val_fraction" not in line
+    assert line.startswith(f"error: {source}: ") and message in line and "--val_fraction" not in line
     assert not list((tmp_path / "out").iterdir())
 
 
