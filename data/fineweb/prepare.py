@@ -15,6 +15,7 @@ the EOT rule (one <|endoftext|> prepended to every document) come from tokenizer
 Shards are found by listing the Hub folder (data/<dump> or sample/<size>) and sorting the names, so
 --shard N is the N-th file; the listing is cached under HF_HOME, so the same command works offline later.
 Shard k+1 downloads while shard k is tokenized; --keep_parquet False deletes each one once tokenized.
+(Finding, checking and downloading the inputs is sources.py, beside this file.)
 
 How it runs: row groups (or batches of 1024 streamed documents) are tokenized and split by --workers
 processes and written in input order by this process, at most 2 * workers batches in flight, so memory
