@@ -167,6 +167,17 @@ def test_val_tokens_takes_the_fewest_documents_in_score_order(tmp_path):
     assert val_tokens >= 1000 > val_tokens - (len(ENC.encode_ordinary(texts[last_in])) + 1)
 
 
+def test_val_tokens_over_several_sources(tmp_path):
+    first, second = synthetic_texts(80, seed=1), synthetic_texts(60, seed=2)
+    sources = [write_parquet(tmp_path / f"{k}.parquet", texts, row_group_size=32)
+               for k, texts in enumerate([first, second])]
+    meta = run(tmp_path, "--input", *sources, "--val_tokens", 1500)
+    assert_bins_hold(tmp_path / "out", first, second)
+    # document i of each source has the same score, so the last step may add one document of each
+    longest = max(len(ENC.encode_ordinary(t)) + 1 for t in first + second)
+    assert 1500 <= meta["splits"]["val"]["tokens"] < 1500 + 2 * longest
+
+
 def test_val_tokens_needs_token_count(tmp_path, capsys):
     source = write_parquet(tmp_path / "plain.parquet", ["a", "b"], token_count=False)
     line = fails_with(capsys, "--input", source, "--out_dir", tmp_path / "out", "--val_tokens", 1)
