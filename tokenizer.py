@@ -23,8 +23,21 @@ EOT_PLACEMENT = "prepend"
 TOKEN_DTYPE = np.uint16  # 50257 < 2**16, so every id fits; train.bin/val.bin are raw uint16
 
 
+class TokenizerUnavailable(RuntimeError):
+    """GPT-2's BPE files are neither cached nor downloadable."""
+
+
 def get_encoding():
-    return tiktoken.get_encoding(ENCODING_NAME)
+    """GPT-2's BPE. tiktoken downloads its two files on first use and caches them (in TIKTOKEN_CACHE_DIR,
+    else a folder in the temp dir); without a network and without that cache it cannot load."""
+    try:
+        return tiktoken.get_encoding(ENCODING_NAME)
+    except Exception as e:  # a download boundary (requests' errors and others): one line with the way out
+        raise TokenizerUnavailable(
+            f"cannot load the {ENCODING_NAME} tokenizer: tiktoken downloads its BPE files (vocab.bpe, encoder.json "
+            f"from openaipublic.blob.core.windows.net) on first use and that failed ({type(e).__name__}); "
+            f"without a network, copy a tiktoken cache folder from a machine that has one and set "
+            f"TIKTOKEN_CACHE_DIR to it") from e
 
 
 def encode_documents(enc, texts, num_threads=8):
@@ -52,19 +65,35 @@ def decode(enc, ids):
     return enc.decode(list(ids))
 
 
+def max_token_id(path, chunk_tokens=1 << 24):
+    """The largest id in a token file (-1 if empty), read in 32 MiB chunks: memory stays flat whatever
+    the file's size, and np.fromfile leaves no mapped pages behind to count against RSS."""
+    largest = -1
+    with open(path, "rb") as f:
+        while (ids := np.fromfile(f, dtype=TOKEN_DTYPE, count=chunk_tokens)).size:
+            largest = max(largest, int(ids.max()))
+    return largest
+
+
 def read_dataset_meta(data_dir):
     """meta.json of a dataset prepare.py finished, checked against tokenizer.py and the bins beside
     it. prepare.py writes meta.json last, so bins without it are from an unfinished run.
     Raises FileNotFoundError (nothing prepared there) or ValueError (unfinished or inconsistent)."""
     meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(meta_path) and os.path.exists(os.path.join(data_dir, "train.bin")):
+        raise FileNotFoundError(f"{meta_path} not found beside train.bin: bins from another tool (e.g. nanoGPT's "
+                                f"prepare.py) can be checked and described with `python data/fineweb/prepare.py "
+                                f"--adopt={data_dir}`; bins of an unfinished prepare.py run need that run again")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{meta_path} not found: run `python data/fineweb/prepare.py` first, or set "
-                                "--dataset / --data_dir (bins without meta.json are from an unfinished run)")
+                                "--dataset / --data_dir")
     try:
         with open(meta_path) as f:
             meta = json.load(f)
         expected = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
                     "eot_placement": EOT_PLACEMENT, "dtype": np.dtype(TOKEN_DTYPE).name}
+        if meta.get("adopted"):  # bins from another tool (prepare.py --adopt): where their EOTs go is unknown
+            del expected["eot_placement"]
         for key, value in expected.items():
             if meta.get(key) != value:
                 raise ValueError(f"{meta_path}: {key} is {meta.get(key)!r} but tokenizer.py says {value!r}; "

@@ -168,8 +168,8 @@ try:
     train_batches = TokenBatches(train_path, block_size, batch_size, data_order, seed, ddp_rank, world_size)
     for _ in eval_batches(val_path, block_size, 1, 1):
         pass  # fails early with a clear message if val.bin is shorter than one window
-    for path in (train_path, val_path):
-        check_token_ids(path, VOCAB_SIZE)
+    for split, path in (("train", train_path), ("val", val_path)):
+        check_token_ids(path, VOCAB_SIZE, dataset_meta["splits"][split].get("max_token_id"))
 except (FileNotFoundError, ValueError) as e:
     stop(str(e))
 

@@ -4,6 +4,8 @@ How close data/fineweb/prepare.py runs to the tokenizer's own speed, and how muc
     python benchmarks/bench_prepare.py                       # on ../shared/corpus/en_docs.parquet
     python benchmarks/bench_prepare.py --repeat_to_gb 1      # en_docs repeated into a >= 1 GiB parquet (temp dir)
     python benchmarks/bench_prepare.py --input shard.parquet --workers 2
+    python benchmarks/bench_prepare.py --runs 1 3 datasets   # one input; the input 3 times (3 sources, one
+                                                             # pair of bins); one input through --hf_dataset
 
 Prints, for the same text and the same worker count:
   end-to-end tokens/s    prepare.py run as a user runs it (a subprocess, --force), timed by the wall clock
@@ -11,6 +13,8 @@ Prints, for the same text and the same worker count:
                            threads and worker processes; on a repeated parquet, one copy of the text
   their ratio; the same ratio in CPU time per token (what the wall-clock ratio is on otherwise idle cores);
   and the peak RSS of prepare.py and its workers: summed, and of the largest (psutil, sampled every 50 ms).
+With --runs, one such line per run, all against the same tokenizer-only figure, so their ratios compare
+side by side on a machine whose load changes.
 """
 import argparse
 import json
@@ -52,10 +56,12 @@ def make_repeated_parquet(source, path, target_gib):
     return path
 
 
-def run_prepare(input_path, workers, out_dir):
-    """prepare.py as a subprocess: wall seconds, CPU seconds (its workers included), meta.json, peak RSS."""
-    args = [sys.executable, str(PREPARE), "--input", str(input_path), "--out_dir", str(out_dir),
-            "--workers", str(workers), "--force"]
+def run_prepare(input_path, workers, out_dir, how="1", prepare=PREPARE):
+    """prepare.py as a subprocess: wall seconds, CPU seconds (its workers included), meta.json, peak RSS.
+    how: "N" = the input given N times (N sources), "datasets" = read through --hf_dataset parquet."""
+    source = (["--hf_dataset", "parquet", "--hf_data_files", str(input_path)] if how == "datasets"
+              else ["--input"] + [str(input_path)] * int(how))
+    args = [sys.executable, str(prepare), *source, "--out_dir", str(out_dir), "--workers", str(workers), "--force"]
     cpu_before = children_cpu_seconds()
     t0 = time.time()
     proc = subprocess.Popen(args)
@@ -142,37 +148,52 @@ def main():
     parser.add_argument("--input", type=Path, default=DEFAULT_INPUT)
     parser.add_argument("--repeat_to_gb", type=float, help="benchmark on --input repeated into a parquet this big")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--runs", nargs="+", default=["1"], metavar="N|datasets",
+                        help="prepare.py runs to time: N = the input N times as N sources; datasets = --hf_dataset")
+    parser.add_argument("--compare_with", type=Path, metavar="PREPARE_PY",
+                        help="also time another version of prepare.py (e.g. an older checkout's) on one input")
     args = parser.parse_args()
     if not args.input.exists():
         sys.exit(f"{args.input}: no such file (pass --input PATH)")
 
+    runs = {}
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
         input_path = args.input
         if args.repeat_to_gb:
             input_path = make_repeated_parquet(args.input, Path(tmp) / "repeated.parquet", args.repeat_to_gb)
         # the tokenizer alone on the same text (a repeated parquet holds --input's text again and again),
-        # before and after the run, keeping the faster: other users of the cores come and go
+        # before and after the runs, keeping the faster: other users of the cores come and go
         before = measure_tokenizer(args.input, args.workers)
-        run = run_prepare(input_path, args.workers, Path(tmp) / "out")
+        for how in args.runs:
+            runs[how] = run_prepare(input_path, args.workers, Path(tmp) / "out", how)
+        if args.compare_with:
+            runs[str(args.compare_with)] = run_prepare(input_path, args.workers, Path(tmp) / "other", "1",
+                                                       prepare=args.compare_with)
         after = measure_tokenizer(args.input, args.workers)
         input_mib = os.path.getsize(input_path) / 2**20  # before the temporary folder goes
     tokenizer_only, tokenizer_cpu_per_token, rates = max(before, after, key=lambda m: m[0])
 
-    tokens = sum(s["tokens"] for s in run["meta"]["splits"].values())
-    end_to_end = tokens / run["seconds"]
-    print(f"\ninput: {input_path.name} ({input_mib:,.0f} MiB), workers: {args.workers}, "
-          f"cores: {os.cpu_count()}")
-    print(f"end-to-end:     {end_to_end / 1e6:6.2f} M tokens/s  ({tokens:,} tokens in {run['seconds']:.1f} s wall, "
-          f"interpreter start included; by prepare.py's own clock {tokens / run['meta']['seconds'] / 1e6:.2f})")
+    print(f"\ninput: {input_path.name} ({input_mib:,.0f} MiB), workers: {args.workers}, cores: {os.cpu_count()}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"tokenizer-only: {tokenizer_only / 1e6:6.2f} M tokens/s  (encode_ordinary on {args.input.name}'s text in "
           f"memory: {rates['threads'] / 1e6:.2f} with {args.workers} batch threads, {rates['processes'] / 1e6:.2f} "
-          f"with {args.workers} processes; best of before and after the run)")
-    print(f"ratio:          {end_to_end / tokenizer_only:6.2f}")
-    print(f"CPU per token:  {run['cpu_seconds'] / tokens * 1e9:6.0f} ns end-to-end, "
-          f"{tokenizer_cpu_per_token * 1e9:.0f} ns tokenizer-only: ratio {tokenizer_cpu_per_token * tokens / run['cpu_seconds']:.2f} "
-          f"(what the wall-clock ratio would be with the cores to ourselves)")
-    print(f"peak RSS:       {run['peak_rss']['tree'] / 2**20:6.0f} MiB summed over prepare.py's process tree, "
-          f"{run['peak_rss']['largest'] / 2**20:.0f} MiB its largest process (psutil, every 50 ms)")
+          f"with {args.workers} processes; best of before and after the runs)")
+    for how, run in runs.items():
+        tokens = sum(s["tokens"] for s in run["meta"]["splits"].values())
+        end_to_end = tokens / run["seconds"]
+        label = {"datasets": "through datasets", str(args.compare_with): f"{args.compare_with}, 1 input"}.get(
+            how, f"{how} input(s)")
+        print(f"\n{label}:")
+        own_clock = tokens / run["meta"]["seconds"] / 1e6
+        print(f"  end-to-end:     {end_to_end / 1e6:6.2f} M tokens/s  ({tokens:,} tokens in {run['seconds']:.1f} s "
+              f"wall, interpreter start included; by prepare.py's own clock {own_clock:.2f})")
+        print(f"  ratio:          {end_to_end / tokenizer_only:6.2f}")
+        print(f"  CPU per token:  {run['cpu_seconds'] / tokens * 1e9:6.0f} ns end-to-end, "
+              f"{tokenizer_cpu_per_token * 1e9:.0f} ns tokenizer-only: ratio "
+              f"{tokenizer_cpu_per_token * tokens / run['cpu_seconds']:.2f} (what the wall-clock ratio would be "
+              f"with the cores to ourselves)")
+        print(f"  peak RSS:       {run['peak_rss']['tree'] / 2**20:6.0f} MiB summed over prepare.py's process tree, "
+              f"{run['peak_rss']['largest'] / 2**20:.0f} MiB its largest process (psutil, every 50 ms)")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,16 @@ def run(tmp_path, *args):
     return prepare.main(["--out_dir", str(tmp_path / "out"), "--workers", "1", *map(str, args)])
 
 
+def fails_with(capsys, *args):
+    """prepare.main(args) refused as a user error: exit status 2 and one line `error: ...`; returns it."""
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.main([*map(str, args)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
 def read_docs(bin_path):
     """The documents of a bin: the stream is EOT doc EOT doc ..., so split on EOT and drop the empty head."""
     ids = np.fromfile(bin_path, dtype=np.uint16)
@@ -60,29 +70,33 @@ def read_docs(bin_path):
     return [ENC.decode(ids[a + 1:b].tolist()) for a, b in zip(starts, list(starts[1:]) + [len(ids)])]
 
 
-def expected_splits(texts, meta):
-    """Train and val documents in order, by the rule in meta.json (recomputed here from its seed/threshold)."""
+def expected_splits(texts_per_source, meta):
+    """Train and val documents in order, by the rule in meta.json (recomputed here from its seed/threshold):
+    document i of each source goes to val iff its score is below the threshold."""
     rule = meta["val_split"]
-    to_val = prepare.val_scores(rule["seed"], np.arange(len(texts))) < rule["threshold"]
-    if rule["forced_last_doc"]:
-        to_val[-1] = True
     split = {"train": [], "val": []}
-    for text, is_val in zip(texts, to_val):
-        if text is not None:
-            split["val" if is_val else "train"].append(text)
+    for k, texts in enumerate(texts_per_source):
+        to_val = prepare.val_scores(rule["seed"], np.arange(len(texts))) < rule["threshold"]
+        if rule["forced_last_doc"] and k == len(texts_per_source) - 1:
+            to_val[-1] = True
+        for text, is_val in zip(texts, to_val):
+            if text is not None:
+                split["val" if is_val else "train"].append(text)
     return split
 
 
-def assert_bins_hold(out_dir, texts):
-    """The bins decode to exactly these documents, each in one split, in order, with meta.json to match."""
+def assert_bins_hold(out_dir, *texts_per_source):
+    """The bins decode to exactly these documents (of one source, or several in order), each in one split,
+    in order, with meta.json to match."""
     meta = prepare.read_dataset_meta(out_dir)
-    expected = expected_splits(texts, meta)
+    expected = expected_splits(texts_per_source, meta)
     for split in ("train", "val"):
         docs = read_docs(out_dir / f"{split}.bin")
         assert docs == expected[split]
         assert meta["splits"][split]["documents"] == len(docs) > 0
         tokens = sum(len(ENC.encode_ordinary(d)) + 1 for d in docs)  # an independent count: + 1 EOT per doc
         assert meta["splits"][split]["tokens"] == tokens == (out_dir / f"{split}.bin").stat().st_size // 2
+        assert meta["splits"][split]["max_token_id"] == int(np.fromfile(out_dir / f"{split}.bin", np.uint16).max())
     return meta
 
 
@@ -153,10 +167,21 @@ def test_val_tokens_takes_the_fewest_documents_in_score_order(tmp_path):
     assert val_tokens >= 1000 > val_tokens - (len(ENC.encode_ordinary(texts[last_in])) + 1)
 
 
-def test_val_tokens_needs_token_count(tmp_path):
+def test_val_tokens_over_several_sources(tmp_path):
+    first, second = synthetic_texts(80, seed=1), synthetic_texts(60, seed=2)
+    sources = [write_parquet(tmp_path / f"{k}.parquet", texts, row_group_size=32)
+               for k, texts in enumerate([first, second])]
+    meta = run(tmp_path, "--input", *sources, "--val_tokens", 1500)
+    assert_bins_hold(tmp_path / "out", first, second)
+    # document i of each source has the same score, so the last step may add one document of each
+    longest = max(len(ENC.encode_ordinary(t)) + 1 for t in first + second)
+    assert 1500 <= meta["splits"]["val"]["tokens"] < 1500 + 2 * longest
+
+
+def test_val_tokens_needs_token_count(tmp_path, capsys):
     source = write_parquet(tmp_path / "plain.parquet", ["a", "b"], token_count=False)
-    with pytest.raises(SystemExit, match="token_count column"):
-        run(tmp_path, "--input", source, "--val_tokens", 1)
+    line = fails_with(capsys, "--input", source, "--out_dir", tmp_path / "out", "--val_tokens", 1)
+    assert "token_count column" in line
 
 
 def test_several_inputs_glob_and_folder_in_order(tmp_path):
@@ -168,48 +193,201 @@ def test_several_inputs_glob_and_folder_in_order(tmp_path):
     (shards / "notes.txt").write_text("not an input")
     for spec in (shards, shards / "*.parquet"):
         meta = run(tmp_path, "--input", spec, "--val_fraction", 0.2, "--force")
-        assert_bins_hold(tmp_path / "out", first + second)
+        assert_bins_hold(tmp_path / "out", first, second)
         assert [s["name"] for s in meta["sources"]] == [str(shards / "000.parquet"), str(shards / "001.parquet")]
 
 
-def test_default_source_downloads_through_the_hub(tmp_path, monkeypatch):
+class FakeHub:
+    """The Hub as prepare.py sees it, offline: HfApi().list_repo_tree and hf_hub_download over
+    {(repo, path in repo): local parquet}. Downloads are copied into a cache folder, as the real one does."""
+
+    def __init__(self, tmp_path, files):
+        self.files, self.cache, self.downloads, self.listings = files, tmp_path / "hub_cache", [], []
+        self.cache.mkdir()
+
+    def list_repo_tree(self, repo_id, path_in_repo, repo_type):
+        from types import SimpleNamespace
+        from huggingface_hub.utils import EntryNotFoundError
+        assert repo_type == "dataset"
+        self.listings.append((repo_id, path_in_repo))
+        inside = [path for repo, path in self.files if repo == repo_id and path.startswith(path_in_repo + "/")]
+        if not inside:
+            raise EntryNotFoundError(f"404: {path_in_repo}")
+        children = {path_in_repo + "/" + path[len(path_in_repo) + 1:].split("/")[0] for path in inside}
+        entries = [SimpleNamespace(path=child) if child not in inside else  # a folder has no size
+                   SimpleNamespace(path=child, size=self.files[repo_id, child].stat().st_size, blob_id="b-" + child)
+                   for child in children]
+        return reversed(sorted(entries, key=lambda entry: entry.path))  # the Hub promises no order
+
+    def hf_hub_download(self, repo_id, repo_type, filename):
+        self.downloads.append((repo_id, filename))
+        copy = self.cache / f"{repo_id}/{filename}".replace("/", "--")
+        copy.write_bytes(self.files[repo_id, filename].read_bytes())
+        return str(copy)
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """Three shards of one FineWeb dump, a sample folder, FineWeb-Edu's sample; the listing cache in tmp_path."""
     import huggingface_hub
-    local_shard = write_parquet(tmp_path / "cached.parquet", TRICKY_DOCS)
-    calls = []
+    texts = {name: synthetic_texts(40, seed=k) for k, name in enumerate(["a", "b", "c", "edu"])}
+    files = {("HuggingFaceFW/fineweb", f"data/CC-MAIN-2013-20/000_0000{k}.parquet"): name
+             for k, name in enumerate("abc")}
+    files[("HuggingFaceFW/fineweb", "data/CC-MAIN-2024-10/000_00000.parquet")] = "a"
+    files[("HuggingFaceFW/fineweb", "sample/10BT/000_00000.parquet")] = "b"
+    files[("HuggingFaceFW/fineweb-edu", "sample/10BT/000_00000.parquet")] = "edu"
+    hub = FakeHub(tmp_path, {key: write_parquet(tmp_path / f"{name}.parquet", texts[name], row_group_size=16)
+                             for key, name in files.items()})
+    hub.texts = texts
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: hub)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub.cache))
+    return hub
 
-    def fake_hf_hub_download(**kwargs):
-        calls.append(kwargs)
-        return str(local_shard)
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hf_hub_download)
-    meta = run(tmp_path)
-    assert calls == [{"repo_id": "HuggingFaceFW/fineweb", "repo_type": "dataset",
-                      "filename": "data/CC-MAIN-2013-20/000_00000.parquet"}]
+def test_default_source_is_the_first_file_of_the_default_dump(tmp_path, fake_hub):
+    meta = run(tmp_path, "--val_fraction", 0.2)
+    assert fake_hub.listings == [("HuggingFaceFW/fineweb", "data/CC-MAIN-2013-20")]
+    assert fake_hub.downloads == [("HuggingFaceFW/fineweb", "data/CC-MAIN-2013-20/000_00000.parquet")]
     assert meta["sources"][0]["name"] == "hf://datasets/HuggingFaceFW/fineweb/data/CC-MAIN-2013-20/000_00000.parquet"
-    assert_bins_hold(tmp_path / "out", TRICKY_DOCS)
-    run(tmp_path, "--dump", "CC-MAIN-2024-10", "--shard", 7)
-    assert calls[-1]["filename"] == "data/CC-MAIN-2024-10/007_00000.parquet"
+    assert meta["sources"][0]["blob_id"] == "b-data/CC-MAIN-2013-20/000_00000.parquet"
+    assert_bins_hold(tmp_path / "out", fake_hub.texts["a"])
 
 
-def test_missing_remote_file_names_dump_and_shard(tmp_path, monkeypatch):
+def test_shard_numbers_index_the_sorted_listing(tmp_path, fake_hub):
+    run(tmp_path, "--shard", 1, "--val_fraction", 0.2)
+    assert fake_hub.downloads[-1][1] == "data/CC-MAIN-2013-20/000_00001.parquet"  # not "001_00000.parquet"
+    assert_bins_hold(tmp_path / "out", fake_hub.texts["b"])
+    meta = run(tmp_path, "--shards", "0-2", "--val_fraction", 0.2)
+    assert [name for _, name in fake_hub.downloads[-3:]] == [f"data/CC-MAIN-2013-20/000_0000{k}.parquet"
+                                                             for k in range(3)]
+    assert [s["documents"] for s in meta["sources"]] == [40, 40, 40]
+    assert_bins_hold(tmp_path / "out", fake_hub.texts["a"], fake_hub.texts["b"], fake_hub.texts["c"])
+
+
+def test_subsets_and_other_repos(tmp_path, fake_hub):
+    run(tmp_path, "--subset", "sample-10BT", "--val_fraction", 0.2)
+    assert fake_hub.downloads[-1] == ("HuggingFaceFW/fineweb", "sample/10BT/000_00000.parquet")
+    assert_bins_hold(tmp_path / "out", fake_hub.texts["b"])
+    run(tmp_path, "--repo", "HuggingFaceFW/fineweb-edu", "--subset", "sample-10BT", "--val_fraction", 0.2)
+    assert fake_hub.downloads[-1] == ("HuggingFaceFW/fineweb-edu", "sample/10BT/000_00000.parquet")
+    assert_bins_hold(tmp_path / "out", fake_hub.texts["edu"])
+
+
+def test_unknown_dump_subset_or_shard_names_valid_ones(tmp_path, fake_hub, capsys):
+    out = ["--out_dir", tmp_path / "out"]
+    line = fails_with(capsys, *out, "--dump", "CC-MAIN-1999-01")
+    assert line == ("error: HuggingFaceFW/fineweb has no folder data/CC-MAIN-1999-01; valid --dump values (2) include: "
+                    "CC-MAIN-2013-20, CC-MAIN-2024-10")
+    assert "valid --subset values (1) include: sample-10BT" in fails_with(capsys, *out, "--subset", "sample-1T")
+    assert "has 3 files (shards 0-2); --shard/--shards asks for 2-5" in fails_with(capsys, *out, "--shards", "2-5")
+    assert "not a range A-B" in fails_with(capsys, *out, "--shards", "5-2")
+    assert fake_hub.downloads == [] and not list((tmp_path / "out").iterdir())
+
+
+def test_the_listing_is_cached_for_offline_runs(tmp_path, fake_hub, monkeypatch, capsys):
     import huggingface_hub
-    from huggingface_hub.utils import EntryNotFoundError
 
-    def fake_hf_hub_download(**kwargs):
-        raise EntryNotFoundError("404")
+    class Offline:
+        def list_repo_tree(self, *args, **kwargs):
+            raise ConnectionError("no network")
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hf_hub_download)
-    with pytest.raises(SystemExit, match="no file data/CC-MAIN-1999-01/002_00000.parquet: check --dump"):
-        run(tmp_path, "--dump", "CC-MAIN-1999-01", "--shard", 2)
+    run(tmp_path, "--shard", 2, "--val_fraction", 0.2)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
+    meta = run(tmp_path, "--shard", 2, "--val_fraction", 0.2, "--force")  # the listing from the first run
+    assert meta["sources"][0]["name"].endswith("data/CC-MAIN-2013-20/000_00002.parquet")
+    line = fails_with(capsys, "--out_dir", tmp_path / "out", "--dump", "CC-MAIN-2024-10")
+    assert "cannot list HuggingFaceFW/fineweb/data/CC-MAIN-2024-10 (ConnectionError: no network)" in line
+    assert "no earlier run cached its listing" in line and "--input" in line
+
+
+def test_the_next_shard_downloads_while_this_one_is_tokenized(tmp_path, fake_hub, monkeypatch):
+    import threading
+    next_shard_asked = threading.Event()
+    real_download, real_append_tokens = fake_hub.hf_hub_download, prepare.append_tokens
+
+    def download(repo_id, repo_type, filename):
+        if filename.endswith("000_00001.parquet"):
+            next_shard_asked.set()
+        return real_download(repo_id, repo_type, filename)
+
+    def append_tokens(file, tokens):  # shard 0's first write waits for shard 1's download to start: it must
+        assert next_shard_asked.wait(timeout=10), "shard 1 was not asked for while shard 0 was written"
+        real_append_tokens(file, tokens)
+
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(prepare, "append_tokens", append_tokens)
+    run(tmp_path, "--shards", "0-1", "--val_fraction", 0.2)
+    assert_bins_hold(tmp_path / "out", fake_hub.texts["a"], fake_hub.texts["b"])
+
+
+def test_keep_parquet_false_deletes_each_shard_once_tokenized(tmp_path, fake_hub):
+    run(tmp_path, "--shards", "0-1", "--val_fraction", 0.2)
+    assert len(list(fake_hub.cache.iterdir())) == 2  # kept by default, in the Hugging Face cache
+    run(tmp_path, "--shards", "0-2", "--val_fraction", 0.2, "--keep_parquet", "False")
+    assert list(fake_hub.cache.iterdir()) == []
+    assert_bins_hold(tmp_path / "out", fake_hub.texts["a"], fake_hub.texts["b"], fake_hub.texts["c"])
+    run(tmp_path, "--shards", "0-2", "--val_fraction", 0.2, "--keep_parquet", "False")  # a no-op: no download
+    assert len(fake_hub.downloads) == 5
+
+
+def test_not_enough_disk_space_is_refused_before_any_download(tmp_path, fake_hub, monkeypatch, capsys):
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+    run(tmp_path, "--val_fraction", 0.2)
+    fake_hub.downloads.clear()
+    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 5000, 5000))
+    line = fails_with(capsys, "--out_dir", tmp_path / "out", "--shards", "0-2")
+    assert "train.bin/val.bin and the parquet downloads need about 0.0 GB and its disk has 0.0 GB free" in line
+    assert fake_hub.downloads == []
+    assert_bins_hold(tmp_path / "out", fake_hub.texts["a"])  # the earlier run's bins, untouched
 
 
 def test_unreachable_network_points_to_input(tmp_path):
-    # the real hf_hub_download, offline (conftest sets HF_HUB_OFFLINE=1) with an empty cache
+    # the real huggingface_hub, offline (conftest sets HF_HUB_OFFLINE=1) with an empty cache
     proc = run_script(PREPARE, "--out_dir", tmp_path / "out", check=False, env={"HF_HOME": str(tmp_path / "hf")})
-    assert proc.returncode != 0
-    assert "network is unreachable" in proc.stderr and "--input PATH" in proc.stderr
+    assert proc.returncode == 2
+    assert "cannot list HuggingFaceFW/fineweb/data/CC-MAIN-2013-20" in proc.stderr and "--input" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_missing_tokenizer_files_name_the_download_and_the_cache_variable(tmp_path):
+    # no cached BPE files, and a proxy that refuses every connection: the download fails at once, online or not
+    source = write_parquet(tmp_path / "docs.parquet", TRICKY_DOCS)
+    env = {"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"), "HTTPS_PROXY": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9"}
+    proc = run_script(PREPARE, "--input", source, "--out_dir", tmp_path / "out", check=False, env=env)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "cannot load the gpt2 tokenizer: tiktoken downloads its BPE files" in proc.stderr
+    assert "set TIKTOKEN_CACHE_DIR" in proc.stderr and "writing failed" not in proc.stderr
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_a_datasets_stream_gives_the_same_bins_as_the_parquet_path(tmp_path, small_corpus):
+    pytest.importorskip("datasets")
+    by_datasets = run(tmp_path, "--hf_dataset", "parquet", "--hf_data_files", small_corpus, "--out_dir", tmp_path / "d")
+    by_pyarrow = run(tmp_path, "--input", small_corpus, "--out_dir", tmp_path / "p")
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "d" / name).read_bytes() == (tmp_path / "p" / name).read_bytes()
+    assert by_datasets["splits"] == by_pyarrow["splits"]
+    assert by_datasets["sources"][0]["name"] == "hf-datasets://parquet/train"
+
+
+def test_max_tokens_stops_after_the_batch_that_reaches_it(tmp_path):
+    texts = synthetic_texts(100)
+    source = write_parquet(tmp_path / "docs.parquet", texts, row_group_size=10)
+    full = run(tmp_path, "--input", source, "--val_fraction", 0.1, "--out_dir", tmp_path / "full")
+    cut = run(tmp_path, "--input", source, "--val_fraction", 0.1, "--max_tokens", 3000, "--out_dir", tmp_path / "cut")
+    tokens = sum(split["tokens"] for split in cut["splits"].values())
+    per_row_group = sum(len(ENC.encode_ordinary(t)) + 1 for t in texts[:10])
+    assert 3000 <= tokens < 3000 + 2 * per_row_group and cut["max_tokens"] == 3000
+    assert cut["sources"][0]["documents"] % 10 == 0 < cut["sources"][0]["documents"] < 100
+    for name in ("train.bin", "val.bin"):  # the first row groups of the full run, exactly
+        assert (tmp_path / "full" / name).read_bytes().startswith((tmp_path / "cut" / name).read_bytes())
+    assert sum(split["tokens"] for split in full["splits"].values()) > tokens
 
 
 def test_rerun_is_a_no_op_and_force_redoes(tmp_path, capsys):
@@ -227,25 +405,104 @@ def test_rerun_is_a_no_op_and_force_redoes(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_leaves_nothing_accepted_and_rerun_completes(tmp_path):
-    texts = synthetic_texts(3000, words_per_doc=300)
-    source = write_parquet(tmp_path / "big.parquet", texts, row_group_size=100, token_count=False)
-    out_dir = tmp_path / "out"
-    args = [sys.executable, str(PREPARE), "--input", str(source), "--out_dir", str(out_dir), "--workers", "2"]
-    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    tmp_train = out_dir / "train.bin.tmp"
-    deadline = time.time() + 60
-    while not (tmp_train.exists() and tmp_train.stat().st_size > 0) and time.time() < deadline:
-        time.sleep(0.01)
-    assert proc.poll() is None, "prepare.py finished before it could be killed: make the input bigger"
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the worker processes too
-    proc.wait()
-    with pytest.raises(FileNotFoundError):
-        prepare.read_dataset_meta(out_dir)
-    assert not (out_dir / "train.bin").exists() and not (out_dir / "meta.json").exists()
-    run_script(*args[1:])
-    assert_bins_hold(out_dir, texts)
+def test_sigkill_mid_run_leaves_nothing_accepted_and_rerun_continues(tmp_path):
+    """Killed at several points of a four-source run (while the first source is written, after one and after
+    two finished sources): nothing train.py accepts; each next run continues where the manifest says and the
+    end result is byte for byte that of an uninterrupted run."""
+    texts = [synthetic_texts(700, words_per_doc=300, seed=k) for k in range(4)]
+    sources = [write_parquet(tmp_path / f"{k}.parquet", texts[k], row_group_size=100, token_count=False)
+               for k in range(4)]
+    out_dir, work = tmp_path / "out", tmp_path / "out" / "prepare.work"
+    args = [sys.executable, str(PREPARE), "--input", *map(str, sources), "--out_dir", str(out_dir), "--workers", "2"]
+    done_at_kill = 0
+    for finished_sources in (0, 1, 2):
+        proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and not (
+                (work / "train.bin").exists() and (work / "train.bin").stat().st_size > 0 and
+                len(json.loads((work / "manifest.json").read_text() or "{}").get("done", [])) >= finished_sources):
+            time.sleep(0.01)
+        assert proc.poll() is None, "prepare.py finished before it could be killed: make the input bigger"
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the worker processes too
+        output = proc.communicate()[0]
+        assert ("continuing an unfinished run" in output) == (done_at_kill > 0)  # the previous kill's work
+        assert f"{done_at_kill} of 4 source(s) already done" in output or done_at_kill == 0
+        done_at_kill = len(json.loads((work / "manifest.json").read_text())["done"])
+        with pytest.raises(FileNotFoundError):
+            prepare.read_dataset_meta(out_dir)
+    assert done_at_kill >= 2
+    finished = run_script(*args[1:]).stdout
+    assert f"continuing an unfinished run: {done_at_kill} of 4 source(s) already done" in finished
+    assert_bins_hold(out_dir, *texts)
     assert sorted(p.name for p in out_dir.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    run_script(*args[1:-4], "--out_dir", tmp_path / "uninterrupted", "--workers", "2")
+    for name in ("train.bin", "val.bin"):
+        assert (out_dir / name).read_bytes() == (tmp_path / "uninterrupted" / name).read_bytes()
+
+
+@pytest.mark.parametrize("failure", ["disk full in the third source", "Ctrl-C in the third source",
+                                     "Ctrl-C while publishing"])
+def test_a_failed_run_keeps_its_finished_sources_and_the_same_command_continues(tmp_path, monkeypatch, capsys, failure):
+    texts = [synthetic_texts(30, seed=k) for k in range(3)]
+    sources = [write_parquet(tmp_path / f"{k}.parquet", texts[k], row_group_size=10) for k in range(3)]
+    args = ["--input", *sources, "--out_dir", tmp_path / "out", "--workers", 1, "--val_fraction", 0.2]
+    calls = []
+
+    def append_then_fail(file, tokens):
+        calls.append(1)
+        if len(calls) == 2 * 3 * 2 + 1:  # train and val of 3 row groups per source: the third source's first write
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if failure.startswith("disk") else KeyboardInterrupt
+        file.write(tokens.data)
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    if failure.endswith("publishing"):
+        monkeypatch.setattr(prepare, "verify_split_file", interrupt)
+    else:
+        monkeypatch.setattr(prepare, "append_tokens", append_then_fail)
+    if failure.startswith("disk"):
+        line = fails_with(capsys, *args)
+        assert line.endswith("writing failed (No space left on device); the 2 finished source(s) are kept in "
+                             f"{tmp_path / 'out' / 'prepare.work'}: the same command continues from there")
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            prepare.main(list(map(str, args)))
+    with pytest.raises(FileNotFoundError):
+        prepare.read_dataset_meta(tmp_path / "out")
+    monkeypatch.undo()
+    prepare.main(list(map(str, args)))
+    done = 3 if failure.endswith("publishing") else 2
+    assert f"continuing an unfinished run: {done} of 3 source(s) already done" in capsys.readouterr().out
+    assert_bins_hold(tmp_path / "out", *texts)
+    prepare.main(list(map(str, [*args[:-6], "--out_dir", tmp_path / "uninterrupted", *args[-4:]])))
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "uninterrupted" / name).read_bytes()
+
+
+def test_several_sources_are_the_concatenation_of_single_source_runs(tmp_path):
+    texts = [synthetic_texts(50, seed=k) for k in range(3)]
+    sources = [write_parquet(tmp_path / f"{k}.parquet", texts[k], row_group_size=16) for k in range(3)]
+    settings = ["--workers", "1", "--val_fraction", "0.2"]  # val documents by the rule, not the empty-val fallback
+    prepare.main(["--input", *map(str, sources), "--out_dir", str(tmp_path / "all"), *settings])
+    for k, source in enumerate(sources):
+        prepare.main(["--input", str(source), "--out_dir", str(tmp_path / f"single{k}"), *settings])
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "all" / name).read_bytes() == b"".join((tmp_path / f"single{k}" / name).read_bytes()
+                                                                  for k in range(3))
+
+
+@pytest.mark.parametrize("texts, message", [
+    ([None, None, None], "every text is null (3 rows): there is nothing to tokenize"),
+    (["the only document"], "a single document (1 rows, 0 null); a train and a val split need at least two"),
+    ([None, "one document", None], "the input holds a single document (3 rows, 2 null)"),
+])
+def test_inputs_too_small_to_split_say_so(tmp_path, capsys, texts, message):
+    source = write_parquet(tmp_path / "small.parquet", texts)
+    line = fails_with(capsys, "--input", source, "--out_dir", tmp_path / "out", "--workers", 1)
+    assert line.startswith(f"error: {source}: ") and message in line and "--val_fraction" not in line
+    assert not list((tmp_path / "out").iterdir())
 
 
 def test_one_and_two_workers_write_identical_bins(tmp_path):
@@ -287,22 +544,22 @@ def bad_inputs(tmp_path):
 def test_bad_input_fails_in_one_line_with_no_outputs(tmp_path, case):
     path, message = bad_inputs(tmp_path)[case]
     proc = run_script(PREPARE, "--input", path, "--out_dir", tmp_path / "out", check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # exactly one line
     assert message in proc.stderr and path.name in proc.stderr
     assert not list((tmp_path / "out").iterdir())
 
 
-def test_output_folder_not_writable(tmp_path):
+def test_output_folder_not_writable(tmp_path, capsys):
     source = write_parquet(tmp_path / "docs.parquet", TRICKY_DOCS)
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(SystemExit, match="a_file/out: the output folder is not writable"):
-        prepare.main(["--input", str(source), "--out_dir", str(tmp_path / "a_file" / "out")])
+    assert "a_file/out: the output folder is not writable" in fails_with(
+        capsys, "--input", source, "--out_dir", tmp_path / "a_file" / "out")
     if os.geteuid() != 0:  # root writes through permission bits, so this half only runs as a normal user
         read_only = tmp_path / "read_only"
         read_only.mkdir(mode=0o555)
-        with pytest.raises(SystemExit, match="read_only: the output folder is not writable"):
-            prepare.main(["--input", str(source), "--out_dir", str(read_only)])
+        line = fails_with(capsys, "--input", source, "--out_dir", read_only)
+        assert "read_only: the output folder is not writable" in line
 
 
 def disk_full(*args):
@@ -310,11 +567,11 @@ def disk_full(*args):
 
 
 @pytest.mark.parametrize("failing_step", ["append_tokens", "write_json_atomically"])
-def test_disk_full_leaves_no_outputs(tmp_path, monkeypatch, failing_step):
+def test_disk_full_leaves_no_outputs(tmp_path, monkeypatch, capsys, failing_step):
     source = write_parquet(tmp_path / "docs.parquet", synthetic_texts(100), row_group_size=20)
     monkeypatch.setattr(prepare, failing_step, disk_full)  # the bins' writes, or meta.json after the bins' rename
-    with pytest.raises(SystemExit, match="out: writing failed \\(No space left on device\\); partial outputs removed"):
-        run(tmp_path, "--input", source)
+    assert "out: writing failed (No space left on device); partial outputs removed" in fails_with(
+        capsys, "--input", source, "--out_dir", tmp_path / "out", "--workers", 1)
     assert not list((tmp_path / "out").iterdir())
 
 
@@ -328,6 +585,33 @@ def test_read_meta_rejects_missing_and_inconsistent_outputs(tmp_path):
         prepare.read_dataset_meta(tmp_path / "out")
 
 
-def test_bad_option_value_is_one_line(tmp_path):
-    with pytest.raises(SystemExit, match="--val_fraction 1.5: must be between 0 and 1"):
-        prepare.main(["--input", "x.parquet", "--val_fraction", "1.5"])
+def test_bad_option_value_is_one_line(capsys):
+    line = fails_with(capsys, "--input", "x.parquet", "--val_fraction", 1.5)
+    assert "--val_fraction 1.5: must be between 0 and 1" in line
+
+
+def test_second_run_into_the_same_folder_is_refused_and_the_first_stays_intact(tmp_path, monkeypatch):
+    """Two prepare.py runs into one out_dir: the second is refused in one line and touches nothing (before
+    the lock its clean-up deleted the first run's files); once the first is done, the folder is free again."""
+    first_texts, second_texts = synthetic_texts(60, seed=1), synthetic_texts(50, seed=2)
+    first = write_parquet(tmp_path / "first.parquet", first_texts, row_group_size=20)
+    second = write_parquet(tmp_path / "second.parquet", second_texts)
+    second_run = []
+    real_append_tokens = prepare.append_tokens
+
+    def append_and_start_a_second_run(file, tokens):
+        if not second_run:  # the first run is writing its bins: a second one starts into the same folder
+            second_run.append(run_script(PREPARE, "--input", second, "--out_dir", tmp_path / "out", "--workers", 1,
+                                         check=False))
+        real_append_tokens(file, tokens)
+
+    monkeypatch.setattr(prepare, "append_tokens", append_and_start_a_second_run)
+    run(tmp_path, "--input", first, "--val_fraction", 0.2)
+    refused = second_run[0]
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "another prepare.py" in refused.stderr and "--out_dir" in refused.stderr
+    assert_bins_hold(tmp_path / "out", first_texts)
+    monkeypatch.setattr(prepare, "append_tokens", real_append_tokens)
+    run(tmp_path, "--input", second, "--val_fraction", 0.2)
+    assert_bins_hold(tmp_path / "out", second_texts)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", "train.bin", "val.bin"]

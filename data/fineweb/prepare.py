@@ -1,34 +1,46 @@
 """
-Turn FineWeb parquet shards into train.bin / val.bin: raw uint16 GPT-2 token streams that np.memmap
-reads (nanoGPT's format), plus meta.json describing them. The tokenizer and the EOT rule (one
-<|endoftext|> prepended to every document) come from tokenizer.py at the repo root.
+Turn FineWeb parquet shards (or any Hugging Face text dataset) into train.bin / val.bin: raw uint16 GPT-2
+token streams that np.memmap reads (nanoGPT's format), plus meta.json describing them. The tokenizer and
+the EOT rule (one <|endoftext|> prepended to every document) come from tokenizer.py at the repo root.
 
-    python data/fineweb/prepare.py                             # downloads data/CC-MAIN-2013-20/000_00000.parquet
-    python data/fineweb/prepare.py --dump CC-MAIN-2013-20 --shard 3
-    python data/fineweb/prepare.py --input shard.parquet       # a file, a glob or a folder of .parquet files
-    python data/fineweb/prepare.py --input 'shards/*.parquet' --val_tokens 1000000 --workers 2
+    python data/fineweb/prepare.py                                   # FineWeb, dump CC-MAIN-2013-20, its first file
+    python data/fineweb/prepare.py --shards 0-9                      # its first ten files, one pair of bins
+    python data/fineweb/prepare.py --dump CC-MAIN-2024-10 --shard 3  # the 4th file (by name) of another dump
+    python data/fineweb/prepare.py --subset sample-10BT --shards 0-4 --keep_parquet False
+    python data/fineweb/prepare.py --repo HuggingFaceFW/fineweb-edu --subset sample-10BT
+    python data/fineweb/prepare.py --input shard.parquet             # a file, a glob or a folder of .parquet files
+    python data/fineweb/prepare.py --hf_dataset roneneldan/TinyStories --max_tokens 100000000
+    python data/fineweb/prepare.py --adopt ../nanoGPT/data/openwebtext  # bins from another tool: write meta.json
 
-How it runs: row groups are read (only the needed columns), tokenized and split by `--workers`
-processes, and written in input order by this process, at most 2 * workers row groups in flight, so
-memory does not grow with the input. Outputs go to *.tmp files, are re-read and checked, then renamed;
-meta.json is written last, so bins without a matching meta.json are an unfinished run. Running again on
-the same inputs and settings does nothing (--force redoes it).
+Shards are found by listing the Hub folder (data/<dump> or sample/<size>) and sorting the names, so
+--shard N is the N-th file; the listing is cached under HF_HOME, so the same command works offline later.
+Shard k+1 downloads while shard k is tokenized; --keep_parquet False deletes each one once tokenized.
+(Finding, checking and downloading the inputs is sources.py, beside this file.)
 
-Validation split, by whole documents: document i (0-based, counting the rows of all inputs in order)
-goes to val iff val_scores(seed, i) < threshold, a hash of (seed, i) alone, so the split does not depend
-on --workers or row-group sizes. threshold is --val_fraction, or, with --val_tokens, the smallest one
-whose documents reach that many tokens (by FineWeb's token_count column). If no document qualifies,
-the last document goes to val, so val is never empty.
+How it runs: row groups (or batches of 1024 streamed documents) are tokenized and split by --workers
+processes and written in input order by this process, at most 2 * workers batches in flight, so memory
+does not grow with the input. Everything is written into out_dir/prepare.work/ with a manifest updated
+after each finished source, so a killed run continues from the source it was in and produces the same
+bytes. At the end the bins are re-read and checked, moved into out_dir, and meta.json is written last:
+bins without a matching meta.json are not a finished run. Running again on the same inputs and settings
+does nothing (--force redoes it). A lock on out_dir refuses a second run into the same folder.
+
+Validation split, by whole documents: document i of a source (0-based within its file or stream) goes to
+val iff val_scores(seed, i) < threshold, a hash of (seed, i) alone, so the split does not depend on
+--workers, row-group sizes or the other sources, and a multi-source run is the concatenation of
+single-source runs. threshold is --val_fraction, or, with --val_tokens, the smallest one whose documents
+reach that many tokens (by FineWeb's token_count column). If no document qualifies, the last document of
+the last source goes to val, so val is never empty.
 
 Null texts are skipped and counted (reported, and in meta.json): one bad row should not sink a run over
 a 2 GB shard. They keep their index, so the other documents' split does not change. A `text` column
 that is not strings is refused.
 """
 import argparse
-import glob
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -40,91 +52,33 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+try:
+    import fcntl  # the out_dir lock; POSIX only
+except ImportError:
+    fcntl = None
+
 # tokenizer.py lives at the repo root, which is not on the path when this file runs as a script
+# (sources.py, beside this file, is: a script's own folder comes first)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+from configurator import fail  # noqa: E402
+from sources import (DEFAULT_DUMP, HF_REPO, Prefetch, PrepareError, dataset_source,  # noqa: E402
+                     delete_downloaded, describe_parquet, first_line, hub_sources, is_downloaded, local_source,
+                     resolve_inputs, stream_batches)
 from tokenizer import (ENCODING_NAME, EOT_PLACEMENT, EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE,  # noqa: E402
-                       encode_documents_flat, get_encoding, read_dataset_meta)
+                       TokenizerUnavailable, encode_documents_flat, get_encoding, max_token_id, read_dataset_meta)
 
-HF_REPO = "HuggingFaceFW/fineweb"
-DEFAULT_DUMP = "CC-MAIN-2013-20"
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent  # data/fineweb/, whatever the working directory
 SPLITS = ("train", "val")
 TOKEN_BYTES = np.dtype(TOKEN_DTYPE).itemsize
-VAL_RULE = ("document i (0-based over all rows of all sources, in order; skipped null texts keep their index) "
-            "goes to val iff (splitmix64(splitmix64(seed) ^ i) >> 11) / 2**53 < threshold; if none does, "
-            "the last document goes to val (see prepare.val_scores)")
-
-
-class PrepareError(Exception):
-    """A problem the user can fix; main() prints it as one line and exits non-zero."""
-
-
-# -----------------------------------------------------------------------------
-# finding the inputs
-
-def download_shard(dump, shard):
-    """The shard's local path, through huggingface_hub: its cache, its resume, its retries."""
-    from huggingface_hub import hf_hub_download  # imported here: only the download path needs it
-    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
-    filename = f"data/{dump}/{shard:03d}_00000.parquet"
-    try:
-        return Path(hf_hub_download(repo_id=HF_REPO, repo_type="dataset", filename=filename))
-    except LocalEntryNotFoundError:  # raised for "offline" and for "could not connect" alike
-        raise PrepareError(f"cannot download {filename} from {HF_REPO}: the network is unreachable (or HF_HUB_OFFLINE "
-                           f"is set) and it is not in the cache; fetch it elsewhere and pass --input PATH")
-    except EntryNotFoundError:
-        raise PrepareError(f"{HF_REPO} has no file {filename}: check --dump {dump} and --shard {shard}")
-    except Exception as e:  # a download boundary: whatever went wrong, say it in one line with the way out
-        raise PrepareError(f"cannot download {filename} from {HF_REPO} ({type(e).__name__}: {first_line(e)}); "
-                           f"fetch it elsewhere and pass --input PATH")
-
-
-def resolve_inputs(patterns):
-    """The parquet files named by --input: files, globs and folders, each expanded in sorted order."""
-    paths = []
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.is_dir():
-            found = sorted(path.glob("*.parquet"))
-            if not found:
-                raise PrepareError(f"{path}: the folder holds no .parquet files")
-        elif any(char in pattern for char in "*?["):
-            found = sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_file())
-            if not found:
-                raise PrepareError(f"--input {pattern!r} matches no files")
-        elif path.is_file():
-            found = [path]
-        else:
-            raise PrepareError(f"{path}: no such file")
-        paths += [p.resolve() for p in found]
-    return paths
-
-
-def first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def describe_source(path, name=None):
-    """Check one input and describe it: name, size, mtime (the no-op check), rows, row groups."""
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise PrepareError(f"{path}: not a parquet file ({first_line(e)})")
-    columns = parquet.schema_arrow.names
-    if "text" not in columns:
-        raise PrepareError(f"{path}: no 'text' column; it has: {', '.join(columns)}")
-    text_type = parquet.schema_arrow.field("text").type
-    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
-        raise PrepareError(f"{path}: column 'text' holds {text_type}, expected strings")
-    if parquet.metadata.num_rows == 0:
-        raise PrepareError(f"{path}: the parquet is empty (0 rows)")
-    stat = path.stat()
-    return {"name": name or str(path), "path": str(path), "size": stat.st_size, "mtime": stat.st_mtime,
-            "documents": parquet.metadata.num_rows,
-            "row_group_rows": [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)],
-            "has_token_count": "token_count" in columns}
+LOCK_NAME = "prepare.lock"
+WORK_NAME = "prepare.work"  # the unfinished run: bins so far and manifest.json
+# the free-space check's estimate: bins of about the parquet's size (0.97x on en_docs, ~0.7x on FineWeb shards)
+BIN_BYTES_PER_PARQUET_BYTE = 1.0
+VAL_RULE = ("document i of each source (0-based within its file or stream; skipped null texts keep their index) "
+            "goes to val iff (splitmix64(splitmix64(seed) ^ i) >> 11) / 2**53 < threshold; if none does, the last "
+            "document of the last source goes to val (see prepare.val_scores)")
 
 
 # -----------------------------------------------------------------------------
@@ -139,35 +93,36 @@ def splitmix64(x):
 
 
 def val_scores(seed, doc_indices):
-    """A score in [0, 1) per document that depends only on (seed, global document index)."""
+    """A score in [0, 1) per document that depends only on (seed, document index in its source)."""
     key = splitmix64(np.array([seed], dtype=np.uint64))
     mixed = splitmix64(np.asarray(doc_indices, dtype=np.uint64) ^ key)
     return (mixed >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
-def threshold_for_val_tokens(sources, seed, val_tokens):
+def threshold_for_val_tokens(described, seed, val_tokens):
     """The smallest threshold whose documents hold >= val_tokens tokens (FineWeb's token_count + 1 EOT each)."""
-    counts = []
-    for source in sources:
+    tokens_per_doc, scores = [], []
+    for source in described:
         if not source["has_token_count"]:
             raise PrepareError(f"{source['path']}: --val_tokens needs FineWeb's token_count column and this file "
                                f"has none; use --val_fraction")
         column = pq.read_table(source["path"], columns=["token_count"]).column("token_count")
-        counts.append(np.array([count or 0 for count in column.to_pylist()], dtype=np.int64))
-    tokens_per_doc = np.concatenate(counts) + 1
+        tokens_per_doc.append(np.array([count or 0 for count in column.to_pylist()], dtype=np.int64) + 1)
+        scores.append(val_scores(seed, np.arange(source["documents"])))
+    tokens_per_doc, scores = np.concatenate(tokens_per_doc), np.concatenate(scores)
     if val_tokens >= tokens_per_doc.sum():
         raise PrepareError(f"--val_tokens {val_tokens} must be below the input's {tokens_per_doc.sum()} tokens")
-    scores = val_scores(seed, np.arange(len(tokens_per_doc)))
     order = np.argsort(scores, kind="stable")
     last_val = np.searchsorted(np.cumsum(tokens_per_doc[order]), val_tokens)  # first position reaching val_tokens
     return float(np.nextafter(scores[order[last_val]], 1.0))
 
 
-def forced_val_doc(total_docs, seed, threshold):
-    """The last document's index when the rule picks no document (val must not be empty), else -1."""
-    picks_any = any((val_scores(seed, np.arange(start, min(start + 2**22, total_docs))) < threshold).any()
-                    for start in range(0, total_docs, 2**22))
-    return -1 if picks_any else total_docs - 1
+def no_document_qualifies(documents_per_source, seed, threshold):
+    """Whether the rule sends no document of any source to val (then the very last one goes there).
+    Scores depend on the index within a source only, so the longest source decides."""
+    longest = max(documents_per_source)
+    return not any((val_scores(seed, np.arange(start, min(start + 2**22, longest))) < threshold).any()
+                   for start in range(0, longest, 2**22))
 
 
 # -----------------------------------------------------------------------------
@@ -185,24 +140,33 @@ def to_uint16(ids):
     return ids.astype(TOKEN_DTYPE)
 
 
-def tokenize_row_group(task):
-    """One row group in; its documents' tokens out, already split into train and val."""
+def read_task_texts(task):
+    """A task's texts (a parquet row group, or a batch from a stream) and FineWeb's token_count summed
+    over the non-null ones (None without that column)."""
+    if "texts" in task:
+        return task["texts"], None
     columns = ["text", "token_count"] if task["has_token_count"] else ["text"]
     try:
         table = open_parquet(task["path"]).read_row_group(task["row_group"], columns=columns)
     except (pa.ArrowException, OSError) as e:
         raise PrepareError(f"{task['path']}: cannot read row group {task['row_group']} ({first_line(e)})")
     texts = table.column("text").to_pylist()
+    if not task["has_token_count"]:
+        return texts, None
+    counts = table.column("token_count").to_pylist()
+    return texts, sum(count or 0 for count, text in zip(counts, texts) if text is not None)
+
+
+def tokenize_task(task):
+    """One batch of documents in; their tokens out, already split into train and val."""
+    texts, token_count = read_task_texts(task)
     doc_index = task["first_doc"] + np.arange(len(texts))
     is_val = (val_scores(task["seed"], doc_index) < task["threshold"]) | (doc_index == task["forced_val_doc"])
     split_texts = {"train": [], "val": []}
     for text, to_val in zip(texts, is_val):
         if text is not None:
             split_texts["val" if to_val else "train"].append(text)
-    result = {"null_texts": texts.count(None), "token_count": None}
-    if task["has_token_count"]:
-        counts = table.column("token_count").to_pylist()
-        result["token_count"] = sum(count or 0 for count, text in zip(counts, texts) if text is not None)
+    result = {"rows": len(texts), "null_texts": texts.count(None), "token_count": token_count}
     for split, texts_of_split in split_texts.items():
         result[split] = to_uint16(encode_documents_flat(get_encoding(), texts_of_split))
         result[f"{split}_documents"] = len(texts_of_split)
@@ -210,65 +174,246 @@ def tokenize_row_group(task):
     return result
 
 
-def tokenize_in_order(tasks, workers):
-    """Each row group's result in input order, `workers` processes tokenizing ahead of the writer.
+def tokenize_in_order(tasks, pool, workers):
+    """Each task's result in input order, `workers` processes tokenizing ahead of the writer.
 
-    At most 2 * workers row groups are in flight, so memory stays bounded however long the input is."""
-    if workers == 1:  # no pool: one core gains nothing from it, and tests run faster in-process
-        yield from map(tokenize_row_group, tasks)
+    At most 2 * workers tasks are in flight, so memory stays bounded however long the input is."""
+    if pool is None:  # one worker: no pool, one core gains nothing from it and tests run faster in-process
+        yield from map(tokenize_task, tasks)
         return
-    # spawn, not fork: the same on Linux and macOS, and no forking of a process that holds threads
-    with mp.get_context("spawn").Pool(workers) as pool:
-        in_flight = deque()
-        for task in tasks:
-            in_flight.append(pool.apply_async(tokenize_row_group, (task,)))
-            if len(in_flight) >= 2 * workers:
-                yield in_flight.popleft().get()
-        while in_flight:
+    in_flight = deque()
+    for task in tasks:
+        in_flight.append(pool.apply_async(tokenize_task, (task,)))
+        if len(in_flight) >= 2 * workers:
             yield in_flight.popleft().get()
+    while in_flight:
+        yield in_flight.popleft().get()
+
+
+def row_group_tasks(described, seed, threshold, forced_val_doc):
+    first_doc = 0
+    for row_group, rows in enumerate(described["row_group_rows"]):
+        yield {"path": described["path"], "row_group": row_group, "first_doc": first_doc, "seed": seed,
+               "threshold": threshold, "forced_val_doc": forced_val_doc,
+               "has_token_count": described["has_token_count"]}
+        first_doc += rows
+
+
+def stream_tasks(args, threshold):
+    first_doc = 0
+    for texts in stream_batches(args):
+        yield {"texts": texts, "first_doc": first_doc, "seed": args.seed, "threshold": threshold, "forced_val_doc": -1}
+        first_doc += len(texts)
 
 
 # -----------------------------------------------------------------------------
-# writing, checking, publishing
+# writing: the work folder, its manifest, one source after another
+
+def new_counts():
+    counts = {"rows": 0, "null_texts": 0, "token_count": 0}
+    for split in SPLITS:
+        counts.update({f"{split}_documents": 0, f"{split}_text_tokens": 0})
+    return counts
+
+
+def add_counts(total, more):
+    for key in total:  # token_count stays None once one batch had no such column
+        total[key] = None if None in (total[key], more[key]) else total[key] + more[key]
+
+
+def split_tokens(counts, split):
+    return counts[f"{split}_text_tokens"] + counts[f"{split}_documents"]  # one EOT per document
+
 
 def append_tokens(file, tokens):
     file.write(tokens.data)
 
 
-def write_splits(tasks, workers, tmp_paths, total_docs):
-    """Tokenize all row groups into the temporary bins; returns the counts."""
-    from tqdm import tqdm
-    counts = {"null_texts": 0, "token_count": 0}
-    for split in SPLITS:
-        counts.update({f"{split}_documents": 0, f"{split}_text_tokens": 0})
-    with open(tmp_paths["train"], "wb") as train_file, open(tmp_paths["val"], "wb") as val_file, \
-            tqdm(total=total_docs, unit="doc", unit_scale=True, disable=None, smoothing=0.1) as bar:
-        files = {"train": train_file, "val": val_file}
-        for result in tokenize_in_order(tasks, workers):
+def open_work(work_dir, request, force):
+    """The manifest of the unfinished run in work_dir if it was for this very request (then its bins are
+    cut back to what the manifest counts: a killed run may have written past it), else a fresh one."""
+    manifest_path = work_dir / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        sizes = {split: (work_dir / f"{split}.bin").stat().st_size for split in SPLITS}
+    except (OSError, ValueError):
+        manifest = None
+    if manifest and not force and manifest.get("request") == request:
+        done = new_counts()
+        for entry in manifest["done"]:
+            add_counts(done, entry)
+        if all(sizes[split] >= split_tokens(done, split) * TOKEN_BYTES for split in SPLITS):
             for split in SPLITS:
-                append_tokens(files[split], result[split])
-            for key in counts:
-                counts[key] = None if None in (counts[key], result[key]) else counts[key] + result[key]
-            bar.update(sum(result[f"{split}_documents"] for split in SPLITS) + result["null_texts"])
-            tokens = sum(counts[f"{split}_text_tokens"] + counts[f"{split}_documents"] for split in SPLITS)
-            bar.set_postfix_str(f"{tokens / max(bar.format_dict['elapsed'], 1e-9) / 1e6:.2f}M tok/s", refresh=False)
-        for file in files.values():
-            file.flush()
-            os.fsync(file.fileno())  # the rename must not publish data still only in the page cache
-    return counts
+                os.truncate(work_dir / f"{split}.bin", split_tokens(done, split) * TOKEN_BYTES)
+            if manifest["done"]:
+                print(f"continuing an unfinished run: {len(manifest['done'])} of {len(request['sources'])} "
+                      f"source(s) already done ({work_dir})")
+            return manifest
+    if manifest and manifest["done"]:
+        print(f"discarding an unfinished run of other inputs or settings{' (--force)' if force else ''}: {work_dir}")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir()
+    for split in SPLITS:
+        (work_dir / f"{split}.bin").touch()
+    manifest = {"request": request, "done": [], "threshold": None, "forced_last_doc": False}
+    write_json_atomically(manifest_path, manifest)
+    return manifest
 
+
+def tokenize_sources(sources, manifest, work_dir, args):
+    """Tokenize the sources the manifest does not list as done, appending to the work bins. The manifest
+    is rewritten after each source (bins fsynced first), so a killed run continues with the source it was in."""
+    from tqdm import tqdm
+    first, total = len(manifest["done"]), new_counts()
+    for entry in manifest["done"]:
+        add_counts(total, entry)
+    tokens_before = sum(split_tokens(total, split) for split in SPLITS)  # a continued run's speed counts its own
+    prefetch = Prefetch(sources[first])
+    prefetch.wait()  # the first download in the foreground, with huggingface_hub's own progress bar
+    if any(source.get("remote") for source in sources):
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()  # later downloads run behind our bar, which shows their state
+    pool = mp.get_context("spawn").Pool(args.workers) if args.workers > 1 else None  # spawn: same on every OS
+    try:
+        with open(work_dir / "train.bin", "ab") as train_file, open(work_dir / "val.bin", "ab") as val_file, \
+                tqdm(unit="doc", unit_scale=True, disable=None, smoothing=0.1) as bar:
+            files, started = {"train": train_file, "val": val_file}, time.time()
+
+            def report(rows, tokens):  # on the bar: speed, which source, whether the next shard has arrived
+                status = f"{(tokens - tokens_before) / max(time.time() - started, 1e-9) / 1e6:.2f}M tok/s"
+                status += f", source {k + 1}/{len(sources)}" if len(sources) > 1 else ""
+                if prefetch is not None and prefetch.thread is not None:
+                    status += ", next shard: " + ("downloaded" if prefetch.done() else "downloading")
+                bar.update(rows)
+                bar.set_postfix_str(status, refresh=False)
+
+            for k in range(first, len(sources)):
+                path, source = prefetch.wait(), sources[k]
+                prefetch = Prefetch(sources[k + 1]) if k + 1 < len(sources) else None
+                tasks, manifest["forced_last_doc"] = source_tasks(source, path, manifest, args, k == len(sources) - 1)
+                tokens_so_far = sum(split_tokens(total, split) for split in SPLITS)
+                counts, reached_max = write_tasks(tasks, files, pool, args, tokens_so_far, report)
+                for file in files.values():
+                    file.flush()
+                    os.fsync(file.fileno())  # the manifest must not count data still only in the page cache
+                manifest["done"].append({"name": source["name"], **counts})
+                manifest["complete"] = reached_max or k == len(sources) - 1  # in the same write: no gap to fall into
+                add_counts(total, counts)
+                write_json_atomically(work_dir / "manifest.json", manifest)
+                if source.get("remote") and not args.keep_parquet:
+                    delete_downloaded(path)
+                if reached_max:
+                    break
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+def source_tasks(source, path, manifest, args, is_last):
+    """One source's tokenizer tasks, and whether its last document is sent to val because the rule sends
+    no document of the whole run there (decided with the last parquet source, when every length is known)."""
+    threshold = manifest["threshold"]
+    if source.get("stream"):
+        return stream_tasks(args, threshold), False
+    described = describe_parquet(path, source["name"])
+    rows = [entry["rows"] for entry in manifest["done"]] + [described["documents"]]
+    forced = is_last and no_document_qualifies(rows, args.seed, threshold)
+    return row_group_tasks(described, args.seed, threshold, rows[-1] - 1 if forced else -1), forced
+
+
+def write_tasks(tasks, files, pool, args, tokens_so_far, report):
+    """Append the tasks' tokens to the bins, in order; stop after the task that reaches --max_tokens.
+    Returns the counts and whether --max_tokens was reached."""
+    counts = new_counts()
+    for result in tokenize_in_order(tasks, pool, args.workers):
+        for split in SPLITS:
+            append_tokens(files[split], result[split])
+        add_counts(counts, result)
+        tokens = tokens_so_far + sum(split_tokens(counts, split) for split in SPLITS)
+        report(result["rows"], tokens)
+        if args.max_tokens and tokens >= args.max_tokens:
+            return counts, True
+    return counts, False
+
+
+# -----------------------------------------------------------------------------
+# checking and publishing
 
 def verify_split_file(path, documents, tokens):
-    """Re-read a written bin: its size, and exactly one EOT per document (encode_ordinary never emits EOT)."""
+    """Re-read a written bin: its size, exactly one EOT per document (encode_ordinary never emits EOT),
+    every id below the vocabulary. Returns its largest id, which meta.json records so that train.py
+    need not read the whole file again."""
     if path.stat().st_size != tokens * TOKEN_BYTES:
         raise PrepareError(f"verification failed: {path} holds {path.stat().st_size} bytes, expected {tokens} tokens")
-    eots, first = 0, None
+    eots, first, largest = 0, None, -1
     with open(path, "rb") as f:  # read in chunks, not np.memmap: mapped pages would count against our RSS
         while (ids := np.fromfile(f, dtype=TOKEN_DTYPE, count=2**22)).size:
             first = ids[0] if first is None else first
             eots += int(np.count_nonzero(ids == EOT_TOKEN))
+            largest = max(largest, int(ids.max()))
     if eots != documents or (documents and first != EOT_TOKEN):
         raise PrepareError(f"verification failed: {path} holds {eots} EOT tokens for {documents} documents")
+    if largest >= VOCAB_SIZE:
+        raise PrepareError(f"verification failed: {path} holds token id {largest} >= vocab size {VOCAB_SIZE}")
+    return largest
+
+
+def check_both_splits_filled(total, names):
+    """Train and val each need a document; say what is wrong with the input when it cannot give them."""
+    documents = total["train_documents"] + total["val_documents"]
+    if documents == 0:
+        raise PrepareError(f"{names}: every text is null ({total['rows']:,} rows): there is nothing to tokenize")
+    if documents == 1:
+        raise PrepareError(f"{names}: the input holds a single document ({total['rows']:,} rows, "
+                           f"{total['null_texts']:,} null); a train and a val split need at least two")
+    for split in SPLITS:
+        if total[f"{split}_documents"] == 0:  # the rule put every document on one side: only its settings can fix it
+            raise PrepareError(f"the {split} split came out empty ({documents:,} documents); "
+                               f"change --val_fraction/--val_tokens")
+
+
+def publish(out_dir, work_dir, manifest, sources, args, seconds):
+    """Check the finished work bins, then move them into out_dir; meta.json last, as it marks them complete."""
+    total = new_counts()
+    for entry in manifest["done"]:
+        add_counts(total, entry)
+    try:
+        check_both_splits_filled(total, ", ".join(source["name"] for source in sources))
+    except PrepareError:
+        manifest["done"].clear()  # nothing worth keeping: the same command would fail the same way
+        raise
+    splits = {split: {"documents": total[f"{split}_documents"], "tokens": split_tokens(total, split),
+                      "file": f"{split}.bin"} for split in SPLITS}
+    for split in SPLITS:
+        splits[split]["max_token_id"] = verify_split_file(work_dir / f"{split}.bin", splits[split]["documents"],
+                                                          splits[split]["tokens"])
+    meta = make_meta(sources, manifest, splits, total, args, seconds)
+    write_json_atomically(work_dir / "meta.json", meta)  # before any move: a full disk fails here, work intact
+    for split in SPLITS:
+        os.replace(work_dir / f"{split}.bin", out_dir / f"{split}.bin")
+    os.replace(work_dir / "meta.json", out_dir / "meta.json")
+    shutil.rmtree(work_dir)
+    return meta
+
+
+def make_meta(sources, manifest, splits, total, args, seconds):
+    text_tokens = total["train_text_tokens"] + total["val_text_tokens"]
+    recorded = ("name", "path", "size", "mtime", "blob_id", "data_files")
+    described = [{**{k: v for k, v in source.items() if k in recorded}, "documents": entry["rows"]}
+                 for source, entry in zip(sources, manifest["done"])]
+    request = manifest["request"]
+    val_request = {k: request[k] for k in ("seed", "val_fraction", "val_tokens") if k in request}
+    meta = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
+            "eot_placement": EOT_PLACEMENT, "dtype": np.dtype(TOKEN_DTYPE).name, "splits": splits,
+            "sources": described,
+            "val_split": {"rule": VAL_RULE, **val_request, "threshold": manifest["threshold"],
+                          "forced_last_doc": manifest["forced_last_doc"]},
+            "null_texts_skipped": total["null_texts"],
+            "token_count_diff": None if total["token_count"] is None else text_tokens - total["token_count"],
+            "workers": args.workers, "seconds": round(seconds, 2)}
+    if args.max_tokens:
+        meta["max_tokens"] = args.max_tokens
+    return meta
 
 
 def write_json_atomically(path, data):
@@ -280,6 +425,9 @@ def write_json_atomically(path, data):
     os.replace(tmp_path, path)
 
 
+# -----------------------------------------------------------------------------
+# before any work: the output folder, its lock, the free space
+
 def check_writable(out_dir):
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -288,12 +436,71 @@ def check_writable(out_dir):
         raise PrepareError(f"{out_dir}: the output folder is not writable ({e.strerror or e})")
 
 
-def matches_request(meta, sources, val_split):
-    """Whether meta.json came from these very inputs and split settings (then a rerun is a no-op)."""
-    def key(source):
-        return source["name"], source["size"], source["mtime"]
-    return ([key(s) for s in meta.get("sources", [])] == [key(s) for s in sources]
-            and all(meta.get("val_split", {}).get(k) == v for k, v in val_split.items()))
+def lock_out_dir(out_dir):
+    """Hold out_dir/prepare.lock until release_lock: a second prepare.py into the same folder is refused
+    instead of deleting this run's files. flock is dropped by the kernel when the process ends, even on
+    SIGKILL, so a stale lock never blocks a later run. (POSIX only: on Windows there is no lock.)"""
+    if fcntl is None:
+        return None
+    path = out_dir / LOCK_NAME
+    while True:
+        lock_file = open(path, "a+")
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "another process"
+            lock_file.close()
+            raise PrepareError(f"{out_dir}: another prepare.py ({holder}) is writing to this folder; wait for it "
+                               f"to finish or choose another --out_dir")
+        # the holder we waited on may have removed the file before we locked it: then lock the new one
+        if path.exists() and os.path.samestat(os.fstat(lock_file.fileno()), path.stat()):
+            break
+        lock_file.close()
+    lock_file.truncate(0)
+    lock_file.write(f"pid {os.getpid()}")
+    lock_file.flush()
+    return lock_file
+
+
+def release_lock(out_dir, lock_file):
+    if lock_file is not None:
+        (out_dir / LOCK_NAME).unlink(missing_ok=True)  # removed while still held, so no one locks a stale file
+        lock_file.close()
+
+
+def existing_parent(path):
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_free_space(out_dir, sources, first_todo, keep_parquet):
+    """Refuse before any work when the bins, and the shards still to download, will not fit on their disks."""
+    todo = sources[first_todo:]
+    if any(source["size"] is None for source in todo):
+        return  # a stream: its size is unknown until it is read
+    needs = [(out_dir, "train.bin/val.bin", sum(source["size"] for source in todo) * BIN_BYTES_PER_PARQUET_BYTE)]
+    downloads = [source["size"] for source in todo if source.get("remote") and not is_downloaded(source)]
+    if downloads:
+        from huggingface_hub import constants
+        needs.append((Path(constants.HF_HUB_CACHE), "the parquet downloads",
+                      sum(downloads) if keep_parquet else sum(sorted(downloads)[-2:])))  # without: two at a time
+    old_bins = [out_dir / f"{split}.bin" for split in SPLITS if (out_dir / f"{split}.bin").exists()]
+    freed = sum(path.stat().st_size for path in old_bins)  # this run replaces them
+    by_disk = {out_dir.stat().st_dev: {"folder": out_dir, "what": [], "bytes": -freed}}
+    for folder, what, size in needs:
+        folder = existing_parent(folder)
+        disk = by_disk.setdefault(folder.stat().st_dev, {"folder": folder, "what": [], "bytes": 0})
+        disk["what"].append(what)
+        disk["bytes"] += size
+    for disk in by_disk.values():
+        free = shutil.disk_usage(disk["folder"]).free
+        if disk["bytes"] > free:
+            hint = "; --keep_parquet False keeps two shards at a time" if downloads and keep_parquet else ""
+            raise PrepareError(f"{disk['folder']}: {' and '.join(disk['what'])} need about "
+                               f"{disk['bytes'] / 1e9:.1f} GB and its disk has {free / 1e9:.1f} GB free; "
+                               f"free some space or choose another --out_dir{hint}")
 
 
 # -----------------------------------------------------------------------------
@@ -301,14 +508,39 @@ def matches_request(meta, sources, val_split):
 def parse_args(argv):
     class OneLineErrors(argparse.ArgumentParser):
         def error(self, message):
-            sys.exit(f"prepare.py: error: {message} (see --help)")
+            fail(f"{message} (see --help)")
+
+    def shard_range(text):
+        first, _, last = text.partition("-")
+        if not (first.isdigit() and last.isdigit() and int(first) <= int(last)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a range A-B of shard numbers with A <= B")
+        return int(first), int(last)
+
+    def yes_no(text):
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise argparse.ArgumentTypeError(f"{text!r}: allowed are True or False")
+        return text.lower() in ("true", "1", "yes")
 
     parser = OneLineErrors(description="FineWeb parquet -> train.bin, val.bin (uint16 GPT-2 tokens), meta.json")
     parser.add_argument("--input", nargs="+", metavar="PATH",
                         help="local parquet: a file, a glob or a folder (several: processed in order into one pair)")
-    parser.add_argument("--dump", help=f"FineWeb dump to download (default {DEFAULT_DUMP})")
-    parser.add_argument("--shard", type=int, help="file index in the dump: data/{dump}/{shard:03d}_00000.parquet (default 0)")
-    parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT_DIR, help="where the bins go (default: this folder)")
+    parser.add_argument("--repo", default=HF_REPO, help=f"Hub dataset to download from (default {HF_REPO})")
+    parser.add_argument("--dump", help=f"a dump of --repo, i.e. its folder data/<dump> (default {DEFAULT_DUMP})")
+    parser.add_argument("--subset", help="a sample folder of --repo instead, e.g. sample-10BT (sample/10BT)")
+    parser.add_argument("--shard", type=int, help="the N-th file of the folder, sorted by name (default 0)")
+    parser.add_argument("--shards", type=shard_range, metavar="A-B", help="files A to B of the folder, inclusive")
+    parser.add_argument("--keep_parquet", type=yes_no, default=True, metavar="True|False",
+                        help="keep downloaded shards in the Hugging Face cache (False: delete each once tokenized)")
+    parser.add_argument("--hf_dataset", metavar="NAME", help="any Hugging Face text dataset, streamed by `datasets`")
+    parser.add_argument("--hf_config", help="its configuration (datasets' `name`)")
+    parser.add_argument("--hf_split", default="train", help="its split to read (default train)")
+    parser.add_argument("--hf_data_files", nargs="+", metavar="PATH", help="data_files passed to datasets.load_dataset")
+    parser.add_argument("--text_column", default="text", help="the column holding the text (default text)")
+    parser.add_argument("--max_tokens", type=int, help="stop after the batch that reaches this many tokens")
+    parser.add_argument("--adopt", type=Path, metavar="DIR",
+                        help="train.bin/val.bin written by another tool: check them and write their meta.json")
+    parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT_DIR,
+                        help="where the bins go (default: this folder)")
     val_size = parser.add_mutually_exclusive_group()
     val_size.add_argument("--val_fraction", type=float, help="expected fraction of documents in val (default 0.005)")
     val_size.add_argument("--val_tokens", type=int, help="val size in tokens instead (needs FineWeb's token_count)")
@@ -317,105 +549,126 @@ def parse_args(argv):
                         else os.cpu_count(), help="tokenizer processes (default: every core)")
     parser.add_argument("--force", action="store_true", help="redo even if the outputs match the inputs")
     args = parser.parse_args(argv)
-    if args.input and (args.dump is not None or args.shard is not None):
-        parser.error("--input and --dump/--shard are alternatives: give one")
+    hub_options = [f"--{k}" for k in ("dump", "subset", "shard", "shards") if getattr(args, k) is not None]
+    hub_options += ["--repo"] if args.repo != HF_REPO else []
+    chosen = [name for name, given in (("--input", args.input), (" ".join(hub_options), hub_options),
+                                       ("--hf_dataset", args.hf_dataset), ("--adopt", args.adopt)) if given]
+    if len(chosen) > 1:
+        parser.error(f"{' and '.join(chosen)} are alternatives: give one")
+    if args.dump is not None and args.subset is not None:
+        parser.error("--dump and --subset are alternatives: a dump's files or a sample's")
+    if args.shard is not None and args.shards is not None:
+        parser.error("--shard and --shards are alternatives: give one")
+    if args.hf_dataset is None and (args.hf_config or args.hf_data_files or args.hf_split != "train"
+                                    or args.text_column != "text"):
+        parser.error("--hf_config, --hf_split, --hf_data_files and --text_column go with --hf_dataset")
+    if args.hf_dataset and args.val_tokens is not None:
+        parser.error("--val_tokens needs FineWeb's token_count column, which a stream does not give; "
+                     "use --val_fraction")
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         parser.error(f"--val_fraction {args.val_fraction}: must be between 0 and 1 (exclusive)")
     if args.val_tokens is not None and args.val_tokens < 1:
         parser.error(f"--val_tokens {args.val_tokens}: must be at least 1")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        parser.error(f"--max_tokens {args.max_tokens}: must be at least 1")
     if not 0 <= args.seed < 2**64:
         parser.error(f"--seed {args.seed}: must be between 0 and 2**64 - 1")
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: must be at least 1")
-    if args.shard is not None and not 0 <= args.shard <= 999:
-        parser.error(f"--shard {args.shard}: must be between 0 and 999")
+    if args.shard is not None and args.shard < 0:
+        parser.error(f"--shard {args.shard}: must be 0 or more")
     if args.val_fraction is None and args.val_tokens is None:
         args.val_fraction = 0.005
     return args
 
 
 def find_sources(args):
+    """What to read, before any work: local files (checked now), Hub shards (listed now, downloaded as
+    they come), or a `datasets` stream."""
     if args.input:
-        return [describe_source(path) for path in resolve_inputs(args.input)]
-    dump, shard = args.dump or DEFAULT_DUMP, args.shard or 0
-    path = download_shard(dump, shard)
-    return [describe_source(path, name=f"hf://datasets/{HF_REPO}/data/{dump}/{shard:03d}_00000.parquet")]
+        return [local_source(path) for path in resolve_inputs(args.input)]
+    if args.hf_dataset:
+        return [dataset_source(args)]
+    return hub_sources(args)
 
 
-def row_group_tasks(sources, seed, threshold, forced_val):
-    first_doc = 0
-    for source in sources:
-        for row_group, rows in enumerate(source["row_group_rows"]):
-            yield {"path": source["path"], "row_group": row_group, "first_doc": first_doc, "seed": seed,
-                   "threshold": threshold, "forced_val_doc": forced_val, "has_token_count": source["has_token_count"]}
-            first_doc += rows
+def identity(source):
+    """What makes a source the same input again: for the no-op check and for continuing a killed run."""
+    return {k: source.get(k) for k in ("name", "size", "mtime", "blob_id")}
+
+
+def val_request(args):
+    size = {"val_tokens": args.val_tokens} if args.val_tokens else {"val_fraction": args.val_fraction}
+    return {"seed": args.seed, **size}
+
+
+def already_done(out_dir, sources, args):
+    """meta.json of an earlier run from these very sources and settings, else None (a stream is never the same)."""
+    try:
+        meta = read_dataset_meta(out_dir)
+    except (FileNotFoundError, ValueError):
+        return None
+    same_sources = [identity(s) for s in meta.get("sources", [])] == [identity(s) for s in sources]
+    same_split = all((meta.get("val_split") or {}).get(k) == v for k, v in val_request(args).items())
+    if same_sources and same_split and meta.get("max_tokens") == args.max_tokens and not args.hf_dataset:
+        return meta
+    return None
 
 
 def prepare(args):
-    t0 = time.time()
     out_dir = args.out_dir.resolve()
     check_writable(out_dir)
-    sources = find_sources(args)
-    val_request = {"seed": args.seed}
-    val_request.update({"val_tokens": args.val_tokens} if args.val_tokens else {"val_fraction": args.val_fraction})
-    if not args.force:
-        try:
-            meta = read_dataset_meta(out_dir)
-        except (FileNotFoundError, ValueError):
-            meta = None
-        if meta and matches_request(meta, sources, val_request):
-            print(f"{out_dir}: train.bin and val.bin already hold these inputs "
-                  f"({meta['splits']['train']['tokens']:,} + {meta['splits']['val']['tokens']:,} tokens); "
-                  f"nothing to do (--force redoes it)")
-            return meta
-
-    total_docs = sum(source["documents"] for source in sources)
-    threshold = args.val_fraction or threshold_for_val_tokens(sources, args.seed, args.val_tokens)
-    forced_val = forced_val_doc(total_docs, args.seed, threshold)
-    row_groups = sum(len(source["row_group_rows"]) for source in sources)
-    print(f"tokenizing {len(sources)} file(s), {total_docs:,} documents in {row_groups} row groups "
-          f"with {args.workers} worker(s) -> {out_dir}")
-
-    # from here on the old outputs are invalid: without meta.json no reader accepts the bins
-    for name in ("meta.json", "train.bin", "val.bin"):
-        (out_dir / name).unlink(missing_ok=True)
-    tmp_paths = {split: out_dir / f"{split}.bin.tmp" for split in SPLITS}
-    complete = False
+    lock = lock_out_dir(out_dir)
     try:
-        counts = write_splits(row_group_tasks(sources, args.seed, threshold, forced_val), args.workers,
-                              tmp_paths, total_docs)
-        splits = {split: {"documents": counts[f"{split}_documents"],
-                          "tokens": counts[f"{split}_text_tokens"] + counts[f"{split}_documents"],
-                          "file": f"{split}.bin"} for split in SPLITS}
-        for split in SPLITS:
-            if splits[split]["documents"] == 0:  # only possible with null texts or a val_fraction near 1
-                raise PrepareError(f"the {split} split came out empty; change --val_fraction/--val_tokens")
-            verify_split_file(tmp_paths[split], splits[split]["documents"], splits[split]["tokens"])
-        meta = make_meta(sources, splits, counts, val_request, threshold, forced_val, args.workers, time.time() - t0)
-        for split in SPLITS:
-            os.replace(tmp_paths[split], out_dir / f"{split}.bin")
-        write_json_atomically(out_dir / "meta.json", meta)  # last: it marks the bins as complete
-        complete = True
-    except OSError as e:
-        raise PrepareError(f"{out_dir}: writing failed ({e.strerror or e}); partial outputs removed")
+        return prepare_locked(args, out_dir)
     finally:
-        unfinished = [out_dir / "meta.json.tmp", *tmp_paths.values()]
-        unfinished += [] if complete else [out_dir / f"{split}.bin" for split in SPLITS]
-        for path in unfinished:
-            path.unlink(missing_ok=True)
+        release_lock(out_dir, lock)
+
+
+def prepare_locked(args, out_dir):
+    t0 = time.time()
+    sources = find_sources(args)
+    for source in sources:
+        if "path" in source:
+            describe_parquet(Path(source["path"]), source["name"])  # a bad local input fails before any work
+    meta = None if args.force else already_done(out_dir, sources, args)
+    if meta:
+        print(f"{out_dir}: train.bin and val.bin already hold these inputs ({meta['splits']['train']['tokens']:,} + "
+              f"{meta['splits']['val']['tokens']:,} tokens); nothing to do (--force redoes it)")
+        return meta
+
+    request = json.loads(json.dumps({"sources": [identity(s) for s in sources], **val_request(args),
+                                     "max_tokens": args.max_tokens}))  # as it reads back from the manifest
+    work_dir, manifest = out_dir / WORK_NAME, None
+    try:
+        manifest = open_work(work_dir, request, args.force)
+        if not manifest.get("complete"):
+            check_free_space(out_dir, sources, len(manifest["done"]), args.keep_parquet)
+        # from here on the old outputs are invalid: without meta.json no reader accepts the bins
+        for name in ("meta.json", "train.bin", "val.bin"):
+            (out_dir / name).unlink(missing_ok=True)
+        if not manifest.get("complete"):
+            if manifest["threshold"] is None:
+                manifest["threshold"] = args.val_fraction or threshold_for_val_tokens(
+                    [describe_parquet(Prefetch(s).wait(), s["name"]) for s in sources], args.seed, args.val_tokens)
+            print(f"tokenizing {len(sources)} source(s) with {args.workers} worker(s) -> {out_dir}")
+            tokenize_sources(sources, manifest, work_dir, args)
+        meta = publish(out_dir, work_dir, manifest, sources, args, time.time() - t0)
+    except OSError as e:
+        raise PrepareError(f"{out_dir}: writing failed ({e.strerror or e}); {give_up(work_dir, manifest)}")
+    except (PrepareError, TokenizerUnavailable) as e:  # the latter from the first batch, in whichever process
+        raise PrepareError(f"{e}; {give_up(work_dir, manifest)}")
     print_summary(meta, out_dir)
     return meta
 
 
-def make_meta(sources, splits, counts, val_request, threshold, forced_val, workers, seconds):
-    text_tokens = counts["train_text_tokens"] + counts["val_text_tokens"]
-    return {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
-            "eot_placement": EOT_PLACEMENT, "dtype": np.dtype(TOKEN_DTYPE).name, "splits": splits,
-            "sources": [{k: s[k] for k in ("name", "path", "size", "mtime", "documents")} for s in sources],
-            "val_split": {"rule": VAL_RULE, **val_request, "threshold": threshold, "forced_last_doc": forced_val >= 0},
-            "null_texts_skipped": counts["null_texts"],
-            "token_count_diff": None if counts["token_count"] is None else text_tokens - counts["token_count"],
-            "workers": workers, "seconds": round(seconds, 2)}
+def give_up(work_dir, manifest):
+    """After an error: keep the finished sources for the next run to continue from, or remove the work."""
+    if manifest and manifest["done"]:
+        return (f"the {len(manifest['done'])} finished source(s) are kept in {work_dir}: the same command "
+                f"continues from there")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return "partial outputs removed"
 
 
 def print_summary(meta, out_dir):
@@ -431,12 +684,57 @@ def print_summary(meta, out_dir):
           f"meta: {out_dir / 'meta.json'}")
 
 
+# -----------------------------------------------------------------------------
+# bins from another tool
+
+ADOPTED_NOTE = ("train.bin and val.bin were written by another tool; prepare.py --adopt checked that they are "
+                "uint16 ids all below GPT-2's vocabulary. Not known, so not recorded: the document count, the split "
+                "rule, where EOT tokens go, and whether the ids are really GPT-2's (another tokenizer with a "
+                "vocabulary this small would pass)")
+
+
+def adopt(data_dir):
+    """meta.json for train.bin / val.bin written by another tool (e.g. nanoGPT's prepare scripts): check
+    that they hold uint16 ids below GPT-2's vocabulary, record what can be known, say what cannot."""
+    if (data_dir / "meta.json").exists():
+        raise PrepareError(f"{data_dir / 'meta.json'} exists already: --adopt is for bins without one "
+                           f"(delete it to adopt the bins as they are)")
+    splits = {}
+    for split in SPLITS:
+        path = data_dir / f"{split}.bin"
+        if not path.is_file():
+            raise PrepareError(f"{path}: no such file; --adopt needs train.bin and val.bin")
+        size = path.stat().st_size
+        if size == 0 or size % TOKEN_BYTES:
+            raise PrepareError(f"{path}: {size} bytes, not a non-empty file of uint16 tokens")
+        largest = max_token_id(path)
+        if largest >= VOCAB_SIZE:
+            raise PrepareError(f"{path} holds token id {largest}, not below GPT-2's vocabulary of {VOCAB_SIZE}: "
+                               f"not GPT-2 tokens in uint16; cannot adopt it")
+        splits[split] = {"documents": None, "tokens": size // TOKEN_BYTES, "file": path.name, "max_token_id": largest}
+    meta = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN, "eot_placement": "unknown",
+            "dtype": np.dtype(TOKEN_DTYPE).name, "splits": splits, "sources": [], "val_split": None,
+            "adopted": ADOPTED_NOTE}
+    write_json_atomically(data_dir / "meta.json", meta)
+    print(f"{data_dir / 'meta.json'}: train {splits['train']['tokens']:,} tokens, val {splits['val']['tokens']:,} "
+          f"tokens, every id below {VOCAB_SIZE}; not known (not recorded): document count, split rule, EOT placement")
+    return meta
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.adopt:
+            data_dir = args.adopt.resolve()
+            check_writable(data_dir)
+            lock = lock_out_dir(data_dir)
+            try:
+                return adopt(data_dir)
+            finally:
+                release_lock(data_dir, lock)
         return prepare(args)
     except PrepareError as e:
-        raise SystemExit(f"prepare.py: error: {e}")
+        fail(str(e))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,244 @@
+"""
+Where prepare.py's documents come from, checked before any work: local parquet files, FineWeb's shards on
+the Hugging Face Hub (found through the Hub's listing API, downloaded through its cache), or any dataset
+streamed by the `datasets` package. prepare.py turns them into tokens.
+
+A source is a dict: name (as meta.json records it), size in bytes (None for a stream), and how to read it:
+path (a local file), repo + remote (a file on the Hub, downloaded when its turn comes), or stream.
+"""
+import glob
+import json
+import os
+import threading
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+HF_REPO = "HuggingFaceFW/fineweb"
+DEFAULT_DUMP = "CC-MAIN-2013-20"
+STREAM_BATCH = 1024  # documents per batch when streaming a `datasets` dataset
+
+
+class PrepareError(Exception):
+    """A problem the user can fix; main() prints it as one line `error: ...` and exits with status 2."""
+
+
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+# -----------------------------------------------------------------------------
+# finding the inputs: local parquet files
+
+def resolve_inputs(patterns):
+    """The parquet files named by --input: files, globs and folders, each expanded in sorted order."""
+    paths = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            found = sorted(path.glob("*.parquet"))
+            if not found:
+                raise PrepareError(f"{path}: the folder holds no .parquet files")
+        elif any(char in pattern for char in "*?["):
+            found = sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_file())
+            if not found:
+                raise PrepareError(f"--input {pattern!r} matches no files")
+        elif path.is_file():
+            found = [path]
+        else:
+            raise PrepareError(f"{path}: no such file")
+        paths += [p.resolve() for p in found]
+    return paths
+
+
+def describe_parquet(path, name):
+    """Check one parquet file and describe what the tokenizer tasks need: rows, row groups, columns."""
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise PrepareError(f"{path}: not a parquet file ({first_line(e)})")
+    columns = parquet.schema_arrow.names
+    if "text" not in columns:
+        raise PrepareError(f"{path}: no 'text' column; it has: {', '.join(columns)}")
+    text_type = parquet.schema_arrow.field("text").type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise PrepareError(f"{path}: column 'text' holds {text_type}, expected strings")
+    if parquet.metadata.num_rows == 0:
+        raise PrepareError(f"{path}: the parquet is empty (0 rows)")
+    return {"name": name, "path": str(path), "documents": parquet.metadata.num_rows,
+            "row_group_rows": [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)],
+            "has_token_count": "token_count" in columns}
+
+
+def local_source(path):
+    stat = path.stat()  # name, size and mtime identify it for the no-op check and for resuming
+    return {"name": str(path), "path": str(path), "size": stat.st_size, "mtime": stat.st_mtime}
+
+
+# -----------------------------------------------------------------------------
+# finding the inputs: FineWeb shards on the Hugging Face Hub
+
+def hub_folder(args):
+    """The folder of --repo that --dump or --subset names: data/<dump> or sample/<size>."""
+    if args.subset is None:
+        return "data/" + (args.dump or DEFAULT_DUMP)
+    if not args.subset.startswith("sample-"):
+        raise PrepareError(f"--subset {args.subset}: FineWeb's subsets are its samples, named like sample-10BT; "
+                           f"a dump is chosen with --dump")
+    return "sample/" + args.subset.removeprefix("sample-")
+
+
+def listing_cache_file(repo, folder):
+    from huggingface_hub import constants
+    return Path(constants.HF_HOME) / "fineweb-gpt" / "listings" / (f"{repo}/{folder}".replace("/", "--") + ".json")
+
+
+def list_shards(repo, folder):
+    """The .parquet files of one folder of a Hub dataset, sorted by name: [{path, size, blob_id}]. From
+    the Hub's listing API, kept in a cache so that the same command works offline later."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import EntryNotFoundError, RepositoryNotFoundError
+    cache = listing_cache_file(repo, folder)
+    try:
+        entries = list(HfApi().list_repo_tree(repo, path_in_repo=folder, repo_type="dataset"))
+    except RepositoryNotFoundError:
+        raise PrepareError(f"--repo {repo}: no such dataset on the Hugging Face Hub (or it needs a login)")
+    except EntryNotFoundError:  # the folder is not in the repo (404)
+        raise PrepareError(f"{repo} has no folder {folder}{some_valid_names(repo, folder)}")
+    except Exception as e:  # offline, unreachable, ...: a listing from an earlier run will do
+        if cache.exists():
+            return json.loads(cache.read_text())
+        raise PrepareError(f"cannot list {repo}/{folder} ({type(e).__name__}: {first_line(e)}) and no earlier run "
+                           f"cached its listing; run once with a network, or download the files and pass --input")
+    shards = sorted(({"path": e.path, "size": e.size, "blob_id": e.blob_id} for e in entries
+                     if e.path.endswith(".parquet") and hasattr(e, "size")), key=lambda shard: shard["path"])
+    if not shards:
+        raise PrepareError(f"{repo}/{folder} holds no .parquet files")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path = cache.with_name(cache.name + ".tmp")
+        tmp_path.write_text(json.dumps(shards))
+        os.replace(tmp_path, cache)  # whole or not at all: a killed run must not leave half a listing
+    except OSError:
+        pass  # the cache only spares a later offline run the network; this run has what it needs
+    return shards
+
+
+def some_valid_names(repo, folder):
+    """'; valid --dump values include ...' from the Hub's listing of the parent folder, or '' offline."""
+    from huggingface_hub import HfApi
+    parent = folder.rsplit("/", 1)[0]
+    try:
+        names = sorted(e.path.rsplit("/", 1)[-1] for e in HfApi().list_repo_tree(repo, path_in_repo=parent,
+                                                                                 repo_type="dataset")
+                       if not hasattr(e, "size"))  # folders have no size
+    except Exception:  # the hint is a courtesy: without it the error still names the folder
+        return ""
+    option, prefix = ("--dump", "") if parent == "data" else ("--subset", "sample-")
+    shown = names if len(names) <= 6 else names[:3] + ["..."] + names[-3:]
+    shown = [name if name == "..." else prefix + name for name in shown]
+    return f"; valid {option} values ({len(names)}) include: {', '.join(shown)}"
+
+
+def select_shards(shards, first, last, where):
+    if last >= len(shards):
+        raise PrepareError(f"{where} has {len(shards)} files (shards 0-{len(shards) - 1}); "
+                           f"--shard/--shards asks for {first}-{last}")
+    return shards[first:last + 1]
+
+
+def hub_sources(args):
+    repo, folder = args.repo, hub_folder(args)
+    first, last = args.shards or (args.shard or 0, args.shard or 0)
+    shards = select_shards(list_shards(repo, folder), first, last, f"{repo}/{folder}")
+    return [{"name": f"hf://datasets/{repo}/{shard['path']}", "repo": repo, "remote": shard["path"],
+             "size": shard["size"], "blob_id": shard["blob_id"]} for shard in shards]
+
+
+def download_shard(source):
+    """The shard's local path, through huggingface_hub: its cache, its resume, its retries."""
+    from huggingface_hub import hf_hub_download  # imported here: only the download path needs it
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+    repo, filename = source["repo"], source["remote"]
+    try:
+        return Path(hf_hub_download(repo_id=repo, repo_type="dataset", filename=filename))
+    except LocalEntryNotFoundError:  # raised for "offline" and for "could not connect" alike
+        raise PrepareError(f"cannot download {filename} from {repo}: the network is unreachable (or HF_HUB_OFFLINE "
+                           f"is set) and it is not in the cache; fetch it elsewhere and pass --input PATH")
+    except EntryNotFoundError:
+        raise PrepareError(f"{repo} has no file {filename} any more: its listing is stale; run with a network")
+    except Exception as e:  # a download boundary: whatever went wrong, say it in one line with the way out
+        raise PrepareError(f"cannot download {filename} from {repo} ({type(e).__name__}: {first_line(e)}); "
+                           f"fetch it elsewhere and pass --input PATH")
+
+
+def delete_downloaded(path):
+    """A downloaded shard, gone from the Hugging Face cache: the snapshot link and the blob it points to."""
+    path.resolve().unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+
+
+# -----------------------------------------------------------------------------
+# finding the inputs: any dataset through the `datasets` package, streamed
+
+def dataset_source(args):
+    name = f"hf-datasets://{args.hf_dataset}" + "".join(f"/{part}" for part in (args.hf_config, args.hf_split) if part)
+    return {"name": name, "stream": True, "size": None, "data_files": args.hf_data_files}
+
+
+def stream_batches(args):
+    """Lists of up to STREAM_BATCH texts from --hf_dataset, streamed: nothing is downloaded in full."""
+    try:
+        import datasets
+    except ImportError:
+        raise PrepareError("--hf_dataset needs the `datasets` package: pip install datasets")
+    try:
+        dataset = datasets.load_dataset(args.hf_dataset, args.hf_config, split=args.hf_split, streaming=True,
+                                        data_files=args.hf_data_files)
+        for batch in dataset.iter(batch_size=STREAM_BATCH):
+            if args.text_column not in batch:
+                raise PrepareError(f"--hf_dataset {args.hf_dataset}: no column {args.text_column!r} (--text_column); "
+                                   f"it has: {', '.join(batch)}")
+            texts = batch[args.text_column]
+            if not all(text is None or isinstance(text, str) for text in texts):
+                raise PrepareError(f"--hf_dataset {args.hf_dataset}: column {args.text_column!r} does not hold strings")
+            yield texts
+    except PrepareError:
+        raise
+    except Exception as e:  # a download/parsing boundary: one line with what datasets said
+        raise PrepareError(f"--hf_dataset {args.hf_dataset}: cannot read it ({type(e).__name__}: {first_line(e)})")
+
+
+class Prefetch:
+    """One source's file made local in a background thread, so the next shard downloads while this one
+    is tokenized. A daemon thread: an error or Ctrl-C does not wait for a download to end."""
+
+    def __init__(self, source):
+        self.path, self.error, self.thread = None, None, None
+        if source.get("remote"):
+            self.thread = threading.Thread(target=self.download, args=(source,), daemon=True)
+            self.thread.start()
+        elif not source.get("stream"):
+            self.path = Path(source["path"])
+
+    def download(self, source):
+        try:
+            self.path = download_shard(source)
+        except Exception as e:  # raised in the main thread by wait()
+            self.error = e
+
+    def done(self):
+        return self.thread is None or not self.thread.is_alive()
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.path
+
+
+def is_downloaded(source):
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(source["repo"], source["remote"], repo_type="dataset"), str)
