@@ -28,6 +28,11 @@ globals().update(config)
 
 def check_destination(folder):
     """Refuse to overwrite anything but an earlier export, and that only with --force."""
+    if not folder.strip():  # `--to=$UNSET`: replacing "" would mean replacing the current folder
+        fail(f"to={folder!r}: name the folder to write, e.g. --to=hf_model")
+    target, here = os.path.realpath(folder), os.path.realpath(os.getcwd())
+    if os.path.commonpath([target, here]) == target:
+        fail(f"to={folder!r} is the current folder or one above it; name a new folder, e.g. --to=hf_model")
     if not os.path.exists(folder):
         return
     if not os.path.isdir(folder):
