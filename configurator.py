@@ -15,9 +15,16 @@ import os
 import sys
 
 
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+def fail(message, status=2):
+    """The one way every script ends on a problem the user can fix: one line on stderr, exit status 2
+    (1 for a run that went wrong after it started). Under torchrun every rank calls it and only rank 0
+    prints; an open DDP process group is closed first so that no rank is left waiting."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {message}", file=sys.stderr)
+    dist = sys.modules.get("torch.distributed")  # looked up, not imported: prepare.py runs without torch
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(status)
 
 
 def unknown_key_hint(key, config):

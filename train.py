@@ -106,11 +106,8 @@ if ddp:
     ddp_rank, ddp_local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     if gradient_accumulation_steps % world_size != 0:  # checked before the ranks wait on each other
-        message = (f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the "
-                   f"{world_size} DDP ranks; use a multiple of {world_size}")
-        if ddp_rank == 0:
-            fail(message)
-        sys.exit(2)
+        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the "
+             f"{world_size} DDP ranks; use a multiple of {world_size}")
     if device.startswith("cuda"):
         device = f"cuda:{ddp_local_rank}"
         torch.cuda.set_device(device)
@@ -121,25 +118,16 @@ master_process = ddp_rank == 0  # only rank 0 prints, logs and writes checkpoint
 device_type = device.split(":")[0]
 
 
-def stop(message):
-    """A problem found before training: one line, exit status 2, from every rank."""
-    if master_process:
-        print(f"error: {message}", file=sys.stderr)
-    if ddp:
-        dist.destroy_process_group()
-    sys.exit(2)
-
-
 gradient_accumulation_steps //= world_size  # per rank from here on
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 if init_from not in ("scratch", "resume", *HUB_MODELS) and not os.path.isdir(init_from):
-    stop(f"init_from={init_from!r}: allowed are scratch, resume, {', '.join(HUB_MODELS)} or a folder holding a "
+    fail(f"init_from={init_from!r}: allowed are scratch, resume, {', '.join(HUB_MODELS)} or a folder holding a "
          "Hugging Face GPT-2 (config.json, model.safetensors)")
 lr_args = schedule_args(config)
 try:
     get_lr(0, **lr_args)  # checks lr_schedule and cooldown_frac before any work
 except ValueError as e:
-    stop(str(e))
+    fail(str(e))
 if master_process:
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -147,7 +135,7 @@ if master_process:
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        stop(f"out_dir={out_dir!r} is not writable: {e.strerror}")
+        fail(f"out_dir={out_dir!r} is not writable: {e.strerror}")
 
 torch.manual_seed(seed + ddp_rank)
 torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores where they can
@@ -165,7 +153,7 @@ try:
     for path in (train_path, val_path):
         check_token_ids(path, VOCAB_SIZE)
 except (FileNotFoundError, ValueError) as e:
-    stop(str(e))
+    fail(str(e))
 
 # model
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
@@ -174,32 +162,32 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
 try:
     GPTConfig(**model_args)  # checks the shape (n_embd % n_head...) before any heavy work
 except ValueError as e:
-    stop(str(e))
+    fail(str(e))
 iter_num, best_val_loss, ckpt, hf_state = 0, float("inf"), None, None
 if init_from == "resume":
     resume_path = checkpoint_path(out_dir, resume_from)
     try:
         ckpt = load_checkpoint(resume_path, map_location="cpu")
     except (FileNotFoundError, ValueError) as e:
-        stop(f"cannot resume: {e}")
+        fail(f"cannot resume: {e}")
     model_args["vocab_size"] = ckpt["model_args"].get("vocab_size", 50304)  # 50257 for GPT-2 weights
     changed = [f"{k} (checkpoint {ckpt['model_args'].get(k)!r}, config {v!r})" for k, v in model_args.items()
                if k != "dropout" and ckpt["model_args"].get(k, GPTConfig.__dataclass_fields__[k].default) != v]
     if changed:
-        stop(f"cannot resume {resume_path}: the model shape changed: {'; '.join(changed)}")
+        fail(f"cannot resume {resume_path}: the model shape changed: {'; '.join(changed)}")
     iter_num, best_val_loss = ckpt["iter_num"], ckpt.get("best_val_loss", float("inf"))
     # resuming from stable.pt or another file: best.pt may hold a better model than it knows of
     best_on_disk = saved_val_loss(checkpoint_path(out_dir, "best"))
     if master_process and best_on_disk is not None:
         best_val_loss = min(best_val_loss, best_on_disk)
     if iter_num >= max_iters and not eval_only:
-        stop(f"{resume_path} is at iteration {iter_num} and max_iters={max_iters}: nothing to train; "
+        fail(f"{resume_path} is at iteration {iter_num} and max_iters={max_iters}: nothing to train; "
              f"pass a larger --max_iters to continue (see README 'Long runs')")
 elif init_from != "scratch":  # GPT-2 weights, see hf.py; the model's shape comes from them
     try:
         hf_args, hf_state = load_gpt2(init_from, block_size)
     except ValueError as e:
-        stop(str(e))
+        fail(str(e))
     changed = [f"--{k}={v}" for k, v in hf_args.items() if k != "vocab_size" and model_args[k] != v]
     if master_process and changed:
         print(f"{init_from} sets the model's shape, overriding the config: {' '.join(changed)} "
@@ -228,7 +216,7 @@ if ckpt is not None:
         try:
             train_batches.load_state_dict(rank_state[0]["data"])
         except ValueError as e:
-            stop(str(e))
+            fail(str(e))
     elif master_process:
         print(f"warning: the checkpoint was written by {len(ckpt.get('ranks') or [])} rank(s), this run has "
               f"{world_size}: data order and RNG start afresh (not an exact resume)")
@@ -242,7 +230,7 @@ if ckpt is not None:
     except (KeyError, TypeError, ValueError):  # a checkpoint from another tool: nothing to compare
         planned_lr = None
     if planned_lr is not None and lr > planned_lr * (1 + 1e-6) and not allow_lr_increase:
-        stop(f"resuming at iteration {iter_num} would raise the learning rate from {planned_lr:.3g} (the "
+        fail(f"resuming at iteration {iter_num} would raise the learning rate from {planned_lr:.3g} (the "
              f"checkpoint's schedule) to {lr:.3g} (lr_schedule={lr_schedule}, max_iters={max_iters}, "
              f"lr_decay_iters={lr_decay_iters}); "
              + ("to extend a wsd run, resume from before its cooldown (--resume_from=stable); " if lr_schedule == "wsd" else "")
@@ -318,14 +306,41 @@ def save(val_loss, names):
         torch.save(state, buffer)
         dist.all_gather_object(gathered, buffer.getvalue())
         ranks = [torch.load(io.BytesIO(b), weights_only=True) for b in gathered]
-    if not master_process:
-        return
-    checkpoint = {"model_args": model_args, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                  "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
-                  "scaler": scaler.state_dict() if scaler.is_enabled() else None, "ranks": ranks,
-                  "lr": lr, "val_loss": val_loss, "dataset_meta": dataset_meta}
-    for name in names:
-        save_checkpoint(checkpoint, checkpoint_path(out_dir, name))
+    problem = ""
+    if master_process:
+        problem = non_finite_problem(val_loss)
+    if master_process and not problem:
+        checkpoint = {"model_args": model_args, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
+                      "scaler": scaler.state_dict() if scaler.is_enabled() else None, "ranks": ranks,
+                      "lr": lr, "val_loss": val_loss, "dataset_meta": dataset_meta}
+        try:
+            for name in names:
+                save_checkpoint(checkpoint, checkpoint_path(out_dir, name))
+        except OSError as e:  # a full disk: save_checkpoint left the previous files as they were
+            problem = str(e)
+    if ddp:  # rank 0 alone knows: every rank must stop with it, or the others wait for it forever
+        flag = torch.tensor(float(bool(problem)), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        problem = problem or ("rank 0 could not save" if flag.item() else "")
+    if problem:
+        fail(problem, status=1)
+
+
+def non_finite_problem(val_loss):
+    """Why this model must not be saved (a non-finite val loss or weight), or "". A step can ruin the
+    weights while its own loss, computed before the update, is still finite."""
+    weights_finite = torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all().item()
+    bad = ("val loss" if val_loss is not None and not math.isfinite(val_loss) else
+           "weights" if not weights_finite else "")
+    return non_finite_message(f"{bad} at iteration {iter_num}") if bad else ""
+
+
+def non_finite_message(what):
+    """True because nothing non-finite is ever saved: the checkpoint on disk predates the damage."""
+    last_ckpt = checkpoint_path(out_dir, "last")
+    return (f"non-finite {what}; stopping without saving. Last good checkpoint, untouched: "
+            f"{last_ckpt if os.path.exists(last_ckpt) else '(none saved yet)'}")
 
 
 # Ctrl-C / SIGTERM: finish the current iteration, save, exit 0
@@ -352,7 +367,7 @@ if wandb_log:  # checked on every rank, so that all of them stop together
     try:
         import wandb
     except ImportError:
-        stop("wandb_log=True but wandb is not installed: pip install wandb (or --wandb_log=False)")
+        fail("wandb_log=True but wandb is not installed: pip install wandb (or --wandb_log=False)")
 if wandb_log and master_process:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume="allow")
 
@@ -416,14 +431,8 @@ while True:
         bad = bad or ("loss or gradient norm on another rank" if flags[0].item() else "")
         stop_requested = bool(flags[1].item())
     if bad:
-        if master_process:
-            last_ckpt = checkpoint_path(out_dir, "last")
-            print(f"error: non-finite {bad} at iteration {iter_num} (loss {loss_value}, grad norm "
-                  f"{grad_norm_value}); stopping without saving. Last good checkpoint, untouched: "
-                  f"{last_ckpt if os.path.exists(last_ckpt) else '(none saved yet)'}", file=sys.stderr)
-        if ddp:
-            dist.destroy_process_group()
-        sys.exit(1)
+        fail(non_finite_message(f"{bad} at iteration {iter_num} (loss {loss_value}, grad norm {grad_norm_value})"),
+             status=1)
     losses = []
     if iter_num % log_interval == 0 and master_process:
         synchronize(device)

@@ -51,3 +51,29 @@ def test_export_to_an_empty_value_or_the_current_folder_deletes_nothing(tiny_ckp
     code, _, stderr = run_inprocess("export.py", f"--out_dir={tiny_ckpt}", f"--to={to}", "--force=True")
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
     assert f"to={to!r}" in one_error_line(code, stderr)
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir, tmp_path_factory):
+    """out_dir of a cosine run finished at iteration 4: ckpt.pt and best.pt."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    code, stdout, stderr = run_inprocess("train.py", *train_args(data_dir, out, "--max_iters=4", "--lr_decay_iters=4",
+                                                                 "--eval_interval=2"))
+    assert code == 0, stdout + stderr
+    return out
+
+
+def test_weights_ruined_just_before_an_evaluation_are_never_saved(finished_run, data_dir, tmp_path):
+    """lr 1e30: iteration 5's loss is still finite (computed before its update), but the update ruins
+    the weights, so the evaluation at iteration 5 measures a non-finite val loss. It once saved that
+    model over ckpt.pt, and the next step's error called ckpt.pt untouched."""
+    out = shutil.copytree(finished_run, tmp_path / "out")
+    before = {name: sha(out / name) for name in ("ckpt.pt", "best.pt")}
+    code, stdout, stderr = run_inprocess("train.py", *train_args(data_dir, out, "--max_iters=8", "--lr_decay_iters=8",
+                                                                 "--learning_rate=1e30", "--allow_lr_increase=True",
+                                                                 "--eval_interval=5", "--init_from=resume"))
+    assert {name: sha(out / name) for name in before} == before
+    assert "iter 5: loss" in stdout  # the step before the evaluation was finite
+    line = one_error_line(code, stderr, status=1)
+    assert line.startswith("error: non-finite val loss at iteration 5")
+    assert line.endswith(f"Last good checkpoint, untouched: {out / 'ckpt.pt'}")
