@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
+from checkpoint import check_model_fits, checkpoint_path, load_checkpoint, model_from_checkpoint
 from configurator import config_globals, configure, fail
 from runtime import autocast_context, pick_device, pick_dtype, synchronize
 from tokenizer import EOT_TOKEN, VOCAB_SIZE, decode, encode_prompt, get_encoding
@@ -42,8 +42,12 @@ def read_prompt(start):
         path = start[len("FILE:"):]
         if not os.path.isfile(path):
             fail(f"prompt file {path!r} not found")
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except UnicodeDecodeError as e:
+            fail(f"prompt file {path!r} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                 "save it as UTF-8")
     return start
 
 
@@ -68,6 +72,7 @@ def main():
         dt = pick_dtype(dtype, dev)
         path = checkpoint_path(out_dir, ckpt)
         checkpoint = load_checkpoint(path, map_location="cpu")
+        check_model_fits(checkpoint, path)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     model = model_from_checkpoint(checkpoint)

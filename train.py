@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (checkpoint_path, clean_state_dict, load_checkpoint, rng_state, save_checkpoint,
-                        saved_val_loss, set_rng_state)
+from checkpoint import (check_model_fits, checkpoint_path, clean_state_dict, load_checkpoint, rng_state,
+                        save_checkpoint, saved_val_loss, set_rng_state)
 from configurator import config_globals, configure, fail
 from hf import HUB_MODELS, load_gpt2
 from loader import TokenBatches, check_token_ids, eval_batches
@@ -168,6 +168,7 @@ if init_from == "resume":
     resume_path = checkpoint_path(out_dir, resume_from)
     try:
         ckpt = load_checkpoint(resume_path, map_location="cpu")
+        check_model_fits(ckpt, resume_path)
     except (FileNotFoundError, ValueError) as e:
         fail(f"cannot resume: {e}")
     model_args["vocab_size"] = ckpt["model_args"].get("vocab_size", 50304)  # 50257 for GPT-2 weights
