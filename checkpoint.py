@@ -44,13 +44,13 @@ CHECKPOINT_NAMES = {"last": "ckpt.pt", "best": "best.pt", "stable": "stable.pt"}
 REQUIRED_KEYS = ("model_args", "model", "iter_num")
 
 
-def checkpoint_path(out_dir, which="last"):
-    """'last', 'best', 'stable', or a path to a .pt file."""
+def checkpoint_path(out_dir, which="last", key="checkpoint"):
+    """'last', 'best', 'stable', or a path to a .pt file; key names the setting in the error."""
     if which in CHECKPOINT_NAMES:
         return os.path.join(out_dir, CHECKPOINT_NAMES[which])
     if which.endswith(".pt"):
         return which
-    raise ValueError(f"checkpoint {which!r}: allowed are {', '.join(CHECKPOINT_NAMES)} or a path to a .pt file")
+    raise ValueError(f"{key}={which!r}: allowed are {', '.join(CHECKPOINT_NAMES)} or a path to a .pt file")
 
 
 def save_checkpoint(state, path):

@@ -66,7 +66,7 @@ def write_folder(folder, files):
 def main():
     check_destination(to)
     try:
-        path = checkpoint_path(out_dir, ckpt)
+        path = checkpoint_path(out_dir, ckpt, key="ckpt")
         checkpoint = load_checkpoint(path, map_location="cpu")
         check_model_fits(checkpoint, path)  # a broken folder must never be written
         files = export_files(checkpoint["model_args"], clean_state_dict(checkpoint["model"]))

@@ -51,39 +51,27 @@ def read_prompt(start):
     return start
 
 
-def check_options(block_size):
-    if num_samples < 1:
-        fail(f"num_samples={num_samples}: must be at least 1")
-    if max_new_tokens < 1:
-        fail(f"max_new_tokens={max_new_tokens}: must be at least 1")
-    if temperature < 0:
-        fail(f"temperature={temperature}: must be >= 0 (0 = greedy)")
-    if not 0 < top_p <= 1:
-        fail(f"top_p={top_p}: must be in (0, 1]")
-    if top_k < 0:
-        fail(f"top_k={top_k}: must be >= 0 (0 disables)")
+def main():
+    # every value was checked by configure() (configurator.RULES); the rest before the checkpoint is read
     if stream and num_samples != 1:
         fail(f"stream=True prints one sample as it is generated; set --num_samples=1 (got {num_samples})")
-
-
-def main():
     try:
         dev = pick_device(device)
         dt = pick_dtype(dtype, dev)
-        path = checkpoint_path(out_dir, ckpt)
+        path = checkpoint_path(out_dir, ckpt, key="ckpt")
+        prompt_text = read_prompt(start)
         checkpoint = load_checkpoint(path, map_location="cpu")
         check_model_fits(checkpoint, path)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     model = model_from_checkpoint(checkpoint)
-    check_options(model.config.block_size)
     model.eval().to(dev)
     if compile:
         # generate() calls forward once per token, so forward is what must be compiled (compiling the
         # module would leave generate() calling the eager forward); the cache grows every step: dynamic
         model.forward = torch.compile(model.forward, dynamic=True)
     enc = get_encoding()
-    prompt = encode_prompt(enc, read_prompt(start))
+    prompt = encode_prompt(enc, prompt_text)
     if len(prompt) > model.config.block_size:  # generation crops the context to the last block_size tokens
         print(f"warning: the prompt is {len(prompt)} tokens but the model sees at most block_size="
               f"{model.config.block_size}: only its last {model.config.block_size} tokens are used", file=sys.stderr)

@@ -31,7 +31,7 @@ from checkpoint import (check_model_fits, checkpoint_path, clean_state_dict, loa
                         save_checkpoint, saved_val_loss, set_rng_state)
 from configurator import config_globals, configure, fail
 from hf import HUB_MODELS, load_gpt2
-from loader import TokenBatches, check_token_ids, eval_batches
+from loader import TokenBatches, check_data_order, check_token_ids, eval_batches
 from model import GPT, GPTConfig, estimate_mfu
 from runtime import autocast_context, compile_with_fallback, device_peak_flops, pick_device, pick_dtype, synchronize
 from schedule import cooldown_start, get_lr, schedule_args
@@ -46,6 +46,7 @@ log_interval = 1  # print and record metrics every this many iterations
 eval_iters = 200  # batches per loss estimate
 eval_only = False  # evaluate once and exit
 init_from = "scratch"  # 'scratch', 'resume' (from out_dir), 'gpt2'...'gpt2-xl' or a Hugging Face GPT-2 folder
+overwrite = False  # let a new run (init_from other than 'resume') replace the checkpoints already in out_dir
 resume_from = "last"  # with init_from='resume': 'last' (ckpt.pt), 'best', 'stable' or a path
 allow_lr_increase = False  # allow a resume whose schedule raises the learning rate (see README)
 # wandb logging
@@ -124,10 +125,15 @@ if init_from not in ("scratch", "resume", *HUB_MODELS) and not os.path.isdir(ini
     fail(f"init_from={init_from!r}: allowed are scratch, resume, {', '.join(HUB_MODELS)} or a folder holding a "
          "Hugging Face GPT-2 (config.json, model.safetensors)")
 lr_args = schedule_args(config)
-try:
-    get_lr(0, **lr_args)  # checks lr_schedule and cooldown_frac before any work
+try:  # the choices among names, before any work: each checked by the module that owns the list
+    get_lr(0, **lr_args)  # lr_schedule, cooldown_frac
+    checkpoint_path(out_dir, resume_from, key="resume_from")
+    check_data_order(data_order)
 except ValueError as e:
     fail(str(e))
+if init_from != "resume" and os.path.exists(checkpoint_path(out_dir, "last")) and not overwrite and not eval_only:
+    fail(f"{checkpoint_path(out_dir, 'last')} exists and this run (init_from={init_from}) would replace it at its "
+         "first evaluation; continue it with --init_from=resume, replace it with --overwrite=True, or use another out_dir")
 if master_process:
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -142,6 +148,15 @@ torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores whe
 torch.backends.cudnn.allow_tf32 = True
 ctx = autocast_context(device, dtype)
 
+# model: its shape is checked (n_embd % n_head...) before any data is read
+model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                  vocab_size=50304, dropout=dropout, rotary=rotary, qk_norm=qk_norm, mlp=mlp, norm=norm,
+                  tie_embeddings=tie_embeddings, zero_init_proj=zero_init_proj)
+try:
+    GPTConfig(**model_args)  # checks the shape (n_embd % n_head...) before any heavy work
+except ValueError as e:
+    fail(str(e))
+
 # data: uint16 token files written by data/<dataset>/prepare.py
 data_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
 try:
@@ -153,15 +168,6 @@ try:
     for path in (train_path, val_path):
         check_token_ids(path, VOCAB_SIZE)
 except (FileNotFoundError, ValueError) as e:
-    fail(str(e))
-
-# model
-model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                  vocab_size=50304, dropout=dropout, rotary=rotary, qk_norm=qk_norm, mlp=mlp, norm=norm,
-                  tie_embeddings=tie_embeddings, zero_init_proj=zero_init_proj)
-try:
-    GPTConfig(**model_args)  # checks the shape (n_embd % n_head...) before any heavy work
-except ValueError as e:
     fail(str(e))
 iter_num, best_val_loss, ckpt, hf_state = 0, float("inf"), None, None
 if init_from == "resume":

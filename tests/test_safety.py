@@ -177,3 +177,89 @@ def test_a_prompt_file_that_is_not_utf8(tiny_ckpt, tmp_path):
                                     f"--start=FILE:{tmp_path / 'prompt.txt'}")
     assert one_error_line(code, stderr) == (f"error: prompt file '{tmp_path / 'prompt.txt'}' is not UTF-8 text "
                                             "(byte 3: b'\\xe9'); save it as UTF-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# every setting checked at start, before any model is built or data read
+
+
+# one invalid value of the right type for every train.py key that has one; a new key must be added
+# here (test_every_train_key_is_swept), or to ANY_VALUE if every value of its type is fine
+INVALID_TRAIN_VALUES = {
+    "out_dir": "", "eval_interval": 0, "log_interval": 0, "eval_iters": 0, "init_from": "gpt3",
+    "resume_from": "latest", "dataset": "", "data_dir": "/no/such/folder", "data_order": "sequential",
+    "gradient_accumulation_steps": 0, "batch_size": 0, "block_size": 0, "n_layer": 0, "n_head": 0, "n_embd": 0,
+    "dropout": 1.0, "mlp": "swiglu", "norm": "batchnorm", "learning_rate": -6e-4, "max_iters": -1,
+    "weight_decay": -0.1, "beta1": 1.0, "beta2": -0.5, "grad_clip": -1.0, "lr_schedule": "linear",
+    "warmup_iters": -1, "lr_decay_iters": -1, "min_lr": -1e-5, "cooldown_frac": 1.5, "device": "tpu",
+    "dtype": "fp8", "peak_flops": -1.0, "seed": -1,
+}
+ANY_VALUE = {"eval_only", "allow_lr_increase", "overwrite", "wandb_log", "wandb_project", "wandb_run_name", "bias",
+             "rotary", "qk_norm", "tie_embeddings", "zero_init_proj", "compile"}
+
+
+def test_every_train_key_is_swept():
+    from bench import train_defaults
+    assert set(INVALID_TRAIN_VALUES) | ANY_VALUE == set(train_defaults())
+
+
+@pytest.mark.parametrize("key", sorted(INVALID_TRAIN_VALUES))
+def test_an_invalid_value_of_any_train_key_stops_before_any_work(key, tmp_path):
+    """No data exists at data_dir (a real run would read it first thing) and out_dir stays empty: the
+    value is refused before the data is read or a model built."""
+    value = INVALID_TRAIN_VALUES[key]
+    args = {"data_dir": tmp_path / "no_data", "out_dir": tmp_path / "out", key: value}
+    code, stdout, stderr = run_inprocess("train.py", *(f"--{k}={v}" for k, v in args.items()))
+    line = one_error_line(code, stderr)
+    assert key in line and (repr(value) in line or str(value) in line), line
+    assert "model:" not in stdout and not list(tmp_path.glob("out/*"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch_size=0"], "error: batch_size=0: must be at least 1\n"),
+    (["--resume_from=latest"], "error: resume_from='latest': allowed are last, best, stable or a path to a .pt file\n"),
+    (["--device=mps"], "error: device='mps' but MPS (Apple GPU) is not available here; use --device=cpu (or auto)\n"),
+])
+def test_invalid_values_in_a_real_process(tmp_path, args, message):
+    """The same through the interpreter: the exit status and the whole stderr a user sees."""
+    from conftest import run_script
+    proc = run_script("train.py", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}", *args, check=False)
+    assert proc.returncode == 2 and proc.stderr == message
+
+
+@pytest.mark.parametrize("script, args, fragment", [
+    ("sample.py", ["--num_samples=0"], "num_samples=0: must be at least 1"),
+    ("sample.py", ["--top_k=-1"], "top_k=-1: must be >= 0"),
+    ("sample.py", ["--temperature=-0.5"], "temperature=-0.5: must be >= 0"),
+    ("sample.py", ["--ckpt=final"], "ckpt='final': allowed are last, best, stable"),
+    ("sample.py", ["--device=mps"], "device='mps' but MPS"),
+    ("export.py", ["--ckpt=final"], "ckpt='final': allowed are last, best, stable"),
+    ("export.py", ["--to= "], "to=' ': must not be empty"),
+    ("bench.py", ["--bench_iters=0"], "bench_iters=0: must be at least 1"),
+    ("bench.py", ["--n_head=0"], "n_head=0: must be at least 1"),
+    ("bench.py", ["--fit_memory=lots"], "fit_memory='lots'"),
+])
+def test_sample_export_and_bench_check_their_settings_before_loading(tmp_path, script, args, fragment):
+    """out_dir holds no checkpoint: the setting's own error comes first."""
+    extra = ["--compile=False"] if script == "bench.py" else []
+    code, stdout, stderr = run_inprocess(script, f"--out_dir={tmp_path}", *extra, *args)
+    assert fragment in one_error_line(code, stderr) and "model:" not in stdout
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"n_embd": "768"}, "n_embd='768' (a positive integer)"),
+    ({"n_layer": 1.5}, "n_layer=1.5 (a positive integer)"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings='yes' (true or false)"),
+    (None, "is not valid JSON"),
+])
+def test_a_hugging_face_folder_with_a_wrong_config_json(data_dir, tmp_path, change, fragment):
+    import json
+    from hf import export_files
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    for name, data in export_files(TINY, GPT(GPTConfig(**TINY)).state_dict()).items():
+        (folder / name).write_bytes(data)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}) if change else "{'n_embd': 32")
+    code, _, stderr = run_inprocess("train.py", *train_args(data_dir, tmp_path / "out", f"--init_from={folder}"))
+    assert fragment in one_error_line(code, stderr)
