@@ -18,6 +18,7 @@ cannot run code), under nanoGPT's key names so tools written for nanoGPT keep wo
                     checkpoint's config schedule with the new one to catch jumps on resume)
     dataset_meta    the dataset's meta.json (None for a dataset without one)
     val_loss        this checkpoint's own validation loss (None when saved between evaluations)
+    tokens_seen     training tokens so far, over every batch shape the run had (metrics.jsonl's tokens)
     checksum        CRC32 of every tensor's bytes, written by save_checkpoint and checked by
                     load_checkpoint (torch.load does not check the zip's own CRCs); files without
                     it (older ones, nanoGPT's) load unchecked

@@ -169,7 +169,7 @@ try:
         check_token_ids(path, VOCAB_SIZE)
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))
-iter_num, best_val_loss, ckpt, hf_state = 0, float("inf"), None, None
+iter_num, best_val_loss, ckpt, hf_state, tokens_seen = 0, float("inf"), None, None, 0
 if init_from == "resume":
     resume_path = checkpoint_path(out_dir, resume_from)
     try:
@@ -183,6 +183,8 @@ if init_from == "resume":
     if changed:
         fail(f"cannot resume {resume_path}: the model shape changed: {'; '.join(changed)}")
     iter_num, best_val_loss = ckpt["iter_num"], ckpt.get("best_val_loss", float("inf"))
+    # the true count even when this run's batch shape differs (older checkpoints: assume the same shape)
+    tokens_seen = ckpt.get("tokens_seen", iter_num * tokens_per_iter)
     # resuming from stable.pt or another file: best.pt may hold a better model than it knows of
     best_on_disk = saved_val_loss(checkpoint_path(out_dir, "best"))
     if master_process and best_on_disk is not None:
@@ -273,8 +275,9 @@ if master_process:
           f"{flops_per_token / 1e6:.1f} MFLOPs/token")
     print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} rank(s) x {gradient_accumulation_steps} "
           f"micro-steps x {batch_size} x {block_size})")
-    print(f"planned: {max_iters:,} iterations = {max_iters * tokens_per_iter:,} tokens "
-          f"= {max_iters * tokens_per_iter / train_tokens:.2f} epochs of train.bin ({train_tokens:,} tokens)")
+    if not eval_only:
+        print(f"planned: {max_iters:,} iterations = {max_iters * tokens_per_iter:,} tokens "
+              f"= {max_iters * tokens_per_iter / train_tokens:.2f} epochs of train.bin ({train_tokens:,} tokens)")
     print(f"device {device}, dtype {dtype}, {peak_description}")
 
 
@@ -320,10 +323,11 @@ def save(val_loss, names):
         checkpoint = {"model_args": model_args, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                       "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
                       "scaler": scaler.state_dict() if scaler.is_enabled() else None, "ranks": ranks,
-                      "lr": lr, "val_loss": val_loss, "dataset_meta": dataset_meta}
+                      "lr": lr, "val_loss": val_loss, "dataset_meta": dataset_meta, "tokens_seen": tokens_seen}
         try:
             for name in names:
                 save_checkpoint(checkpoint, checkpoint_path(out_dir, name))
+            saved_this_run.update(names)
         except OSError as e:  # a full disk: save_checkpoint left the previous files as they were
             problem = str(e)
     if ddp:  # rank 0 alone knows: every rank must stop with it, or the others wait for it forever
@@ -379,7 +383,7 @@ if wandb_log and master_process:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume="allow")
 
 # training loop
-start_iter, run_start = iter_num, time.time()
+start_iter, run_start, saved_this_run = iter_num, time.time(), set()
 t0, tokens_since_log, losses = time.time(), 0, []
 last_eval = None
 while True:
@@ -393,7 +397,7 @@ while True:
             best_val_loss = last_eval["val"] if is_best else best_val_loss
             print(f"step {iter_num}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}"
                   f"{' (best)' if is_best else ''}")
-            log_metrics({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train_loss": last_eval["train"],
+            log_metrics({"iter": iter_num, "tokens": tokens_seen, "train_loss": last_eval["train"],
                          "val_loss": last_eval["val"],
                          "best_val_loss": best_val_loss if math.isfinite(best_val_loss) else None})
             names += ["best"] if is_best else []
@@ -425,6 +429,7 @@ while True:
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
     tokens_since_log += tokens_per_iter
+    tokens_seen += tokens_per_iter
 
     loss_value = torch.stack(losses).mean().item()  # a host sync: the iteration's work is done
     grad_norm_value = grad_norm.item()
@@ -453,7 +458,7 @@ while True:
               f"{ms_per_iter:.0f} ms/iter, {tokens_per_sec:,.0f} tok/s"
               + (f", MFU {mfu * 100:.1f}%" if mfu is not None else "")
               + (f", mem {mem:.2f} GiB" if mem is not None else "") + f", epoch {epoch:.3f}")
-        log_metrics({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "epoch": epoch, "loss": loss_value,
+        log_metrics({"iter": iter_num, "tokens": tokens_seen, "epoch": epoch, "loss": loss_value,
                      "lr": lr, "grad_norm": grad_norm_value, "ms_per_iter": ms_per_iter,
                      "tokens_per_sec": tokens_per_sec, "mfu": mfu, "peak_mem_gib": mem})
         t0, tokens_since_log = time.time(), 0
@@ -471,8 +476,9 @@ if master_process:
     print(f"done: {iter_num - start_iter} iterations, {trained:,} tokens in {wall:.0f}s "
           f"({trained / max(wall, 1e-9):,.0f} tok/s overall); best val loss {best_val_loss:.4f}"
           + (f", final val loss {last_eval['val']:.4f}" if last_eval else ""))
-    print(f"checkpoints: {checkpoint_path(out_dir, 'last')} (latest)"
-          + (f", {checkpoint_path(out_dir, 'best')} (best val)" if os.path.exists(checkpoint_path(out_dir, 'best')) else ""))
+    if saved_this_run:  # an eval_only run, or one that ended before its first save, points at no file
+        print(f"checkpoints: {checkpoint_path(out_dir, 'last')} (latest)"
+              + (f", {checkpoint_path(out_dir, 'best')} (best val)" if os.path.exists(checkpoint_path(out_dir, 'best')) else ""))
     if wandb_log:
         wandb.finish()
 if ddp:

@@ -263,3 +263,42 @@ def test_a_hugging_face_folder_with_a_wrong_config_json(data_dir, tmp_path, chan
     (folder / "config.json").write_text(json.dumps({**config, **change}) if change else "{'n_embd': 32")
     code, _, stderr = run_inprocess("train.py", *train_args(data_dir, tmp_path / "out", f"--init_from={folder}"))
     assert fragment in one_error_line(code, stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# messages that must be true
+
+
+def test_eval_only_prints_no_plan_and_no_checkpoint_path(data_dir, tmp_path):
+    code, stdout, stderr = run_inprocess("train.py", *train_args(data_dir, tmp_path / "out", "--eval_only=True"))
+    assert code == 0, stderr
+    assert "step 0: train loss" in stdout and "planned:" not in stdout and "checkpoints:" not in stdout
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_a_new_run_into_an_out_dir_with_a_checkpoint_needs_overwrite(finished_run, data_dir, tmp_path):
+    out = shutil.copytree(finished_run, tmp_path / "out")
+    before = sha(out / "ckpt.pt")
+    code, _, stderr = run_inprocess("train.py", *train_args(data_dir, out, "--max_iters=2", "--eval_interval=2"))
+    assert one_error_line(code, stderr) == (
+        f"error: {out / 'ckpt.pt'} exists and this run (init_from=scratch) would replace it at its first evaluation; "
+        "continue it with --init_from=resume, replace it with --overwrite=True, or use another out_dir")
+    assert sha(out / "ckpt.pt") == before
+    code, stdout, stderr = run_inprocess("train.py", *train_args(data_dir, out, "--max_iters=2", "--eval_interval=2",
+                                                                 "--overwrite=True"))
+    assert code == 0, stderr
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 2
+
+
+def test_metrics_tokens_stay_cumulative_when_a_resume_changes_the_batch_shape(data_dir, tmp_path):
+    from inprocess import read_metrics
+    out = tmp_path / "out"
+    first = train_args(data_dir, out, "--max_iters=2", "--eval_interval=2", "--lr_decay_iters=4", "--batch_size=2")
+    assert run_inprocess("train.py", *first)[0] == 0  # 2 x 2 x 16 = 64 tokens per iteration
+    code, _, stderr = run_inprocess("train.py", *train_args(data_dir, out, "--max_iters=4", "--eval_interval=2",
+                                                            "--lr_decay_iters=4", "--batch_size=4",
+                                                            "--init_from=resume"))  # 128 per iteration
+    assert code == 0, stderr
+    steps, evals = read_metrics(out)
+    assert [(r["iter"], r["tokens"]) for r in steps] == [(1, 64), (2, 128), (3, 256), (4, 384)]
+    assert [(r["iter"], r["tokens"]) for r in evals] == [(0, 0), (2, 128), (4, 384)]
