@@ -108,7 +108,10 @@ def export_files(model_args, state_dict):
     config = hf_config(model_args)
     files = {"config.json": json.dumps(config, indent=2).encode(),
              "model.safetensors": save(to_hf_state_dict(state_dict, model_args), metadata={"format": "pt"}),
-             "generation_config.json": json.dumps({"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN}).encode()}
+             # generation stops at the model's n_positions (transformers' pipeline would otherwise run past
+             # it, to 256 new tokens, into an IndexError in the position table)
+             "generation_config.json": json.dumps({"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN,
+                                                   "max_length": model_args["block_size"]}).encode()}
     files.update(tokenizer_files(model_args["block_size"]))
     return files
 

@@ -302,3 +302,25 @@ def test_metrics_tokens_stay_cumulative_when_a_resume_changes_the_batch_shape(da
     steps, evals = read_metrics(out)
     assert [(r["iter"], r["tokens"]) for r in steps] == [(1, 64), (2, 128), (3, 256), (4, 384)]
     assert [(r["iter"], r["tokens"]) for r in evals] == [(0, 0), (2, 128), (4, 384)]
+
+
+def test_the_readme_pipeline_line_works_on_the_quick_start_model(tmp_path, monkeypatch):
+    """The quick start's block_size is 128; transformers' pipeline generates 256 new tokens by default."""
+    import re
+    import subprocess
+    import sys
+    from conftest import REPO_ROOT
+    pytest.importorskip("transformers")
+    quick_start = {}
+    exec((REPO_ROOT / "config" / "train_fineweb_cpu.py").read_text(), quick_start)
+    args = dict(TINY, **{k: quick_start[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")})
+    save_checkpoint({"model_args": args, "model": GPT(GPTConfig(**args)).state_dict(), "iter_num": 150},
+                    tmp_path / "ckpt.pt")
+    monkeypatch.chdir(tmp_path)
+    assert run_inprocess("export.py", f"--out_dir={tmp_path}", "--to=hf_model")[0] == 0
+    readme_line = re.search(r'^ +(python -c "from transformers import pipeline.*)$', (REPO_ROOT / "README.md").read_text(),
+                            re.MULTILINE).group(1)
+    proc = subprocess.run(readme_line.replace("python", sys.executable, 1), shell=True, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("{'generated_text': ") and "<|endoftext|>The" in proc.stdout
