@@ -133,7 +133,8 @@ except ValueError as e:
     fail(str(e))
 if init_from != "resume" and os.path.exists(checkpoint_path(out_dir, "last")) and not overwrite and not eval_only:
     fail(f"{checkpoint_path(out_dir, 'last')} exists and this run (init_from={init_from}) would replace it at its "
-         "first evaluation; continue it with --init_from=resume, replace it with --overwrite=True, or use another out_dir")
+         "first evaluation; continue it with --init_from=resume, replace it with --overwrite=True, "
+         "or use another out_dir")
 if master_process:
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -148,12 +149,12 @@ torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores whe
 torch.backends.cudnn.allow_tf32 = True
 ctx = autocast_context(device, dtype)
 
-# model: its shape is checked (n_embd % n_head...) before any data is read
+# model
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=50304, dropout=dropout, rotary=rotary, qk_norm=qk_norm, mlp=mlp, norm=norm,
                   tie_embeddings=tie_embeddings, zero_init_proj=zero_init_proj)
 try:
-    GPTConfig(**model_args)  # checks the shape (n_embd % n_head...) before any heavy work
+    GPTConfig(**model_args)  # checks the shape (n_embd % n_head...) before any data is read
 except ValueError as e:
     fail(str(e))
 
@@ -316,9 +317,7 @@ def save(val_loss, names):
         torch.save(state, buffer)
         dist.all_gather_object(gathered, buffer.getvalue())
         ranks = [torch.load(io.BytesIO(b), weights_only=True) for b in gathered]
-    problem = ""
-    if master_process:
-        problem = non_finite_problem(val_loss)
+    problem = non_finite_problem(val_loss) if master_process else ""
     if master_process and not problem:
         checkpoint = {"model_args": model_args, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                       "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
@@ -477,8 +476,9 @@ if master_process:
           f"({trained / max(wall, 1e-9):,.0f} tok/s overall); best val loss {best_val_loss:.4f}"
           + (f", final val loss {last_eval['val']:.4f}" if last_eval else ""))
     if saved_this_run:  # an eval_only run, or one that ended before its first save, points at no file
+        best_path = checkpoint_path(out_dir, "best")
         print(f"checkpoints: {checkpoint_path(out_dir, 'last')} (latest)"
-              + (f", {checkpoint_path(out_dir, 'best')} (best val)" if os.path.exists(checkpoint_path(out_dir, 'best')) else ""))
+              + (f", {best_path} (best val)" if os.path.exists(best_path) else ""))
     if wandb_log:
         wandb.finish()
 if ddp:

@@ -318,8 +318,8 @@ def test_the_readme_pipeline_line_works_on_the_quick_start_model(tmp_path, monke
                     tmp_path / "ckpt.pt")
     monkeypatch.chdir(tmp_path)
     assert run_inprocess("export.py", f"--out_dir={tmp_path}", "--to=hf_model")[0] == 0
-    readme_line = re.search(r'^ +(python -c "from transformers import pipeline.*)$', (REPO_ROOT / "README.md").read_text(),
-                            re.MULTILINE).group(1)
+    readme = (REPO_ROOT / "README.md").read_text()
+    readme_line = re.search(r'^ +(python -c "from transformers import pipeline.*)$', readme, re.MULTILINE).group(1)
     proc = subprocess.run(readme_line.replace("python", sys.executable, 1), shell=True, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
