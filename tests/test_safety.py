@@ -1,7 +1,6 @@
 """Nothing lost, ever: no command destroys a file, a ruined or damaged model is never saved or
 loaded as if it were good, and every mistake ends in one true line."""
 import hashlib
-import os
 import shutil
 
 import pytest
