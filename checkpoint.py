@@ -58,8 +58,9 @@ def save_checkpoint(state, path):
     """Write atomically: a crash or SIGKILL mid-write leaves the previous file intact. One fixed
     temporary name, so repeated crashes cannot pile up half-written files."""
     tmp = f"{path}.tmp"
-    if isinstance(state, dict):
-        state = {**state, "checksum": tensors_checksum(state)}
+    if isinstance(state, dict):  # a re-saved checkpoint gets a fresh checksum, not one over the old
+        state = {k: v for k, v in state.items() if k != "checksum"}
+        state["checksum"] = tensors_checksum(state)
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)

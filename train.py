@@ -341,8 +341,8 @@ def non_finite_problem(val_loss):
     """Why this model must not be saved (a non-finite val loss or weight), or "". A step can ruin the
     weights while its own loss, computed before the update, is still finite."""
     weights_finite = torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all().item()
-    bad = ("val loss" if val_loss is not None and not math.isfinite(val_loss) else
-           "weights" if not weights_finite else "")
+    bad = ("weights" if not weights_finite else
+           "val loss" if val_loss is not None and not math.isfinite(val_loss) else "")
     return non_finite_message(f"{bad} at iteration {iter_num}") if bad else ""
 
 

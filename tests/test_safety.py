@@ -64,8 +64,8 @@ def finished_run(data_dir, tmp_path_factory):
 
 def test_weights_ruined_just_before_an_evaluation_are_never_saved(finished_run, data_dir, tmp_path):
     """lr 1e30: iteration 5's loss is still finite (computed before its update), but the update ruins
-    the weights, so the evaluation at iteration 5 measures a non-finite val loss. It once saved that
-    model over ckpt.pt, and the next step's error called ckpt.pt untouched."""
+    the weights, so the evaluation at iteration 5 measures a NaN val loss. That model was once saved
+    over ckpt.pt, and the next step's error called ckpt.pt untouched."""
     out = shutil.copytree(finished_run, tmp_path / "out")
     before = {name: sha(out / name) for name in ("ckpt.pt", "best.pt")}
     code, stdout, stderr = run_inprocess("train.py", *train_args(data_dir, out, "--max_iters=8", "--lr_decay_iters=8",
@@ -76,6 +76,22 @@ def test_weights_ruined_just_before_an_evaluation_are_never_saved(finished_run, 
     line = one_error_line(code, stderr, status=1)
     assert line.startswith("error: non-finite val loss at iteration 5")
     assert line.endswith(f"Last good checkpoint, untouched: {out / 'ckpt.pt'}")
+
+
+def test_a_non_finite_weight_is_never_saved_even_when_every_loss_is_finite(data_dir, tmp_path):
+    """An Inf in an embedding row no token uses (the padding rows 50257..) leaves every loss and gradient
+    norm finite (with an untied lm_head): only the weights themselves show it."""
+    out = tmp_path / "out"
+    untied = train_args(data_dir, out, "--tie_embeddings=False", "--eval_interval=2", "--lr_decay_iters=4")
+    assert run_inprocess("train.py", *untied, "--max_iters=2")[0] == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["model"]["transformer.wte.weight"][50300] = float("inf")
+    save_checkpoint(ckpt, out / "ckpt.pt")
+    before = sha(out / "ckpt.pt")
+    code, stdout, stderr = run_inprocess("train.py", *untied, "--max_iters=4", "--init_from=resume")
+    assert "step 4: train loss" in stdout and "val loss nan" not in stdout
+    assert one_error_line(code, stderr, status=1).startswith("error: non-finite weights at iteration 4")
+    assert sha(out / "ckpt.pt") == before
 
 
 # ---------------------------------------------------------------------------------------------
