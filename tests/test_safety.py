@@ -42,13 +42,15 @@ def tiny_ckpt(tmp_path_factory):
 # data loss
 
 
-@pytest.mark.parametrize("to", ["", "."])
-def test_export_to_an_empty_value_or_the_current_folder_deletes_nothing(tiny_ckpt, tmp_path, monkeypatch, to):
-    """`--to=$UNSET` is `--to=`: it once removed every file of the current directory."""
+@pytest.mark.parametrize("to, present", [("", "notes.txt"), (".", "config.json")])
+def test_export_to_an_empty_value_or_the_current_folder_deletes_nothing(tiny_ckpt, tmp_path, monkeypatch, to,
+                                                                        present):
+    """`--to=$UNSET` is `--to=`: it once removed every file of the current directory; so did `--to=.`
+    with --force where the folder held only files an export writes."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "notes.txt").write_text("a week of work")
+    (tmp_path / present).write_text("a week of work")
     code, _, stderr = run_inprocess("export.py", f"--out_dir={tiny_ckpt}", f"--to={to}", "--force=True")
-    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == [present]
     assert f"to={to!r}" in one_error_line(code, stderr)
 
 
