@@ -7,17 +7,87 @@ Each script keeps its defaults as plain globals; `configure(defaults, argv)` app
 (plain Python assignments, run in order) and then `--key=value` overrides, and returns the result.
 Values are Python literals checked against the default's type (an int is accepted for a float;
 a bare word is taken as a string where the default is a string; a None default accepts any literal).
-Anything wrong ends the program with one line naming the problem and exit status 2.
+Every value is then checked against RULES, so a count of 0 or a negative learning rate stops the
+script before it builds a model or reads data. Anything wrong ends the program with one line naming
+the problem and exit status 2.
 """
 import ast
 import difflib
 import os
 import sys
 
+# What a setting allows, for every script that has it (a name means the same thing in every script).
+# A new setting with a limit is one line here. Choices among names (device, dtype, lr_schedule,
+# data_order, mlp, norm, init_from, resume_from, ckpt) are checked by the module that owns the list,
+# which each script calls at start.
+AT_LEAST_1 = (lambda v: v >= 1, "must be at least 1")
+AT_LEAST_0 = (lambda v: v >= 0, "must be >= 0")
+BELOW_1 = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+UP_TO_1 = (lambda v: 0 < v <= 1, "must be in (0, 1]")
+NOT_EMPTY = (lambda v: v.strip() != "", "must not be empty")
+RULES = {
+    "out_dir": NOT_EMPTY,
+    "dataset": NOT_EMPTY,
+    "batch_size": AT_LEAST_1,
+    "gradient_accumulation_steps": AT_LEAST_1,
+    "block_size": AT_LEAST_1,
+    "n_layer": AT_LEAST_1,
+    "n_head": AT_LEAST_1,
+    "n_embd": AT_LEAST_1,
+    "dropout": BELOW_1,
+    "eval_interval": AT_LEAST_1,
+    "log_interval": AT_LEAST_1,
+    "eval_iters": AT_LEAST_1,
+    "max_iters": AT_LEAST_0,
+    "learning_rate": AT_LEAST_0,
+    "min_lr": AT_LEAST_0,
+    "weight_decay": AT_LEAST_0,
+    "beta1": BELOW_1,
+    "beta2": BELOW_1,
+    "grad_clip": AT_LEAST_0,  # 0 disables clipping
+    "warmup_iters": AT_LEAST_0,
+    "lr_decay_iters": AT_LEAST_0,
+    "peak_flops": AT_LEAST_0,  # 0 looks the device up
+    "seed": AT_LEAST_0,
+    "hellaswag_interval": AT_LEAST_0,  # 0 = off
+    "hellaswag_limit": AT_LEAST_0,  # 0 = every example
+    # eval.py
+    "limit": AT_LEAST_0,  # 0 = every HellaSwag example
+    "val_tokens": AT_LEAST_0,  # 0 = all of val.bin
+    # sample.py
+    "num_samples": AT_LEAST_1,
+    "max_new_tokens": AT_LEAST_1,
+    "temperature": (lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
+    "top_k": (lambda v: v >= 0, "must be >= 0 (0 disables)"),
+    "top_p": UP_TO_1,
+    # export.py: an unset shell variable (--to=) must not name the current folder
+    "to": NOT_EMPTY,
+    # bench.py
+    "bench_iters": AT_LEAST_1,
+    "bench_warmup": AT_LEAST_0,
+    "profile_file": NOT_EMPTY,
+}
 
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+
+def check_rules(config):
+    """Exit with one line at the first value its RULES entry does not allow."""
+    for key, value in config.items():
+        if key in RULES and value is not None:
+            allowed, description = RULES[key]
+            if not allowed(value):
+                fail(f"{key}={value!r}: {description}")
+
+
+def fail(message, status=2):
+    """The one way every script ends on a problem the user can fix: one line on stderr, exit status 2
+    (1 for a run that went wrong after it started). Under torchrun every rank calls it and only rank 0
+    prints; an open DDP process group is closed first so that no rank is left waiting."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {message}", file=sys.stderr)
+    dist = sys.modules.get("torch.distributed")  # looked up, not imported: prepare.py runs without torch
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(status)
 
 
 def unknown_key_hint(key, config):
@@ -88,6 +158,7 @@ def configure(defaults, argv):
         if key not in config:
             fail(f"unknown config key {key!r}; {unknown_key_hint(key, config)}")
         config[key] = check_type(key, parse_value(key, text, defaults[key]), defaults[key])
+    check_rules(config)
     return config
 
 

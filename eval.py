@@ -43,11 +43,6 @@ REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 def check_options():
     if not (eval_val or eval_hellaswag):
         fail("eval_val=False and eval_hellaswag=False: nothing to evaluate")
-    for key, value in (("val_tokens", val_tokens), ("limit", limit)):
-        if value < 0:
-            fail(f"{key}={value}: must be >= 0 (0 = all)")
-    if batch_size < 1:
-        fail(f"batch_size={batch_size}: must be at least 1")
 
 
 def load_model():

@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 
-from checkpoint import checkpoint_path, clean_state_dict, load_checkpoint
+from checkpoint import check_model_fits, checkpoint_path, clean_state_dict, load_checkpoint
 from configurator import config_globals, configure, fail
 from hf import EXPORT_FILES, export_files
 
@@ -28,6 +28,11 @@ globals().update(config)
 
 def check_destination(folder):
     """Refuse to overwrite anything but an earlier export, and that only with --force."""
+    if not folder.strip():  # `--to=$UNSET`: replacing "" would mean replacing the current folder
+        fail(f"to={folder!r}: name the folder to write, e.g. --to=hf_model")
+    target, here = os.path.realpath(folder), os.path.realpath(os.getcwd())
+    if os.path.commonpath([target, here]) == target:
+        fail(f"to={folder!r} is the current folder or one above it; name a new folder, e.g. --to=hf_model")
     if not os.path.exists(folder):
         return
     if not os.path.isdir(folder):
@@ -61,8 +66,9 @@ def write_folder(folder, files):
 def main():
     check_destination(to)
     try:
-        path = checkpoint_path(out_dir, ckpt)
+        path = checkpoint_path(out_dir, ckpt, key="ckpt")
         checkpoint = load_checkpoint(path, map_location="cpu")
+        check_model_fits(checkpoint, path)  # a broken folder must never be written
         files = export_files(checkpoint["model_args"], clean_state_dict(checkpoint["model"]))
     except (FileNotFoundError, ValueError) as e:
         fail(f"cannot export: {e}")

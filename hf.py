@@ -109,7 +109,10 @@ def export_files(model_args, state_dict):
     config = hf_config(model_args)
     files = {"config.json": json.dumps(config, indent=2).encode(),
              "model.safetensors": save(to_hf_state_dict(state_dict, model_args), metadata={"format": "pt"}),
-             "generation_config.json": json.dumps({"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN}).encode()}
+             # generation stops at the model's n_positions (transformers' pipeline would otherwise run past
+             # it, to 256 new tokens, into an IndexError in the position table)
+             "generation_config.json": json.dumps({"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN,
+                                                   "max_length": model_args["block_size"]}).encode()}
     files.update(tokenizer_files(model_args["block_size"]))
     return files
 
@@ -123,8 +126,13 @@ def read_hf_folder(folder):
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{folder} has no config.json: not a Hugging Face model folder")
-    with open(config_path) as f:
-        config = json.load(f)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} holds a JSON {type(config).__name__}, not an object of settings")
     weights = os.path.join(folder, "model.safetensors")
     if os.path.isfile(weights):
         from safetensors.torch import load_file
@@ -154,7 +162,11 @@ def download_hf_model(name):
 
 def model_args_from_hf(config):
     """Our model_args for a GPT-2 config.json, or ValueError when our model cannot express it."""
-    problems = []
+    problems = [f"{key}={config.get(key)!r} (a positive integer)"
+                for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
+                if type(config.get(key)) is not int or config[key] < 1]
+    if type(config.get("tie_word_embeddings", True)) is not bool:
+        problems.append(f"tie_word_embeddings={config['tie_word_embeddings']!r} (true or false)")
     if config.get("model_type") != "gpt2":
         problems.append(f"model_type={config.get('model_type')!r} (only 'gpt2')")
     activation = config.get("activation_function", "gelu_new")

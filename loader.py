@@ -20,6 +20,11 @@ from tokenizer import ENCODING_NAME, TOKEN_DTYPE, max_token_id
 ORDERS = ("random", "shuffle")
 
 
+def check_data_order(order):
+    if order not in ORDERS:
+        raise ValueError(f"data_order={order!r}: allowed are {', '.join(map(repr, ORDERS))}")
+
+
 def check_token_ids(path, vocab_size, recorded_max=None):
     """Refuse a token file holding an id >= vocab_size anywhere (another tokenizer's output, bytes that
     are not uint16 tokens): such an id would crash training whenever a batch reached it. prepare.py
@@ -40,8 +45,7 @@ class TokenBatches:
     """Endless (x, y) batches of int64 tensors (batch_size, block_size); y is x shifted by one."""
 
     def __init__(self, path, block_size, batch_size, order="random", seed=1337, rank=0, world_size=1):
-        if order not in ORDERS:
-            raise ValueError(f"data_order={order!r}: allowed are {', '.join(map(repr, ORDERS))}")
+        check_data_order(order)
         self.path, self.block_size, self.batch_size = path, block_size, batch_size
         self.order, self.seed, self.rank, self.world_size = order, seed, rank, world_size
         self.n_tokens = num_tokens(path)

@@ -24,6 +24,8 @@ def pick_device(device):
         raise ValueError(f"device={device!r} but CUDA is not available here; use --device=cpu (or auto)")
     if kind not in ("cuda", "cpu", "mps"):
         raise ValueError(f"device={device!r}: allowed are auto, cpu, cuda, cuda:N, mps")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device={device!r} but MPS (Apple GPU) is not available here; use --device=cpu (or auto)")
     return device
 
 

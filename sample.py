@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
+from checkpoint import check_model_fits, checkpoint_path, load_checkpoint, model_from_checkpoint
 from configurator import config_globals, configure, fail
 from runtime import autocast_context, pick_device, pick_dtype, synchronize
 from tokenizer import EOT_TOKEN, VOCAB_SIZE, decode, encode_prompt, get_encoding
@@ -42,43 +42,36 @@ def read_prompt(start):
         path = start[len("FILE:"):]
         if not os.path.isfile(path):
             fail(f"prompt file {path!r} not found")
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except UnicodeDecodeError as e:
+            fail(f"prompt file {path!r} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                 "save it as UTF-8")
     return start
 
 
-def check_options(block_size):
-    if num_samples < 1:
-        fail(f"num_samples={num_samples}: must be at least 1")
-    if max_new_tokens < 1:
-        fail(f"max_new_tokens={max_new_tokens}: must be at least 1")
-    if temperature < 0:
-        fail(f"temperature={temperature}: must be >= 0 (0 = greedy)")
-    if not 0 < top_p <= 1:
-        fail(f"top_p={top_p}: must be in (0, 1]")
-    if top_k < 0:
-        fail(f"top_k={top_k}: must be >= 0 (0 disables)")
+def main():
+    # every value was checked by configure() (configurator.RULES); the rest before the checkpoint is read
     if stream and num_samples != 1:
         fail(f"stream=True prints one sample as it is generated; set --num_samples=1 (got {num_samples})")
-
-
-def main():
     try:
         dev = pick_device(device)
         dt = pick_dtype(dtype, dev)
-        path = checkpoint_path(out_dir, ckpt)
+        path = checkpoint_path(out_dir, ckpt, key="ckpt")
+        prompt_text = read_prompt(start)
         checkpoint = load_checkpoint(path, map_location="cpu")
+        check_model_fits(checkpoint, path)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     model = model_from_checkpoint(checkpoint)
-    check_options(model.config.block_size)
     model.eval().to(dev)
     if compile:
         # generate() calls forward once per token, so forward is what must be compiled (compiling the
         # module would leave generate() calling the eager forward); the cache grows every step: dynamic
         model.forward = torch.compile(model.forward, dynamic=True)
     enc = get_encoding()
-    prompt = encode_prompt(enc, read_prompt(start))
+    prompt = encode_prompt(enc, prompt_text)
     if len(prompt) > model.config.block_size:  # generation crops the context to the last block_size tokens
         print(f"warning: the prompt is {len(prompt)} tokens but the model sees at most block_size="
               f"{model.config.block_size}: only its last {model.config.block_size} tokens are used", file=sys.stderr)

@@ -26,12 +26,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (checkpoint_path, clean_state_dict, load_checkpoint, rng_state, save_checkpoint,
-                        saved_val_loss, set_rng_state)
+from checkpoint import (check_model_fits, checkpoint_path, clean_state_dict, load_checkpoint, rng_state,
+                        save_checkpoint, saved_val_loss, set_rng_state)
 from configurator import config_globals, configure, fail
 from evaluation import evaluate_hellaswag, load_hellaswag, render_examples
 from hf import HUB_MODELS, load_gpt2
-from loader import TokenBatches, check_token_ids, eval_batches
+from loader import TokenBatches, check_data_order, check_token_ids, eval_batches
 from model import GPT, GPTConfig
 from runtime import (autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu, pick_device,
                      pick_dtype, synchronize)
@@ -50,6 +50,7 @@ hellaswag_interval = 0  # also score HellaSwag at evaluation steps every this ma
 hellaswag_limit = 0  # the first this many HellaSwag examples (0 = all 10,042), split over the DDP ranks
 hellaswag_file = ""  # hellaswag_val.jsonl; '' = downloaded once into data/hellaswag/ (see evaluation.py)
 init_from = "scratch"  # 'scratch', 'resume' (from out_dir), 'gpt2'...'gpt2-xl' or a Hugging Face GPT-2 folder
+overwrite = False  # let a new run (init_from other than 'resume') replace the checkpoints already in out_dir
 resume_from = "last"  # with init_from='resume': 'last' (ckpt.pt), 'best', 'stable' or a path
 allow_lr_increase = False  # allow a resume whose schedule raises the learning rate (see README)
 # wandb logging
@@ -112,11 +113,8 @@ if ddp:
     ddp_rank, ddp_local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     if gradient_accumulation_steps % world_size != 0:  # checked before the ranks wait on each other
-        message = (f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the "
-                   f"{world_size} DDP ranks; use a multiple of {world_size}")
-        if ddp_rank == 0:
-            fail(message)
-        sys.exit(2)
+        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the "
+             f"{world_size} DDP ranks; use a multiple of {world_size}")
     if device.startswith("cuda"):
         device = f"cuda:{ddp_local_rank}"
         torch.cuda.set_device(device)
@@ -127,25 +125,22 @@ master_process = ddp_rank == 0  # only rank 0 prints, logs and writes checkpoint
 device_type = device.split(":")[0]
 
 
-def stop(message):
-    """A problem found before training: one line, exit status 2, from every rank."""
-    if master_process:
-        print(f"error: {message}", file=sys.stderr)
-    if ddp:
-        dist.destroy_process_group()
-    sys.exit(2)
-
-
 gradient_accumulation_steps //= world_size  # per rank from here on
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 if init_from not in ("scratch", "resume", *HUB_MODELS) and not os.path.isdir(init_from):
-    stop(f"init_from={init_from!r}: allowed are scratch, resume, {', '.join(HUB_MODELS)} or a folder holding a "
+    fail(f"init_from={init_from!r}: allowed are scratch, resume, {', '.join(HUB_MODELS)} or a folder holding a "
          "Hugging Face GPT-2 (config.json, model.safetensors)")
 lr_args = schedule_args(config)
-try:
-    get_lr(0, **lr_args)  # checks lr_schedule and cooldown_frac before any work
+try:  # the choices among names, before any work: each checked by the module that owns the list
+    get_lr(0, **lr_args)  # lr_schedule, cooldown_frac
+    checkpoint_path(out_dir, resume_from, key="resume_from")
+    check_data_order(data_order)
 except ValueError as e:
-    stop(str(e))
+    fail(str(e))
+if init_from != "resume" and os.path.exists(checkpoint_path(out_dir, "last")) and not overwrite and not eval_only:
+    fail(f"{checkpoint_path(out_dir, 'last')} exists and this run (init_from={init_from}) would replace it at its "
+         "first evaluation; continue it with --init_from=resume, replace it with --overwrite=True, "
+         "or use another out_dir")
 if master_process:
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -153,12 +148,21 @@ if master_process:
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        stop(f"out_dir={out_dir!r} is not writable: {e.strerror}")
+        fail(f"out_dir={out_dir!r} is not writable: {e.strerror}")
 
 torch.manual_seed(seed + ddp_rank)
 torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores where they can
 torch.backends.cudnn.allow_tf32 = True
 ctx = autocast_context(device, dtype)
+
+# model
+model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                  vocab_size=50304, dropout=dropout, rotary=rotary, qk_norm=qk_norm, mlp=mlp, norm=norm,
+                  tie_embeddings=tie_embeddings, zero_init_proj=zero_init_proj)
+try:
+    GPTConfig(**model_args)  # checks the shape (n_embd % n_head...) before any data is read
+except ValueError as e:
+    fail(str(e))
 
 # data: uint16 token files written by data/<dataset>/prepare.py
 data_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
@@ -171,41 +175,35 @@ try:
     for split, path in (("train", train_path), ("val", val_path)):
         check_token_ids(path, VOCAB_SIZE, dataset_meta["splits"][split].get("max_token_id"))
 except (FileNotFoundError, ValueError) as e:
-    stop(str(e))
-
-# model
-model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                  vocab_size=50304, dropout=dropout, rotary=rotary, qk_norm=qk_norm, mlp=mlp, norm=norm,
-                  tie_embeddings=tie_embeddings, zero_init_proj=zero_init_proj)
-try:
-    GPTConfig(**model_args)  # checks the shape (n_embd % n_head...) before any heavy work
-except ValueError as e:
-    stop(str(e))
-iter_num, best_val_loss, ckpt, hf_state = 0, float("inf"), None, None
+    fail(str(e))
+iter_num, best_val_loss, ckpt, hf_state, tokens_seen = 0, float("inf"), None, None, 0
 if init_from == "resume":
     resume_path = checkpoint_path(out_dir, resume_from)
     try:
         ckpt = load_checkpoint(resume_path, map_location="cpu")
+        check_model_fits(ckpt, resume_path)
     except (FileNotFoundError, ValueError) as e:
-        stop(f"cannot resume: {e}")
+        fail(f"cannot resume: {e}")
     model_args["vocab_size"] = ckpt["model_args"].get("vocab_size", 50304)  # 50257 for GPT-2 weights
     changed = [f"{k} (checkpoint {ckpt['model_args'].get(k)!r}, config {v!r})" for k, v in model_args.items()
                if k != "dropout" and ckpt["model_args"].get(k, GPTConfig.__dataclass_fields__[k].default) != v]
     if changed:
-        stop(f"cannot resume {resume_path}: the model shape changed: {'; '.join(changed)}")
+        fail(f"cannot resume {resume_path}: the model shape changed: {'; '.join(changed)}")
     iter_num, best_val_loss = ckpt["iter_num"], ckpt.get("best_val_loss", float("inf"))
+    # the true count even when this run's batch shape differs (older checkpoints: assume the same shape)
+    tokens_seen = ckpt.get("tokens_seen", iter_num * tokens_per_iter)
     # resuming from stable.pt or another file: best.pt may hold a better model than it knows of
     best_on_disk = saved_val_loss(checkpoint_path(out_dir, "best"))
     if master_process and best_on_disk is not None:
         best_val_loss = min(best_val_loss, best_on_disk)
     if iter_num >= max_iters and not eval_only:
-        stop(f"{resume_path} is at iteration {iter_num} and max_iters={max_iters}: nothing to train; "
+        fail(f"{resume_path} is at iteration {iter_num} and max_iters={max_iters}: nothing to train; "
              f"pass a larger --max_iters to continue (see README 'Long runs')")
 elif init_from != "scratch":  # GPT-2 weights, see hf.py; the model's shape comes from them
     try:
         hf_args, hf_state = load_gpt2(init_from, block_size)
     except ValueError as e:
-        stop(str(e))
+        fail(str(e))
     changed = [f"--{k}={v}" for k, v in hf_args.items() if k != "vocab_size" and model_args[k] != v]
     if master_process and changed:
         print(f"{init_from} sets the model's shape, overriding the config: {' '.join(changed)} "
@@ -225,7 +223,7 @@ if hellaswag_interval:  # read (downloaded the first time) and tokenized once, b
     try:
         hellaswag_examples = render_examples(load_hellaswag(hellaswag_file), gptconf.block_size, hellaswag_limit)
     except ValueError as e:
-        stop(str(e))
+        fail(str(e))
 
 # GradScaler only does anything for float16; for bf16/fp32 it is a no-op
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
@@ -240,7 +238,7 @@ if ckpt is not None:
         try:
             train_batches.load_state_dict(rank_state[0]["data"])
         except ValueError as e:
-            stop(str(e))
+            fail(str(e))
     elif master_process:
         print(f"warning: the checkpoint was written by {len(ckpt.get('ranks') or [])} rank(s), this run has "
               f"{world_size}: data order and RNG start afresh (not an exact resume)")
@@ -254,7 +252,7 @@ if ckpt is not None:
     except (KeyError, TypeError, ValueError):  # a checkpoint from another tool: nothing to compare
         planned_lr = None
     if planned_lr is not None and lr > planned_lr * (1 + 1e-6) and not allow_lr_increase:
-        stop(f"resuming at iteration {iter_num} would raise the learning rate from {planned_lr:.3g} (the "
+        fail(f"resuming at iteration {iter_num} would raise the learning rate from {planned_lr:.3g} (the "
              f"checkpoint's schedule) to {lr:.3g} (lr_schedule={lr_schedule}, max_iters={max_iters}, "
              f"lr_decay_iters={lr_decay_iters}); "
              + ("to extend a wsd run, resume from before its cooldown (--resume_from=stable); " if lr_schedule == "wsd" else "")
@@ -290,8 +288,9 @@ if master_process:
           f"{flops_per_token / 1e6:.1f} MFLOPs/token")
     print(f"tokens per iteration: {tokens_per_iter:,} ({world_size} rank(s) x {gradient_accumulation_steps} "
           f"micro-steps x {batch_size} x {block_size})")
-    print(f"planned: {max_iters:,} iterations = {max_iters * tokens_per_iter:,} tokens "
-          f"= {max_iters * tokens_per_iter / train_tokens:.2f} epochs of train.bin ({train_tokens:,} tokens)")
+    if not eval_only:
+        print(f"planned: {max_iters:,} iterations = {max_iters * tokens_per_iter:,} tokens "
+              f"= {max_iters * tokens_per_iter / train_tokens:.2f} epochs of train.bin ({train_tokens:,} tokens)")
     print(f"device {device}, dtype {dtype}, {peak_description}")
 
 
@@ -330,14 +329,40 @@ def save(val_loss, names):
         torch.save(state, buffer)
         dist.all_gather_object(gathered, buffer.getvalue())
         ranks = [torch.load(io.BytesIO(b), weights_only=True) for b in gathered]
-    if not master_process:
-        return
-    checkpoint = {"model_args": model_args, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                  "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
-                  "scaler": scaler.state_dict() if scaler.is_enabled() else None, "ranks": ranks,
-                  "lr": lr, "val_loss": val_loss, "dataset_meta": dataset_meta}
-    for name in names:
-        save_checkpoint(checkpoint, checkpoint_path(out_dir, name))
+    problem = non_finite_problem(val_loss) if master_process else ""
+    if master_process and not problem:
+        checkpoint = {"model_args": model_args, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
+                      "scaler": scaler.state_dict() if scaler.is_enabled() else None, "ranks": ranks,
+                      "lr": lr, "val_loss": val_loss, "dataset_meta": dataset_meta, "tokens_seen": tokens_seen}
+        try:
+            for name in names:
+                save_checkpoint(checkpoint, checkpoint_path(out_dir, name))
+            saved_this_run.update(names)
+        except OSError as e:  # a full disk: save_checkpoint left the previous files as they were
+            problem = str(e)
+    if ddp:  # rank 0 alone knows: every rank must stop with it, or the others wait for it forever
+        flag = torch.tensor(float(bool(problem)), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        problem = problem or ("rank 0 could not save" if flag.item() else "")
+    if problem:
+        fail(problem, status=1)
+
+
+def non_finite_problem(val_loss):
+    """Why this model must not be saved (a non-finite val loss or weight), or "". A step can ruin the
+    weights while its own loss, computed before the update, is still finite."""
+    weights_finite = torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all().item()
+    bad = ("weights" if not weights_finite else
+           "val loss" if val_loss is not None and not math.isfinite(val_loss) else "")
+    return non_finite_message(f"{bad} at iteration {iter_num}") if bad else ""
+
+
+def non_finite_message(what):
+    """True because nothing non-finite is ever saved: the checkpoint on disk predates the damage."""
+    last_ckpt = checkpoint_path(out_dir, "last")
+    return (f"non-finite {what}; stopping without saving. Last good checkpoint, untouched: "
+            f"{last_ckpt if os.path.exists(last_ckpt) else '(none saved yet)'}")
 
 
 # Ctrl-C / SIGTERM: finish the current iteration, save, exit 0
@@ -364,12 +389,12 @@ if wandb_log:  # checked on every rank, so that all of them stop together
     try:
         import wandb
     except ImportError:
-        stop("wandb_log=True but wandb is not installed: pip install wandb (or --wandb_log=False)")
+        fail("wandb_log=True but wandb is not installed: pip install wandb (or --wandb_log=False)")
 if wandb_log and master_process:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume="allow")
 
 # training loop
-start_iter, run_start = iter_num, time.time()
+start_iter, run_start, saved_this_run = iter_num, time.time(), set()
 t0, tokens_since_log, losses = time.time(), 0, []
 last_eval = None
 while True:
@@ -387,7 +412,7 @@ while True:
             print(f"step {iter_num}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}"
                   f"{' (best)' if is_best else ''}" + (f", hellaswag acc_norm {hellaswag['hellaswag_acc_norm']:.4f} "
                                                        f"({hellaswag['hellaswag_n']} examples)" if hellaswag else ""))
-            log_metrics({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train_loss": last_eval["train"],
+            log_metrics({"iter": iter_num, "tokens": tokens_seen, "train_loss": last_eval["train"],
                          "val_loss": last_eval["val"],
                          "best_val_loss": best_val_loss if math.isfinite(best_val_loss) else None, **(hellaswag or {})})
             names += ["best"] if is_best else []
@@ -419,6 +444,7 @@ while True:
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
     tokens_since_log += tokens_per_iter
+    tokens_seen += tokens_per_iter
 
     loss_value = torch.stack(losses).mean().item()  # a host sync: the iteration's work is done
     grad_norm_value = grad_norm.item()
@@ -432,14 +458,8 @@ while True:
         bad = bad or ("loss or gradient norm on another rank" if flags[0].item() else "")
         stop_requested = bool(flags[1].item())
     if bad:
-        if master_process:
-            last_ckpt = checkpoint_path(out_dir, "last")
-            print(f"error: non-finite {bad} at iteration {iter_num} (loss {loss_value}, grad norm "
-                  f"{grad_norm_value}); stopping without saving. Last good checkpoint, untouched: "
-                  f"{last_ckpt if os.path.exists(last_ckpt) else '(none saved yet)'}", file=sys.stderr)
-        if ddp:
-            dist.destroy_process_group()
-        sys.exit(1)
+        fail(non_finite_message(f"{bad} at iteration {iter_num} (loss {loss_value}, grad norm {grad_norm_value})"),
+             status=1)
     losses = []
     if iter_num % log_interval == 0 and master_process:
         synchronize(device)
@@ -453,7 +473,7 @@ while True:
               f"{ms_per_iter:.0f} ms/iter, {tokens_per_sec:,.0f} tok/s"
               + (f", MFU {mfu * 100:.1f}%" if mfu is not None else "")
               + (f", mem {mem:.2f} GiB" if mem is not None else "") + f", epoch {epoch:.3f}")
-        log_metrics({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "epoch": epoch, "loss": loss_value,
+        log_metrics({"iter": iter_num, "tokens": tokens_seen, "epoch": epoch, "loss": loss_value,
                      "lr": lr, "grad_norm": grad_norm_value, "ms_per_iter": ms_per_iter,
                      "tokens_per_sec": tokens_per_sec, "mfu": mfu, "peak_mem_gib": mem})
         t0, tokens_since_log = time.time(), 0
@@ -471,8 +491,10 @@ if master_process:
     print(f"done: {iter_num - start_iter} iterations, {trained:,} tokens in {wall:.0f}s "
           f"({trained / max(wall, 1e-9):,.0f} tok/s overall); best val loss {best_val_loss:.4f}"
           + (f", final val loss {last_eval['val']:.4f}" if last_eval else ""))
-    print(f"checkpoints: {checkpoint_path(out_dir, 'last')} (latest)"
-          + (f", {checkpoint_path(out_dir, 'best')} (best val)" if os.path.exists(checkpoint_path(out_dir, 'best')) else ""))
+    if saved_this_run:  # an eval_only run, or one that ended before its first save, points at no file
+        best_path = checkpoint_path(out_dir, "best")
+        print(f"checkpoints: {checkpoint_path(out_dir, 'last')} (latest)"
+              + (f", {best_path} (best val)" if os.path.exists(best_path) else ""))
     if wandb_log:
         wandb.finish()
 if ddp:
