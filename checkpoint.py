@@ -39,6 +39,7 @@ import zlib
 import numpy as np
 import torch
 
+from atomic import atomic_write
 from model import GPT, GPTConfig
 
 CHECKPOINT_NAMES = {"last": "ckpt.pt", "best": "best.pt", "stable": "stable.pt"}
@@ -55,25 +56,17 @@ def checkpoint_path(out_dir, which="last", key="checkpoint"):
 
 
 def save_checkpoint(state, path):
-    """Write atomically: a crash or SIGKILL mid-write leaves the previous file intact. One fixed
-    temporary name, so repeated crashes cannot pile up half-written files."""
-    tmp = f"{path}.tmp"
+    """Write atomically (atomic.py): a crash, SIGKILL or full disk mid-write leaves the previous file intact."""
     if isinstance(state, dict):  # a re-saved checkpoint gets a fresh checksum, not one over the old
         state = {k: v for k, v in state.items() if k != "checksum"}
         state["checksum"] = tensors_checksum(state)
     try:
-        with open(tmp, "wb") as f:
+        with atomic_write(path) as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
         raise OSError(f"cannot write checkpoint {path} ({free / 2**20:,.0f} MiB free on its disk; the previous "
                       f"file is intact): {type(e).__name__}: {first_line(e)}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def tensors_checksum(obj):

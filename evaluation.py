@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from atomic import atomic_write
 from tokenizer import EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE, get_encoding
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -46,24 +47,21 @@ def download_hellaswag(path):
     temporary file that becomes path only when complete and correct (one per process, so DDP ranks
     downloading at once cannot mix their bytes)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp, digest = f"{path}.tmp.{os.getpid()}", hashlib.sha256()
+    digest = hashlib.sha256()
     try:
-        with urllib.request.urlopen(HELLASWAG_URL, timeout=60) as response, open(tmp, "wb") as f:
+        with urllib.request.urlopen(HELLASWAG_URL, timeout=60) as response, \
+                atomic_write(path, per_process=True) as f:
             while chunk := response.read(1 << 20):
                 digest.update(chunk)
                 f.write(chunk)
-        if digest.hexdigest() != HELLASWAG_SHA256:
-            raise ValueError(f"downloaded {HELLASWAG_URL} but its sha256 is {digest.hexdigest()}, not the "
-                             f"published {HELLASWAG_SHA256}; not kept. Pass --hellaswag_file=PATH (a copy of "
-                             "hellaswag_val.jsonl)")
-        os.replace(tmp, path)
+            if digest.hexdigest() != HELLASWAG_SHA256:  # raised inside: the file is not kept
+                raise ValueError(f"downloaded {HELLASWAG_URL} but its sha256 is {digest.hexdigest()}, not the "
+                                 f"published {HELLASWAG_SHA256}; not kept. Pass --hellaswag_file=PATH (a copy of "
+                                 "hellaswag_val.jsonl)")
     except OSError as e:  # urllib's URLError and HTTPError are OSErrors too: offline, DNS, 404, timeout
         reason = getattr(e, "reason", None) or e.strerror or e
         raise ValueError(f"HellaSwag is not cached at {path} and cannot be downloaded from {HELLASWAG_URL} "
                          f"({reason}); pass --hellaswag_file=PATH (a copy of hellaswag_val.jsonl)") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def check_example(record, where):

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 
+from atomic import atomic_write
 from checkpoint import check_model_fits, checkpoint_path, clean_state_dict, load_checkpoint
 from configurator import config_globals, configure, fail
 from hf import EXPORT_FILES, export_files
@@ -53,7 +54,7 @@ def write_folder(folder, files):
     try:
         os.makedirs(tmp)
         for name, data in files.items():
-            with open(os.path.join(tmp, name), "wb") as f:
+            with atomic_write(os.path.join(tmp, name)) as f:  # fsynced before the folder swap below
                 f.write(data)
         if os.path.exists(folder):
             shutil.rmtree(folder)

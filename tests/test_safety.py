@@ -169,16 +169,16 @@ class DiskFullAfter:
 @pytest.mark.parametrize("fails_in", ["write", "fsync"])
 def test_full_disk_during_a_save_keeps_every_checkpoint_and_leaves_no_tmp(finished_run, data_dir, tmp_path,
                                                                          monkeypatch, fails_in):
-    import checkpoint
+    import atomic  # where checkpoints are written
     out = shutil.copytree(finished_run, tmp_path / "out")
     before = {name: sha(out / name) for name in ("ckpt.pt", "best.pt")}
     if fails_in == "write":
-        monkeypatch.setattr(checkpoint, "open", lambda path, mode: DiskFullAfter(open(path, mode), 100_000),
+        monkeypatch.setattr(atomic, "open", lambda path, mode: DiskFullAfter(open(path, mode), 100_000),
                             raising=False)
     else:  # buffered writes that only fail when flushed to the disk
         def fsync(fd):
             raise OSError(28, "No space left on device")
-        monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+        monkeypatch.setattr(atomic.os, "fsync", fsync)
     code, stdout, stderr = run_inprocess("train.py", *train_args(data_dir, out, "--max_iters=6", "--lr_decay_iters=6",
                                                                  "--eval_interval=2", "--init_from=resume",
                                                                  "--allow_lr_increase=True"))
@@ -342,3 +342,17 @@ def test_the_readme_pipeline_line_works_on_the_quick_start_model(tmp_path, monke
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("{'generated_text': ") and "<|endoftext|>The" in proc.stdout
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    from atomic import atomic_write
+    path = tmp_path / "meta.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(path, "w") as f:
+            f.write("half of the new")
+            raise RuntimeError("killed mid-write")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["meta.json"]
+    with atomic_write(path, "w", per_process=True) as f:
+        f.write("new")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["meta.json"]

@@ -62,6 +62,7 @@ except ImportError:
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+from atomic import atomic_write  # noqa: E402
 from configurator import fail  # noqa: E402
 from sources import (DEFAULT_DUMP, HF_REPO, Prefetch, PrepareError, dataset_source,  # noqa: E402
                      delete_downloaded, describe_parquet, first_line, hub_sources, is_downloaded, local_source,
@@ -417,12 +418,8 @@ def make_meta(sources, manifest, splits, total, args, seconds):
 
 
 def write_json_atomically(path, data):
-    tmp_path = path.with_name(path.name + ".tmp")
-    with open(tmp_path, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
 
 
 # -----------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from atomic import atomic_write  # the repo root is on the path: prepare.py puts it there
+
 HF_REPO = "HuggingFaceFW/fineweb"
 DEFAULT_DUMP = "CC-MAIN-2013-20"
 STREAM_BATCH = 1024  # documents per batch when streaming a `datasets` dataset
@@ -117,9 +119,8 @@ def list_shards(repo, folder):
         raise PrepareError(f"{repo}/{folder} holds no .parquet files")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp_path = cache.with_name(cache.name + ".tmp")
-        tmp_path.write_text(json.dumps(shards))
-        os.replace(tmp_path, cache)  # whole or not at all: a killed run must not leave half a listing
+        with atomic_write(cache, "w") as f:  # whole or not at all: a killed run must not leave half a listing
+            json.dump(shards, f)
     except OSError:
         pass  # the cache only spares a later offline run the network; this run has what it needs
     return shards
