@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 
-from checkpoint import checkpoint_path, clean_state_dict, load_checkpoint
+from checkpoint import checkpoint_model_args, checkpoint_path, clean_state_dict, load_checkpoint
 from configurator import config_globals, configure, fail
 from hf import EXPORT_FILES, export_files
 
@@ -63,7 +63,7 @@ def main():
     try:
         path = checkpoint_path(out_dir, ckpt)
         checkpoint = load_checkpoint(path, map_location="cpu")
-        files = export_files(checkpoint["model_args"], clean_state_dict(checkpoint["model"]))
+        files = export_files(checkpoint_model_args(checkpoint), clean_state_dict(checkpoint["model"]))
     except (FileNotFoundError, ValueError) as e:
         fail(f"cannot export: {e}")
     try:
