@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from checkpoint import load_checkpoint, model_from_checkpoint, restore_checkpoint, save_checkpoint
+from checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, restore_checkpoint, save_checkpoint
 from inprocess import read_metrics, run_inprocess, train_args
 from model import GPT, GPTConfig
 
@@ -266,3 +266,36 @@ def test_our_checkpoints_before_model_switches_still_resume(tmp_path):
     restore_checkpoint(checkpoint, model, {"optimizer": optimizer}, None, None, 0, 1)
     restored, expected = moments_by_name(model, optimizer), moments_by_name(nano, nano_optimizer)
     assert all(torch.equal(restored[name], expected[name]) for name in expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# the format carries a second optimizer (e.g. Muon for the hidden matrices) the same way
+
+
+def test_a_second_optimizer_state_comes_back_by_name(tmp_path):
+    def tiny_run():
+        model = GPT(GPTConfig(**TINY))
+        hidden = [p for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2]
+        rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
+        return model, torch.optim.AdamW(rest, lr=1e-3), hidden
+
+    torch.manual_seed(0)
+    model, adamw, hidden = tiny_run()
+    second = torch.optim.SGD(hidden, lr=0.1, momentum=0.9)
+    model(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))[1].backward()
+    adamw.step()
+    second.step()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    checkpoint = build_checkpoint(model, {"optimizer": adamw, "muon": second}, scaler, [], 1, 9.0, {}, 1e-3, None, None)
+    save_checkpoint(checkpoint, tmp_path / "ckpt.pt")
+
+    fresh, fresh_adamw, fresh_hidden = tiny_run()
+    fresh_second = torch.optim.SGD(fresh_hidden[::-1], lr=0.1, momentum=0.9)  # another order: names decide
+    restore_checkpoint(load_checkpoint(tmp_path / "ckpt.pt"), fresh, {"optimizer": fresh_adamw, "muon": fresh_second},
+                       scaler, None, 0, 1)
+    names, fresh_names = {id(p): n for n, p in model.named_parameters()}, dict(fresh.named_parameters())
+    for p in hidden:
+        assert torch.equal(fresh_second.state[fresh_names[names[id(p)]]]["momentum_buffer"],
+                           second.state[p]["momentum_buffer"])
+    for p in adamw.param_groups[0]["params"]:
+        assert torch.equal(fresh_adamw.state[fresh_names[names[id(p)]]]["exp_avg"], adamw.state[p]["exp_avg"])
