@@ -199,7 +199,10 @@ def restore_checkpoint(ckpt, model, optimizers, scaler, batches, rank, world_siz
     for key, optimizer in optimizers.items():
         if key not in ckpt:
             raise ValueError(f"it holds no {key!r} state for this run's optimizer")
-        load_optimizer_by_name(optimizer, ckpt[key], model, ckpt["model"])
+        try:
+            load_optimizer_by_name(optimizer, ckpt[key], model, ckpt["model"])
+        except (KeyError, TypeError, AttributeError) as e:  # not an optimizer's state dict at all
+            raise ValueError(f"its {key!r} is not an optimizer state ({type(e).__name__}: {e})") from None
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     ranks = ckpt.get("ranks")
@@ -215,8 +218,8 @@ def restore_checkpoint(ckpt, model, optimizers, scaler, batches, rank, world_siz
 
 
 def saved_param_names(saved, state_dict, model):
-    """Each saved optimizer group's parameter names. Ours are stored; nanoGPT (and we before issue 16)
-    stored positions only, of AdamW groups built as nanoGPT builds them: the parameters in registration
+    """Each saved optimizer group's parameter names. Ours are stored; nanoGPT (and this kit before
+    model_switches) stored positions only, of AdamW groups built as nanoGPT builds them: the parameters in registration
     order, which is the state dict's order less the tied lm_head, matrices (decayed) first."""
     if all("param_names" in group for group in saved["param_groups"]):
         return [group["param_names"] for group in saved["param_groups"]]
@@ -232,10 +235,10 @@ def load_optimizer_by_name(optimizer, saved, model, state_dict):
     name_of = {id(p): name for name, p in params.items()}
     ours = [[name_of[id(p)] for p in group["params"]] for group in optimizer.param_groups]
     theirs = saved_param_names(saved, state_dict, model)
-    if [sorted(g) for g in theirs] != [sorted(g) for g in ours] or \
-            [len(g["params"]) for g in saved["param_groups"]] != [len(g) for g in theirs]:
-        raise ValueError(f"its optimizer state holds groups of {[len(g['params']) for g in saved['param_groups']]} "
-                         f"parameters that do not map by name onto this model's groups of {[len(g) for g in ours]}")
+    sizes = [len(g["params"]) for g in saved["param_groups"]]
+    if sizes != [len(g) for g in theirs] or [sorted(g) for g in theirs] != [sorted(g) for g in ours]:
+        raise ValueError(f"its optimizer state holds groups of {sizes} parameters that do not map by name "
+                         f"onto this model's groups of {[len(g) for g in ours]}")
     position = {name: i for i, name in enumerate(chain(*ours))}
     state = {}
     for saved_id, name in zip(chain(*(g["params"] for g in saved["param_groups"])), chain(*theirs)):
