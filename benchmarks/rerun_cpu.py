@@ -1,11 +1,12 @@
 """
-Are two runs of the same train.py command on a CPU identical, bit for bit? Runs one tiny fp32 config
+Are two runs of the same train.py command on a CPU identical, bit for bit? Runs one tiny config
 `runs` times with 1 thread and as often with `threads` (interleaved, so that both see the same machine
 load) and prints, for each rerun, the first iteration whose loss or gradient norm differs from the first
 run with the same thread count, or 'same'.
 
 $ python benchmarks/rerun_cpu.py                        # 8 runs each with OMP_NUM_THREADS=1 and 2
 $ python benchmarks/rerun_cpu.py --runs=10 --threads=4  # 1 and 4 threads
+$ python benchmarks/rerun_cpu.py --dtype=bfloat16       # bf16 autocast
 """
 import json
 import os
@@ -23,12 +24,13 @@ from conftest import make_token_dataset  # noqa: E402
 runs = 8  # runs per thread count
 threads = 2  # OMP_NUM_THREADS compared with 1
 max_iters = 20
+dtype = "float32"  # or 'bfloat16' (what dtype='auto' picks on a CPU with AVX512-BF16 or AMX)
 # -----------------------------------------------------------------------------
 config = configure(config_globals(globals()), sys.argv[1:])
 globals().update(config)
 
 TRAIN_ARGS = ["--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=32", "--batch_size=4",
-              "--gradient_accumulation_steps=2", "--compile=False", "--device=cpu", "--dtype=float32",
+              "--gradient_accumulation_steps=2", "--compile=False", "--device=cpu", f"--dtype={dtype}",
               "--eval_iters=1", "--eval_interval=1000", f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}",
               "--warmup_iters=5", "--learning_rate=1e-3", "--min_lr=1e-4", "--dropout=0.1"]
 
