@@ -45,7 +45,8 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d):
-        """Build from a checkpoint's model_args, ignoring keys this version does not know."""
+        """Build from a checkpoint's arguments (checkpoint.checkpoint_model_args), ignoring keys this
+        version does not know."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
