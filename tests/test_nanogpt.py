@@ -223,6 +223,15 @@ def test_resume_a_nanogpt_checkpoint_in_train_py(token_dataset, tmp_path):
     assert {int(s["step"]) for s in resumed["optimizer"]["state"].values()} == {5}  # 3 of nanoGPT's + 2 here
 
 
+def test_the_causal_masks_nanogpt_saves_without_flash_attention_are_dropped():
+    checkpoint, nano, _ = nanogpt_checkpoint(iter_num=0)
+    for i in range(TINY["n_layer"]):  # nanoGPT's non-flash path registers its mask as the buffer attn.bias
+        mask = torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16)
+        checkpoint["model"][f"_orig_mod.transformer.h.{i}.attn.bias"] = mask
+    model = model_from_checkpoint(checkpoint)  # a strict load_state_dict
+    assert torch.equal(model.transformer.wpe.weight, nano.transformer.wpe.weight)
+
+
 def test_a_nanogpt_checkpoint_that_does_not_map_is_refused_in_one_line(token_dataset, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
