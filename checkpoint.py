@@ -1,20 +1,27 @@
 """
-The checkpoint format, in one place. A checkpoint is a dict saved with torch.save, readable with
-torch.load(weights_only=True) (plain containers and tensors only, so loading one from a stranger
-cannot run code), under nanoGPT's key names so tools written for nanoGPT keep working:
+The checkpoint format, in one place: build_checkpoint() makes the dict, restore_checkpoint() puts it
+back into a model, its optimizers, the GradScaler, this rank's RNG and data loader. A checkpoint is a
+dict saved with torch.save, readable with torch.load(weights_only=True) (plain containers and tensors
+only, so loading one from a stranger cannot run code), in nanoGPT's layout so that nanoGPT's sample.py
+and train.py read ours and we resume theirs:
 
-    model_args      dict: the GPTConfig fields
+    model_args      exactly nanoGPT's GPTConfig arguments: n_layer, n_head, n_embd, block_size, bias,
+                    vocab_size, dropout (nanoGPT calls GPTConfig(**model_args))
     model           the uncompiled, unwrapped state dict (no '_orig_mod.' / 'module.' prefixes)
-    optimizer       AdamW state dict
+    optimizer       AdamW state dict, parameters in nanoGPT's order (decayed matrices, then the rest,
+                    each in registration order); each group also lists its 'param_names' (torch's own
+                    key), so that the moments are matched by name when read back
     iter_num        iterations completed; training resumes at this iteration
     best_val_loss   lowest validation loss seen so far in this run (best.pt holds that model)
     config          the full training config
-  and for exact resume:
+  ours only (nanoGPT ignores them):
+    model_switches  the architecture switches of model.py that differ from GPT-2 ({} for GPT-2); our
+                    checkpoints before this key kept them in model_args, which is still read
     scaler          GradScaler state (fp16 only, else None)
     ranks           one entry per DDP rank (a single one without DDP), each {"rng": rng_state(),
                     "data": loader.TokenBatches.state_dict()}: RNG states (python, numpy, torch CPU,
                     CUDA) and the data loader's position
-    lr              the learning rate of the last iteration (informative; train.py compares the
+    lr              the learning rate of the last iteration (informative; check_resume_lr compares the
                     checkpoint's config schedule with the new one to catch jumps on resume)
     dataset_meta    the dataset's meta.json (None for a dataset without one)
     val_loss        this checkpoint's own validation loss (None when saved between evaluations)
@@ -22,6 +29,7 @@ cannot run code), under nanoGPT's key names so tools written for nanoGPT keep wo
     checksum        CRC32 of every tensor's bytes, written by save_checkpoint and checked by
                     load_checkpoint (torch.load does not check the zip's own CRCs); files without
                     it (older ones, nanoGPT's) load unchecked
+  and one more optimizer state per extra optimizer, under its own key (e.g. "muon").
 
 Files in out_dir: ckpt.pt (always the latest), best.pt (lowest val loss), and for the wsd schedule
 stable.pt (the last checkpoint before the cooldown, from which a run can be extended).
@@ -35,15 +43,20 @@ import random
 import shutil
 import zipfile
 import zlib
+from dataclasses import asdict, fields
+from itertools import chain
 
 import numpy as np
 import torch
 
 from atomic import atomic_write
 from model import GPT, GPTConfig
+from schedule import get_lr, schedule_args
 
 CHECKPOINT_NAMES = {"last": "ckpt.pt", "best": "best.pt", "stable": "stable.pt"}
 REQUIRED_KEYS = ("model_args", "model", "iter_num")
+NANOGPT_MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
+GPT2_DEFAULTS = {f.name: f.default for f in fields(GPTConfig)}  # every switch at its default is GPT-2
 
 
 def checkpoint_path(out_dir, which="last", key="checkpoint"):
@@ -119,7 +132,7 @@ def check_model_fits(ckpt, path):
     script that builds or exports the model. Shapes only, on the meta device: no memory, no init."""
     try:
         with torch.device("meta"):
-            model = GPT(GPTConfig.from_dict(ckpt["model_args"]))
+            model = GPT(GPTConfig.from_dict(checkpoint_model_args(ckpt)))
         model.load_state_dict(clean_state_dict(ckpt["model"]), assign=True)
     except (AttributeError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{path}: its weights do not fit its model_args ({type(e).__name__}: "
@@ -138,20 +151,154 @@ def saved_val_loss(path):
 
 def clean_state_dict(state_dict):
     """Strip the prefixes torch.compile ('_orig_mod.') and DDP ('module.') add, e.g. in
-    checkpoints written by nanoGPT itself."""
+    checkpoints written by nanoGPT itself. nanoGPT without flash attention also saves its causal
+    mask as the buffer 'attn.bias' (our biases are attn.c_attn.bias, attn.c_proj.bias): dropped."""
     out = {}
     for k, v in state_dict.items():
         for prefix in ("_orig_mod.", "module."):
             while k.startswith(prefix):
                 k = k[len(prefix):]
-        out[k] = v
+        if not k.endswith(".attn.bias"):
+            out[k] = v
     return out
 
 
+def checkpoint_model_args(ckpt):
+    """GPTConfig's arguments from a checkpoint: nanoGPT's model_args plus our model_switches (our
+    checkpoints before model_switches kept the switches in model_args: read as they are)."""
+    return {**ckpt["model_args"], **(ckpt.get("model_switches") or {})}
+
+
 def model_from_checkpoint(ckpt):
-    model = GPT(GPTConfig.from_dict(ckpt["model_args"]))
+    model = GPT(GPTConfig.from_dict(checkpoint_model_args(ckpt)))
     model.load_state_dict(clean_state_dict(ckpt["model"]))
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# writing and reading a training run's state
+
+
+def build_checkpoint(model, optimizers, scaler, ranks, **run_values):
+    """The dict save_checkpoint writes, see the top of this file. model is the plain module (not compiled,
+    not DDP); optimizers maps a checkpoint key to an optimizer: {"optimizer": adamw}, plus e.g. "muon";
+    run_values (iter_num, best_val_loss, config, lr, val_loss, dataset_meta, tokens_seen) are stored as given."""
+    args = asdict(model.config)
+    checkpoint = {"model_args": {k: args[k] for k in NANOGPT_MODEL_ARGS},
+                  "model_switches": {k: v for k, v in args.items()
+                                     if k not in NANOGPT_MODEL_ARGS and v != GPT2_DEFAULTS[k]},
+                  "model": model.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                  "ranks": ranks, **run_values}
+    names = {id(p): name for name, p in model.named_parameters()}
+    for key, optimizer in optimizers.items():
+        state = optimizer.state_dict()
+        for saved, group in zip(state["param_groups"], optimizer.param_groups):
+            saved["param_names"] = [names[id(p)] for p in group["params"]]
+        checkpoint[key] = state
+    return checkpoint
+
+
+def resume_model_args(ckpt, model_args):
+    """model_args to resume ckpt with: the checkpoint's vocab_size (50257 for GPT-2 weights), every other
+    field as configured, which must be the checkpoint's (dropout aside), else ValueError."""
+    saved = checkpoint_model_args(ckpt)
+    model_args = dict(model_args, vocab_size=saved.get("vocab_size", GPT2_DEFAULTS["vocab_size"]))
+    changed = [f"{k} (checkpoint {saved.get(k)!r}, config {v!r})" for k, v in model_args.items()
+               if k != "dropout" and saved.get(k, GPT2_DEFAULTS[k]) != v]
+    if changed:
+        raise ValueError(f"the model shape changed: {'; '.join(changed)}")
+    return model_args
+
+
+def check_resume_lr(ckpt, config):
+    """ValueError when the new config's schedule would raise the learning rate above the one the
+    checkpoint's own schedule planned for its iteration (a larger max_iters, lr_decay_iters or learning_rate
+    by accident); the user allows it with allow_lr_increase."""
+    iter_num = ckpt["iter_num"]
+    try:
+        planned_lr = get_lr(iter_num, **schedule_args(ckpt["config"]))
+    except (KeyError, TypeError, ValueError):  # a checkpoint from another tool (nanoGPT): nothing to compare
+        return
+    lr = get_lr(iter_num, **schedule_args(config))
+    if lr > planned_lr * (1 + 1e-6) and not config["allow_lr_increase"]:
+        raise ValueError(
+            f"resuming at iteration {iter_num} would raise the learning rate from {planned_lr:.3g} (the "
+            f"checkpoint's schedule) to {lr:.3g} (lr_schedule={config['lr_schedule']}, max_iters="
+            f"{config['max_iters']}, lr_decay_iters={config['lr_decay_iters']}); "
+            + ("to extend a wsd run, resume from before its cooldown (--resume_from=stable); "
+               if config["lr_schedule"] == "wsd" else "")
+            + "see README 'Long runs', or pass --allow_lr_increase=True")
+
+
+def restore_checkpoint(ckpt, model, optimizers, scaler, batches, rank, world_size):
+    """Load ckpt into a model and optimizers built from resume_model_args, the GradScaler, and this rank's
+    RNG and data loader. Returns a warning when part of the run's state cannot come back (then RNG and
+    data order start afresh), else None. ValueError, one line, when the checkpoint does not fit."""
+    try:
+        model.load_state_dict(clean_state_dict(ckpt["model"]))
+    except RuntimeError as e:
+        details = " ".join(str(e).split("\n", 1)[-1].split())  # past "Error(s) in loading state_dict for GPT:"
+        raise ValueError(f"its weights do not fit the model: {details[:300]}") from None
+    for key, optimizer in optimizers.items():
+        if key not in ckpt:
+            raise ValueError(f"it holds no {key!r} state for this run's optimizer")
+        try:
+            load_optimizer_by_name(optimizer, ckpt[key], model, ckpt["model"])
+        except (KeyError, TypeError, AttributeError) as e:  # not an optimizer's state dict at all
+            raise ValueError(f"its {key!r} is not an optimizer state ({type(e).__name__}: {e})") from None
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    ranks = ckpt.get("ranks")
+    if not ranks:
+        return ("the checkpoint holds no RNG or data loader state (nanoGPT does not save them): batches "
+                "and dropout masks start afresh (not an exact resume)")
+    if len(ranks) != world_size:
+        return (f"the checkpoint was written by {len(ranks)} rank(s), this run has {world_size}: "
+                "data order and RNG start afresh (not an exact resume)")
+    set_rng_state(ranks[rank]["rng"])
+    batches.load_state_dict(ranks[rank]["data"])
+    return None
+
+
+def saved_param_names(saved, state_dict, model):
+    """Each saved optimizer group's parameter names. Ours are stored; nanoGPT (and this kit before
+    model_switches) stored positions only, of AdamW groups built as nanoGPT builds them: the parameters in registration
+    order, which is the state dict's order less the tied lm_head, matrices (decayed) first."""
+    if all("param_names" in group for group in saved["param_groups"]):
+        return [group["param_names"] for group in saved["param_groups"]]
+    params = dict(model.named_parameters())
+    names = [k for k in clean_state_dict(state_dict) if k in params]
+    return [[n for n in names if params[n].dim() >= 2], [n for n in names if params[n].dim() < 2]]
+
+
+def load_optimizer_by_name(optimizer, saved, model, state_dict):
+    """optimizer.load_state_dict(saved) with each parameter's moments matched by name, not position:
+    the writer may have registered its parameters in another order. ValueError when they do not map."""
+    params = dict(model.named_parameters())
+    name_of = {id(p): name for name, p in params.items()}
+    ours = [[name_of[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+    theirs = saved_param_names(saved, state_dict, model)
+    sizes = [len(g["params"]) for g in saved["param_groups"]]
+    if sizes != [len(g) for g in theirs] or [sorted(g) for g in theirs] != [sorted(g) for g in ours]:
+        raise ValueError(f"its optimizer state holds groups of {sizes} parameters that do not map by name "
+                         f"onto this model's groups of {[len(g) for g in ours]}")
+    position = {name: i for i, name in enumerate(chain(*ours))}
+    state = {}
+    for saved_id, name in zip(chain(*(g["params"] for g in saved["param_groups"])), chain(*theirs)):
+        moments = saved["state"].get(saved_id, {})
+        wrong = [k for k, v in moments.items() if torch.is_tensor(v) and v.dim() > 0 and v.shape != params[name].shape]
+        if wrong:
+            raise ValueError(f"its optimizer state for {name} has shape {tuple(moments[wrong[0]].shape)}, "
+                             f"the parameter {tuple(params[name].shape)}")
+        if moments:
+            state[position[name]] = moments
+    # the saved hyperparameters (lr, betas, weight_decay...); how to compute them (fused, foreach) is this
+    # machine's business: a checkpoint from a GPU's fused AdamW must resume on a CPU
+    machine_keys = ("fused", "foreach", "capturable", "differentiable")
+    groups = [dict(saved_group, params=[position[n] for n in names], param_names=names,
+                   **{k: group[k] for k in machine_keys if k in group})
+              for saved_group, group, names in zip(saved["param_groups"], optimizer.param_groups, ours)]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def rng_state():

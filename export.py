@@ -13,7 +13,7 @@ import shutil
 import sys
 
 from atomic import atomic_write
-from checkpoint import check_model_fits, checkpoint_path, clean_state_dict, load_checkpoint
+from checkpoint import check_model_fits, checkpoint_model_args, checkpoint_path, clean_state_dict, load_checkpoint
 from configurator import config_globals, configure, fail
 from hf import EXPORT_FILES, export_files
 
@@ -70,7 +70,7 @@ def main():
         path = checkpoint_path(out_dir, ckpt, key="ckpt")
         checkpoint = load_checkpoint(path, map_location="cpu")
         check_model_fits(checkpoint, path)  # a broken folder must never be written
-        files = export_files(checkpoint["model_args"], clean_state_dict(checkpoint["model"]))
+        files = export_files(checkpoint_model_args(checkpoint), clean_state_dict(checkpoint["model"]))
     except (FileNotFoundError, ValueError) as e:
         fail(f"cannot export: {e}")
     try:

@@ -48,8 +48,8 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d):
-        """Build from a checkpoint's model_args or a training config, ignoring keys that are not fields
-        (a training config has no vocab_size: the model gets PADDED_VOCAB_SIZE)."""
+        """Build from a checkpoint's arguments (checkpoint.checkpoint_model_args) or a training config,
+        ignoring keys that are not fields (a training config has no vocab_size: it gets PADDED_VOCAB_SIZE)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -170,15 +170,16 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=Norm(config.n_embd, config),
-        ))
+        # registered in nanoGPT's order (wte, wpe, drop, h, ln_f): the optimizer holds its state in
+        # this order, so nanoGPT can resume our checkpoints and we can resume its
+        layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         if not config.rotary:
-            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
-        else:
+            layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        layers.update(drop=nn.Dropout(config.dropout),
+                      h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                      ln_f=Norm(config.n_embd, config))
+        self.transformer = nn.ModuleDict(layers)
+        if config.rotary:
             cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size)
             self.register_buffer("rotary_cos", cos, persistent=False)  # derived, so not saved
             self.register_buffer("rotary_sin", sin, persistent=False)

@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (check_model_fits, checkpoint_path, clean_state_dict, load_checkpoint, rng_state,
-                        save_checkpoint, saved_val_loss, set_rng_state)
+from checkpoint import (build_checkpoint, check_model_fits, check_resume_lr, checkpoint_path, load_checkpoint,
+                        restore_checkpoint, resume_model_args, rng_state, save_checkpoint, saved_val_loss)
 from configurator import config_globals, configure, fail
 from evaluation import evaluate_hellaswag, load_hellaswag, render_examples
 from hf import HUB_MODELS, load_gpt2
@@ -184,21 +184,23 @@ if init_from == "resume":
         check_model_fits(ckpt, resume_path)
     except (FileNotFoundError, ValueError) as e:
         fail(f"cannot resume: {e}")
-    model_args["vocab_size"] = ckpt["model_args"].get("vocab_size", 50304)  # 50257 for GPT-2 weights
-    changed = [f"{k} (checkpoint {ckpt['model_args'].get(k)!r}, config {v!r})" for k, v in model_args.items()
-               if k != "dropout" and ckpt["model_args"].get(k, GPTConfig.__dataclass_fields__[k].default) != v]
-    if changed:
-        fail(f"cannot resume {resume_path}: the model shape changed: {'; '.join(changed)}")
-    iter_num, best_val_loss = ckpt["iter_num"], ckpt.get("best_val_loss", float("inf"))
+    try:
+        model_args = resume_model_args(ckpt, model_args)  # the shape must match; dropout may change
+    except ValueError as e:
+        fail(f"cannot resume {resume_path}: {e}")
+    iter_num = ckpt["iter_num"]
+    best_val_loss = float(ckpt.get("best_val_loss", float("inf")))  # nanoGPT stores a 0-dim tensor
     # the true count even when this run's batch shape differs (older checkpoints: assume the same shape)
     tokens_seen = ckpt.get("tokens_seen", iter_num * tokens_per_iter)
     # resuming from stable.pt or another file: best.pt may hold a better model than it knows of
-    best_on_disk = saved_val_loss(checkpoint_path(out_dir, "best"))
-    if master_process and best_on_disk is not None:
-        best_val_loss = min(best_val_loss, best_on_disk)
+    best_val_loss = min(best_val_loss, saved_val_loss(checkpoint_path(out_dir, "best")) or float("inf"))
     if iter_num >= max_iters and not eval_only:
         fail(f"{resume_path} is at iteration {iter_num} and max_iters={max_iters}: nothing to train; "
              f"pass a larger --max_iters to continue (see README 'Long runs')")
+    try:
+        check_resume_lr(ckpt, config)
+    except ValueError as e:
+        fail(str(e))
 elif init_from != "scratch":  # GPT-2 weights, see hf.py; the model's shape comes from them
     try:
         hf_args, hf_state = load_gpt2(init_from, block_size)
@@ -211,8 +213,6 @@ elif init_from != "scratch":  # GPT-2 weights, see hf.py; the model's shape come
     model_args.update(hf_args)
 gptconf = GPTConfig(**model_args)
 model = GPT(gptconf)
-if ckpt is not None:
-    model.load_state_dict(clean_state_dict(ckpt["model"]))  # no second model built just to copy weights
 if hf_state is not None:
     model.load_state_dict(hf_state)
     hf_state = None
@@ -228,35 +228,14 @@ if hellaswag_interval:  # read (downloaded the first time) and tokenized once, b
 # GradScaler only does anything for float16; for bf16/fp32 it is a no-op
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-if ckpt is not None:
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    rank_state = (ckpt.get("ranks") or [])[ddp_rank:ddp_rank + 1]
-    if len(ckpt.get("ranks") or []) == world_size and rank_state:
-        set_rng_state(rank_state[0]["rng"])
-        try:
-            train_batches.load_state_dict(rank_state[0]["data"])
-        except ValueError as e:
-            fail(str(e))
-    elif master_process:
-        print(f"warning: the checkpoint was written by {len(ckpt.get('ranks') or [])} rank(s), this run has "
-              f"{world_size}: data order and RNG start afresh (not an exact resume)")
-
 lr = get_lr(iter_num, **lr_args)
 if ckpt is not None:
-    # the learning rate the checkpoint's own schedule had planned for this iteration: a new config
-    # (a larger max_iters, lr_decay_iters or learning_rate) must not jump above it by accident
-    try:
-        planned_lr = get_lr(iter_num, **schedule_args(ckpt["config"]))
-    except (KeyError, TypeError, ValueError):  # a checkpoint from another tool: nothing to compare
-        planned_lr = None
-    if planned_lr is not None and lr > planned_lr * (1 + 1e-6) and not allow_lr_increase:
-        fail(f"resuming at iteration {iter_num} would raise the learning rate from {planned_lr:.3g} (the "
-             f"checkpoint's schedule) to {lr:.3g} (lr_schedule={lr_schedule}, max_iters={max_iters}, "
-             f"lr_decay_iters={lr_decay_iters}); "
-             + ("to extend a wsd run, resume from before its cooldown (--resume_from=stable); " if lr_schedule == "wsd" else "")
-             + "see README 'Long runs', or pass --allow_lr_increase=True")
+    try:  # weights, optimizer moments (by parameter name), scaler, this rank's RNG and data position
+        warning = restore_checkpoint(ckpt, model, {"optimizer": optimizer}, scaler, train_batches, ddp_rank, world_size)
+    except ValueError as e:
+        fail(f"cannot resume {resume_path}: {e}")
+    if master_process and warning:
+        print(f"warning: {warning}")
     if master_process:
         print(f"resuming from {resume_path} at iteration {iter_num}, lr {lr:.3g}, best val loss {best_val_loss:.4f}")
 ckpt = None  # free memory
@@ -331,10 +310,9 @@ def save(val_loss, names):
         ranks = [torch.load(io.BytesIO(b), weights_only=True) for b in gathered]
     problem = non_finite_problem(val_loss) if master_process else ""
     if master_process and not problem:
-        checkpoint = {"model_args": model_args, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
-                      "scaler": scaler.state_dict() if scaler.is_enabled() else None, "ranks": ranks,
-                      "lr": lr, "val_loss": val_loss, "dataset_meta": dataset_meta, "tokens_seen": tokens_seen}
+        checkpoint = build_checkpoint(raw_model, {"optimizer": optimizer}, scaler, ranks, iter_num=iter_num,
+                                      best_val_loss=best_val_loss, config=config, lr=lr, val_loss=val_loss,
+                                      dataset_meta=dataset_meta, tokens_seen=tokens_seen)
         try:
             for name in names:
                 save_checkpoint(checkpoint, checkpoint_path(out_dir, name))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import checkpoint_model_args, load_checkpoint, model_from_checkpoint
 from conftest import TINY_TRAIN_ARGS, run_script
 from model import PADDED_VOCAB_SIZE, GPT, GPTConfig, Norm, apply_rotary, rotary_tables
 
@@ -132,7 +132,8 @@ def test_train_resume_and_sample_with_every_switch(token_dataset, tmp_path):
               "--lr_schedule=wsd", "--eval_interval=2", "--lr_decay_iters=6"]
     run_script("train.py", *common, "--max_iters=4")
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
-    assert {k: ckpt["model_args"][k] for k in SWITCHES["all"]} == SWITCHES["all"]
+    assert ckpt["model_switches"] == SWITCHES["all"]  # every switch differs from GPT-2 here
+    assert {k: checkpoint_model_args(ckpt)[k] for k in SWITCHES["all"]} == SWITCHES["all"]
     model = model_from_checkpoint(ckpt)
     assert model.config.rotary and model.lm_head.weight is not model.transformer.wte.weight
 
