@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -156,11 +157,8 @@ torch.backends.cudnn.allow_tf32 = True
 ctx = autocast_context(device, dtype)
 
 # model
-model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                  vocab_size=50304, dropout=dropout, rotary=rotary, qk_norm=qk_norm, mlp=mlp, norm=norm,
-                  tie_embeddings=tie_embeddings, zero_init_proj=zero_init_proj)
-try:
-    GPTConfig(**model_args)  # checks the shape (n_embd % n_head...) before any data is read
+try:  # GPTConfig's fields of the config (and the padded vocabulary), checked before any data is read
+    model_args = asdict(GPTConfig.from_dict(config))
 except ValueError as e:
     fail(str(e))
 
