@@ -68,6 +68,23 @@ def checkpoint_path(out_dir, which="last", key="checkpoint"):
     raise ValueError(f"{key}={which!r}: allowed are {', '.join(CHECKPOINT_NAMES)} or a path to a .pt file")
 
 
+def check_out_dir(out_dir, init_from, overwrite):
+    """Before any work: out_dir can be written, and a new run (init_from other than 'resume') does not
+    replace the ckpt.pt of the run already there, unless overwrite. ValueError in one line."""
+    last = checkpoint_path(out_dir, "last")
+    if init_from != "resume" and os.path.exists(last) and not overwrite:
+        raise ValueError(f"{last} exists and this run (init_from={init_from}) would replace it at its first "
+                         "evaluation; continue it with --init_from=resume, replace it with --overwrite=True, "
+                         "or use another out_dir")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write_test.{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"out_dir={out_dir!r} is not writable: {e.strerror}") from None
+
+
 def save_checkpoint(state, path):
     """Write atomically (atomic.py): a crash, SIGKILL or full disk mid-write leaves the previous file intact."""
     if isinstance(state, dict):  # a re-saved checkpoint gets a fresh checksum, not one over the old

@@ -15,7 +15,7 @@ import os
 import numpy as np
 import torch
 
-from tokenizer import ENCODING_NAME, TOKEN_DTYPE, max_token_id
+from tokenizer import ENCODING_NAME, TOKEN_DTYPE, VOCAB_SIZE, max_token_id, read_dataset_meta
 
 ORDERS = ("random", "shuffle")
 
@@ -35,6 +35,18 @@ def check_token_ids(path, vocab_size, recorded_max=None):
     if largest >= vocab_size:
         raise ValueError(f"{path} holds token id {largest}, not below vocab_size {vocab_size}: "
                          f"not {ENCODING_NAME} tokens in {np.dtype(TOKEN_DTYPE).name}; re-run prepare.py")
+
+
+def open_dataset(data_dir, block_size):
+    """(meta.json, train.bin path, val.bin path) of a prepared dataset, every check made before training:
+    meta.json matches the bins, val.bin holds a window, no token id is beyond the vocabulary."""
+    meta = read_dataset_meta(data_dir)
+    paths = {split: os.path.join(data_dir, f"{split}.bin") for split in ("train", "val")}
+    for _ in eval_batches(paths["val"], block_size, 1, 1):
+        pass  # a clear message if val.bin is shorter than one window
+    for split, path in paths.items():
+        check_token_ids(path, VOCAB_SIZE, meta["splits"][split].get("max_token_id"))
+    return meta, paths["train"], paths["val"]
 
 
 def num_tokens(path):

@@ -27,17 +27,17 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (build_checkpoint, check_model_fits, check_resume_lr, checkpoint_path, load_checkpoint,
-                        restore_checkpoint, resume_model_args, rng_state, save_checkpoint, saved_val_loss)
+from checkpoint import (build_checkpoint, check_model_fits, check_out_dir, check_resume_lr, checkpoint_path,
+                        load_checkpoint, restore_checkpoint, resume_model_args, rng_state, save_checkpoint,
+                        saved_val_loss)
 from configurator import config_globals, configure, fail
 from evaluation import evaluate_hellaswag, load_hellaswag, render_examples
 from hf import HUB_MODELS, load_gpt2
-from loader import TokenBatches, check_data_order, check_token_ids, eval_batches
+from loader import TokenBatches, check_data_order, eval_batches, open_dataset
 from model import GPT, GPTConfig
 from runtime import (autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu, pick_device,
                      pick_dtype, synchronize)
 from schedule import cooldown_start, get_lr, schedule_args
-from tokenizer import VOCAB_SIZE, read_dataset_meta
 
 # -----------------------------------------------------------------------------
 # default config values, for a GPT-2 small (124M) on FineWeb; config/*.py and --key=value override
@@ -138,18 +138,10 @@ try:  # the choices among names, before any work: each checked by the module tha
     check_data_order(data_order)
 except ValueError as e:
     fail(str(e))
-if init_from != "resume" and os.path.exists(checkpoint_path(out_dir, "last")) and not overwrite and not eval_only:
-    fail(f"{checkpoint_path(out_dir, 'last')} exists and this run (init_from={init_from}) would replace it at its "
-         "first evaluation; continue it with --init_from=resume, replace it with --overwrite=True, "
-         "or use another out_dir")
-if master_process:
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write_test.{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        fail(f"out_dir={out_dir!r} is not writable: {e.strerror}")
+try:
+    check_out_dir(out_dir, init_from, overwrite or eval_only)  # eval_only saves nothing
+except ValueError as e:
+    fail(str(e))
 
 torch.manual_seed(seed + ddp_rank)
 torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores where they can
@@ -165,13 +157,8 @@ except ValueError as e:
 # data: uint16 token files written by data/<dataset>/prepare.py
 data_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
 try:
-    dataset_meta = read_dataset_meta(data_dir)
-    train_path, val_path = os.path.join(data_dir, "train.bin"), os.path.join(data_dir, "val.bin")
+    dataset_meta, train_path, val_path = open_dataset(data_dir, block_size)
     train_batches = TokenBatches(train_path, block_size, batch_size, data_order, seed, ddp_rank, world_size)
-    for _ in eval_batches(val_path, block_size, 1, 1):
-        pass  # fails early with a clear message if val.bin is shorter than one window
-    for split, path in (("train", train_path), ("val", val_path)):
-        check_token_ids(path, VOCAB_SIZE, dataset_meta["splits"][split].get("max_token_id"))
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))
 iter_num, best_val_loss, ckpt, hf_state, tokens_seen = 0, float("inf"), None, None, 0

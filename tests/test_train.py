@@ -1,6 +1,4 @@
 """train.py end to end on CPU: a few iterations of a tiny model, checkpoints, resume, sampling, DDP."""
-import sys
-
 import pytest
 import torch
 

@@ -8,7 +8,6 @@ path (a local file), repo + remote (a file on the Hub, downloaded when its turn 
 """
 import glob
 import json
-import os
 import threading
 from pathlib import Path
 
