@@ -108,7 +108,7 @@ def test_zero_init_makes_every_block_the_identity():
 
 
 @pytest.mark.parametrize("name", SWITCHES)
-@pytest.mark.parametrize("prompt_len", [3, 20])  # shorter and longer than block_size 16
+@pytest.mark.parametrize("prompt_len", [3, 16, 20])  # shorter than, equal to and longer than block_size 16
 def test_kv_cache_sampling_matches_full_recompute(name, prompt_len):
     model = tiny(SWITCHES[name]).eval()
     # zero-init blocks would make the cache trivially right: give them weights first
@@ -116,11 +116,12 @@ def test_kv_cache_sampling_matches_full_recompute(name, prompt_len):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     prompt = torch.randint(0, 64, (2, prompt_len))
-    for temperature, top_k in ((0.0, None), (1.0, 20)):
+    for temperature, top_k, vocab_size in ((0.0, None, None), (1.0, 20, 60)):  # greedy; sampled from 60 ids
         outs = []
         for use_cache in (True, False):
             torch.manual_seed(7)
-            outs.append(model.generate(prompt, 20, temperature=temperature, top_k=top_k, use_cache=use_cache))
+            outs.append(model.generate(prompt, 20, temperature=temperature, top_k=top_k, vocab_size=vocab_size,
+                                       use_cache=use_cache))
         assert outs[0].shape == (2, prompt_len + 20)
         assert torch.equal(outs[0], outs[1])
 
