@@ -460,5 +460,6 @@ if master_process:
               + (f", {best_path} (best val)" if os.path.exists(best_path) else ""))
     if wandb_log:
         wandb.finish()
-if ddp:
+if ddp:  # leave together: a rank tearing gloo down while rank 0 still writes once aborted at exit, under load
+    dist.barrier()
     dist.destroy_process_group()

@@ -60,11 +60,18 @@ def make_token_dataset(data_dir, n_train=20_000, n_val=4_000, seed=0, vocab=5025
     return data_dir
 
 
-# A model small enough that a training iteration takes milliseconds on one CPU core.
-TINY_TRAIN_ARGS = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+# The one set of tiny training arguments: a model small enough that an iteration takes milliseconds on
+# one CPU core (the 50304-wide output layer dominates the cost, so batches are tiny too).
+TINY_TRAIN_ARGS = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2",
                    "--gradient_accumulation_steps=2", "--compile=False", "--device=cpu", "--dtype=float32",
                    "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-3",
                    "--min_lr=1e-4"]
+TINY_TOKENS_PER_ITER = 2 * 2 * 16  # gradient_accumulation_steps x batch_size x block_size above
+
+
+def train_args(data_dir, out_dir, *extra):
+    """train.py arguments for a tiny CPU run on data_dir writing to out_dir; extra overrides."""
+    return [f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY_TRAIN_ARGS, *extra]
 
 
 @pytest.fixture

@@ -28,14 +28,6 @@ def run_inprocess(script, *args):
     return code, out.getvalue(), err.getvalue()
 
 
-def train_args(data_dir, out_dir, *extra):
-    """train.py arguments for a tiny CPU run on data_dir writing to out_dir; extra overrides. Even
-    smaller batches than TINY_TRAIN_ARGS: the 50304-wide output layer dominates the cost."""
-    from conftest import TINY_TRAIN_ARGS
-    return [f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY_TRAIN_ARGS, "--batch_size=2", "--block_size=16",
-            *extra]
-
-
 def read_metrics(out_dir):
     """(training records, evaluation records) from out_dir/metrics.jsonl, in file order."""
     import json

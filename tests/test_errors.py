@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import runtime
-from conftest import make_token_dataset, run_script
-from inprocess import run_inprocess, train_args
+from conftest import make_token_dataset, run_script, train_args
+from inprocess import run_inprocess
 from tokenizer import encode_prompt, get_encoding
 
 

@@ -17,8 +17,8 @@ import torch
 
 import evaluation
 from checkpoint import save_checkpoint
-from conftest import REPO_ROOT, make_token_dataset
-from inprocess import run_inprocess, train_args
+from conftest import REPO_ROOT, make_token_dataset, train_args
+from inprocess import run_inprocess
 from model import GPT, GPTConfig
 from tokenizer import TOKEN_DTYPE, VOCAB_SIZE, encode_documents, get_encoding
 

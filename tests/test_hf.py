@@ -177,12 +177,12 @@ def test_train_init_from_local_folder_then_resume(tmp_path, token_dataset):
     assert "overriding the config: --n_head=4 --bias=True" in run.stdout
     step0 = float(run.stdout.split("step 0: train loss ")[1].split("val loss ")[1].split()[0].rstrip(","))
     losses = []
-    with torch.no_grad():  # the same eval windows train.py used (block_size 32 of the 64 positions)
-        for x, y in eval_batches(str(token_dataset / "val.bin"), 32, 4, 2):
+    with torch.no_grad():  # the same eval windows train.py used (block_size 16 of the 64 positions)
+        for x, y in eval_batches(str(token_dataset / "val.bin"), 16, 2, 2):
             losses.append(hf(x, labels=None).logits.float().log_softmax(-1).gather(-1, y[..., None]).mean().neg())
     assert step0 == pytest.approx(torch.stack(losses).mean().item(), abs=1e-3)
     ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
-    assert ckpt["model_args"]["vocab_size"] == VOCAB_SIZE and ckpt["model_args"]["block_size"] == 32
+    assert ckpt["model_args"]["vocab_size"] == VOCAB_SIZE and ckpt["model_args"]["block_size"] == 16
     run_script("train.py", *TINY_TRAIN_ARGS, f"--data_dir={token_dataset}", f"--out_dir={out_dir}",
                "--init_from=resume", "--n_head=4", "--bias=True", "--max_iters=3", "--eval_interval=2",
                "--warmup_iters=0")

@@ -9,11 +9,10 @@ import torch
 
 import bench
 import plot
-from conftest import REPO_ROOT, TINY_TRAIN_ARGS, run_script
+from conftest import REPO_ROOT, TINY_TOKENS_PER_ITER, TINY_TRAIN_ARGS, run_script
 from model import GPT, GPTConfig
 from runtime import device_peak_flops, estimate_mfu, peak_flops
 
-TINY_TOKENS_PER_ITER = 2 * 4 * 32  # gradient_accumulation_steps x batch_size x block_size in TINY_TRAIN_ARGS
 
 
 def read_jsonl(path):
@@ -63,7 +62,7 @@ def test_metrics_file_has_every_log_step_and_eval_and_resume_appends(token_datas
     assert resumed[:len(records)] == records
     new = resumed[len(records):]
     assert [(r["iter"], "val_loss" in r) for r in new] == [(4, False), (4, True), (5, False), (5, True)]
-    flops = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=False)).flops_per_token()
+    flops = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=False)).flops_per_token()
     for r in (new[0], new[2]):
         assert r["mfu"] == pytest.approx(flops * r["tokens_per_sec"] / 1e9, rel=1e-9)
 

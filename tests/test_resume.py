@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint, save_checkpoint
-from conftest import REPO_ROOT, make_token_dataset
-from inprocess import read_metrics, run_inprocess, train_args
+from conftest import REPO_ROOT, make_token_dataset, train_args
+from inprocess import read_metrics, run_inprocess
 from loader import TokenBatches
 from schedule import cooldown_start, get_lr, schedule_args
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from checkpoint import save_checkpoint
-from conftest import make_token_dataset
-from inprocess import run_inprocess, train_args
+from conftest import make_token_dataset, train_args
+from inprocess import run_inprocess
 from model import GPT, GPTConfig
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50304)

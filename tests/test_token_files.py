@@ -10,9 +10,8 @@ import torch
 
 import loader
 import tokenizer
-from conftest import make_token_dataset
-from conftest import REPO_ROOT
-from inprocess import run_inprocess, train_args
+from conftest import REPO_ROOT, make_token_dataset, train_args
+from inprocess import run_inprocess
 
 sys.path.insert(0, str(REPO_ROOT / "data" / "fineweb"))  # prepare.py, for --adopt
 

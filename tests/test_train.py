@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from checkpoint import clean_state_dict, load_checkpoint, model_from_checkpoint
-from conftest import TINY_TRAIN_ARGS, run_script
+from conftest import TINY_TOKENS_PER_ITER, TINY_TRAIN_ARGS, run_script
 from model import GPT, GPTConfig
 from runtime import compile_with_fallback
 
@@ -18,7 +18,7 @@ def train(data_dir, out_dir, *extra, **kwargs):
 def test_train_checkpoint_resume_and_sample(token_dataset, tmp_path):
     out = tmp_path / "out"
     proc = train(token_dataset, out, "--max_iters=4", "--eval_interval=2", "--lr_decay_iters=8")
-    assert "tokens per iteration: 256" in proc.stdout and "epochs of train.bin" in proc.stdout
+    assert f"tokens per iteration: {TINY_TOKENS_PER_ITER}" in proc.stdout and "epochs of train.bin" in proc.stdout
     assert "step 4: train loss" in proc.stdout
 
     ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)  # safe to load
@@ -45,8 +45,8 @@ def test_ddp_two_cpu_ranks_write_one_checkpoint(token_dataset, tmp_path):
     proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                       f"--data_dir={token_dataset}", f"--out_dir={out}", *TINY_TRAIN_ARGS, "--max_iters=3",
                       "--eval_interval=3", "--lr_decay_iters=3", "--gradient_accumulation_steps=4", timeout=240)
-    # the 4 grad-accum steps are divided across ranks: 2 ranks x 2 micro-steps x 4 x 32 tokens
-    assert "tokens per iteration: 512 (2 rank(s) x 2 micro-steps" in proc.stdout
+    # the 4 grad-accum steps are divided across ranks: 2 ranks x 2 micro-steps x 2 x 16 tokens
+    assert "tokens per iteration: 128 (2 rank(s) x 2 micro-steps x 2 x 16)" in proc.stdout
     assert proc.stdout.count("step 3: train loss") == 1  # only rank 0 prints and writes
     written = {p.name for p in out.iterdir()}
     assert "ckpt.pt" in written and written <= {"ckpt.pt", "best.pt", "metrics.jsonl"}  # no temporary files
