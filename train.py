@@ -71,6 +71,10 @@ mlp = "gelu"
 norm = "layernorm"
 tie_embeddings = True
 zero_init_proj = False
+# optimizer: AdamW, or Muon for the block matrices and AdamW for the rest (model.configure_optimizers)
+optimizer = "adamw"  # 'adamw' or 'muon' (needs torch >= 2.9)
+muon_lr = 0.02  # Muon's peak learning rate; it follows the same schedule as learning_rate
+muon_momentum = 0.95
 # AdamW
 learning_rate = 6e-4  # peak learning rate
 max_iters = 600000  # total iterations
@@ -187,6 +191,9 @@ if init_from == "resume":
                if k != "dropout" and ckpt["model_args"].get(k, GPTConfig.__dataclass_fields__[k].default) != v]
     if changed:
         stop(f"cannot resume {resume_path}: the model shape changed: {'; '.join(changed)}")
+    if ckpt["config"].get("optimizer", "adamw") != optimizer:  # each has its own state: no translation
+        stop(f"cannot resume {resume_path}: it was trained with optimizer={ckpt['config'].get('optimizer', 'adamw')!r}, "
+             f"the config says optimizer={optimizer!r}; keep the checkpoint's optimizer")
     iter_num, best_val_loss = ckpt["iter_num"], ckpt.get("best_val_loss", float("inf"))
     # resuming from stable.pt or another file: best.pt may hold a better model than it knows of
     best_on_disk = saved_val_loss(checkpoint_path(out_dir, "best"))
@@ -217,9 +224,14 @@ raw_model = model  # the plain module: for checkpoints, evaluation and FLOPs cou
 
 # GradScaler only does anything for float16; for bf16/fp32 it is a no-op
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+try:  # {checkpoint key: optimizer}: 'optimizer' (AdamW), and 'muon' with optimizer='muon'
+    optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
+                                            muon_lr, muon_momentum)
+except ValueError as e:
+    stop(str(e))
 if ckpt is not None:
-    optimizer.load_state_dict(ckpt["optimizer"])
+    for key, opt in optimizers.items():
+        opt.load_state_dict(ckpt[key])
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     rank_state = (ckpt.get("ranks") or [])[ddp_rank:ddp_rank + 1]
@@ -265,7 +277,7 @@ if compile:
         print("compiling the model... (takes a minute)")
     x0 = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
     model = compile_with_fallback(model, lambda m: train_step(m, x0, x0))
-    optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
 if ddp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
 
@@ -320,7 +332,8 @@ def save(val_loss, names):
         ranks = [torch.load(io.BytesIO(b), weights_only=True) for b in gathered]
     if not master_process:
         return
-    checkpoint = {"model_args": model_args, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+    checkpoint = {"model_args": model_args, "model": raw_model.state_dict(),
+                  **{key: opt.state_dict() for key, opt in optimizers.items()},
                   "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
                   "scaler": scaler.state_dict() if scaler.is_enabled() else None, "ranks": ranks,
                   "lr": lr, "val_loss": val_loss, "dataset_meta": dataset_meta}
@@ -384,8 +397,9 @@ while True:
         break
 
     lr = get_lr(iter_num, **lr_args)
-    for param_group in optimizer.param_groups:
-        param_group["lr"] = lr
+    for key, opt in optimizers.items():
+        for param_group in opt.param_groups:  # Muon: the same schedule, scaled to its own peak muon_lr
+            param_group["lr"] = lr if key == "optimizer" else lr * muon_lr / learning_rate
     for micro_step in range(gradient_accumulation_steps):
         if ddp:
             # sync gradients only on the last micro-step; the official way is the no_sync() context
@@ -396,11 +410,13 @@ while True:
             x, y = x.pin_memory(), y.pin_memory()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         losses.append(train_step(model, x, y))
-    scaler.unscale_(optimizer)
+    for opt in optimizers.values():
+        scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    scaler.step(optimizer)
+    for opt in optimizers.values():
+        scaler.step(opt)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
     iter_num += 1
     tokens_since_log += tokens_per_iter
 
