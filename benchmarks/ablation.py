@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 SCALES = {
     "quick": dict(model=dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4), final_iters=10,
                   grid_iters=4, eval_interval=1, eval_iters=2),
-    "cpu": dict(model=dict(n_layer=4, n_head=2, n_embd=64, block_size=128, batch_size=8), final_iters=160,
-                grid_iters=40, eval_interval=16, eval_iters=5),
+    "cpu": dict(model=dict(n_layer=4, n_head=2, n_embd=64, block_size=128, batch_size=8), final_iters=120,
+                grid_iters=30, eval_interval=12, eval_iters=5),
 }
 
 GPT2 = dict(rotary=False, qk_norm=False, norm="layernorm", mlp="gelu", tie_embeddings=True, zero_init_proj=False,
