@@ -10,13 +10,12 @@ $ python bench.py config/train_fineweb_124m.py --fit_memory=12GB   # largest mic
 $ python bench.py config/train_fineweb_124m.py --fit_memory=free   # ... in the GPU's free memory
 
 bench.py takes the same config files and --key=value as train.py: its defaults are train.py's own
-(read from train.py's source, so the list exists once) plus the bench keys below. Keys that only
+(train.py stops after its settings when bench.py runs it for them, so the list exists once) plus the bench keys below. Keys that only
 matter to training (out_dir, the LR schedule, wandb, ...) are accepted and ignored.
 
 Peak memory is torch.cuda.max_memory_allocated on a GPU; on a CPU the process's peak resident set
 size stands in for it (the whole process, Python and libraries included).
 """
-import ast
 import os
 import re
 import resource
@@ -28,8 +27,9 @@ import torch
 
 from configurator import config_globals, configure, fail
 from loader import TokenBatches
-from model import GPT, GPTConfig, estimate_mfu
-from runtime import autocast_context, compile_with_fallback, device_peak_flops, pick_device, pick_dtype, synchronize
+from model import GPT, GPTConfig
+from runtime import (autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu, pick_device,
+                     pick_dtype, synchronize)
 from tokenizer import VOCAB_SIZE
 
 # the bench's own keys, besides train.py's
@@ -47,19 +47,14 @@ BENCH_DEFAULTS = dict(
 
 
 def train_defaults(path=os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")):
-    """train.py's configurable globals and defaults: its literal assignments up to the first computed
-    one (`config = configure(...)`). Read from the source because running train.py would train."""
-    defaults = {}
-    for node in ast.parse(open(path).read()).body:
-        if isinstance(node, (ast.Import, ast.ImportFrom, ast.Expr)):
-            continue
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            break
-        try:
-            defaults[node.targets[0].id] = ast.literal_eval(node.value)
-        except ValueError:
-            break
-    return config_globals(defaults)
+    """train.py's settings and their defaults: train.py run under the name '__settings__' stops right
+    after its settings block (running it whole would train), and its plain globals are the settings."""
+    namespace = {"__name__": "__settings__", "__file__": path}
+    try:
+        exec(compile(open(path).read(), path, "exec"), namespace)
+    except SystemExit:
+        pass
+    return config_globals(namespace)
 
 
 def parse_memory(text):
@@ -145,10 +140,7 @@ def main(argv):
     try:
         device = pick_device(c.device)
         dtype = pick_dtype(c.dtype, device)
-        gptconf = GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size,
-                            bias=c.bias, vocab_size=50304, dropout=c.dropout, rotary=c.rotary, qk_norm=c.qk_norm,
-                            mlp=c.mlp, norm=c.norm, tie_embeddings=c.tie_embeddings,
-                            zero_init_proj=c.zero_init_proj)
+        gptconf = GPTConfig.from_dict(vars(c))  # the model's fields of the config, padded vocabulary
         budget = None
         if c.fit_memory:
             if not device.startswith("cuda"):

@@ -13,7 +13,7 @@ The mapping:
   layer are transposed.
 - GPT-2 always has biases: a bias=False model is exported with zero biases (exact), and an
   imported model is bias=True.
-- Vocabulary: we pad the output layer to 50304 rows for faster matmuls; rows 50257.. are ids the
+- Vocabulary: we pad the output layer to PADDED_VOCAB_SIZE (50304) rows for faster matmuls; rows 50257.. are ids the
   tokenizer never produces (never inputs, never targets, masked by sample.py). The export drops
   them, so the result is a plain 50257-token GPT-2 whose logits equal ours on every real token
   and whose generate() cannot emit an id the tokenizer cannot decode. The import keeps GPT-2's 50257:
@@ -26,6 +26,7 @@ import os
 
 import torch
 
+from model import PADDED_VOCAB_SIZE
 from tokenizer import ENCODING_NAME, EOT_TOKEN, VOCAB_SIZE
 
 HUB_MODELS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
@@ -51,7 +52,7 @@ def hf_config(model_args):
     a = model_args
     unsupported = [f"{k}={a.get(k)!r}" for k, ok in (("rotary", False), ("qk_norm", False), ("norm", "layernorm"))
                    if a.get(k, ok) != ok]
-    if a.get("vocab_size", 50304) < VOCAB_SIZE:
+    if a.get("vocab_size", PADDED_VOCAB_SIZE) < VOCAB_SIZE:
         unsupported.append(f"vocab_size={a['vocab_size']} (the GPT-2 tokenizer needs {VOCAB_SIZE})")
     if unsupported:
         raise ValueError(f"GPT-2 in transformers cannot express {', '.join(unsupported)}; "

@@ -1,6 +1,6 @@
 """
-The GPT-2 language model in one file, plus the two facts about its cost that everything else reuses:
-the FLOPs per token and the peak FLOPs of the device it runs on.
+The GPT-2 language model in one file, plus the one fact about its cost that everything else reuses:
+the FLOPs per token (the device's peak FLOPs, and MFU, are in runtime.py).
 
 With every switch at its default this is GPT-2 exactly: learned token and position embeddings,
 pre-LayerNorm blocks, causal self-attention, GELU MLP, final LayerNorm, lm_head tied to the token
@@ -17,12 +17,13 @@ from torch.nn import functional as F
 
 
 OPTIMIZERS = ("adamw", "muon")  # train.py's optimizer=; see GPT.configure_optimizers
+PADDED_VOCAB_SIZE = 50304  # GPT-2's 50257 ids padded up to a multiple of 64: faster matmuls, rows never sampled
 
 
 @dataclass
 class GPTConfig:
     block_size: int = 1024
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
+    vocab_size: int = PADDED_VOCAB_SIZE
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -48,13 +49,14 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d):
-        """Build from a checkpoint's model_args, ignoring keys this version does not know."""
+        """Build from a checkpoint's model_args or a training config, ignoring keys that are not fields
+        (a training config has no vocab_size: the model gets PADDED_VOCAB_SIZE)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
 class Norm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1), or RMSNorm."""
+    """LayerNorm with an optional bias, or RMSNorm; one class so the blocks need no branches."""
 
     def __init__(self, ndim, config):
         super().__init__()
@@ -340,7 +342,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, vocab_siz
 
 
 # ----------------------------------------------------------------------------------------------
-# Cost: one FLOPs formula and one peak table, used by train.py, bench.py and the MFU figures.
+# Cost: the one FLOPs formula, used by train.py, bench.py and the MFU figures (the peaks are in runtime.py).
 
 def flops_per_token(matmul_params, n_layer, n_embd, seq_len):
     """Training FLOPs per token, forward + backward: 6 per weight of every matmul (2 forward, 4
@@ -348,42 +350,3 @@ def flops_per_token(matmul_params, n_layer, n_embd, seq_len):
     2 * 2 * seq_len * n_embd per layer forward, times 3 for the backward. As in the PaLM paper,
     attention is counted over the full square although causal kernels skip half of it."""
     return 6 * matmul_params + 12 * n_layer * n_embd * seq_len
-
-
-# Dense peak TFLOP/s per GPU: (bf16/fp16 tensor cores with fp32 accumulate, tf32, fp32), from the
-# vendors' data sheets. GeForce cards run fp32-accumulate tensor math at half their headline fp16
-# rate; PyTorch accumulates in fp32, so that is the honest peak. First matching name wins.
-PEAK_TFLOPS = [
-    ("H200", (989.4, 494.7, 66.9)),
-    ("H100 PCIe", (756.0, 378.0, 51.2)),
-    ("H100", (989.4, 494.7, 66.9)),
-    ("A100", (312.0, 156.0, 19.5)),
-    ("L40S", (362.1, 183.2, 91.6)),
-    ("L4", (121.0, 60.0, 30.3)),
-    ("RTX 4090", (165.2, 82.6, 82.6)),
-    ("RTX 4080 SUPER", (104.4, 52.2, 52.2)),
-    ("RTX 4080", (97.5, 48.7, 48.7)),
-    ("RTX 4070 Ti SUPER", (88.2, 44.1, 44.1)),
-    ("RTX 4070 Ti", (80.2, 40.1, 40.1)),
-    ("RTX 4070 SUPER", (71.0, 35.5, 35.5)),
-    ("RTX 4070", (58.3, 29.1, 29.1)),
-    ("RTX 3090", (71.0, 35.6, 35.6)),
-    ("RTX 3080", (59.5, 29.8, 29.8)),
-]
-PEAK_COLUMN = {"bfloat16": 0, "float16": 0, "tf32": 1, "float32": 2}
-
-
-def peak_flops(device_name, dtype):
-    """Peak FLOP/s of a GPU by its name (torch.cuda.get_device_name) for a dtype ('bfloat16',
-    'float16', 'tf32', 'float32'); None when the device is not in the table."""
-    if "laptop" in device_name.lower():  # laptop parts carry desktop names but have their own, lower peaks
-        return None
-    for name, peaks in PEAK_TFLOPS:
-        if name.lower() in device_name.lower():
-            return peaks[PEAK_COLUMN[dtype]] * 1e12
-    return None
-
-
-def estimate_mfu(flops_per_token, tokens_per_second, peak):
-    """Model FLOPs utilisation as a fraction of the peak, or None when the peak is unknown."""
-    return None if not peak else flops_per_token * tokens_per_second / peak

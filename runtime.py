@@ -1,15 +1,12 @@
 """
 Where and how the model runs: device and dtype choice, autocast, timing that can be trusted,
-torch.compile with a fallback. Shared by train.py, sample.py and bench.py.
+torch.compile with a fallback, and the device's peak FLOP/s for MFU. Shared by train.py, sample.py and bench.py.
 """
-import os
 import sys
 import warnings
 from contextlib import nullcontext
 
 import torch
-
-from model import peak_flops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,6 +73,45 @@ def synchronize(device):
         torch.mps.synchronize()
 
 
+# Dense peak TFLOP/s per GPU: (bf16/fp16 tensor cores with fp32 accumulate, tf32, fp32), from the
+# vendors' data sheets. GeForce cards run fp32-accumulate tensor math at half their headline fp16
+# rate; PyTorch accumulates in fp32, so that is the honest peak. First matching name wins.
+PEAK_TFLOPS = [
+    ("H200", (989.4, 494.7, 66.9)),
+    ("H100 PCIe", (756.0, 378.0, 51.2)),
+    ("H100", (989.4, 494.7, 66.9)),
+    ("A100", (312.0, 156.0, 19.5)),
+    ("L40S", (362.1, 183.2, 91.6)),
+    ("L4", (121.0, 60.0, 30.3)),
+    ("RTX 4090", (165.2, 82.6, 82.6)),
+    ("RTX 4080 SUPER", (104.4, 52.2, 52.2)),
+    ("RTX 4080", (97.5, 48.7, 48.7)),
+    ("RTX 4070 Ti SUPER", (88.2, 44.1, 44.1)),
+    ("RTX 4070 Ti", (80.2, 40.1, 40.1)),
+    ("RTX 4070 SUPER", (71.0, 35.5, 35.5)),
+    ("RTX 4070", (58.3, 29.1, 29.1)),
+    ("RTX 3090", (71.0, 35.6, 35.6)),
+    ("RTX 3080", (59.5, 29.8, 29.8)),
+]
+PEAK_COLUMN = {"bfloat16": 0, "float16": 0, "tf32": 1, "float32": 2}
+
+
+def peak_flops(device_name, dtype):
+    """Peak FLOP/s of a GPU by its name (torch.cuda.get_device_name) for a dtype ('bfloat16',
+    'float16', 'tf32', 'float32'); None when the device is not in the table."""
+    if "laptop" in device_name.lower():  # laptop parts carry desktop names but have their own, lower peaks
+        return None
+    for name, peaks in PEAK_TFLOPS:
+        if name.lower() in device_name.lower():
+            return peaks[PEAK_COLUMN[dtype]] * 1e12
+    return None
+
+
+def estimate_mfu(flops_per_token, tokens_per_second, peak):
+    """Model FLOPs utilisation as a fraction of the peak, or None when the peak is unknown."""
+    return None if not peak else flops_per_token * tokens_per_second / peak
+
+
 def device_peak_flops(device, dtype, override=None):
     """(peak FLOP/s, description) for MFU; peak is None when unknown (CPU, a GPU not in the table)."""
     if override:
@@ -86,7 +122,7 @@ def device_peak_flops(device, dtype, override=None):
     tensor_dtype = "tf32" if dtype == "float32" and torch.backends.cuda.matmul.allow_tf32 else dtype
     peak = peak_flops(name, tensor_dtype)
     if peak is None:
-        return None, f"{name}: not in model.PEAK_TFLOPS, reporting tokens/s only (set peak_flops to get MFU)"
+        return None, f"{name}: not in runtime.PEAK_TFLOPS, reporting tokens/s only (set peak_flops to get MFU)"
     return peak, f"{name}: peak {peak / 1e12:.1f} TFLOP/s ({tensor_dtype})"
 
 
@@ -94,7 +130,7 @@ def compile_with_fallback(model, example_step):
     """torch.compile(model), tried on one real step (compilation is lazy, so failures show up on
     first use: no C++ compiler, no Triton on Windows, an old GPU). On failure, warn once and
     return the eager model, so a long run never dies for the sake of speed."""
-    if sys.platform == "win32" and os.environ.get("NANOGPT_FORCE_COMPILE") != "1":
+    if sys.platform == "win32":
         warnings.warn("torch.compile is not supported on Windows; running eagerly")
         return model
     compiled = torch.compile(model)

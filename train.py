@@ -21,7 +21,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -30,10 +29,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (checkpoint_path, clean_state_dict, load_checkpoint, rng_state, save_checkpoint,
                         saved_val_loss, set_rng_state)
 from configurator import config_globals, configure, fail
+from evaluation import evaluate_hellaswag, load_hellaswag, render_examples
 from hf import HUB_MODELS, load_gpt2
 from loader import TokenBatches, check_token_ids, eval_batches
-from model import GPT, GPTConfig, estimate_mfu
-from runtime import autocast_context, compile_with_fallback, device_peak_flops, pick_device, pick_dtype, synchronize
+from model import GPT, GPTConfig
+from runtime import (autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu, pick_device,
+                     pick_dtype, synchronize)
 from schedule import cooldown_start, get_lr, schedule_args
 from tokenizer import VOCAB_SIZE, read_dataset_meta
 
@@ -45,6 +46,9 @@ eval_interval = 2000  # evaluate, and save ckpt.pt (and best.pt if better), ever
 log_interval = 1  # print and record metrics every this many iterations
 eval_iters = 200  # batches per loss estimate
 eval_only = False  # evaluate once and exit
+hellaswag_interval = 0  # also score HellaSwag at evaluation steps every this many iterations (and the last); 0 = off
+hellaswag_limit = 0  # the first this many HellaSwag examples (0 = all 10,042), split over the DDP ranks
+hellaswag_file = ""  # hellaswag_val.jsonl; '' = downloaded once into data/hellaswag/ (see evaluation.py)
 init_from = "scratch"  # 'scratch', 'resume' (from out_dir), 'gpt2'...'gpt2-xl' or a Hugging Face GPT-2 folder
 resume_from = "last"  # with init_from='resume': 'last' (ckpt.pt), 'best', 'stable' or a path
 allow_lr_increase = False  # allow a resume whose schedule raises the learning rate (see README)
@@ -92,9 +96,11 @@ cooldown_frac = 0.2  # wsd: the last fraction of max_iters decays linearly to mi
 device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:0', 'mps'
 dtype = "auto"  # 'auto' (bf16 where native, fp16 on older GPUs, else fp32), 'bfloat16', 'float16', 'float32'
 compile = True  # torch.compile the model (falls back to eager with a warning where it cannot)
-peak_flops = 0.0  # device peak FLOP/s for MFU; 0 looks the GPU up in model.PEAK_TFLOPS
+peak_flops = 0.0  # device peak FLOP/s for MFU; 0 looks the GPU up in runtime.PEAK_TFLOPS
 seed = 1337
 # -----------------------------------------------------------------------------
+if __name__ == "__settings__":  # bench.py takes the settings above as its own defaults; nothing below runs
+    raise SystemExit
 config = configure(config_globals(globals()), sys.argv[1:])
 globals().update(config)
 # -----------------------------------------------------------------------------
@@ -221,6 +227,12 @@ if hf_state is not None:
     hf_state = None
 model.to(device)
 raw_model = model  # the plain module: for checkpoints, evaluation and FLOPs counting
+hellaswag_examples = None
+if hellaswag_interval:  # read (downloaded the first time) and tokenized once, by every rank
+    try:
+        hellaswag_examples = render_examples(load_hellaswag(hellaswag_file), gptconf.block_size, hellaswag_limit)
+    except ValueError as e:
+        stop(str(e))
 
 # GradScaler only does anything for float16; for bf16/fp32 it is a no-op
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
@@ -377,16 +389,20 @@ while True:
     # evaluate and save; skipped at the iteration a resumed run starts from (already done then)
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num != start_iter or init_from != "resume" or eval_only):
         last_eval = estimate_loss() if master_process else None
+        hellaswag = None  # every rank scores its share of the examples
+        if hellaswag_examples and (iter_num % hellaswag_interval == 0 or iter_num == max_iters):
+            hellaswag = evaluate_hellaswag(raw_model, hellaswag_examples, device, ctx, batch_size, ddp_rank, world_size)
         names = ["last"]
         if master_process:
             # the untrained model at iteration 0 is not saved, so it cannot be the best checkpoint
             is_best = iter_num > 0 and not eval_only and last_eval["val"] < best_val_loss
             best_val_loss = last_eval["val"] if is_best else best_val_loss
             print(f"step {iter_num}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}"
-                  f"{' (best)' if is_best else ''}")
+                  f"{' (best)' if is_best else ''}" + (f", hellaswag acc_norm {hellaswag['hellaswag_acc_norm']:.4f} "
+                                                       f"({hellaswag['hellaswag_n']} examples)" if hellaswag else ""))
             log_metrics({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train_loss": last_eval["train"],
                          "val_loss": last_eval["val"],
-                         "best_val_loss": best_val_loss if math.isfinite(best_val_loss) else None})
+                         "best_val_loss": best_val_loss if math.isfinite(best_val_loss) else None, **(hellaswag or {})})
             names += ["best"] if is_best else []
             if lr_schedule == "wsd" and iter_num <= cooldown_start(max_iters, cooldown_frac):
                 names.append("stable")

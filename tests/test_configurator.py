@@ -81,6 +81,7 @@ def test_config_file_with_unknown_key_or_error(capsys, tmp_path):
     expect_error(capsys, [str(broken)], "ZeroDivisionError")
 
 
+@pytest.mark.slow
 def test_train_py_reports_a_bad_key_and_exits_2():
     proc = run_script("train.py", "--no_such_key=1", check=False)
     assert proc.returncode == 2

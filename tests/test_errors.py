@@ -57,6 +57,7 @@ def test_n_embd_not_divisible_by_n_head(data_dir, tmp_path):
     assert line == "error: n_embd=30 must be divisible by n_head=4"
 
 
+@pytest.mark.slow
 def test_n_embd_not_divisible_by_n_head_in_a_real_process(data_dir, tmp_path):
     """The same as above through the interpreter: the exit status and stderr a user sees."""
     proc = run_script("train.py", *train_args(data_dir, tmp_path / "out", "--n_embd=30", "--n_head=4"), check=False)

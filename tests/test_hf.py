@@ -8,7 +8,7 @@ from checkpoint import save_checkpoint
 from conftest import TINY_TRAIN_ARGS, run_script
 from hf import load_gpt2
 from inprocess import run_inprocess
-from model import GPT, GPTConfig
+from model import PADDED_VOCAB_SIZE, GPT, GPTConfig
 from tokenizer import VOCAB_SIZE
 
 transformers = pytest.importorskip("transformers")
@@ -29,7 +29,7 @@ def run_export(*args):
     return run_inprocess("export.py", *args)
 
 
-TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50304)
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=PADDED_VOCAB_SIZE)
 
 
 @pytest.mark.parametrize("switches", [dict(bias=True), dict(bias=False, mlp="relu2", tie_embeddings=False)],
@@ -165,6 +165,7 @@ def test_export_then_import_round_trip(tmp_path):
         assert torch.allclose(back.eval()(x, x)[0], model(x, x)[0][..., :VOCAB_SIZE], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_train_init_from_local_folder_then_resume(tmp_path, token_dataset):
     """train.py evaluates the imported weights first (loss as transformers computes it on the same
     windows), takes the model's shape from them, and a run so started can be resumed."""

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig
+from model import PADDED_VOCAB_SIZE, GPT, GPTConfig
 
-REFERENCE_40M = dict(n_layer=12, n_head=12, n_embd=384, block_size=1024, bias=False, vocab_size=50304)
+REFERENCE_40M = dict(n_layer=12, n_head=12, n_embd=384, block_size=1024, bias=False, vocab_size=PADDED_VOCAB_SIZE)
 
 
 def tiny_config(**overrides):
@@ -31,13 +31,13 @@ def test_loss_at_init_is_uniform_for_the_40m_shape():
     idx, targets = torch.randint(0, 50257, (2, 2, 128))
     with torch.no_grad():
         _, loss = model(idx, targets)
-    assert abs(loss.item() - math.log(50304)) < 0.15
+    assert abs(loss.item() - math.log(PADDED_VOCAB_SIZE)) < 0.15
 
 
 def test_parameter_count_of_the_reference_config():
     """The reference user's model: ~40.6M parameters without position embeddings (not 124M)."""
     model = GPT(GPTConfig(**REFERENCE_40M))
-    C, L, V = 384, 12, 50304
+    C, L, V = 384, 12, PADDED_VOCAB_SIZE
     per_layer = 12 * C * C + 2 * C  # attention 4C^2 + MLP 8C^2, two LayerNorm weights (no biases)
     expected = V * C + L * per_layer + C  # tied wte/lm_head, blocks, final LayerNorm
     assert model.get_num_params() == expected

@@ -10,8 +10,8 @@ import torch
 import bench
 import plot
 from conftest import REPO_ROOT, TINY_TRAIN_ARGS, run_script
-from model import GPT, GPTConfig, estimate_mfu, peak_flops
-from runtime import device_peak_flops
+from model import GPT, GPTConfig
+from runtime import device_peak_flops, estimate_mfu, peak_flops
 
 TINY_TOKENS_PER_ITER = 2 * 4 * 32  # gradient_accumulation_steps x batch_size x block_size in TINY_TRAIN_ARGS
 
@@ -24,6 +24,7 @@ def read_jsonl(path):
 # train.py: metrics file, summary, MFU wiring
 
 
+@pytest.mark.slow
 def test_metrics_file_has_every_log_step_and_eval_and_resume_appends(token_dataset, tmp_path):
     out = tmp_path / "out"
     args = ["train.py", *TINY_TRAIN_ARGS, f"--data_dir={token_dataset}", f"--out_dir={out}", "--eval_interval=2"]
@@ -66,6 +67,7 @@ def test_metrics_file_has_every_log_step_and_eval_and_resume_appends(token_datas
         assert r["mfu"] == pytest.approx(flops * r["tokens_per_sec"] / 1e9, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_gets_the_metrics(token_dataset, tmp_path):
     wandb_dir = tmp_path / "wandb_home"
     wandb_dir.mkdir()

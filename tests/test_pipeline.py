@@ -3,6 +3,7 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import run_script
 from tokenizer import read_dataset_meta
@@ -12,6 +13,7 @@ DOCS = ["The quick brown fox jumps over the lazy dog. " * 40,
         "def f(x):\n    return x * 2\n" * 50] * 20
 
 
+@pytest.mark.slow
 def test_prepare_train_sample(tmp_path):
     parquet = tmp_path / "shard.parquet"
     pq.write_table(pa.table({"text": DOCS, "id": [f"doc{i}" for i in range(len(DOCS))]}), parquet)

@@ -226,6 +226,7 @@ def test_rerun_is_a_no_op_and_force_redoes(tmp_path, capsys):
     assert "nothing to do" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_leaves_nothing_accepted_and_rerun_completes(tmp_path):
     texts = synthetic_texts(3000, words_per_doc=300)
     source = write_parquet(tmp_path / "big.parquet", texts, row_group_size=100, token_count=False)

@@ -36,6 +36,7 @@ def train_inprocess(*args):
     return stdout
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_exits_0_and_resume_is_bit_exact(token_dataset, tmp_path):
     """cosine schedule, nanoGPT's random windows, dropout on. The stop is a real signal to a real
     process: Ctrl-C, with a scheduler's SIGTERM arriving at the same moment (not a 'second Ctrl-C')."""
@@ -83,6 +84,7 @@ def test_resume_from_stable_is_bit_exact_with_shuffled_epochs(tmp_path):
     assert epochs[4] < 1 < epochs[8] < 2  # the epoch counter is logged and crossed 1 after the resume
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_ranks_resume_is_bit_exact(token_dataset, tmp_path):
     """torchrun with 2 CPU ranks: each rank's RNG and data position come back from ckpt['ranks']."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
@@ -246,6 +248,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "ckpt.pt"
     proc = subprocess.Popen([sys.executable, "-c", SAVE_FOREVER, str(path)], cwd=REPO_ROOT, stdout=subprocess.PIPE,

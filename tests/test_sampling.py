@@ -5,7 +5,7 @@ import torch
 
 from checkpoint import save_checkpoint
 from inprocess import run_inprocess
-from model import GPT, GPTConfig, KVCache, sample_next_token
+from model import PADDED_VOCAB_SIZE, GPT, GPTConfig, KVCache, sample_next_token
 from tokenizer import EOT_TOKEN
 
 SWITCHES = [dict(), dict(rotary=True),
@@ -96,7 +96,7 @@ def test_sample_next_token_options():
 def save_tiny_checkpoint(path, seed, eot_bias=0.0, iter_num=10):
     """A 1-layer model over the full GPT-2 vocabulary; eot_bias > 0 makes <|endoftext|> likely."""
     torch.manual_seed(seed)
-    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=50304, bias=True, tie_embeddings=False)
+    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=PADDED_VOCAB_SIZE, bias=True, tie_embeddings=False)
     model = GPT(GPTConfig(**args))
     with torch.no_grad():
         model.lm_head.weight.mul_(20)  # peakier distributions than a fresh init, so samples differ by seed
@@ -177,6 +177,7 @@ def test_corrupt_checkpoint_fails_in_one_line(tmp_path):
     assert code == 2 and "not a readable checkpoint" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_compiled_forward_samples_the_same_tokens(checkpoints):
     """--compile=True compiles the forward pass generate() calls (about a minute on a CPU): the
     greedy continuation must be the eager one."""

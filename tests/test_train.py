@@ -1,6 +1,7 @@
 """train.py end to end on CPU: a few iterations of a tiny model, checkpoints, resume, sampling, DDP."""
 import sys
 
+import pytest
 import torch
 
 from checkpoint import clean_state_dict, load_checkpoint, model_from_checkpoint
@@ -15,6 +16,7 @@ def train(data_dir, out_dir, *extra, **kwargs):
     return run_script("train.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY_TRAIN_ARGS, *extra, **kwargs)
 
 
+@pytest.mark.slow
 def test_train_checkpoint_resume_and_sample(token_dataset, tmp_path):
     out = tmp_path / "out"
     proc = train(token_dataset, out, "--max_iters=4", "--eval_interval=2", "--lr_decay_iters=8")
@@ -39,6 +41,7 @@ def test_train_checkpoint_resume_and_sample(token_dataset, tmp_path):
     assert "16 tokens" in proc.stderr
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_ranks_write_one_checkpoint(token_dataset, tmp_path):
     out = tmp_path / "out"
     proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
@@ -53,6 +56,7 @@ def test_ddp_two_cpu_ranks_write_one_checkpoint(token_dataset, tmp_path):
     assert ckpt["iter_num"] == 3 and len(ckpt["ranks"]) == 2
 
 
+@pytest.mark.slow
 def test_grad_accum_not_divisible_by_world_size_is_refused(token_dataset, tmp_path):
     proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                       f"--data_dir={token_dataset}", f"--out_dir={tmp_path}", *TINY_TRAIN_ARGS,

@@ -1,0 +1,124 @@
+"""
+How good is a model: val loss and bits per byte on val.bin, and HellaSwag accuracy (see evaluation.py
+for what each figure means). Prints them and appends them as one JSON line to out_dir/evals.jsonl.
+
+$ python eval.py --out_dir=out-fineweb --ckpt=best
+$ python eval.py --out_dir=out-fineweb --limit=500 --eval_val=False       # a quick look at HellaSwag
+$ python eval.py --init_from=gpt2 --data_dir=data/fineweb                  # GPT-2 from the hub, for comparison
+$ python eval.py --init_from=hf_model --hellaswag_file=hellaswag_val.jsonl # a Hugging Face folder, offline
+"""
+import json
+import os
+import sys
+import time
+
+from checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
+from configurator import config_globals, configure, fail
+from evaluation import evaluate_hellaswag, evaluate_val, load_hellaswag, render_examples
+from hf import load_gpt2
+from loader import check_token_ids, num_tokens
+from model import GPT, GPTConfig
+from runtime import autocast_context, pick_device, pick_dtype, synchronize
+from tokenizer import VOCAB_SIZE
+
+# -----------------------------------------------------------------------------
+out_dir = "out"  # where train.py wrote its checkpoints; evals.jsonl is appended here
+ckpt = "last"  # 'last' (ckpt.pt), 'best' (best.pt), 'stable' or a path to a .pt file
+init_from = ""  # evaluate 'gpt2'...'gpt2-xl' or a Hugging Face GPT-2 folder instead of a checkpoint
+data_dir = ""  # the folder holding val.bin; '' = the checkpoint's own dataset (data/fineweb for GPT-2 weights)
+eval_val = True  # val loss and bits per byte
+val_tokens = 0  # score the first this many tokens of val.bin; 0 = all of it
+eval_hellaswag = True
+hellaswag_file = ""  # hellaswag_val.jsonl; '' = downloaded once into data/hellaswag/
+limit = 0  # score the first this many HellaSwag examples; 0 = all 10,042
+batch_size = 8  # HellaSwag examples (4 rows each) or val.bin windows per forward pass
+device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:0', 'mps'
+dtype = "auto"
+# -----------------------------------------------------------------------------
+config = configure(config_globals(globals()), sys.argv[1:])
+globals().update(config)
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def check_options():
+    if not (eval_val or eval_hellaswag):
+        fail("eval_val=False and eval_hellaswag=False: nothing to evaluate")
+    for key, value in (("val_tokens", val_tokens), ("limit", limit)):
+        if value < 0:
+            fail(f"{key}={value}: must be >= 0 (0 = all)")
+    if batch_size < 1:
+        fail(f"batch_size={batch_size}: must be at least 1")
+
+
+def load_model():
+    """(model, where it came from, its iteration or None, its training config or {})."""
+    if init_from:
+        model_args, state = load_gpt2(init_from)
+        model = GPT(GPTConfig(**model_args))
+        model.load_state_dict(state)
+        return model, init_from, None, {}
+    path = checkpoint_path(out_dir, ckpt)
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    return model_from_checkpoint(checkpoint), path, checkpoint["iter_num"], checkpoint.get("config") or {}
+
+
+def val_path(train_config):
+    """val.bin of --data_dir, else of the dataset the checkpoint was trained on."""
+    dataset = train_config.get("dataset", "fineweb")
+    folder = data_dir or train_config.get("data_dir") or os.path.join(REPO_DIR, "data", dataset)
+    path = os.path.join(folder, "val.bin")
+    if not os.path.isfile(path):
+        fail(f"{path} not found: pass --data_dir=<folder holding val.bin>, or --eval_val=False for HellaSwag only")
+    if num_tokens(path) < 2:
+        fail(f"{path} holds fewer than 2 tokens: nothing to predict")
+    try:
+        check_token_ids(path, VOCAB_SIZE)
+    except ValueError as e:
+        fail(str(e))
+    return path
+
+
+def append_result(record):
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "evals.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        fail(f"cannot write {os.path.join(out_dir, 'evals.jsonl')}: {e.strerror or e}")
+
+
+def main():
+    check_options()
+    try:
+        dev = pick_device(device)
+        dt = pick_dtype(dtype, dev)
+        model, source, iter_num, train_config = load_model()
+        examples = load_hellaswag(hellaswag_file) if eval_hellaswag else None
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    path = val_path(train_config) if eval_val else None
+    model.eval().to(dev)
+    autocast = autocast_context(dev, dt)
+    print(f"evaluating {source}" + (f" (iteration {iter_num})" if iter_num is not None else "")
+          + f" on {dev}, {dt}", file=sys.stderr)
+    record = {"checkpoint": source, "iter": iter_num, "val_loss": None, "val_bpb": None, "val_tokens": None,
+              "hellaswag_acc": None, "hellaswag_acc_norm": None, "hellaswag_n": None}
+    if eval_val:
+        val = evaluate_val(model, path, dev, autocast, batch_size, val_tokens, progress=True)
+        record.update(val_loss=val["val_loss"], val_bpb=val["val_bpb"], val_tokens=val["val_tokens"])
+        print(f"val: {val['val_tokens']:,} tokens ({val['val_bytes']:,} bytes of text) of {path}: "
+              f"loss {val['val_loss']:.4f} nats/token, {val['val_bpb']:.4f} bits/byte")
+    if eval_hellaswag:
+        rendered = render_examples(examples, model.config.block_size, limit)
+        t0 = time.time()
+        record.update(evaluate_hellaswag(model, rendered, dev, autocast, batch_size, progress=True))
+        synchronize(dev)
+        seconds = time.time() - t0
+        print(f"hellaswag: {record['hellaswag_n']:,} examples: acc {record['hellaswag_acc']:.4f}, "
+              f"acc_norm {record['hellaswag_acc_norm']:.4f} ({record['hellaswag_n'] / seconds:.1f} examples/s)")
+    append_result(record)
+    print(f"appended to {os.path.join(out_dir, 'evals.jsonl')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

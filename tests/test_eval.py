@@ -1,0 +1,338 @@
+"""evaluation.py and eval.py: HellaSwag scoring against a one-row-at-a-time reference and a rigged model,
+bits per byte by hand, the download and its checks, a checkpoint against its Hugging Face export, and
+HellaSwag during training under DDP into metrics.jsonl and plot.py."""
+import hashlib
+import http.server
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evaluation
+from checkpoint import save_checkpoint
+from conftest import REPO_ROOT, make_token_dataset
+from inprocess import run_inprocess, train_args
+from model import GPT, GPTConfig
+from tokenizer import TOKEN_DTYPE, VOCAB_SIZE, encode_documents, get_encoding
+
+FIXTURE = Path(__file__).parent / "data" / "hellaswag_tiny.jsonl"  # 12 hand-written examples in HellaSwag's schema
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50304, bias=False)
+CPU_FP32 = ["--device=cpu", "--dtype=float32"]
+
+
+def random_model(seed=0, **args):
+    """A tiny model with every weight random, the output layer's padding rows included."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**args))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def one_row_logprobs(model, row, n_scored):
+    """The reference: one unpadded row through the model alone, log-softmax by hand over the
+    tokenizer's ids, the log-probabilities of its last n_scored tokens."""
+    x = torch.tensor(row)[None]
+    with torch.no_grad():
+        logits, _ = model(x, x)  # targets only to get every position's logits
+    logprobs = torch.log_softmax(logits[0, :-1, :VOCAB_SIZE].double(), dim=-1)
+    picked = [logprobs[t, row[t + 1]].item() for t in range(len(row) - 1)]
+    return picked[len(picked) - n_scored:]
+
+
+# ---------------------------------------------------------------------------------------------
+# HellaSwag scoring
+
+
+@pytest.mark.parametrize("block_size", [64, 22], ids=["whole-rows", "some-rows-cut-from-the-left"])
+def test_batched_scores_equal_one_ending_at_a_time(block_size):
+    model = random_model(**dict(TINY, block_size=block_size))
+    rendered = evaluation.render_examples(evaluation.read_hellaswag(FIXTURE), block_size)
+    lengths = {len(row) for example in rendered for row in example[0]}
+    assert len(lengths) > 3 and max(lengths) <= block_size  # rows of many lengths: the batch is padded
+    with torch.no_grad():
+        total, mean = evaluation.score_endings(model, rendered, "cpu")  # all 48 rows in one forward pass
+    assert total.shape == mean.shape == (12, 4)
+    for i, (rows, scored, _) in enumerate(rendered):
+        for j, (row, n) in enumerate(zip(rows, scored)):
+            reference = one_row_logprobs(model, row, n)
+            assert len(reference) == n > 0
+            assert total[i, j].item() == pytest.approx(sum(reference), abs=1e-4)
+            assert mean[i, j].item() == pytest.approx(sum(reference) / n, abs=1e-5)
+    # the ending, and only the ending, is scored: the context's own tokens are not
+    enc = get_encoding()
+    example = evaluation.read_hellaswag(FIXTURE)[0]
+    assert rendered[0][1] == [len(enc.encode_ordinary(" " + e)) for e in example["endings"]]
+
+
+class RiggedModel(torch.nn.Module):
+    """Knows, for every prefix of the preferred ending's row, the token that follows, and gives it a
+    logit of 20 (every other token 0): the preferred ending's log-probability is ~0, any other
+    ending's at least 20 lower at the token where it leaves the preferred one."""
+
+    def __init__(self, rendered, pick):
+        super().__init__()
+        self.config = GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=64)
+        self.next_token = {}
+        for rows, _, label in rendered:
+            row = rows[pick(label)]
+            for t in range(1, len(row)):
+                self.next_token[tuple(row[:t])] = row[t]
+
+    def forward(self, idx, targets=None):
+        logits = torch.zeros(*idx.shape, 50304)
+        for b, row in enumerate(idx.tolist()):
+            for t in range(len(row)):
+                if tuple(row[:t + 1]) in self.next_token:
+                    logits[b, t, self.next_token[tuple(row[:t + 1])]] = 20.0
+        return logits, None
+
+
+@pytest.mark.parametrize("pick, expected", [(lambda label: label, 1.0), (lambda label: (label + 1) % 4, 0.0)],
+                         ids=["prefers-label", "prefers-another"])
+def test_rigged_model_scores_as_rigged(pick, expected):
+    rendered = evaluation.render_examples(evaluation.read_hellaswag(FIXTURE), 64)
+    assert sorted({label for _, _, label in rendered}) == [0, 1, 2, 3]
+    no_autocast = torch.autocast("cpu", enabled=False)
+    result = evaluation.evaluate_hellaswag(RiggedModel(rendered, pick), rendered, "cpu", no_autocast, batch_size=5)
+    assert result == {"hellaswag_acc": expected, "hellaswag_acc_norm": expected, "hellaswag_n": 12}
+
+
+def test_limit_and_ddp_shares_cover_every_example_once():
+    examples = evaluation.read_hellaswag(FIXTURE)
+    assert len(evaluation.render_examples(examples, 64, limit=5)) == 5
+    rendered = evaluation.render_examples(examples, 64)
+    shares = [rendered[rank::3] for rank in range(3)]  # what evaluate_hellaswag gives each of 3 ranks
+    assert sorted(map(id, sum(shares, []))) == sorted(map(id, rendered))
+
+
+# ---------------------------------------------------------------------------------------------
+# the HellaSwag file: schema, download, checksum, offline
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("not json at all", "not JSON"),
+    ('["a list"]', "a JSON list, not an object"),
+    ('{"ctx": "A man", "endings": ["a", "b", "c"], "label": 0}', "endings is not a list of 4 texts"),
+    ('{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 4}', "label 4 is not 0-3"),
+    ('{"text": "A FineWeb document"}', "no ctx text"),
+])
+def test_a_file_in_another_schema_is_refused_in_one_line(tmp_path, line, problem):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(FIXTURE.read_text().splitlines()[0] + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=f"{bad} line 2: .*{problem}") as e:
+        evaluation.read_hellaswag(bad)
+    assert "\n" not in str(e.value) and "ctx (text), endings (4 texts) and label (0-3)" in str(e.value)
+
+
+@pytest.fixture
+def fixture_server():
+    """The fixture file served over http on 127.0.0.1; .requests counts the GETs."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            server.requests += 1
+            body = FIXTURE.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    server.requests = 0
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_once_checked_then_cached(tmp_path, monkeypatch, fixture_server):
+    cache = tmp_path / "cache" / "hellaswag_val.jsonl"
+    url = f"http://127.0.0.1:{fixture_server.server_port}/hellaswag_val.jsonl"
+    monkeypatch.setattr(evaluation, "HELLASWAG_URL", url)
+    monkeypatch.setattr(evaluation, "HELLASWAG_CACHE", str(cache))
+    monkeypatch.setattr(evaluation, "HELLASWAG_SHA256", hashlib.sha256(b"other bytes").hexdigest())
+    with pytest.raises(ValueError, match="its sha256 is .* not the published .*; not kept") as e:
+        evaluation.load_hellaswag()
+    assert "\n" not in str(e.value) and "--hellaswag_file=PATH" in str(e.value)
+    assert os.listdir(cache.parent) == []  # nothing half-written or unchecked is left
+
+    monkeypatch.setattr(evaluation, "HELLASWAG_SHA256", hashlib.sha256(FIXTURE.read_bytes()).hexdigest())
+    assert evaluation.load_hellaswag() == evaluation.read_hellaswag(FIXTURE)
+    assert cache.read_bytes() == FIXTURE.read_bytes() and os.listdir(cache.parent) == [cache.name]
+    assert evaluation.load_hellaswag() == evaluation.read_hellaswag(FIXTURE)
+    assert fixture_server.requests == 2  # the failed download and the good one; the last call read the cache
+
+
+def test_offline_and_not_cached_names_hellaswag_file(tmp_path, monkeypatch, finished_checkpoint):
+    import socket
+    with socket.socket() as s:  # a port nobody listens on: the connection is refused, as offline
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(evaluation, "HELLASWAG_URL", f"http://127.0.0.1:{port}/hellaswag_val.jsonl")
+    monkeypatch.setattr(evaluation, "HELLASWAG_CACHE", str(tmp_path / "cache" / "hellaswag_val.jsonl"))
+    code, out, err = run_inprocess("eval.py", f"--out_dir={finished_checkpoint}", "--eval_val=False", *CPU_FP32)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: HellaSwag is not cached at ")
+    assert "--hellaswag_file=PATH" in err and "refused" in err.lower()
+    assert os.listdir(tmp_path / "cache") == [] and not (finished_checkpoint / "evals.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# val.bin: bits per byte
+
+
+def write_text_dataset(folder, documents):
+    """val.bin (and a one-token train.bin) of these documents as prepare.py tokenizes them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokens = [t for doc in encode_documents(get_encoding(), documents) for t in doc]
+    torch.tensor(tokens, dtype=torch.int32).numpy().astype(TOKEN_DTYPE).tofile(folder / "val.bin")
+    return folder / "val.bin", len(tokens)
+
+
+def test_bits_per_byte_of_a_uniform_model_by_hand(tmp_path):
+    """A model with every weight zero gives every one of the 50,257 ids the same probability: a loss
+    of ln(50257) nats per token. The text's bytes are counted here from the strings themselves."""
+    documents = ["Crème brûlée, naïve café: 1234 → ∞.", "Hello world! 日本語のテキスト。\n\nThe end."]
+    path, n_tokens = write_text_dataset(tmp_path / "data", documents)
+    model = GPT(GPTConfig(**dict(TINY, block_size=8)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    result = evaluation.evaluate_val(model, str(path), "cpu", torch.autocast("cpu", enabled=False), batch_size=3)
+    text_bytes = sum(len(doc.encode("utf-8")) for doc in documents)
+    assert n_tokens - 1 > 3 * 8 and (n_tokens - 1) % 8 != 0  # several batches and a shorter last window
+    assert result["val_tokens"] == n_tokens - 1 and result["val_bytes"] == text_bytes  # the EOTs are no text
+    assert result["val_loss"] == pytest.approx(math.log(VOCAB_SIZE), rel=1e-6)
+    assert result["val_bpb"] == pytest.approx(math.log2(VOCAB_SIZE) * (n_tokens - 1) / text_bytes, rel=1e-6)
+
+
+def test_val_loss_of_a_random_model_equals_its_own_loss_per_window(tmp_path):
+    documents = ["The quick brown fox jumps over the lazy dog. " * 5, "Pack my box with five dozen liquor jugs."]
+    path, n_tokens = write_text_dataset(tmp_path / "data", documents)
+    model = random_model(**dict(TINY, block_size=16, vocab_size=VOCAB_SIZE))  # no padding rows: the model's own loss
+    tokens = torch.from_numpy(np.fromfile(path, dtype=TOKEN_DTYPE).astype(np.int64))
+    limit = 40  # --val_tokens: the first 40 tokens, 39 targets: windows of 16, 16 and 7
+    nats = 0.0
+    with torch.no_grad():
+        for start in range(0, limit - 1, 16):
+            window = tokens[start:min(start + 17, limit)][None]
+            nats += model(window[:, :-1], window[:, 1:])[1].item() * (window.size(1) - 1)
+    result = evaluation.evaluate_val(model, str(path), "cpu", torch.autocast("cpu", enabled=False), 2, max_tokens=limit)
+    assert result["val_tokens"] == limit - 1
+    assert result["val_loss"] == pytest.approx(nats / (limit - 1), rel=1e-5)
+    enc = get_encoding()
+    assert result["val_bytes"] == len(enc.decode_bytes(tokens[1:limit].tolist()))
+
+
+# ---------------------------------------------------------------------------------------------
+# eval.py
+
+
+@pytest.fixture
+def finished_checkpoint(tmp_path):
+    """out_dir with a random tiny model's ckpt.pt whose training config points at a token dataset."""
+    data = make_token_dataset(tmp_path / "data", n_train=100, n_val=300)
+    out = tmp_path / "out"
+    out.mkdir()
+    save_checkpoint({"model_args": TINY, "model": random_model(**TINY).state_dict(), "iter_num": 7,
+                     "config": {"data_dir": str(data)}}, out / "ckpt.pt")
+    return out
+
+
+def read_evals(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "evals.jsonl").read_text().splitlines()]
+
+
+def test_checkpoint_and_its_hugging_face_export_evaluate_the_same(finished_checkpoint, tmp_path):
+    pytest.importorskip("safetensors")
+    hf = tmp_path / "hf"
+    assert run_inprocess("export.py", f"--out_dir={finished_checkpoint}", f"--to={hf}")[0] == 0
+    code, out, err = run_inprocess("eval.py", f"--out_dir={finished_checkpoint}", f"--hellaswag_file={FIXTURE}",
+                                   *CPU_FP32)
+    assert code == 0, err
+    assert "hellaswag: 12 examples: acc " in out and "bits/byte" in out
+    data = finished_checkpoint.parent / "data"
+    code, _, err = run_inprocess("eval.py", f"--init_from={hf}", f"--out_dir={finished_checkpoint}",
+                                 f"--data_dir={data}", f"--hellaswag_file={FIXTURE}", "--batch_size=3", *CPU_FP32)
+    assert code == 0, err
+    ours, theirs = read_evals(finished_checkpoint)
+    assert set(ours) == {"checkpoint", "iter", "val_loss", "val_bpb", "val_tokens", "hellaswag_acc",
+                         "hellaswag_acc_norm", "hellaswag_n"}
+    assert (ours["checkpoint"], ours["iter"], theirs["checkpoint"], theirs["iter"]) == (
+        str(finished_checkpoint / "ckpt.pt"), 7, str(hf), None)
+    assert ours["val_tokens"] == theirs["val_tokens"] == 299 and ours["hellaswag_n"] == theirs["hellaswag_n"] == 12
+    for key in ("val_loss", "val_bpb", "hellaswag_acc", "hellaswag_acc_norm"):
+        assert theirs[key] == pytest.approx(ours[key], abs=1e-5), key
+
+
+def test_eval_errors_are_one_line(finished_checkpoint, tmp_path):
+    def eval_py(*args):
+        code, _, err = run_inprocess("eval.py", *args, *CPU_FP32)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+        return err
+
+    assert "no checkpoint at" in eval_py(f"--out_dir={tmp_path / 'nothing'}")
+    assert "--data_dir=<folder holding val.bin>" in eval_py(f"--out_dir={finished_checkpoint}",
+                                                             f"--data_dir={tmp_path}", f"--hellaswag_file={FIXTURE}")
+    assert "hellaswag_file='nope.jsonl' not found" in eval_py(f"--out_dir={finished_checkpoint}",
+                                                              "--hellaswag_file=nope.jsonl")
+    (tmp_path / "train.jsonl").write_text('{"text": "a FineWeb document"}\n')
+    assert "not HellaSwag's schema (no ctx text)" in eval_py(f"--out_dir={finished_checkpoint}",
+                                                             f"--hellaswag_file={tmp_path / 'train.jsonl'}")
+    assert "limit=-1: must be >= 0" in eval_py(f"--out_dir={finished_checkpoint}", "--limit=-1")
+    assert "nothing to evaluate" in eval_py("--eval_val=False", "--eval_hellaswag=False")
+    assert not (finished_checkpoint / "evals.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# during training
+
+
+@pytest.mark.slow
+def test_hellaswag_during_training_under_ddp_equals_eval_py(token_dataset, tmp_path):
+    """torchrun with 2 CPU ranks: each scores half of the examples, the counts summed into rank 0's
+    metrics.jsonl equal eval.py's on the checkpoint saved at the same step; plot.py draws them."""
+    out = tmp_path / "out"
+    args = train_args(token_dataset, out, "--max_iters=2", "--eval_interval=1", "--hellaswag_interval=2",
+                      f"--hellaswag_file={FIXTURE}", "--hellaswag_limit=11")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", *args], cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+    assert [(r["iter"], r.get("hellaswag_n")) for r in evals] == [(0, 11), (1, None), (2, 11)]
+    assert "hellaswag acc_norm" in proc.stdout
+
+    code, _, err = run_inprocess("eval.py", f"--out_dir={out}", f"--hellaswag_file={FIXTURE}", "--limit=11",
+                                 "--eval_val=False", *CPU_FP32)
+    assert code == 0, err
+    (result,) = read_evals(out)
+    assert result["iter"] == 2
+    assert (result["hellaswag_acc"], result["hellaswag_acc_norm"]) == (evals[-1]["hellaswag_acc"],
+                                                                     evals[-1]["hellaswag_acc_norm"])
+    import plot
+    plot.main([str(out), "--metric=hellaswag", f"--out={tmp_path / 'h.png'}"])
+    assert (tmp_path / "h.png").stat().st_size > 0
+    assert plot.read_metrics(out / "metrics.jsonl", "hellaswag")[1] == [(r["tokens"], r["hellaswag_acc_norm"])
+                                                                        for r in evals if "hellaswag_n" in r]
+
+
+def test_train_refuses_a_bad_hellaswag_setting_before_training(token_dataset, tmp_path):
+    for bad, message in ((f"--hellaswag_file={tmp_path / 'missing.jsonl'}", "missing.jsonl' not found"),
+                         ("--hellaswag_limit=-1", "hellaswag_limit=-1: must be >= 0")):
+        args = train_args(token_dataset, tmp_path / "out", "--max_iters=2", "--hellaswag_interval=2",
+                          f"--hellaswag_file={FIXTURE}", bad)
+        code, _, err = run_inprocess("train.py", *args)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+        assert not list((tmp_path / "out").glob("*.pt"))

@@ -1,0 +1,116 @@
+"""What an optimizer step computes, pinned down by a reference written out by hand (in the spirit of
+llm.c's parity tests): train.py runs three iterations of a tiny fp32 model with gradient accumulation,
+an active gradient clip and weight decay, and the weights it saves, the loss and the grad norm it logs
+must equal a plain loop that does the same from first principles: the loader's batches, the mean of the
+micro-batch losses, backward, clip by the global norm, AdamW written out with its two parameter groups,
+and warmup + cosine learning rates computed from their formulas.
+
+Three iterations, not one: Adam's update is invariant to the gradient's scale, so clipping shows in
+the weights only through moments that mix steps with different clip factors; and the iterations cover
+warmup (iteration 0) and cosine decay (iteration 2)."""
+import math
+
+import pytest
+import torch
+
+from conftest import make_token_dataset
+from inprocess import read_metrics, run_inprocess
+from loader import TokenBatches
+from model import PADDED_VOCAB_SIZE, GPT, GPTConfig
+
+SEED = 1337
+SHAPE = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, dropout=0.0)
+BATCH_SIZE, ACCUM, ITERS = 2, 2, 3
+LR, MIN_LR, WARMUP, DECAY_ITERS = 1e-3, 1e-4, 1, 4
+WEIGHT_DECAY, BETAS, EPS, GRAD_CLIP = 0.5, (0.9, 0.95), 1e-8, 0.05
+
+
+def reference_lr(it):
+    """Linear warmup over WARMUP iterations, then cosine from LR to MIN_LR at DECAY_ITERS."""
+    if it < WARMUP:
+        return LR * (it + 1) / (WARMUP + 1)
+    progress = (it - WARMUP) / (DECAY_ITERS - WARMUP)
+    return MIN_LR + 0.5 * (1 + math.cos(math.pi * progress)) * (LR - MIN_LR)
+
+
+def reference_run(train_path):
+    """ITERS optimizer steps by hand. Returns (state dict, [mean loss per iter], [grad norm per iter])."""
+    torch.manual_seed(SEED)  # train.py seeds torch with seed + rank before building the model
+    model = GPT(GPTConfig(vocab_size=PADDED_VOCAB_SIZE, **SHAPE))
+    batches = TokenBatches(str(train_path), SHAPE["block_size"], BATCH_SIZE, "random", SEED, 0, 1)
+    params = dict(model.named_parameters())
+    m = {name: torch.zeros_like(p) for name, p in params.items()}
+    v = {name: torch.zeros_like(p) for name, p in params.items()}
+    losses, norms = [], []
+    for it in range(ITERS):
+        for p in params.values():
+            p.grad = None
+        micro_losses = []
+        for _ in range(ACCUM):
+            x, y = batches.next_batch()
+            _, loss = model(x, y)
+            (loss / ACCUM).backward()  # the gradient of the mean of the micro-batch losses
+            micro_losses.append(loss.item())
+        losses.append(sum(micro_losses) / ACCUM)
+        # the global L2 norm over all gradients, in fp32 as training computes it (per tensor, then of those)
+        norm = torch.stack([p.grad.norm() for p in params.values()]).norm().item()
+        norms.append(norm)
+        clip = min(1.0, GRAD_CLIP / (norm + 1e-6))
+        lr, step = reference_lr(it), it + 1
+        with torch.no_grad():
+            for name, p in params.items():
+                g = p.grad * clip
+                if p.dim() >= 2:  # weight decay on matrices and embeddings only, decoupled from the gradient
+                    p.mul_(1 - lr * WEIGHT_DECAY)
+                m[name].mul_(BETAS[0]).add_((1 - BETAS[0]) * g)
+                v[name].mul_(BETAS[1]).add_((1 - BETAS[1]) * g * g)
+                m_hat = m[name] / (1 - BETAS[0] ** step)
+                v_hat = v[name] / (1 - BETAS[1] ** step)
+                p.sub_(lr * m_hat / (v_hat.sqrt() + EPS))
+    return model.state_dict(), losses, norms
+
+
+@pytest.fixture(scope="module")
+def reference_and_train_py(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference_step")
+    data_dir = make_token_dataset(tmp / "data")
+    out_dir = tmp / "out"
+    code, out, err = run_inprocess(
+        "train.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--device=cpu", "--dtype=float32",
+        "--compile=False", f"--seed={SEED}", "--data_order=random",
+        *(f"--{k}={v}" for k, v in SHAPE.items()),
+        f"--batch_size={BATCH_SIZE}", f"--gradient_accumulation_steps={ACCUM}", f"--max_iters={ITERS}",
+        f"--learning_rate={LR}", f"--min_lr={MIN_LR}", f"--warmup_iters={WARMUP}",
+        f"--lr_decay_iters={DECAY_ITERS}", "--lr_schedule=cosine", f"--weight_decay={WEIGHT_DECAY}",
+        f"--beta1={BETAS[0]}", f"--beta2={BETAS[1]}", f"--grad_clip={GRAD_CLIP}",
+        f"--eval_interval={ITERS}", "--eval_iters=1", "--log_interval=1")
+    assert code == 0, err
+    saved = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True)
+    logged, _ = read_metrics(out_dir)
+    return reference_run(data_dir / "train.bin"), saved, logged
+
+
+def test_logged_learning_rates_follow_warmup_and_cosine(reference_and_train_py):
+    _, _, logged = reference_and_train_py
+    assert [r["iter"] for r in logged] == [1, 2, 3]
+    assert [r["lr"] for r in logged] == pytest.approx([reference_lr(it) for it in range(ITERS)], rel=1e-12)
+
+
+def test_logged_loss_and_grad_norm_equal_the_reference(reference_and_train_py):
+    (_, losses, norms), _, logged = reference_and_train_py
+    assert [r["loss"] for r in logged] == pytest.approx(losses, rel=1e-5)
+    assert [r["grad_norm"] for r in logged] == pytest.approx(norms, rel=1e-5)
+    assert min(norms) > 2 * GRAD_CLIP  # the clip is active at every step, else it would not be tested
+
+
+def test_weights_after_three_steps_equal_the_reference(reference_and_train_py):
+    (state, _, _), saved, _ = reference_and_train_py
+    weights = saved["model"]
+    assert weights.keys() == state.keys()
+    for name, expected in state.items():
+        torch.testing.assert_close(weights[name], expected, rtol=0, atol=1e-6, msg=name)
+    # and the steps moved every weight measurably, so the comparison above has something to compare
+    torch.manual_seed(SEED)
+    initial = GPT(GPTConfig(vocab_size=PADDED_VOCAB_SIZE, **SHAPE)).state_dict()
+    moved = [name for name in state if name.endswith("weight") and (state[name] - initial[name]).abs().max() > 1e-4]
+    assert len(moved) == len([n for n in state if n.endswith("weight")])
