@@ -6,6 +6,8 @@ cannot run code), under nanoGPT's key names so tools written for nanoGPT keep wo
     model_args      dict: the GPTConfig fields
     model           the uncompiled, unwrapped state dict (no '_orig_mod.' / 'module.' prefixes)
     optimizer       AdamW state dict
+    muon            torch.optim.Muon state dict, only when config["optimizer"] == "muon" (the block
+                    matrices' momentum; AdamW's above then covers the other parameters)
     iter_num        iterations completed; training resumes at this iteration
     best_val_loss   lowest validation loss seen so far in this run (best.pt holds that model)
     config          the full training config
