@@ -50,6 +50,7 @@ ARMS = {  # name: (switches, optimizer, the AdamW arm whose tuned lr the Muon ar
 REMOVAL_ORDER = ("tie_embeddings", "lr_schedule", "zero_init_proj", "rotary", "mlp", "qk_norm", "norm")
 ADAMW_GRID = (1.6e-3, 4e-3, 1e-2)  # learning_rate
 MUON_GRID = (0.008, 0.02, 0.05)  # muon_lr
+GRID_STEP = 2.5  # a best value at an edge of the grid earns one more value this factor further out
 SEEDS = (0, 1)
 DEVIATIONS = [
     "- **Tokens per run: 122,880, not ≥1.5M**, and so no baseline below 6.0. On the shared 2-core machine a "
@@ -59,7 +60,8 @@ DEVIATIONS = [
     "MFLOPs/token at 64 wide, 38.6 of 44.9 at 128), so the narrowest sensible model buys the most tokens.",
     "- **Learning-rate grid: 3 values at a quarter of the horizon (30 iterations), seed 0 only.** Muon arms tune "
     "`muon_lr` only; their AdamW part (embeddings, norms, lm_head) uses the tuned lr of the matching AdamW arm. "
-    "A short horizon favours higher rates; a best value at the grid's edge is marked in table 1.",
+    "A short horizon favours higher rates. A best value at an edge of the grid earned one more value 2.5x "
+    "further out; a best still at the edge is marked in table 1.",
     "- **Seeds: 2 for the four arms, 1 for the switch-removed arms**, which run at the best arm's tuned lr.",
     "- **Not tuned**: Muon's momentum (0.95) and weight decay (0.1, shared with AdamW); warmup, cooldown share.",
     "- **Not run**: the GPU comparison on the 40M config (no GPU was available to this work).",
@@ -103,13 +105,13 @@ def finished_evals(out_dir, iters):
 
 def run_one(name, settings, args):
     out_dir = Path(args.out_root) / name
-    if finished_evals(out_dir, settings["max_iters"]):
+    settings = {**settings, "out_dir": str(out_dir)}
+    if finished_evals(out_dir, settings["max_iters"]) and json.loads((out_dir / "settings.json").read_text()) == settings:
         return
     if out_dir.exists():  # an unfinished run: start it again from scratch
         for f in out_dir.iterdir():
             f.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {**settings, "out_dir": str(out_dir)}
     (out_dir / "settings.json").write_text(json.dumps(settings))
     command = [sys.executable, str(REPO / "train.py")] + [f"--{k}={v}" for k, v in settings.items()]
     start, load_start = time.time(), os.getloadavg()[0]
@@ -141,12 +143,17 @@ def final_name(arm, seed):
     return f"{arm}-s{seed}"
 
 
+def base_grid(arm):
+    return MUON_GRID if ARMS[arm][1] == "muon" else ADAMW_GRID
+
+
 def grid_results(arm, args):
-    """{grid value: final val loss at the grid horizon} of the arm's finished grid runs."""
+    """{grid value: final val loss at the grid horizon} of the arm's finished grid runs, the base grid
+    and the values one step beyond either edge."""
     iters = SCALES[args.scale]["grid_iters"]
-    grid = MUON_GRID if ARMS[arm][1] == "muon" else ADAMW_GRID
+    grid = base_grid(arm)
     results = {}
-    for value in grid:
+    for value in (grid[0] / GRID_STEP, *grid, grid[-1] * GRID_STEP):
         evals = finished_evals(Path(args.out_root) / grid_name(arm, value), iters)
         if evals:
             results[value] = evals[-1]["val_loss"]
@@ -154,25 +161,38 @@ def grid_results(arm, args):
 
 
 def tuned_lrs(arm, args):
-    """(learning_rate, muon_lr) of the arm: the grid's best; None where its grid has not finished."""
-    switches, optimizer, adamw_arm = ARMS[arm]
+    """(learning_rate, muon_lr) of the arm's best grid run; None until its base grid has finished. A
+    Muon arm's AdamW part is at the learning_rate its grid ran with."""
     grid = grid_results(arm, args)
-    if len(grid) < len(MUON_GRID if optimizer == "muon" else ADAMW_GRID):
+    if not all(value in grid for value in base_grid(arm)):
         return None
     best = min(grid, key=grid.get)
-    if optimizer == "adamw":
-        return best, None
-    return tuned_lrs(adamw_arm, args)[0], best
+    settings = json.loads((Path(args.out_root) / grid_name(arm, best) / "settings.json").read_text())
+    return settings["learning_rate"], settings.get("muon_lr")
+
+
+def grid_job(arm, value, args):
+    switches, optimizer, adamw_arm = ARMS[arm]
+    lr, muon_lr = (tuned_lrs(adamw_arm, args)[0], value) if optimizer == "muon" else (value, None)
+    return grid_name(arm, value), run_settings(switches, optimizer, lr, muon_lr, SCALES[args.scale]["grid_iters"], 0,
+                                               args.scale, args)
 
 
 def grid_jobs(arms, args):
-    iters = SCALES[args.scale]["grid_iters"]
+    return [grid_job(arm, value, args) for arm in arms for value in base_grid(arm)]
+
+
+def edge_jobs(arms, args):
+    """One more grid value, GRID_STEP beyond the edge, for each arm whose best is at an edge of its
+    base grid: a best at the edge may not be the best."""
     jobs = []
     for arm in arms:
-        switches, optimizer, adamw_arm = ARMS[arm]
-        for value in (MUON_GRID if optimizer == "muon" else ADAMW_GRID):
-            lr, muon_lr = (tuned_lrs(adamw_arm, args)[0], value) if optimizer == "muon" else (value, None)
-            jobs.append((grid_name(arm, value), run_settings(switches, optimizer, lr, muon_lr, iters, 0, args.scale, args)))
+        grid, results = base_grid(arm), grid_results(arm, args)
+        best = min(results, key=results.get)
+        if best == grid[-1]:
+            jobs.append(grid_job(arm, grid[-1] * GRID_STEP, args))
+        elif best == grid[0]:
+            jobs.append(grid_job(arm, grid[0] / GRID_STEP, args))
     return jobs
 
 
@@ -208,7 +228,9 @@ def run_plan(args):
     adamw_arms = [a for a in ARMS if ARMS[a][1] == "adamw"]
     muon_arms = [a for a in ARMS if ARMS[a][1] == "muon"]
     run_all(grid_jobs(adamw_arms, args), args)
+    run_all(edge_jobs(adamw_arms, args), args)
     run_all(grid_jobs(muon_arms, args), args)
+    run_all(edge_jobs(muon_arms, args), args)
     run_all(final_jobs(ARMS, SEEDS[0], args), args)
     run_all(final_jobs(ARMS, SEEDS[1], args) + removal_jobs(args), args)
 
@@ -284,7 +306,7 @@ def write_report(args, command_wall):
             continue
         best = min(grid, key=grid.get)
         label = "muon_lr" if optimizer == "muon" else "learning_rate"
-        extra = f" (AdamW part at {tuned_lrs(adamw_arm, args)[0]:g})" if optimizer == "muon" else ""
+        extra = f" (AdamW part at {tuned_lrs(arm, args)[0]:g})" if optimizer == "muon" and tuned_lrs(arm, args) else ""
         cells = " / ".join((f"**{v:g}: {loss:.3f}**" if v == best else f"{v:g}: {loss:.3f}") for v, loss in grid.items())
         edge = " (best at the grid's edge)" if best in (min(grid), max(grid)) else ""
         lines.append(f"| {arm} | {label}{extra} | {cells}{edge} |")
