@@ -10,8 +10,8 @@ Four phases, each reading the previous ones' results from disk:
   1. lr grid of the two AdamW arms (baseline, modern) at a quarter of the final horizon
   2. muon_lr grid of the two Muon arms, their AdamW part at the tuned lr of the matching AdamW arm
   3. the four arms at their tuned lr, full horizon, seed 0
-  4. the four arms, seed 1; then each single switch removed from the best arm of phase 3 (seed 0,
-     at that arm's tuned lr)
+  4. seed 1 and each single switch removed from the best arm of phase 3 (seed 0, at that arm's tuned
+     lr), ordered by importance in case the time runs out
 Runs go to --out_root/<run name>/; a finished run (its metrics.jsonl has the final evaluation) is not
 run again, so an interrupted ablation continues where it stopped. --report_only rewrites the table
 and plot from the runs present.
@@ -232,7 +232,13 @@ def run_plan(args):
     run_all(grid_jobs(muon_arms, args), args)
     run_all(edge_jobs(muon_arms, args), args)
     run_all(final_jobs(ARMS, SEEDS[0], args), args)
-    run_all(final_jobs(ARMS, SEEDS[1], args) + removal_jobs(args), args)
+    # by importance, in case the time runs out: the second seed of the two arms the headline compares,
+    # the two most doubtful switches, the other arms' second seed, the other switches
+    best = best_arm(args)
+    others = [arm for arm in ARMS if arm not in ("baseline", best)]
+    removals = removal_jobs(args)
+    run_all(final_jobs(["baseline", best], SEEDS[1], args) + removals[:2] + final_jobs(others, SEEDS[1], args)
+            + removals[2:], args)
 
 
 # ----------------------------------------------------------------------------------------------
