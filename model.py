@@ -259,7 +259,8 @@ class GPT(nn.Module):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer={optimizer!r}: allowed are {', '.join(map(repr, OPTIMIZERS))}")
         if optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-            raise ValueError(f"optimizer='muon' needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
+            raise ValueError(f"optimizer='muon' needs torch >= 2.9 (torch.optim.Muon); "
+                             f"this is torch {torch.__version__}")
         muon_params = self.muon_params() if optimizer == "muon" else []
         in_muon = {id(p) for p in muon_params}
         params = [p for p in self.parameters() if p.requires_grad and id(p) not in in_muon]

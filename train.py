@@ -197,8 +197,9 @@ if init_from == "resume":
                if k != "dropout" and ckpt["model_args"].get(k, GPTConfig.__dataclass_fields__[k].default) != v]
     if changed:
         stop(f"cannot resume {resume_path}: the model shape changed: {'; '.join(changed)}")
-    if ckpt["config"].get("optimizer", "adamw") != optimizer:  # each has its own state: no translation
-        stop(f"cannot resume {resume_path}: it was trained with optimizer={ckpt['config'].get('optimizer', 'adamw')!r}, "
+    saved_optimizer = ckpt.get("config", {}).get("optimizer", "adamw")
+    if saved_optimizer != optimizer:  # each keeps its own state: there is nothing to translate
+        stop(f"cannot resume {resume_path}: it was trained with optimizer={saved_optimizer!r}, "
              f"the config says optimizer={optimizer!r}; keep the checkpoint's optimizer")
     iter_num, best_val_loss = ckpt["iter_num"], ckpt.get("best_val_loss", float("inf"))
     # resuming from stable.pt or another file: best.pt may hold a better model than it knows of

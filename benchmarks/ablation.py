@@ -237,8 +237,9 @@ def run_plan(args):
     best = best_arm(args)
     others = [arm for arm in ARMS if arm not in ("baseline", best)]
     removals = removal_jobs(args)
-    run_all(final_jobs(list(dict.fromkeys(["baseline", best])), SEEDS[1], args) + removals[:2] + final_jobs(others, SEEDS[1], args)
-            + removals[2:], args)
+    headline = list(dict.fromkeys(["baseline", best]))
+    run_all(final_jobs(headline, SEEDS[1], args) + removals[:2] + final_jobs(others, SEEDS[1], args) + removals[2:],
+            args)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ def test_every_parameter_is_in_exactly_one_optimizer(tie_embeddings):
     assert list(optimizers) == ["optimizer", "muon"]  # the checkpoint's keys
     adamw, muon = ([p for g in opt.param_groups for p in g["params"]] for opt in optimizers.values())
     names = {id(p): name for name, p in model.named_parameters()}  # a tied weight once, as wte
-    assert sorted(names[id(p)] for p in muon) == sorted(
-        f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    matrices = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    assert sorted(names[id(p)] for p in muon) == sorted(f"transformer.h.{i}.{m}.weight" for i in range(2) for m in matrices)
     assert sorted(map(id, adamw + muon)) == sorted(names)  # all of them, none twice
     in_adamw = {names[id(p)] for p in adamw}
     assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
