@@ -120,3 +120,9 @@ def test_bench_counts_muon_state_as_one_copy():
     assert muon == (f"optimizer state {mib(2 * (n_all - n_blocks) + n_blocks)}: AdamW {mib(2 * (n_all - n_blocks))} "
                     f"for {(n_all - n_blocks) / 1e6:.2f}M parameters, Muon {mib(n_blocks)} for {n_blocks / 1e6:.2f}M "
                     "parameters")
+
+
+def test_an_unknown_optimizer_is_one_line(token_dataset, tmp_path):
+    code, _, stderr = run_inprocess("train.py", *train_args(token_dataset, tmp_path, "--optimizer=sgd"))
+    assert (code, stderr) == (2, "error: optimizer='sgd': allowed are 'adamw', 'muon'\n")
+    assert not list(tmp_path.glob("*.pt"))
