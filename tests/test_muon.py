@@ -123,6 +123,6 @@ def test_bench_counts_muon_state_as_one_copy():
 
 
 def test_an_unknown_optimizer_is_one_line(token_dataset, tmp_path):
-    code, _, stderr = run_inprocess("train.py", *train_args(token_dataset, tmp_path, "--optimizer=sgd"))
+    code, _, stderr = run_inprocess("train.py", *train_args(token_dataset, tmp_path, "--optimizer=sgd", "--max_iters=1"))
     assert (code, stderr) == (2, "error: optimizer='sgd': allowed are 'adamw', 'muon'\n")
     assert not list(tmp_path.glob("*.pt"))
