@@ -261,6 +261,9 @@ class GPT(nn.Module):
         if optimizer == "muon" and not hasattr(torch.optim, "Muon"):
             raise ValueError(f"optimizer='muon' needs torch >= 2.9 (torch.optim.Muon); "
                              f"this is torch {torch.__version__}")
+        if optimizer == "muon" and learning_rate <= 0:  # train.py runs Muon at muon_lr * lr / learning_rate
+            raise ValueError(f"learning_rate={learning_rate}: optimizer='muon' follows the schedule as a fraction "
+                             "of learning_rate, which must be > 0")
         muon_params = self.muon_params() if optimizer == "muon" else []
         in_muon = {id(p) for p in muon_params}
         params = [p for p in self.parameters() if p.requires_grad and id(p) not in in_muon]

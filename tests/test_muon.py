@@ -50,6 +50,11 @@ def test_a_torch_without_muon_is_named(monkeypatch):
         tiny_model().configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "sgd")
 
 
+def test_muon_needs_a_positive_learning_rate_to_scale_its_schedule():
+    with pytest.raises(ValueError, match="learning_rate=0.0: optimizer='muon' follows the schedule as a fraction"):
+        tiny_model().configure_optimizers(0.1, 0.0, (0.9, 0.95), "cpu", "muon")
+
+
 MUON_RUN = ["--optimizer=muon", "--muon_lr=0.03", "--lr_schedule=wsd", "--max_iters=6", "--cooldown_frac=0.5",
             "--eval_interval=3", "--dropout=0.1"]
 
