@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 # blocks are nearly free and the budget is set by tokens: 4 layers cost about what 2 do.
 SCALES = {
     "quick": dict(model=dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4), final_iters=10,
-                  grid_iters=4, eval_interval=1, eval_iters=2),
+                  grid_iters=4, long_iters=20, eval_iters=2),
     "cpu": dict(model=dict(n_layer=4, n_head=2, n_embd=64, block_size=128, batch_size=8), final_iters=120,
-                grid_iters=30, eval_interval=12, eval_iters=5),
+                grid_iters=30, long_iters=1465, eval_iters=5),
 }
 
 GPT2 = dict(rotary=False, qk_norm=False, norm="layernorm", mlp="gelu", tie_embeddings=True, zero_init_proj=False,
@@ -82,8 +82,8 @@ def run_settings(switches, optimizer, lr, muon_lr, iters, seed, scale, args):
                 "eval_iters": SCALES[scale]["eval_iters"]}
     if optimizer == "muon":
         settings["muon_lr"] = muon_lr
-    full = iters == SCALES[scale]["final_iters"]
-    settings["eval_interval"] = SCALES[scale]["eval_interval"] if full else iters  # the grid needs its end only
+    grid = iters == SCALES[scale]["grid_iters"]
+    settings["eval_interval"] = iters if grid else max(1, iters // 10)  # the grid needs its end only
     return settings
 
 
@@ -228,14 +228,28 @@ def removal_jobs(args):
     return jobs  # "without Muon" is the matching AdamW arm itself, at the same AdamW lr
 
 
+def long_jobs(args):
+    """The baseline and the best arm at long_iters (seed 0, the same tuned lr): does the gap hold?"""
+    iters = SCALES[args.scale]["long_iters"]
+    return [(f"long-{arm}-s0", run_settings(ARMS[arm][0], ARMS[arm][1], *tuned_lrs(arm, args), iters, 0,
+                                            args.scale, args)) for arm in dict.fromkeys(["baseline", best_arm(args)])]
+
+
 def run_plan(args):
     adamw_arms = [a for a in ARMS if ARMS[a][1] == "adamw"]
     muon_arms = [a for a in ARMS if ARMS[a][1] == "muon"]
-    run_all(grid_jobs(adamw_arms, args), args)
-    run_all(edge_jobs(adamw_arms, args), args)
-    run_all(grid_jobs(muon_arms, args), args)
-    run_all(edge_jobs(muon_arms, args), args)
-    run_all(final_jobs(ARMS, SEEDS[0], args), args)
+    if "1" in args.phases:
+        run_all(grid_jobs(adamw_arms, args), args)
+        run_all(edge_jobs(adamw_arms, args), args)
+    if "2" in args.phases:
+        run_all(grid_jobs(muon_arms, args), args)
+        run_all(edge_jobs(muon_arms, args), args)
+    if "3" in args.phases:
+        run_all(final_jobs(ARMS, SEEDS[0], args), args)
+    if "5" in args.phases:  # after the seed-0 finals, which pick the best arm
+        run_all(long_jobs(args), args)
+    if "4" not in args.phases:
+        return
     # by importance, in case the time runs out: the second seed of the two arms the headline compares,
     # the two most doubtful switches, the other arms' second seed, the other switches
     best = best_arm(args)
@@ -304,7 +318,7 @@ def write_report(args, command_wall):
              f"    python benchmarks/ablation.py --data_dir=/work/data/en_docs --jobs={args.jobs}", "",
              f"Model: {m['n_layer']} layers x {m['n_embd']} wide ({m['n_head']} heads), block {m['block_size']}, "
              f"batch {m['batch_size']} ({tokens_per_iter:,} tokens/iteration), fp32 on CPU. Final runs: "
-             f"{scale['final_iters']} iterations = {budget:,} tokens, val loss every {scale['eval_interval']} "
+             f"{scale['final_iters']} iterations = {budget:,} tokens, val loss every {scale['final_iters'] // 10} "
              f"iterations (10% of the run) on {scale['eval_iters'] * tokens_per_iter:,} fixed held-out tokens. "
              f"Learning-rate grid: {scale['grid_iters']} iterations (a quarter of the horizon), seed 0. Shared by "
              "all: AdamW (0.9, 0.95), weight decay 0.1 (Muon's too), warmup 1/30 of the run, decay to lr/10 (cosine, "
@@ -394,6 +408,7 @@ def main():
     p.add_argument("--out_root", default=None, help="default: out-ablation-<scale>")
     p.add_argument("--table", default=None, help="default: docs/ablation.md (docs/ablation-<scale>.md if not cpu)")
     p.add_argument("--plot", default=None, help="default: next to the table, .png")
+    p.add_argument("--phases", default="1234", help="which phases to run (5: the long check, see long_jobs)")
     p.add_argument("--report_only", action="store_true")
     args = p.parse_args()
     if args.quick:
