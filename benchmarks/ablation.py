@@ -351,10 +351,11 @@ def write_report(args, command_wall):
         lines.append(f"| {name} | {optimizer} | {switches} | {' / '.join(f'{v:.3f}' for v in finals)} | "
                      f"{mean(finals):.3f} | {mean(finals) - target:+.3f} | "
                      + (f"{max(finals) - min(finals):.3f}" if len(finals) > 1 else "1 seed") + " | "
-                     + " / ".join(f"{r:,.0f} ({r / budget:.2f})" if r else "not reached" for r in reached) + " |")
+                     + " / ".join("not reached" if r is None else f"{r:,.0f} ({r / budget:.2f})" for r in reached) + " |")
     missing = [name for name, _ in removal_jobs(args) if name not in runs]
     if missing:
         lines += ["", "Planned but not run (out of time): " + ", ".join(missing) + "."]
+    lines += long_check_lines(runs, scale, tokens_per_iter)
     lines += ["", "## Deviations from issue 12's design, and why", "", *DEVIATIONS]
     timings = [t for _, _, t in runs.values()]
     run_seconds = sum(t["end"] - t["start"] for t in timings)
@@ -373,11 +374,30 @@ def write_report(args, command_wall):
     print(f"[ablation] wrote {args.table} and {args.plot}")
 
 
+def long_check_lines(runs, scale, tokens_per_iter):
+    """Table 3: the long runs (phase 5), if any finished."""
+    long_runs = {name: evals for name, (_, evals, _) in runs.items() if name.startswith("long-")}
+    if "long-baseline-s0" not in long_runs:
+        return []
+    target = long_runs["long-baseline-s0"][-1]["val_loss"]
+    budget = scale["long_iters"] * tokens_per_iter
+    lines = ["", f"## 3. Long check: {budget:,} tokens, seed 0, the lr tuned above", "",
+             f"Target: the long baseline's final val loss, {target:.3f}.", "",
+             "| run | final val loss | vs baseline | tokens to target (ratio to budget) |", "|---|---|---|---|"]
+    for name, evals in long_runs.items():
+        reached = tokens_to_reach(evals, target)
+        lines.append(f"| {name[5:-3]} | {evals[-1]['val_loss']:.3f} | {evals[-1]['val_loss'] - target:+.3f} | "
+                     + (f"{reached:,.0f} ({reached / budget:.2f})" if reached is not None else "not reached") + " |")
+    return lines
+
+
 def plot_curves(runs, names, target, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    long_runs = [name for name in runs if name.startswith("long-")]
+    fig, axes = plt.subplots(1, 2 if long_runs else 1, figsize=(16 if long_runs else 9, 5.5), squeeze=False)
+    ax = axes[0][0]
     for i, name in enumerate(names):
         for j, seed in enumerate(SEEDS):
             if f"{name}-s{seed}" not in runs:
@@ -388,9 +408,17 @@ def plot_curves(runs, names, target, path):
     ax.axhline(target, color="gray", linestyle=":", label="tuned baseline final (mean)")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("val loss")
-    ax.set_title("recipe ablation (one line per seed; dashed: a switch removed from the best arm)")
+    ax.set_title("recipe ablation (one line per seed; dashed: a switch removed)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    for i, name in enumerate(long_runs):
+        points = [e for e in runs[name][1] if e["iter"] > 0]
+        axes[0][1].plot([e["tokens"] for e in points], [e["val_loss"] for e in points], marker=".", label=name[5:-3],
+                        color=f"C{names.index(name[5:-3]) % 10}" if name[5:-3] in names else None)
+    if long_runs:
+        axes[0][1].set(xlabel="training tokens", ylabel="val loss", title="long check (seed 0)")
+        axes[0][1].legend(fontsize=8)
+        axes[0][1].grid(alpha=0.3)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
