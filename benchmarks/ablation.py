@@ -254,7 +254,7 @@ def run_plan(args):
     # the two most doubtful switches, the other arms' second seed, the other switches
     best = best_arm(args)
     others = [arm for arm in ARMS if arm not in ("baseline", best)]
-    removals = removal_jobs(args)
+    removals = removal_jobs(args)[:args.removals]
     headline = list(dict.fromkeys(["baseline", best]))
     run_all(final_jobs(headline, SEEDS[1], args) + removals[:2] + final_jobs(others, SEEDS[1], args) + removals[2:],
             args)
@@ -437,6 +437,8 @@ def main():
     p.add_argument("--table", default=None, help="default: docs/ablation.md (docs/ablation-<scale>.md if not cpu)")
     p.add_argument("--plot", default=None, help="default: next to the table, .png")
     p.add_argument("--phases", default="1234", help="which phases to run (5: the long check, see long_jobs)")
+    p.add_argument("--removals", type=int, default=len(REMOVAL_ORDER),
+                   help="remove only this many of the best arm's switches (most doubtful first)")
     p.add_argument("--report_only", action="store_true")
     args = p.parse_args()
     if args.quick:
