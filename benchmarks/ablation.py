@@ -361,7 +361,7 @@ def write_report(args, command_wall):
     missing = [name for name, _ in removal_jobs(args) if name not in runs]
     if missing:
         lines += ["", "Planned but not run (out of time): " + ", ".join(missing) + "."]
-    lines += long_check_lines(runs, scale, tokens_per_iter)
+    lines += long_check_lines(args, scale, tokens_per_iter)
     lines += ["", "## Deviations from issue 12's design, and why", "", *DEVIATIONS]
     timings = [t for _, _, t in runs.values()]
     run_seconds = sum(t["end"] - t["start"] for t in timings)
@@ -376,32 +376,41 @@ def write_report(args, command_wall):
     Path(args.table).parent.mkdir(parents=True, exist_ok=True)
     Path(args.table).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot_curves(runs, names, target, args.plot)
+    plot_curves(runs, names, target, long_evals(args), args.plot)
     print(f"[ablation] wrote {args.table} and {args.plot}")
 
 
-def long_check_lines(runs, scale, tokens_per_iter):
-    """Table 3: the long runs (phase 5), if any finished."""
-    long_runs = {name: evals for name, (_, evals, _) in runs.items() if name.startswith("long-")}
-    if "long-baseline-s0" not in long_runs:
+def long_evals(args):
+    """{run name: evaluations so far} of the long runs (phase 5), finished or not."""
+    return {d.name: evals for d in sorted(Path(args.out_root).glob("long-*"))
+            if len(evals := read_metrics(d / "metrics.jsonl")[0]) > 1}
+
+
+def long_check_lines(args, scale, tokens_per_iter):
+    """Table 3: the long runs compared at the last evaluation all of them reached (their end, once done)."""
+    runs = long_evals(args)
+    if "long-baseline-s0" not in runs:
         return []
-    target = long_runs["long-baseline-s0"][-1]["val_loss"]
     budget = scale["long_iters"] * tokens_per_iter
-    lines = ["", f"## 3. Long check: {budget:,} tokens, seed 0, the lr tuned above", "",
-             f"Target: the long baseline's final val loss, {target:.3f}.", "",
-             "| run | final val loss | vs baseline | tokens to target (ratio to budget) |", "|---|---|---|---|"]
-    for name, evals in long_runs.items():
+    common = min(evals[-1]["tokens"] for evals in runs.values())
+    at_common = {name: [e for e in evals if e["tokens"] <= common] for name, evals in runs.items()}
+    target = at_common["long-baseline-s0"][-1]["val_loss"]
+    state = ("their end" if common == budget else f"{common:,} tokens of {budget:,}, mid-schedule (the runs stopped there: "
+             "out of time)")
+    lines = ["", f"## 3. Long check: {budget:,} tokens planned, seed 0, the lr tuned above", "",
+             f"Compared at {state}. Target: the baseline's val loss there, {target:.3f}.", "",
+             "| run | val loss | vs baseline | tokens to target (ratio) |", "|---|---|---|---|"]
+    for name, evals in at_common.items():
         reached = tokens_to_reach(evals, target)
         lines.append(f"| {name[5:-3]} | {evals[-1]['val_loss']:.3f} | {evals[-1]['val_loss'] - target:+.3f} | "
-                     + (f"{reached:,.0f} ({reached / budget:.2f})" if reached is not None else "not reached") + " |")
+                     + (f"{reached:,.0f} ({reached / common:.2f})" if reached is not None else "not reached") + " |")
     return lines
 
 
-def plot_curves(runs, names, target, path):
+def plot_curves(runs, names, target, long_runs, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    long_runs = [name for name in runs if name.startswith("long-")]
     fig, axes = plt.subplots(1, 2 if long_runs else 1, figsize=(16 if long_runs else 9, 5.5), squeeze=False)
     ax = axes[0][0]
     for i, name in enumerate(names):
@@ -418,7 +427,7 @@ def plot_curves(runs, names, target, path):
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     for i, name in enumerate(long_runs):
-        points = [e for e in runs[name][1] if e["iter"] > 0]
+        points = [e for e in long_runs[name] if e["iter"] > 0]
         axes[0][1].plot([e["tokens"] for e in points], [e["val_loss"] for e in points], marker=".", label=name[5:-3],
                         color=f"C{names.index(name[5:-3]) % 10}" if name[5:-3] in names else None)
     if long_runs:
