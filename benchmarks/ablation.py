@@ -319,7 +319,8 @@ def write_report(args, command_wall):
     m = scale["model"]
     lines = ["# The recipe ablation: Muon and the modern switches, each arm at its own learning rate", "",
              "Written by `benchmarks/ablation.py`; reproduce with:", "",
-             f"    python benchmarks/ablation.py --data_dir=/work/data/en_docs --jobs={args.jobs}", "",
+             f"    python benchmarks/ablation.py --data_dir=/work/data/en_docs --jobs={args.jobs} --phases={args.phases} "
+             f"--removals={args.removals}", "",
              f"Model: {m['n_layer']} layers x {m['n_embd']} wide ({m['n_head']} heads), block {m['block_size']}, "
              f"batch {m['batch_size']} ({tokens_per_iter:,} tokens/iteration), fp32 on CPU. Final runs: "
              f"{scale['final_iters']} iterations = {budget:,} tokens, val loss every {scale['final_iters'] // 10} "
