@@ -1,6 +1,6 @@
 """
-Training throughput of a model config: forward + backward + AdamW step on one micro-batch, timed with
-the device synchronised. Prints ms/iter, tokens/s, MFU and peak memory.
+Training throughput of a model config: forward + backward + optimizer step on one micro-batch, timed with
+the device synchronised. Prints ms/iter, tokens/s, MFU, peak memory and the optimizer's state (--optimizer=muon: Muon's too).
 
 $ python bench.py config/train_fineweb.py                          # the ~40M reference model
 $ python bench.py config/train_fineweb_124m.py --compile=False --dtype=float16 --batch_size=4
@@ -122,6 +122,19 @@ def peak_memory_text(device):
     return f"peak RSS {rss / 2**30:.2f} GiB (whole process; CPU stand-in for device memory)"
 
 
+def optimizer_state_text(optimizers):
+    """The optimizers' state as held in memory after a step: AdamW keeps two copies of its parameters
+    (exp_avg, exp_avg_sq), Muon one (its momentum buffer)."""
+    parts, total = [], 0
+    for key, opt in optimizers.items():
+        n_params = sum(p.numel() for group in opt.param_groups for p in group["params"])
+        n_bytes = sum(t.numel() * t.element_size() for state in opt.state.values() for t in state.values()
+                      if torch.is_tensor(t) and t.dim() > 0)  # not the step counters
+        parts.append(f"{type(opt).__name__} {n_bytes / 2**20:.1f} MiB for {n_params / 1e6:.2f}M parameters")
+        total += n_bytes
+    return f"optimizer state {total / 2**20:.1f} MiB: " + ", ".join(parts)
+
+
 def main(argv):
     c = SimpleNamespace(**configure({**train_defaults(), **BENCH_DEFAULTS}, argv))
     try:
@@ -144,10 +157,15 @@ def main(argv):
     model = GPT(gptconf).to(device)
     flops_per_token = model.flops_per_token()
     peak, peak_description = device_peak_flops(device, dtype, c.peak_flops)
-    optimizer = model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type)
+    try:
+        optimizers = model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type,
+                                                c.optimizer, c.muon_lr, c.muon_momentum)
+    except ValueError as e:
+        fail(str(e))
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token; "
-          f"device {device}, dtype {dtype}, compile {c.compile}, fused AdamW {bool(optimizer.defaults.get('fused'))}; "
+          f"device {device}, dtype {dtype}, compile {c.compile}, optimizer {c.optimizer}, "
+          f"fused AdamW {bool(optimizers['optimizer'].defaults.get('fused'))}; "
           f"{peak_description}")
 
     def step(m, x, y):
@@ -155,12 +173,14 @@ def main(argv):
         with ctx:
             _, loss = m(x, y)
         scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
+        for opt in optimizers.values():
+            scaler.unscale_(opt)
         if c.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-        scaler.step(optimizer)
+        for opt in optimizers.values():
+            scaler.step(opt)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         return loss.item()  # train.py reads the loss every iteration too
 
     def random_batch(batch_size):
@@ -207,6 +227,8 @@ def main(argv):
           f"{c.bench_iters} iterations (loss {loss:.3f})")
     print(f"{dt * 1000:.1f} ms/iter, {tokens_per_sec:,.0f} tokens/s"
           + (f", MFU {mfu * 100:.1f}%" if mfu is not None else "") + f", {peak_memory_text(device)}")
+
+    print(optimizer_state_text(optimizers))
 
     if c.profile:
         activities = [torch.profiler.ProfilerActivity.CPU]

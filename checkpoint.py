@@ -11,6 +11,8 @@ and train.py read ours and we resume theirs:
     optimizer       AdamW state dict, parameters in nanoGPT's order (decayed matrices, then the rest,
                     each in registration order); each group also lists its 'param_names' (torch's own
                     key), so that the moments are matched by name when read back
+    muon            torch.optim.Muon state dict, only when config["optimizer"] == "muon" (the block
+                    matrices' momentum; AdamW's above then covers the other parameters)
     iter_num        iterations completed; training resumes at this iteration
     best_val_loss   lowest validation loss seen so far in this run (best.pt holds that model)
     config          the full training config
@@ -225,6 +227,15 @@ def resume_model_args(ckpt, model_args):
     if changed:
         raise ValueError(f"the model shape changed: {'; '.join(changed)}")
     return model_args
+
+
+def check_same_optimizer(ckpt, optimizer):
+    """ValueError unless the run resumes with the optimizer the checkpoint was trained with: AdamW's and
+    Muon's states do not translate into each other (nanoGPT's checkpoints are AdamW's)."""
+    saved = (ckpt.get("config") or {}).get("optimizer", "adamw")
+    if saved != optimizer:
+        raise ValueError(f"it was trained with optimizer={saved!r}, the config says optimizer={optimizer!r}; "
+                         "keep the checkpoint's optimizer")
 
 
 def check_resume_lr(ckpt, config):

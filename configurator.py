@@ -48,6 +48,8 @@ RULES = {
     "warmup_iters": AT_LEAST_0,
     "lr_decay_iters": AT_LEAST_0,
     "peak_flops": AT_LEAST_0,  # 0 looks the device up
+    "muon_lr": AT_LEAST_0,
+    "muon_momentum": BELOW_1,
     "seed": AT_LEAST_0,
     "hellaswag_interval": AT_LEAST_0,  # 0 = off
     "hellaswag_limit": AT_LEAST_0,  # 0 = every example

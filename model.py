@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 
+OPTIMIZERS = ("adamw", "muon")  # train.py's optimizer=; see GPT.configure_optimizers
 PADDED_VOCAB_SIZE = 50304  # GPT-2's 50257 ids padded up to a multiple of 64: faster matmuls, rows never sampled
 
 
@@ -52,6 +53,17 @@ class GPTConfig:
         ignoring keys that are not fields (a training config has no vocab_size: it gets PADDED_VOCAB_SIZE)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def check_optimizer(optimizer, learning_rate):
+    """ValueError in one line for an optimizer setting that cannot run; train.py calls it before any work."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r}: allowed are {', '.join(map(repr, OPTIMIZERS))}")
+    if optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        raise ValueError(f"optimizer='muon' needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
+    if optimizer == "muon" and learning_rate <= 0:  # train.py runs Muon at muon_lr * lr / learning_rate
+        raise ValueError(f"learning_rate={learning_rate}: optimizer='muon' follows the schedule as a fraction "
+                         "of learning_rate, which must be > 0")
 
 
 class Norm(nn.Module):
@@ -245,16 +257,32 @@ class GPT(nn.Module):
         else:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on matrices only (not on biases, norms); fused on CUDA."""
-        params = [p for p in self.parameters() if p.requires_grad]
+    def muon_params(self):
+        """The 2-D weight matrices inside the transformer blocks: the hidden layers Muon is made for.
+        Embeddings, lm_head, norms and biases are not, and stay with AdamW. c_attn (q, k, v fused) is
+        orthogonalised whole; README 'Muon' has the measurement behind that choice."""
+        return [p for p in self.transformer.h.parameters() if p.dim() == 2]
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
+                             muon_lr=0.02, muon_momentum=0.95):
+        """{checkpoint key: optimizer}. 'adamw': {'optimizer': AdamW} over every parameter.
+        'muon': torch.optim.Muon over muon_params() under key 'muon', AdamW over the rest.
+        AdamW decays matrices only (not biases, norms) and is fused on CUDA."""
+        check_optimizer(optimizer, learning_rate)
+        muon_params = self.muon_params() if optimizer == "muon" else []
+        in_muon = {id(p) for p in muon_params}
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in in_muon]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         extra = dict(fused=True) if fused else dict()
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        optimizers = {"optimizer": torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)}
+        if muon_params:
+            optimizers["muon"] = torch.optim.Muon(muon_params, lr=muon_lr, momentum=muon_momentum,
+                                                  weight_decay=weight_decay)
+        return optimizers
 
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward), see flops_per_token() below."""

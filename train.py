@@ -27,14 +27,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (build_checkpoint, check_model_fits, check_out_dir, check_resume_lr, checkpoint_path,
-                        load_checkpoint, restore_checkpoint, resume_model_args, rng_state, save_checkpoint,
-                        saved_val_loss)
+from checkpoint import (build_checkpoint, check_model_fits, check_out_dir, check_resume_lr, check_same_optimizer,
+                        checkpoint_path, load_checkpoint, restore_checkpoint, resume_model_args, rng_state,
+                        save_checkpoint, saved_val_loss)
 from configurator import config_globals, configure, fail
 from evaluation import evaluate_hellaswag, load_hellaswag, render_examples
 from hf import HUB_MODELS, load_gpt2
 from loader import TokenBatches, check_data_order, eval_batches, open_dataset
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, check_optimizer
 from runtime import (autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu, pick_device,
                      pick_dtype, synchronize)
 from schedule import cooldown_start, get_lr, schedule_args
@@ -77,6 +77,10 @@ mlp = "gelu"
 norm = "layernorm"
 tie_embeddings = True
 zero_init_proj = False
+# optimizer: AdamW, or Muon for the block matrices and AdamW for the rest (model.configure_optimizers)
+optimizer = "adamw"  # 'adamw' or 'muon' (needs torch >= 2.9)
+muon_lr = 0.02  # Muon's peak learning rate; it follows the same schedule as learning_rate
+muon_momentum = 0.95
 # AdamW
 learning_rate = 6e-4  # peak learning rate
 max_iters = 600000  # total iterations
@@ -136,6 +140,7 @@ try:  # the choices among names, before any work: each checked by the module tha
     get_lr(0, **lr_args)  # lr_schedule, cooldown_frac
     checkpoint_path(out_dir, resume_from, key="resume_from")
     check_data_order(data_order)
+    check_optimizer(optimizer, learning_rate)
 except ValueError as e:
     fail(str(e))
 try:
@@ -171,6 +176,7 @@ if init_from == "resume":
         fail(f"cannot resume: {e}")
     try:
         model_args = resume_model_args(ckpt, model_args)  # the shape must match; dropout may change
+        check_same_optimizer(ckpt, optimizer)
     except ValueError as e:
         fail(f"cannot resume {resume_path}: {e}")
     iter_num = ckpt["iter_num"]
@@ -212,11 +218,15 @@ if hellaswag_interval:  # read (downloaded the first time) and tokenized once, b
 
 # GradScaler only does anything for float16; for bf16/fp32 it is a no-op
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+try:  # {checkpoint key: optimizer}: 'optimizer' (AdamW), and 'muon' with optimizer='muon'
+    optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
+                                            muon_lr, muon_momentum)
+except ValueError as e:
+    fail(str(e))
 lr = get_lr(iter_num, **lr_args)
 if ckpt is not None:
     try:  # weights, optimizer moments (by parameter name), scaler, this rank's RNG and data position
-        warning = restore_checkpoint(ckpt, model, {"optimizer": optimizer}, scaler, train_batches, ddp_rank, world_size)
+        warning = restore_checkpoint(ckpt, model, optimizers, scaler, train_batches, ddp_rank, world_size)
     except ValueError as e:
         fail(f"cannot resume {resume_path}: {e}")
     if master_process and warning:
@@ -239,7 +249,7 @@ if compile:
         print("compiling the model... (takes a minute)")
     x0 = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
     model = compile_with_fallback(model, lambda m: train_step(m, x0, x0))
-    optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
 if ddp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
 
@@ -295,7 +305,7 @@ def save(val_loss, names):
         ranks = [torch.load(io.BytesIO(b), weights_only=True) for b in gathered]
     problem = non_finite_problem(val_loss) if master_process else ""
     if master_process and not problem:
-        checkpoint = build_checkpoint(raw_model, {"optimizer": optimizer}, scaler, ranks, iter_num=iter_num,
+        checkpoint = build_checkpoint(raw_model, optimizers, scaler, ranks, iter_num=iter_num,
                                       best_val_loss=best_val_loss, config=config, lr=lr, val_loss=val_loss,
                                       dataset_meta=dataset_meta, tokens_seen=tokens_seen)
         try:
@@ -388,8 +398,9 @@ while True:
         break
 
     lr = get_lr(iter_num, **lr_args)
-    for param_group in optimizer.param_groups:
-        param_group["lr"] = lr
+    for key, opt in optimizers.items():
+        for param_group in opt.param_groups:  # Muon: the same schedule, scaled to its own peak muon_lr
+            param_group["lr"] = lr if key == "optimizer" else lr * muon_lr / learning_rate
     for micro_step in range(gradient_accumulation_steps):
         if ddp:
             # sync gradients only on the last micro-step; the official way is the no_sync() context
@@ -400,11 +411,13 @@ while True:
             x, y = x.pin_memory(), y.pin_memory()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         losses.append(train_step(model, x, y))
-    scaler.unscale_(optimizer)
+    for opt in optimizers.values():
+        scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    scaler.step(optimizer)
+    for opt in optimizers.values():
+        scaler.step(opt)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
     iter_num += 1
     tokens_since_log += tokens_per_iter
     tokens_seen += tokens_per_iter

@@ -1,10 +1,10 @@
-# GPT-2 small's shape (124M: 12 layers, 768 wide) with the modern recipe of
-# config/train_fineweb_modern.py; batch and memory as config/train_fineweb_124m.py (12 GB GPU).
+# GPT-2 small's shape (124M: 12 layers, 768 wide) with the recipe of config/train_fineweb_modern.py
+# (Muon + AdamW, cosine, GPT-2 architecture); batch and memory as config/train_fineweb_124m.py (12 GB GPU).
 # Launch: python train.py config/train_fineweb_modern_124m.py
 out_dir = "out-fineweb-modern-124m"
 dataset = "fineweb"
 wandb_project = "fineweb"
-wandb_run_name = "gpt-124m-modern"
+wandb_run_name = "gpt-124m-muon"
 
 batch_size = 8
 block_size = 1024
@@ -15,18 +15,15 @@ n_head = 12
 n_embd = 768
 dropout = 0.0
 bias = False
-rotary = True
-qk_norm = True
-mlp = "relu2"
-norm = "rmsnorm"
-tie_embeddings = False  # +38.6M embedding parameters: a lookup, no extra FLOPs per token
-zero_init_proj = True
 
-learning_rate = 1.8e-3  # 3x the reference 124M's 6e-4, as in the ablation
+optimizer = "muon"  # needs torch >= 2.9
+muon_lr = 0.02
+muon_momentum = 0.95
+learning_rate = 1.8e-3  # AdamW: embeddings and norms; the reference 124M's 6e-4 x3, as for the 40M
 max_iters = 6000
-lr_schedule = "wsd"
+lr_schedule = "cosine"
 warmup_iters = 200
-cooldown_frac = 0.2
+lr_decay_iters = 6000
 min_lr = 1.8e-4
 weight_decay = 0.1
 beta1 = 0.9

@@ -71,7 +71,7 @@ def test_tiny_model_overfits_one_batch(switches):
     torch.manual_seed(0)
     model = GPT(tiny_config(**switches))
     idx = torch.randint(0, 64, (4, 16))
-    optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")["optimizer"]
     for _ in range(200):
         _, loss = model(idx[:, :-1], idx[:, 1:])
         optimizer.zero_grad()
@@ -82,7 +82,7 @@ def test_tiny_model_overfits_one_batch(switches):
 
 def test_weight_decay_only_on_matrices():
     model = GPT(tiny_config(bias=True))
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")["optimizer"]
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])

@@ -162,7 +162,7 @@ def test_nanogpt_resumes_our_optimizer_state_in_its_parameter_order(our_run):
     nano, nano_optimizer = nanogpt_resume(checkpoint)
     # our own reading, position by position, names what each saved moment belongs to
     ours = model_from_checkpoint(checkpoint)
-    our_optimizer = ours.configure_optimizers(0.1, 6e-4, (0.9, 0.95), "cpu")
+    our_optimizer = ours.configure_optimizers(0.1, 6e-4, (0.9, 0.95), "cpu")["optimizer"]
     our_optimizer.load_state_dict(checkpoint["optimizer"])
     theirs, expected = moments_by_name(nano, nano_optimizer), moments_by_name(ours, our_optimizer)
     assert theirs.keys() == expected.keys()
@@ -198,7 +198,7 @@ def nanogpt_checkpoint(iter_num=3):
 def test_our_restore_matches_nanogpt_moments_by_name():
     checkpoint, nano, nano_optimizer = nanogpt_checkpoint()
     model = GPT(GPTConfig(**TINY))
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")["optimizer"]
     warning = restore_checkpoint(checkpoint, model, {"optimizer": optimizer}, None, None, 0, 1)
     assert "nanoGPT does not save them" in warning
     restored, expected = moments_by_name(model, optimizer), moments_by_name(nano, nano_optimizer)
@@ -272,7 +272,7 @@ def test_our_checkpoints_before_model_switches_still_resume(tmp_path):
     save_checkpoint(checkpoint, tmp_path / "old.pt")
     checkpoint = load_checkpoint(tmp_path / "old.pt")
     model = model_from_checkpoint(checkpoint)
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")["optimizer"]
     restore_checkpoint(checkpoint, model, {"optimizer": optimizer}, None, None, 0, 1)
     restored, expected = moments_by_name(model, optimizer), moments_by_name(nano, nano_optimizer)
     assert all(torch.equal(restored[name], expected[name]) for name in expected)

@@ -157,7 +157,8 @@ def test_train_resume_and_sample_with_every_switch(token_dataset, tmp_path):
 
 
 RECIPE_KEYS = {"rotary", "qk_norm", "mlp", "norm", "tie_embeddings", "zero_init_proj", "learning_rate", "min_lr",
-               "lr_schedule", "lr_decay_iters", "cooldown_frac", "beta1", "beta2", "out_dir", "wandb_run_name"}
+               "lr_schedule", "lr_decay_iters", "cooldown_frac", "beta1", "beta2", "out_dir", "wandb_run_name",
+               "optimizer", "muon_lr", "muon_momentum"}
 
 
 @pytest.mark.parametrize("reference, modern", [("train_fineweb.py", "train_fineweb_modern.py"),
@@ -172,5 +173,5 @@ def test_modern_configs_change_only_the_recipe(reference, modern):
         configs.append({k: v for k, v in namespace.items() if not k.startswith("__")})
     ref, new = configs
     changed = {k for k in ref.keys() | new.keys() if ref.get(k) != new.get(k)}
-    assert changed <= RECIPE_KEYS and {"rotary", "learning_rate", "lr_schedule"} <= changed
+    assert changed <= RECIPE_KEYS and {"optimizer", "muon_lr", "learning_rate"} <= changed
     GPTConfig(**{k: v for k, v in new.items() if k in GPTConfig.__dataclass_fields__})  # a valid model

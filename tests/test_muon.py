@@ -1,0 +1,133 @@
+"""optimizer='muon': torch.optim.Muon on the block matrices, AdamW on the rest; its checkpoint
+contract (key 'muon'), exact resume (single process and DDP), the refusal to switch optimizers on
+resume, and bench.py's count of its state."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model as model_module
+from checkpoint import load_checkpoint
+from conftest import REPO_ROOT, train_args
+from inprocess import read_metrics, run_inprocess
+from model import GPT, GPTConfig
+
+
+def tiny_model(**switches):
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=64, bias=True, **switches))
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_every_parameter_is_in_exactly_one_optimizer(tie_embeddings):
+    model = tiny_model(tie_embeddings=tie_embeddings)
+    optimizers = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "muon", 0.02, 0.95)
+    assert list(optimizers) == ["optimizer", "muon"]  # the checkpoint's keys
+    adamw, muon = ([p for g in opt.param_groups for p in g["params"]] for opt in optimizers.values())
+    names = {id(p): name for name, p in model.named_parameters()}  # a tied weight once, as wte
+    matrices = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    assert sorted(names[id(p)] for p in muon) == sorted(f"transformer.h.{i}.{m}.weight" for i in range(2) for m in matrices)
+    assert sorted(map(id, adamw + muon)) == sorted(names)  # all of them, none twice
+    in_adamw = {names[id(p)] for p in adamw}
+    assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
+            "transformer.h.0.ln_1.weight", "transformer.h.0.attn.c_attn.bias"} <= in_adamw
+    assert ("lm_head.weight" in in_adamw) == (not tie_embeddings)  # tied, it is wte
+    assert muon[0].shape == (48, 16)  # c_attn: q, k, v orthogonalised as one matrix
+    assert optimizers["muon"].defaults["momentum"] == 0.95 and optimizers["muon"].defaults["lr"] == 0.02
+
+
+def test_adamw_is_the_default_and_alone():
+    optimizers = tiny_model().configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    assert list(optimizers) == ["optimizer"] and isinstance(optimizers["optimizer"], torch.optim.AdamW)
+
+
+def test_a_torch_without_muon_is_named(monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(ValueError, match=r"optimizer='muon' needs torch >= 2.9 \(torch.optim.Muon\); this is torch"):
+        tiny_model().configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "muon")
+    with pytest.raises(ValueError, match="optimizer='sgd': allowed are 'adamw', 'muon'"):
+        tiny_model().configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "sgd")
+
+
+def test_muon_needs_a_positive_learning_rate_to_scale_its_schedule():
+    with pytest.raises(ValueError, match="learning_rate=0.0: optimizer='muon' follows the schedule as a fraction"):
+        tiny_model().configure_optimizers(0.1, 0.0, (0.9, 0.95), "cpu", "muon")
+
+
+MUON_RUN = ["--optimizer=muon", "--muon_lr=0.03", "--lr_schedule=wsd", "--max_iters=6", "--cooldown_frac=0.5",
+            "--eval_interval=3", "--dropout=0.1"]
+
+
+def train_inprocess(*args):
+    code, stdout, stderr = run_inprocess("train.py", *args)
+    assert code == 0, stdout + stderr
+    return stdout
+
+
+def test_muon_checkpoint_holds_both_states_and_resume_is_bit_exact(token_dataset, tmp_path):
+    train_inprocess(*train_args(token_dataset, tmp_path / "full", *MUON_RUN))
+    stable = tmp_path / "full" / "stable.pt"
+    ckpt = load_checkpoint(stable)  # torch.load(weights_only=True)
+    assert ckpt["iter_num"] == 3 and ckpt["config"]["optimizer"] == "muon"
+    momentum = [s["momentum_buffer"] for s in ckpt["muon"]["state"].values()]
+    assert len(momentum) == 8 and all(m.dim() == 2 and m.abs().sum() > 0 for m in momentum)  # 2 layers x 4
+    assert all({"exp_avg", "exp_avg_sq"} <= set(s) for s in ckpt["optimizer"]["state"].values())
+    # iteration 2 (past the 2-iteration warmup, before the cooldown) ran at Muon's own peak, not learning_rate
+    assert ckpt["muon"]["param_groups"][0]["lr"] == 0.03
+
+    train_inprocess(*train_args(token_dataset, tmp_path / "part", *MUON_RUN, "--init_from=resume",
+                                f"--resume_from={stable}"))
+    full, resumed = read_metrics(tmp_path / "full")[0], read_metrics(tmp_path / "part")[0]
+    assert [r["iter"] for r in resumed] == [4, 5, 6]
+    assert [(r["loss"], r["grad_norm"]) for r in resumed] == [(r["loss"], r["grad_norm"]) for r in full[3:]]
+
+
+def test_changing_the_optimizer_on_resume_is_refused(token_dataset, tmp_path):
+    train_inprocess(*train_args(token_dataset, tmp_path, "--max_iters=2", "--eval_interval=2"))
+    code, stdout, stderr = run_inprocess("train.py", *train_args(token_dataset, tmp_path, "--max_iters=4",
+                                                                 "--init_from=resume", "--optimizer=muon"))
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr == (f"error: cannot resume {tmp_path / 'ckpt.pt'}: it was trained with optimizer='adamw', the "
+                      "config says optimizer='muon'; keep the checkpoint's optimizer\n")
+
+
+def test_ddp_two_gloo_ranks_muon_resume_is_bit_exact(token_dataset, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    run = ["--optimizer=muon", "--lr_schedule=wsd", "--max_iters=5", "--cooldown_frac=0.4", "--eval_interval=2",
+           "--gradient_accumulation_steps=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+    def torchrun_train(out_dir, *extra):
+        proc = subprocess.run([*torchrun, *train_args(token_dataset, out_dir, *run, *extra)], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    torchrun_train(tmp_path / "full")
+    stable = tmp_path / "full" / "stable.pt"
+    assert load_checkpoint(stable)["iter_num"] == 2
+    torchrun_train(tmp_path / "part", "--init_from=resume", f"--resume_from={stable}")
+    full, resumed = read_metrics(tmp_path / "full")[0], read_metrics(tmp_path / "part")[0]
+    assert [r["iter"] for r in resumed] == [3, 4, 5]
+    assert [(r["loss"], r["grad_norm"]) for r in resumed] == [(r["loss"], r["grad_norm"]) for r in full[2:]]
+
+
+def test_bench_counts_muon_state_as_one_copy():
+    """AdamW holds two copies of its parameters, Muon one: the block matrices' share of the state halves."""
+    args = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=1", "--compile=False",
+            "--device=cpu", "--dtype=float32", "--bench_iters=1", "--bench_warmup=1"]
+    adamw = run_inprocess("bench.py", *args)[1].splitlines()[-1]
+    muon = run_inprocess("bench.py", *args, "--optimizer=muon")[1].splitlines()[-1]
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=False))
+    n_all, n_blocks = model.get_num_params(non_embedding=False), sum(p.numel() for p in model.muon_params())
+    mib = lambda n: f"{n * 4 / 2**20:.1f} MiB"
+    assert adamw == f"optimizer state {mib(2 * n_all)}: AdamW {mib(2 * n_all)} for {n_all / 1e6:.2f}M parameters"
+    assert muon == (f"optimizer state {mib(2 * (n_all - n_blocks) + n_blocks)}: AdamW {mib(2 * (n_all - n_blocks))} "
+                    f"for {(n_all - n_blocks) / 1e6:.2f}M parameters, Muon {mib(n_blocks)} for {n_blocks / 1e6:.2f}M "
+                    "parameters")
+
+
+def test_an_unknown_optimizer_is_one_line(token_dataset, tmp_path):
+    code, _, stderr = run_inprocess("train.py", *train_args(token_dataset, tmp_path, "--optimizer=sgd", "--max_iters=1"))
+    assert (code, stderr) == (2, "error: optimizer='sgd': allowed are 'adamw', 'muon'\n")
+    assert not list(tmp_path.glob("*.pt"))
