@@ -1,16 +1,11 @@
 """optimizer='muon': torch.optim.Muon on the block matrices, AdamW on the rest; its checkpoint
 contract (key 'muon'), exact resume (single process and DDP), the refusal to switch optimizers on
-resume, and bench.py's count of its state."""
-import os
-import subprocess
-import sys
-
+resume, and bench.py's count of its state. (Exact resume under DDP: test_resume.py, for both optimizers.)"""
 import pytest
 import torch
 
-import model as model_module
 from checkpoint import load_checkpoint
-from conftest import REPO_ROOT, train_args
+from conftest import train_args
 from inprocess import read_metrics, run_inprocess
 from model import GPT, GPTConfig
 
@@ -90,26 +85,6 @@ def test_changing_the_optimizer_on_resume_is_refused(token_dataset, tmp_path):
     assert code == 2 and "Traceback" not in stderr
     assert stderr == (f"error: cannot resume {tmp_path / 'ckpt.pt'}: it was trained with optimizer='adamw', the "
                       "config says optimizer='muon'; keep the checkpoint's optimizer\n")
-
-
-def test_ddp_two_gloo_ranks_muon_resume_is_bit_exact(token_dataset, tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
-    run = ["--optimizer=muon", "--lr_schedule=wsd", "--max_iters=5", "--cooldown_frac=0.4", "--eval_interval=2",
-           "--gradient_accumulation_steps=2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-    def torchrun_train(out_dir, *extra):
-        proc = subprocess.run([*torchrun, *train_args(token_dataset, out_dir, *run, *extra)], cwd=REPO_ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-
-    torchrun_train(tmp_path / "full")
-    stable = tmp_path / "full" / "stable.pt"
-    assert load_checkpoint(stable)["iter_num"] == 2
-    torchrun_train(tmp_path / "part", "--init_from=resume", f"--resume_from={stable}")
-    full, resumed = read_metrics(tmp_path / "full")[0], read_metrics(tmp_path / "part")[0]
-    assert [r["iter"] for r in resumed] == [3, 4, 5]
-    assert [(r["loss"], r["grad_norm"]) for r in resumed] == [(r["loss"], r["grad_norm"]) for r in full[2:]]
 
 
 def test_bench_counts_muon_state_as_one_copy():

@@ -85,11 +85,13 @@ def test_resume_from_stable_is_bit_exact_with_shuffled_epochs(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_gloo_ranks_resume_is_bit_exact(token_dataset, tmp_path):
-    """torchrun with 2 CPU ranks: each rank's RNG and data position come back from ckpt['ranks']."""
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ddp_two_gloo_ranks_resume_is_bit_exact(token_dataset, tmp_path, optimizer):
+    """torchrun with 2 CPU ranks: each rank's RNG and data position, and each optimizer's state (AdamW,
+    or Muon and AdamW), come back from the checkpoint."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
     run = ["--lr_schedule=wsd", "--max_iters=5", "--cooldown_frac=0.4", "--eval_interval=2", "--dropout=0.1",
-           "--gradient_accumulation_steps=2"]
+           "--gradient_accumulation_steps=2", f"--optimizer={optimizer}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
     def torchrun_train(out_dir, *extra):
