@@ -39,6 +39,8 @@ Writes go to a temporary file (<name>.tmp) that replaces the old one only when c
 mid-write leaves at most that .tmp file, which the next save overwrites; a failed write (a full
 disk) removes it and names the file and the free space.
 """
+import io
+import math
 import os
 import pickle
 import random
@@ -50,6 +52,7 @@ from itertools import chain
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from atomic import atomic_write
 from model import GPT, GPTConfig
@@ -327,6 +330,25 @@ def load_optimizer_by_name(optimizer, saved, model, state_dict):
                    **{k: group[k] for k in machine_keys if k in group})
               for saved_group, group, names in zip(saved["param_groups"], optimizer.param_groups, ours)]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def gather_rank_states(state, world_size):
+    """Every rank's state (RNG, data position) on every rank, in rank order: a collective under DDP.
+    Sent as torch.save bytes: all_gather_object's own pickling of tensors fails to unpickle (torch 2.13:
+    "UntypedStorage has no attribute 'dtype'")."""
+    if world_size == 1:
+        return [state]
+    buffer, gathered = io.BytesIO(), [None] * world_size
+    torch.save(state, buffer)
+    dist.all_gather_object(gathered, buffer.getvalue())
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in gathered]
+
+
+def non_finite_part(model, val_loss):
+    """'weights', 'val loss' or '': what must not be saved because it is NaN or Inf."""
+    if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all().item():
+        return "weights"
+    return "val loss" if val_loss is not None and not math.isfinite(val_loss) else ""
 
 
 def rng_state():

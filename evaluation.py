@@ -1,6 +1,7 @@
 """
 How good a model is, in figures that compare across runs, models and tokenizers. eval.py prints them
-for a checkpoint or GPT-2 weights; train.py evaluates HellaSwag while training (hellaswag_interval).
+for a checkpoint or GPT-2 weights; train.py evaluates HellaSwag while training (hellaswag_interval), and
+its train/val loss estimate (estimate_loss) lives here too.
 
 - Bits per byte on val.bin: the loss in nats per token, over ln 2, times tokens per UTF-8 byte of the
   same text. A tokenizer with longer tokens has a higher loss per token but not per byte.
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from atomic import atomic_write
+from loader import eval_batches
 from tokenizer import EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE, get_encoding
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -37,6 +39,23 @@ HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/
 HELLASWAG_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
 HELLASWAG_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hellaswag", "hellaswag_val.jsonl")
 SCHEMA = "JSON lines with ctx (text), endings (4 texts) and label (0-3), as in hellaswag_val.jsonl"
+
+
+@torch.no_grad()
+def estimate_loss(model, paths, batch_size, n_batches, device, ctx):
+    """{split: mean loss} over the same n_batches random windows of each token file at every call (a fixed
+    seed), so changes reflect the model, not the windows drawn: train.py's estimate at each evaluation."""
+    out = {}
+    model.eval()
+    for split, path in paths.items():
+        losses = []
+        for x, y in eval_batches(path, model.config.block_size, batch_size, n_batches):
+            with ctx:
+                _, loss = model(x.to(device), y.to(device))
+            losses.append(loss.item())
+        out[split] = sum(losses) / len(losses)
+    model.train()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

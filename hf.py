@@ -201,6 +201,13 @@ def from_hf_state_dict(hf_state, model_args):
     return out
 
 
+def check_init_from(init_from):
+    """ValueError in one line unless init_from is one train.py knows: scratch, resume, a hub name or a folder."""
+    if init_from not in ("scratch", "resume", *HUB_MODELS) and not os.path.isdir(init_from):
+        raise ValueError(f"init_from={init_from!r}: allowed are scratch, resume, {', '.join(HUB_MODELS)} or a folder "
+                         "holding a Hugging Face GPT-2 (config.json, model.safetensors)")
+
+
 def load_gpt2(name_or_folder, block_size=None):
     """(model_args, state dict) of GPT-2 weights from the hub ('gpt2', 'gpt2-medium', 'gpt2-large',
     'gpt2-xl') or a local folder; block_size crops the position table. ValueError: one line."""

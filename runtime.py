@@ -2,11 +2,15 @@
 Where and how the model runs: device and dtype choice, autocast, timing that can be trusted,
 torch.compile with a fallback, and the device's peak FLOP/s for MFU. Shared by train.py, sample.py and bench.py.
 """
+import os
+import signal
 import sys
+import time
 import warnings
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -147,3 +151,39 @@ def compile_with_fallback(model, example_step):
         print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
               "continuing without it (--compile=False silences this)", file=sys.stderr)
         return model
+
+
+def setup_ddp(device, gradient_accumulation_steps):
+    """(ddp, rank, local_rank, world_size, device). Under torchrun (RANK is set) each process drives one
+    GPU, or is one gloo process on a CPU-only machine; ValueError before the ranks wait on each other."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 0, 1, device
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if gradient_accumulation_steps % world_size != 0:
+        raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the "
+                         f"{world_size} DDP ranks; use a multiple of {world_size}")
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return True, rank, local_rank, world_size, device
+
+
+class StopSignal:
+    """Ctrl-C or SIGTERM sets .requested: the training loop finishes its iteration, saves and exits 0.
+    A second signal means now (KeyboardInterrupt), unless it comes within a second of the first: a
+    scheduler that signals every process while torchrun forwards the signal too delivers two at once."""
+
+    def __init__(self, announce=True):
+        self.requested, self.requested_at, self.announce = False, 0.0, announce
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            if time.time() - self.requested_at > 1.0:
+                raise KeyboardInterrupt
+            return
+        self.requested, self.requested_at = True, time.time()
+        if self.announce:
+            print(f"\n{signal.Signals(signum).name} received: finishing this iteration, then saving", flush=True)

@@ -14,11 +14,9 @@ $ python train.py config/train_fineweb.py --init_from=resume
 Fine-tune GPT-2 (from the hub, or a folder saved with GPT2LMHeadModel.save_pretrained):
 $ python train.py config/train_fineweb.py --init_from=gpt2 --learning_rate=6e-5
 """
-import io
 import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict
@@ -28,15 +26,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (build_checkpoint, check_model_fits, check_out_dir, check_resume_lr, check_same_optimizer,
-                        checkpoint_path, load_checkpoint, restore_checkpoint, resume_model_args, rng_state,
-                        save_checkpoint, saved_val_loss)
+                        checkpoint_path, gather_rank_states, load_checkpoint, non_finite_part, restore_checkpoint,
+                        resume_model_args, rng_state, save_checkpoint, saved_val_loss)
 from configurator import config_globals, configure, fail
-from evaluation import evaluate_hellaswag, load_hellaswag, render_examples
-from hf import HUB_MODELS, load_gpt2
-from loader import TokenBatches, check_data_order, eval_batches, open_dataset
+from evaluation import estimate_loss, evaluate_hellaswag, load_hellaswag, render_examples
+from hf import check_init_from, load_gpt2
+from loader import TokenBatches, check_data_order, open_dataset
 from model import GPT, GPTConfig, check_optimizer
-from runtime import (autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu, pick_device,
-                     pick_dtype, synchronize)
+from runtime import (StopSignal, autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu,
+                     pick_device, pick_dtype, setup_ddp, synchronize)
 from schedule import cooldown_start, get_lr, schedule_args
 
 # -----------------------------------------------------------------------------
@@ -108,43 +106,30 @@ globals().update(config)
 # -----------------------------------------------------------------------------
 
 # DDP: torchrun sets RANK; each process drives one GPU (or one CPU process with gloo)
-ddp = int(os.environ.get("RANK", -1)) != -1
 try:
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
+    ddp, ddp_rank, ddp_local_rank, world_size, device = setup_ddp(device, gradient_accumulation_steps)
 except ValueError as e:
     fail(str(e))
-if ddp:
-    ddp_rank, ddp_local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
-    if gradient_accumulation_steps % world_size != 0:  # checked before the ranks wait on each other
-        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the "
-             f"{world_size} DDP ranks; use a multiple of {world_size}")
-    if device.startswith("cuda"):
-        device = f"cuda:{ddp_local_rank}"
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-else:
-    ddp_rank, ddp_local_rank, world_size = 0, 0, 1
 master_process = ddp_rank == 0  # only rank 0 prints, logs and writes checkpoints
 device_type = device.split(":")[0]
 
 
 gradient_accumulation_steps //= world_size  # per rank from here on
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
-if init_from not in ("scratch", "resume", *HUB_MODELS) and not os.path.isdir(init_from):
-    fail(f"init_from={init_from!r}: allowed are scratch, resume, {', '.join(HUB_MODELS)} or a folder holding a "
-         "Hugging Face GPT-2 (config.json, model.safetensors)")
 lr_args = schedule_args(config)
-try:  # the choices among names, before any work: each checked by the module that owns the list
+try:  # every choice among names, the shape and out_dir, before any work: each checked where its facts live
+    check_init_from(init_from)
     get_lr(0, **lr_args)  # lr_schedule, cooldown_frac
     checkpoint_path(out_dir, resume_from, key="resume_from")
     check_data_order(data_order)
     check_optimizer(optimizer, learning_rate)
-except ValueError as e:
-    fail(str(e))
-try:
+    model_args = asdict(GPTConfig.from_dict(config))  # GPTConfig's fields of the config, padded vocabulary
     check_out_dir(out_dir, init_from, overwrite or eval_only)  # eval_only saves nothing
+    hellaswag_examples = None
+    if hellaswag_interval:  # read (downloaded the first time) and tokenized once, by every rank
+        hellaswag_examples = render_examples(load_hellaswag(hellaswag_file), block_size, hellaswag_limit)
 except ValueError as e:
     fail(str(e))
 
@@ -152,12 +137,6 @@ torch.manual_seed(seed + ddp_rank)
 torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores where they can
 torch.backends.cudnn.allow_tf32 = True
 ctx = autocast_context(device, dtype)
-
-# model
-try:  # GPTConfig's fields of the config (and the padded vocabulary), checked before any data is read
-    model_args = asdict(GPTConfig.from_dict(config))
-except ValueError as e:
-    fail(str(e))
 
 # data: uint16 token files written by data/<dataset>/prepare.py
 data_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
@@ -209,20 +188,11 @@ if hf_state is not None:
     hf_state = None
 model.to(device)
 raw_model = model  # the plain module: for checkpoints, evaluation and FLOPs counting
-hellaswag_examples = None
-if hellaswag_interval:  # read (downloaded the first time) and tokenized once, by every rank
-    try:
-        hellaswag_examples = render_examples(load_hellaswag(hellaswag_file), gptconf.block_size, hellaswag_limit)
-    except ValueError as e:
-        fail(str(e))
 
-# GradScaler only does anything for float16; for bf16/fp32 it is a no-op
-scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-try:  # {checkpoint key: optimizer}: 'optimizer' (AdamW), and 'muon' with optimizer='muon'
-    optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
-                                            muon_lr, muon_momentum)
-except ValueError as e:
-    fail(str(e))
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))  # a no-op unless float16
+# {checkpoint key: optimizer}: 'optimizer' (AdamW), and 'muon' with optimizer='muon'
+optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
+                                        muon_lr, muon_momentum)
 lr = get_lr(iter_num, **lr_args)
 if ckpt is not None:
     try:  # weights, optimizer moments (by parameter name), scaler, this rank's RNG and data position
@@ -268,22 +238,6 @@ if master_process:
     print(f"device {device}, dtype {dtype}, {peak_description}")
 
 
-@torch.no_grad()
-def estimate_loss():
-    """Mean loss over eval_iters fixed batches of each split, with the plain (unwrapped) module."""
-    out = {}
-    raw_model.eval()
-    for split, path in (("train", train_path), ("val", val_path)):
-        losses = []
-        for x, y in eval_batches(path, block_size, batch_size, eval_iters):
-            with ctx:
-                _, loss = raw_model(x.to(device), y.to(device))
-            losses.append(loss.item())
-        out[split] = sum(losses) / len(losses)
-    raw_model.train()
-    return out
-
-
 def log_metrics(record):
     """One JSON line per log step or evaluation in out_dir/metrics.jsonl (and wandb if on)."""
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
@@ -293,17 +247,11 @@ def log_metrics(record):
 
 
 def save(val_loss, names):
-    """Gather every rank's RNG and data state (collective: all ranks call this), then rank 0 writes."""
-    state = {"rng": rng_state(), "data": train_batches.state_dict()}
-    ranks = [state]
-    if ddp:
-        # sent as torch.save bytes: all_gather_object's own pickling of tensors fails to unpickle
-        # (torch 2.13: "UntypedStorage has no attribute 'dtype'")
-        buffer, gathered = io.BytesIO(), [None] * world_size
-        torch.save(state, buffer)
-        dist.all_gather_object(gathered, buffer.getvalue())
-        ranks = [torch.load(io.BytesIO(b), weights_only=True) for b in gathered]
-    problem = non_finite_problem(val_loss) if master_process else ""
+    """Gather every rank's RNG and data state (collective: all ranks call this), then rank 0 writes,
+    unless something non-finite would be saved (a step can ruin the weights while its own loss is finite)."""
+    ranks = gather_rank_states({"rng": rng_state(), "data": train_batches.state_dict()}, world_size)
+    bad = non_finite_part(raw_model, val_loss) if master_process else ""
+    problem = non_finite_message(f"{bad} at iteration {iter_num}") if bad else ""
     if master_process and not problem:
         checkpoint = build_checkpoint(raw_model, optimizers, scaler, ranks, iter_num=iter_num,
                                       best_val_loss=best_val_loss, config=config, lr=lr, val_loss=val_loss,
@@ -322,15 +270,6 @@ def save(val_loss, names):
         fail(problem, status=1)
 
 
-def non_finite_problem(val_loss):
-    """Why this model must not be saved (a non-finite val loss or weight), or "". A step can ruin the
-    weights while its own loss, computed before the update, is still finite."""
-    weights_finite = torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all().item()
-    bad = ("weights" if not weights_finite else
-           "val loss" if val_loss is not None and not math.isfinite(val_loss) else "")
-    return non_finite_message(f"{bad} at iteration {iter_num}") if bad else ""
-
-
 def non_finite_message(what):
     """True because nothing non-finite is ever saved: the checkpoint on disk predates the damage."""
     last_ckpt = checkpoint_path(out_dir, "last")
@@ -338,25 +277,7 @@ def non_finite_message(what):
             f"{last_ckpt if os.path.exists(last_ckpt) else '(none saved yet)'}")
 
 
-# Ctrl-C / SIGTERM: finish the current iteration, save, exit 0
-stop_requested, stop_requested_at = False, 0.0
-
-
-def request_stop(signum, frame):
-    global stop_requested, stop_requested_at
-    if stop_requested:
-        # a second Ctrl-C means now; but a scheduler that signals every process while torchrun also
-        # forwards the signal delivers two at once, and those must not abort the save
-        if time.time() - stop_requested_at > 1.0:
-            raise KeyboardInterrupt
-        return
-    stop_requested, stop_requested_at = True, time.time()
-    if master_process:
-        print(f"\n{signal.Signals(signum).name} received: finishing this iteration, then saving", flush=True)
-
-
-signal.signal(signal.SIGINT, request_stop)
-signal.signal(signal.SIGTERM, request_stop)
+stop_signal = StopSignal(announce=master_process)  # Ctrl-C / SIGTERM: finish the iteration, save, exit 0
 
 if wandb_log:  # checked on every rank, so that all of them stop together
     try:
@@ -373,7 +294,8 @@ last_eval = None
 while True:
     # evaluate and save; skipped at the iteration a resumed run starts from (already done then)
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num != start_iter or init_from != "resume" or eval_only):
-        last_eval = estimate_loss() if master_process else None
+        last_eval = estimate_loss(raw_model, {"train": train_path, "val": val_path}, batch_size, eval_iters, device,
+                                  ctx) if master_process else None
         hellaswag = None  # every rank scores its share of the examples
         if hellaswag_examples and (iter_num % hellaswag_interval == 0 or iter_num == max_iters):
             hellaswag = evaluate_hellaswag(raw_model, hellaswag_examples, device, ctx, batch_size, ddp_rank, world_size)
@@ -429,10 +351,10 @@ while True:
     bad = ("loss" if not math.isfinite(loss_value) else
            "gradient norm" if not scaler.is_enabled() and not math.isfinite(grad_norm_value) else "")
     if ddp:  # every rank stops together, else the others wait for it forever
-        flags = torch.tensor([float(bool(bad)), float(stop_requested)], device=device)
+        flags = torch.tensor([float(bool(bad)), float(stop_signal.requested)], device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         bad = bad or ("loss or gradient norm on another rank" if flags[0].item() else "")
-        stop_requested = bool(flags[1].item())
+        stop_signal.requested = bool(flags[1].item())
     if bad:
         fail(non_finite_message(f"{bad} at iteration {iter_num} (loss {loss_value}, grad norm {grad_norm_value})"),
              status=1)
@@ -454,7 +376,7 @@ while True:
                      "tokens_per_sec": tokens_per_sec, "mfu": mfu, "peak_mem_gib": mem})
         t0, tokens_since_log = time.time(), 0
 
-    if stop_requested:  # under DDP agreed by all ranks above
+    if stop_signal.requested:  # under DDP agreed by all ranks above
         save(None, ["last"])
         if master_process:
             print(f"stopped at iteration {iter_num}; checkpoint saved to {checkpoint_path(out_dir, 'last')}; "
