@@ -77,3 +77,33 @@ def train_args(data_dir, out_dir, *extra):
 @pytest.fixture
 def token_dataset(tmp_path):
     return make_token_dataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """One token dataset shared by the tests of a module."""
+    return make_token_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def cosine_run(data_dir, tmp_path_factory):
+    """out_dir of a finished tiny cosine run that planned 4 iterations (lr_decay_iters=4): ckpt.pt, best.pt."""
+    from inprocess import run_inprocess
+    out = tmp_path_factory.mktemp("cosine") / "out"
+    code, stdout, stderr = run_inprocess("train.py", *train_args(data_dir, out, "--max_iters=4", "--lr_decay_iters=4",
+                                                                 "--eval_interval=2"))
+    assert code == 0, stdout + stderr
+    return out
+
+
+def random_model(seed=0, **args):
+    """A tiny GPT whose every weight is random, biases and the output layer's padding rows included
+    (fresh biases are zero, which would hide mistakes in how they are carried)."""
+    import torch
+    from model import GPT, GPTConfig
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**args))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()

@@ -22,11 +22,6 @@ def expect_error(script, *args):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_token_dataset(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
 def finished_run(data_dir, tmp_path_factory):
     """out_dir of a 2-iteration run: ckpt.pt at iteration 2."""
     out = tmp_path_factory.mktemp("run") / "out"

@@ -17,7 +17,7 @@ import torch
 
 import evaluation
 from checkpoint import save_checkpoint
-from conftest import REPO_ROOT, make_token_dataset, train_args
+from conftest import REPO_ROOT, make_token_dataset, random_model, train_args
 from inprocess import run_inprocess
 from model import GPT, GPTConfig
 from tokenizer import TOKEN_DTYPE, VOCAB_SIZE, encode_documents, get_encoding
@@ -25,16 +25,6 @@ from tokenizer import TOKEN_DTYPE, VOCAB_SIZE, encode_documents, get_encoding
 FIXTURE = Path(__file__).parent / "data" / "hellaswag_tiny.jsonl"  # 12 hand-written examples in HellaSwag's schema
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50304, bias=False)
 CPU_FP32 = ["--device=cpu", "--dtype=float32"]
-
-
-def random_model(seed=0, **args):
-    """A tiny model with every weight random, the output layer's padding rows included."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**args))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
 
 
 def one_row_logprobs(model, row, n_scored):

@@ -5,23 +5,13 @@ import pytest
 import torch
 
 from checkpoint import save_checkpoint
-from conftest import TINY_TRAIN_ARGS, run_script
+from conftest import TINY_TRAIN_ARGS, random_model, run_script
 from hf import load_gpt2
 from inprocess import run_inprocess
 from model import PADDED_VOCAB_SIZE, GPT, GPTConfig
 from tokenizer import VOCAB_SIZE
 
 transformers = pytest.importorskip("transformers")
-
-
-def random_model(seed=0, **args):
-    """A tiny model whose every weight, biases included, is random (fresh biases are zero)."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**args))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
 
 
 def run_export(*args):

@@ -171,21 +171,6 @@ def copy_run(src, dst):
     return dst
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_token_dataset(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def cosine_run(data_dir, tmp_path_factory):
-    """A finished cosine run that planned 4 iterations (lr_decay_iters=4)."""
-    out = tmp_path_factory.mktemp("cosine") / "out"
-    code, stdout, stderr = run_inprocess("train.py", *train_args(data_dir, out, "--max_iters=4", "--lr_decay_iters=4",
-                                                                 "--eval_interval=2"))
-    assert code == 0, stdout + stderr
-    return out
-
-
 WSD = ["--lr_schedule=wsd", "--cooldown_frac=0.5", "--eval_interval=2"]
 
 

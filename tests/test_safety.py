@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from checkpoint import save_checkpoint
-from conftest import make_token_dataset, train_args
+from conftest import train_args
 from inprocess import run_inprocess
 from model import GPT, GPTConfig
 
@@ -22,11 +22,6 @@ def one_error_line(code, stderr, status=2):
     lines = stderr.strip().splitlines()
     assert code == status and len(lines) == 1 and lines[0].startswith("error: "), (code, stderr)
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_token_dataset(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
@@ -54,21 +49,11 @@ def test_export_to_an_empty_value_or_the_current_folder_deletes_nothing(tiny_ckp
     assert f"to={to!r}" in one_error_line(code, stderr)
 
 
-@pytest.fixture(scope="module")
-def finished_run(data_dir, tmp_path_factory):
-    """out_dir of a cosine run finished at iteration 4: ckpt.pt and best.pt."""
-    out = tmp_path_factory.mktemp("run") / "out"
-    code, stdout, stderr = run_inprocess("train.py", *train_args(data_dir, out, "--max_iters=4", "--lr_decay_iters=4",
-                                                                 "--eval_interval=2"))
-    assert code == 0, stdout + stderr
-    return out
-
-
-def test_weights_ruined_just_before_an_evaluation_are_never_saved(finished_run, data_dir, tmp_path):
+def test_weights_ruined_just_before_an_evaluation_are_never_saved(cosine_run, data_dir, tmp_path):
     """lr 1e30: iteration 5's loss is still finite (computed before its update), but the update ruins
     the weights, so the evaluation at iteration 5 measures a NaN val loss. That model was once saved
     over ckpt.pt, and the next step's error called ckpt.pt untouched."""
-    out = shutil.copytree(finished_run, tmp_path / "out")
+    out = shutil.copytree(cosine_run, tmp_path / "out")
     before = {name: sha(out / name) for name in ("ckpt.pt", "best.pt")}
     code, stdout, stderr = run_inprocess("train.py", *train_args(data_dir, out, "--max_iters=8", "--lr_decay_iters=8",
                                                                  "--learning_rate=1e30", "--allow_lr_increase=True",
@@ -167,10 +152,10 @@ class DiskFullAfter:
 
 
 @pytest.mark.parametrize("fails_in", ["write", "fsync"])
-def test_full_disk_during_a_save_keeps_every_checkpoint_and_leaves_no_tmp(finished_run, data_dir, tmp_path,
+def test_full_disk_during_a_save_keeps_every_checkpoint_and_leaves_no_tmp(cosine_run, data_dir, tmp_path,
                                                                          monkeypatch, fails_in):
     import atomic  # where checkpoints are written
-    out = shutil.copytree(finished_run, tmp_path / "out")
+    out = shutil.copytree(cosine_run, tmp_path / "out")
     before = {name: sha(out / name) for name in ("ckpt.pt", "best.pt")}
     if fails_in == "write":
         monkeypatch.setattr(atomic, "open", lambda path, mode: DiskFullAfter(open(path, mode), 100_000),
@@ -295,8 +280,8 @@ def test_eval_only_prints_no_plan_and_no_checkpoint_path(data_dir, tmp_path):
     assert not (tmp_path / "out" / "ckpt.pt").exists()
 
 
-def test_a_new_run_into_an_out_dir_with_a_checkpoint_needs_overwrite(finished_run, data_dir, tmp_path):
-    out = shutil.copytree(finished_run, tmp_path / "out")
+def test_a_new_run_into_an_out_dir_with_a_checkpoint_needs_overwrite(cosine_run, data_dir, tmp_path):
+    out = shutil.copytree(cosine_run, tmp_path / "out")
     before = sha(out / "ckpt.pt")
     code, _, stderr = run_inprocess("train.py", *train_args(data_dir, out, "--max_iters=2", "--eval_interval=2"))
     assert one_error_line(code, stderr) == (
