@@ -3,18 +3,21 @@ The recipe ablation: GPT-2 + AdamW + cosine (the baseline) against Muon and the 
 arm at its own best learning rate, every run a real train.py run. Writes docs/ablation.md (tables) and
 docs/ablation.png (val-loss curves).
 
-$ python benchmarks/ablation.py --data_dir=/work/data/en_docs --jobs=2   # the committed table (~1 h, 2 cores)
-$ python benchmarks/ablation.py --data_dir=data/en_docs --quick          # a smoke test of the script, minutes
+$ python benchmarks/ablation.py --data_dir=/work/data/en_docs --jobs=2 --phases=12345 --removals=4
+                                                           # the committed tables (~1 h on 2 shared cores)
+$ python benchmarks/ablation.py --data_dir=data/en_docs --quick --phases=12345   # a smoke test, minutes
 
-Four phases, each reading the previous ones' results from disk:
-  1. lr grid of the two AdamW arms (baseline, modern) at a quarter of the final horizon
+Five phases, each reading the earlier ones' results from disk:
+  1. lr grid of the two AdamW arms (baseline, modern) at a quarter of the final horizon; a best value at
+     an edge of the grid earns one more value beyond it
   2. muon_lr grid of the two Muon arms, their AdamW part at the tuned lr of the matching AdamW arm
   3. the four arms at their tuned lr, full horizon, seed 0
-  4. seed 1 and each single switch removed from the best arm of phase 3 (seed 0, at that arm's tuned
-     lr), ordered by importance in case the time runs out
-Runs go to --out_root/<run name>/; a finished run (its metrics.jsonl has the final evaluation) is not
-run again, so an interrupted ablation continues where it stopped. --report_only rewrites the table
-and plot from the runs present.
+  4. seed 1, and each single switch removed from the best arm with switches (seed 0, at that arm's
+     tuned lr), ordered by importance in case the time runs out; --removals limits their number
+  5. (only with 5 in --phases) the long check: the baseline and the best arm at long_iters, seed 0
+Runs go to --out_root/<run name>/; a run finished with the same settings is not run again, so an
+interrupted ablation continues where it stopped. --report_only rewrites the tables and plot from the
+runs present.
 """
 import argparse
 import json
