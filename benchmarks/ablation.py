@@ -3,7 +3,8 @@ The recipe ablation: GPT-2 + AdamW + cosine (the baseline) against Muon and the 
 arm at its own best learning rate, every run a real train.py run. Writes docs/ablation.md (tables) and
 docs/ablation.png (val-loss curves).
 
-$ python benchmarks/ablation.py --data_dir=/work/data/en_docs --jobs=2 --phases=12345 --removals=4
+$ python data/fineweb/prepare.py --input=../shared/corpus/en_docs.parquet --out_dir=data/en_docs
+$ python benchmarks/ablation.py --data_dir=data/en_docs --jobs=2 --phases=12345 --removals=4
                                                            # the committed tables (~1 h on 2 shared cores)
 $ python benchmarks/ablation.py --data_dir=data/en_docs --quick --phases=12345   # a smoke test, minutes
 
@@ -321,8 +322,9 @@ def write_report(args, command_wall):
     target = mean(baseline)
     m = scale["model"]
     lines = ["# The recipe ablation: Muon and the modern switches, each arm at its own learning rate", "",
-             "Written by `benchmarks/ablation.py`; reproduce with:", "",
-             f"    python benchmarks/ablation.py --data_dir=/work/data/en_docs --jobs={args.jobs} --phases={args.phases} "
+             "Written by `benchmarks/ablation.py`; reproduce (after `python data/fineweb/prepare.py "
+             "--input=../shared/corpus/en_docs.parquet --out_dir=data/en_docs`) with:", "",
+             f"    python benchmarks/ablation.py --data_dir=data/en_docs --jobs={args.jobs} --phases={args.phases} "
              f"--removals={args.removals}", "",
              f"Model: {m['n_layer']} layers x {m['n_embd']} wide ({m['n_head']} heads), block {m['block_size']}, "
              f"batch {m['batch_size']} ({tokens_per_iter:,} tokens/iteration), fp32 on CPU. Final runs: "

@@ -4,7 +4,7 @@ Should Muon orthogonalise the fused q, k, v matrix (c_attn, 3C x C) whole, or q,
 prints the final val losses. The split variant wraps torch's Newton-Schulz step for this measurement
 only; model.py keeps c_attn whole (see README 'Muon').
 
-$ python benchmarks/muon_qkv.py --data_dir=/work/data/en_docs
+$ python benchmarks/muon_qkv.py --data_dir=data/en_docs
 """
 import argparse
 import json
