@@ -115,7 +115,6 @@ except ValueError as e:
 master_process = ddp_rank == 0  # only rank 0 prints, logs and writes checkpoints
 device_type = device.split(":")[0]
 
-
 gradient_accumulation_steps //= world_size  # per rank from here on
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 lr_args = schedule_args(config)
