@@ -55,6 +55,7 @@ import torch
 import torch.distributed as dist
 
 from atomic import atomic_write
+from configurator import first_line
 from model import GPT, GPTConfig
 from schedule import get_lr, schedule_args
 
@@ -116,10 +117,6 @@ def tensors_checksum(obj):
     for key, value in items:
         crc = zlib.crc32(f"{key}:{tensors_checksum(value)}".encode(), crc)
     return crc
-
-
-def first_line(e):
-    return (str(e).splitlines() or [""])[0][:200]
 
 
 def load_checkpoint(path, map_location="cpu"):

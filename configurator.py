@@ -92,6 +92,11 @@ def fail(message, status=2):
     sys.exit(status)
 
 
+def first_line(error, limit=200):
+    """An exception's first line, for the one-line messages: library errors can run to pages."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 def unknown_key_hint(key, config):
     """'did you mean ...' for a typo, else the full list of keys."""
     close = difflib.get_close_matches(key, config, n=3)

@@ -26,6 +26,7 @@ import os
 
 import torch
 
+from configurator import first_line
 from model import PADDED_VOCAB_SIZE
 from tokenizer import ENCODING_NAME, EOT_TOKEN, VOCAB_SIZE
 
@@ -139,7 +140,7 @@ def read_hf_folder(folder):
         try:
             return config, load_file(weights)
         except Exception as e:
-            raise ValueError(f"{weights} is not readable: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+            raise ValueError(f"{weights} is not readable: {type(e).__name__}: {first_line(e)}") from None
     weights = os.path.join(folder, "pytorch_model.bin")
     if os.path.isfile(weights):
         return config, torch.load(weights, map_location="cpu", weights_only=True)
@@ -153,8 +154,7 @@ def download_hf_model(name):
         for filename in ("config.json", "model.safetensors"):
             path = hf_hub_download(HUB_MODELS[name], filename)
     except Exception as e:  # offline, no network, hub error: all mean "use a local folder"
-        first_line = (str(e).splitlines() or [""])[0][:150]
-        raise ValueError(f"cannot get {name} from the Hugging Face hub ({type(e).__name__}: {first_line}); "
+        raise ValueError(f"cannot get {name} from the Hugging Face hub ({type(e).__name__}: {first_line(e, 150)}); "
                          f"without network, pass --init_from=<folder> holding config.json and model.safetensors "
                          f"(e.g. from GPT2LMHeadModel.save_pretrained)") from None
     return os.path.dirname(path)

@@ -12,6 +12,8 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+from configurator import first_line
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -148,7 +150,7 @@ def compile_with_fallback(model, example_step):
             example_step(compiled)
         return compiled
     except Exception as e:  # any backend failure: fall back rather than abort the run
-        print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+        print(f"warning: torch.compile failed ({type(e).__name__}: {first_line(e)}); "
               "continuing without it (--compile=False silences this)", file=sys.stderr)
         return model
 

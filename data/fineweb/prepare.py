@@ -63,9 +63,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 from atomic import atomic_write  # noqa: E402
-from configurator import fail  # noqa: E402
+from configurator import fail, first_line  # noqa: E402
 from sources import (DEFAULT_DUMP, HF_REPO, Prefetch, PrepareError, dataset_source,  # noqa: E402
-                     delete_downloaded, describe_parquet, first_line, hub_sources, is_downloaded, local_source,
+                     delete_downloaded, describe_parquet, hub_sources, is_downloaded, local_source,
                      resolve_inputs, stream_batches)
 from tokenizer import (ENCODING_NAME, EOT_PLACEMENT, EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE,  # noqa: E402
                        TokenizerUnavailable, encode_documents_flat, get_encoding, max_token_id, read_dataset_meta)

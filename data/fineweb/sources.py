@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from atomic import atomic_write  # the repo root is on the path: prepare.py puts it there
+from configurator import first_line
 
 HF_REPO = "HuggingFaceFW/fineweb"
 DEFAULT_DUMP = "CC-MAIN-2013-20"
@@ -23,10 +24,6 @@ STREAM_BATCH = 1024  # documents per batch when streaming a `datasets` dataset
 
 class PrepareError(Exception):
     """A problem the user can fix; main() prints it as one line `error: ...` and exits with status 2."""
-
-
-def first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 # -----------------------------------------------------------------------------
