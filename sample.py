@@ -14,7 +14,7 @@ import torch
 from checkpoint import check_model_fits, checkpoint_path, load_checkpoint, model_from_checkpoint
 from configurator import config_globals, configure, fail
 from runtime import autocast_context, pick_device, pick_dtype, synchronize
-from tokenizer import EOT_TOKEN, VOCAB_SIZE, decode, encode_prompt, get_encoding
+from tokenizer import EOT_TOKEN, VOCAB_SIZE, TokenizerUnavailable, decode, encode_prompt, get_encoding
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # where train.py wrote its checkpoints
@@ -60,9 +60,10 @@ def main():
         dt = pick_dtype(dtype, dev)
         path = checkpoint_path(out_dir, ckpt, key="ckpt")
         prompt_text = read_prompt(start)
+        enc = get_encoding()
         checkpoint = load_checkpoint(path, map_location="cpu")
         check_model_fits(checkpoint, path)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, TokenizerUnavailable) as e:
         fail(str(e))
     model = model_from_checkpoint(checkpoint)
     model.eval().to(dev)
@@ -70,7 +71,6 @@ def main():
         # generate() calls forward once per token, so forward is what must be compiled (compiling the
         # module would leave generate() calling the eager forward); the cache grows every step: dynamic
         model.forward = torch.compile(model.forward, dynamic=True)
-    enc = get_encoding()
     prompt = encode_prompt(enc, prompt_text)
     if len(prompt) > model.config.block_size:  # generation crops the context to the last block_size tokens
         print(f"warning: the prompt is {len(prompt)} tokens but the model sees at most block_size="

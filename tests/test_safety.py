@@ -342,3 +342,14 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
     with atomic_write(path, "w", per_process=True) as f:
         f.write("new")
     assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["meta.json"]
+
+
+def test_sample_without_the_tokenizer_files_names_the_way_out(tiny_ckpt, monkeypatch):
+    import tokenizer
+
+    def offline(name):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(tokenizer.tiktoken, "get_encoding", offline)
+    code, _, stderr = run_inprocess("sample.py", f"--out_dir={tiny_ckpt}", "--device=cpu")
+    line = one_error_line(code, stderr)
+    assert "cannot load the gpt2 tokenizer" in line and "TIKTOKEN_CACHE_DIR" in line
