@@ -54,7 +54,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from atomic import atomic_write
+from atomic import atomic_write, check_writable
 from configurator import first_line
 from model import GPT, GPTConfig
 from schedule import get_lr, schedule_args
@@ -83,26 +83,25 @@ def check_out_dir(out_dir, init_from, overwrite):
                          "evaluation; continue it with --init_from=resume, replace it with --overwrite=True, "
                          "or use another out_dir")
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write_test.{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
+        check_writable(out_dir)
     except OSError as e:
         raise ValueError(f"out_dir={out_dir!r} is not writable: {e.strerror}") from None
 
 
-def save_checkpoint(state, path):
-    """Write atomically (atomic.py): a crash, SIGKILL or full disk mid-write leaves the previous file intact."""
+def save_checkpoint(state, *paths):
+    """Write state to each path atomically (atomic.py): a crash, SIGKILL or full disk mid-write leaves the
+    previous file intact. The checksum is computed once for all the paths (ckpt.pt, best.pt, stable.pt)."""
     if isinstance(state, dict):  # a re-saved checkpoint gets a fresh checksum, not one over the old
         state = {k: v for k, v in state.items() if k != "checksum"}
         state["checksum"] = tensors_checksum(state)
-    try:
-        with atomic_write(path) as f:
-            torch.save(state, f)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-        raise OSError(f"cannot write checkpoint {path} ({free / 2**20:,.0f} MiB free on its disk; the previous "
-                      f"file is intact): {type(e).__name__}: {first_line(e)}") from None
+    for path in paths:
+        try:
+            with atomic_write(path) as f:
+                torch.save(state, f)
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            raise OSError(f"cannot write checkpoint {path} ({free / 2**20:,.0f} MiB free on its disk; the previous "
+                          f"file is intact): {type(e).__name__}: {first_line(e)}") from None
 
 
 def tensors_checksum(obj):

@@ -256,8 +256,7 @@ def save(val_loss, names):
                                       best_val_loss=best_val_loss, config=config, lr=lr, val_loss=val_loss,
                                       dataset_meta=dataset_meta, tokens_seen=tokens_seen)
         try:
-            for name in names:
-                save_checkpoint(checkpoint, checkpoint_path(out_dir, name))
+            save_checkpoint(checkpoint, *[checkpoint_path(out_dir, name) for name in names])
             saved_this_run.update(names)
         except OSError as e:  # a full disk: save_checkpoint left the previous files as they were
             problem = str(e)
