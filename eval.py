@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
+from checkpoint import check_model_fits, checkpoint_path, load_checkpoint, model_from_checkpoint
 from configurator import config_globals, configure, fail
 from evaluation import evaluate_hellaswag, evaluate_val, load_hellaswag, render_examples
 from hf import load_gpt2
@@ -52,8 +52,9 @@ def load_model():
         model = GPT(GPTConfig(**model_args))
         model.load_state_dict(state)
         return model, init_from, None, {}
-    path = checkpoint_path(out_dir, ckpt)
+    path = checkpoint_path(out_dir, ckpt, key="ckpt")
     checkpoint = load_checkpoint(path, map_location="cpu")
+    check_model_fits(checkpoint, path)  # one line, like sample.py and export.py, not a load_state_dict traceback
     return model_from_checkpoint(checkpoint), path, checkpoint["iter_num"], checkpoint.get("config") or {}
 
 

@@ -282,6 +282,11 @@ def test_eval_errors_are_one_line(finished_checkpoint, tmp_path):
                                                              f"--hellaswag_file={tmp_path / 'train.jsonl'}")
     assert "limit=-1: must be >= 0" in eval_py(f"--out_dir={finished_checkpoint}", "--limit=-1")
     assert "nothing to evaluate" in eval_py("--eval_val=False", "--eval_hellaswag=False")
+    mismatched = torch.load(finished_checkpoint / "ckpt.pt", weights_only=True)
+    mismatched["model_args"] = dict(mismatched["model_args"], n_embd=64)
+    save_checkpoint(mismatched, tmp_path / "mismatched.pt")
+    assert "its weights do not fit its model_args" in eval_py(f"--out_dir={finished_checkpoint}",
+                                                              f"--ckpt={tmp_path / 'mismatched.pt'}")
     assert not (finished_checkpoint / "evals.jsonl").exists()
 
 
