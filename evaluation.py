@@ -147,8 +147,6 @@ def render_example(enc, example, block_size):
 
 def render_examples(examples, block_size, limit=0):
     """The first `limit` examples (0 = all), tokenized for a model of this block_size."""
-    if limit < 0:
-        raise ValueError(f"hellaswag_limit={limit}: must be >= 0 (0 = all)")
     enc = get_encoding()
     return [render_example(enc, example, block_size) for example in examples[:limit or None]]
 
