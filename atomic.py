@@ -2,10 +2,11 @@
 The one way the kit replaces a file: write a temporary file beside it, flush and fsync it, then rename
 it over the target. A reader (or the next run after a crash, a SIGKILL or a full disk) finds either the
 old file or the whole new one, never a part. Used for checkpoints, meta.json and prepare.py's manifest,
-the Hub listing cache, the HellaSwag download and each file of an export. No torch here: prepare.py
-runs without it.
+the Hub listing cache, the HellaSwag download and each file of an export; and check_writable, the one
+test that a folder takes files, before long work. No torch here: prepare.py runs without it.
 """
 import os
+import tempfile
 from contextlib import contextmanager
 
 
@@ -25,3 +26,10 @@ def atomic_write(path, mode="wb", per_process=False):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_writable(folder):
+    """Create folder if needed and prove a file can be written in it (OSError if not): before long work
+    whose results would otherwise be lost at the end (train.py's out_dir, prepare.py's)."""
+    os.makedirs(folder, exist_ok=True)
+    tempfile.TemporaryFile(dir=folder).close()

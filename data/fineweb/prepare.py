@@ -42,7 +42,6 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections import deque
 from functools import lru_cache
@@ -62,7 +61,7 @@ except ImportError:
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-from atomic import atomic_write  # noqa: E402
+from atomic import atomic_write, check_writable  # noqa: E402
 from configurator import fail, first_line  # noqa: E402
 from sources import (DEFAULT_DUMP, HF_REPO, Prefetch, PrepareError, dataset_source,  # noqa: E402
                      delete_downloaded, describe_parquet, hub_sources, is_downloaded, local_source,
@@ -425,10 +424,9 @@ def write_json_atomically(path, data):
 # -----------------------------------------------------------------------------
 # before any work: the output folder, its lock, the free space
 
-def check_writable(out_dir):
+def check_out_dir_writable(out_dir):
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
+        check_writable(out_dir)
     except OSError as e:
         raise PrepareError(f"{out_dir}: the output folder is not writable ({e.strerror or e})")
 
@@ -614,7 +612,7 @@ def already_done(out_dir, sources, args):
 
 def prepare(args):
     out_dir = args.out_dir.resolve()
-    check_writable(out_dir)
+    check_out_dir_writable(out_dir)
     lock = lock_out_dir(out_dir)
     try:
         return prepare_locked(args, out_dir)
@@ -723,7 +721,7 @@ def main(argv=None):
     try:
         if args.adopt:
             data_dir = args.adopt.resolve()
-            check_writable(data_dir)
+            check_out_dir_writable(data_dir)
             lock = lock_out_dir(data_dir)
             try:
                 return adopt(data_dir)
