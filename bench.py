@@ -6,7 +6,7 @@ $ python bench.py config/train_fineweb.py                          # the ~40M re
 $ python bench.py config/train_fineweb_124m.py --compile=False --dtype=float16 --batch_size=4
 $ python bench.py config/train_fineweb.py --real_data=True         # batches from data/fineweb/train.bin
 $ python bench.py config/train_fineweb.py --profile=True           # also writes a torch profiler trace
-$ python bench.py config/train_fineweb_124m.py --fit_memory=12GB   # largest micro-batch under 12 GB
+$ python bench.py config/train_fineweb_124m.py --fit_memory=12GB   # largest micro-batch under 12 GB (both levers)
 $ python bench.py config/train_fineweb_124m.py --fit_memory=free   # ... in the GPU's free memory
 
 bench.py takes the same config files and --key=value as train.py: its defaults are train.py's own
@@ -28,8 +28,8 @@ import torch
 from configurator import config_globals, configure, fail
 from loader import TokenBatches
 from model import GPT, GPTConfig
-from runtime import (autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu, pick_device,
-                     pick_dtype, synchronize)
+from runtime import (autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu, keep_freed_memory,
+                     pick_device, pick_dtype, synchronize)
 from tokenizer import VOCAB_SIZE
 
 # the bench's own keys, besides train.py's
@@ -96,9 +96,9 @@ def accumulation_plan(sequences_per_iter, max_batch):
     return batch, sequences_per_iter // batch
 
 
-def fit_report(fitted, block_size, tokens_per_iter):
+def fit_report(fitted, block_size, tokens_per_iter, levers=""):
     """Lines that turn the largest fitting micro-batch into a batch_size / gradient_accumulation_steps
-    pair keeping tokens_per_iter."""
+    pair keeping tokens_per_iter; levers (e.g. ' --activation_checkpointing=True') go on the use: line."""
     if fitted == 0:
         return ["not even batch_size=1 fits: use a smaller model or block_size"]
     sequences = tokens_per_iter // block_size
@@ -109,7 +109,7 @@ def fit_report(fitted, block_size, tokens_per_iter):
     if batch != fitted:
         lines.append(f"{steps:g} is not a whole number: the largest batch_size <= {fitted} that divides the "
                      f"{sequences} sequences per iteration is {batch}")
-    lines.append(f"use: --batch_size={batch} --gradient_accumulation_steps={exact_steps}")
+    lines.append(f"use: --batch_size={batch} --gradient_accumulation_steps={exact_steps}{levers}")
     return lines
 
 
@@ -137,6 +137,7 @@ def optimizer_state_text(optimizers):
 
 def main(argv):
     c = SimpleNamespace(**configure({**train_defaults(), **BENCH_DEFAULTS}, argv))
+    malloc_note = keep_freed_memory()  # before the first large allocation
     try:
         device = pick_device(c.device)
         dtype = pick_dtype(c.dtype, device)
@@ -155,6 +156,7 @@ def main(argv):
     ctx = autocast_context(device, dtype)
 
     model = GPT(gptconf).to(device)
+    model.chunked_loss, model.activation_checkpointing = c.chunked_loss, c.activation_checkpointing
     flops_per_token = model.flops_per_token()
     peak, peak_description = device_peak_flops(device, dtype, c.peak_flops)
     try:
@@ -165,8 +167,11 @@ def main(argv):
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token; "
           f"device {device}, dtype {dtype}, compile {c.compile}, optimizer {c.optimizer}, "
+          f"chunked_loss {c.chunked_loss}, activation_checkpointing {c.activation_checkpointing}, "
           f"fused AdamW {bool(optimizers['optimizer'].defaults.get('fused'))}; "
           f"{peak_description}")
+    if malloc_note:
+        print(malloc_note)
 
     def step(m, x, y):
         """One training step on one micro-batch, as train.py does it (less the accumulation)."""
@@ -272,13 +277,20 @@ def fit(c, model, step, random_batch, budget, device):
         return peak
 
     tokens_per_iter = c.batch_size * c.gradient_accumulation_steps * c.block_size
-    print(f"searching the largest micro-batch under {budget / 2**30:.2f} GiB ({budget / 1e9:.2f} GB) "
-          f"of reserved GPU memory, block_size {c.block_size}, dtype {c.dtype}, compile {c.compile}"
-          + (" (each size compiles afresh: slow; --compile=False is quicker and errs on the safe side)"
-             if c.compile else "") + ":")
-    fitted, _ = largest_fitting_batch(measure, budget, c.batch_size * c.gradient_accumulation_steps)
-    for line in fit_report(fitted, c.block_size, tokens_per_iter):
-        print(line)
+    # both memory levers: the setting given, then activation checkpointing (if not given) for comparison
+    for recompute in dict.fromkeys([c.activation_checkpointing, True]):
+        model.activation_checkpointing = recompute
+        print(f"searching the largest micro-batch under {budget / 2**30:.2f} GiB ({budget / 1e9:.2f} GB) "
+              f"of reserved GPU memory, block_size {c.block_size}, dtype {c.dtype}, compile {c.compile}, "
+              f"chunked_loss {c.chunked_loss}, activation_checkpointing {recompute}"
+              + (" (each size compiles afresh: slow; --compile=False is quicker and errs on the safe side)"
+                 if c.compile else "") + ":")
+        fitted, _ = largest_fitting_batch(measure, budget, c.batch_size * c.gradient_accumulation_steps)
+        levers = (" --chunked_loss=False" if not c.chunked_loss else "") + \
+            (" --activation_checkpointing=True" if recompute else "")
+        for line in fit_report(fitted, c.block_size, tokens_per_iter, levers):
+            print(line)
+    print("activation checkpointing recomputes every block in the backward: about 1/4 more compute per token")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from evaluation import evaluate_hellaswag, evaluate_val, load_hellaswag, render_
 from hf import load_gpt2
 from loader import check_token_ids, num_tokens
 from model import GPT, GPTConfig
-from runtime import autocast_context, pick_device, pick_dtype, synchronize
+from runtime import autocast_context, keep_freed_memory, pick_device, pick_dtype, synchronize
 from tokenizer import VOCAB_SIZE
 
 # -----------------------------------------------------------------------------
@@ -85,6 +85,7 @@ def append_result(record):
 
 def main():
     check_options()
+    malloc_note = keep_freed_memory()  # before the first large allocation
     try:
         dev = pick_device(device)
         dt = pick_dtype(dtype, dev)
@@ -97,6 +98,8 @@ def main():
     autocast = autocast_context(dev, dt)
     print(f"evaluating {source}" + (f" (iteration {iter_num})" if iter_num is not None else "")
           + f" on {dev}, {dt}", file=sys.stderr)
+    if malloc_note:
+        print(malloc_note, file=sys.stderr)
     record = {"checkpoint": source, "iter": iter_num, "val_loss": None, "val_bpb": None, "val_tokens": None,
               "hellaswag_acc": None, "hellaswag_acc_norm": None, "hellaswag_n": None}
     if eval_val:

@@ -26,7 +26,6 @@ import urllib.request
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from atomic import atomic_write
@@ -154,13 +153,6 @@ def render_examples(examples, block_size, limit=0):
 # ----------------------------------------------------------------------------------------------
 # HellaSwag: scoring
 
-def next_token_logprobs(model, x, y):
-    """log p(y[b, t] | x[b, :t+1]) for every position, over the tokenizer's ids; 0 where y is -1."""
-    logits, _ = model(x, y)  # with targets the model returns the logits of every position
-    logits = logits[..., :VOCAB_SIZE].float()
-    return -F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none").view(y.shape)
-
-
 def score_endings(model, rendered, device):
     """(sum, mean) log-probability of each ending given its context: two (examples, 4) tensors.
     All 4 x examples rows go through the model in one forward pass, right-padded to the longest:
@@ -173,7 +165,7 @@ def score_endings(model, rendered, device):
     for i, (row, n) in enumerate(zip(rows, scored)):
         x[i, :len(row)] = torch.tensor(row)
         y[i, len(row) - 1 - n:len(row) - 1] = torch.tensor(row[len(row) - n:])  # position t predicts token t+1
-    total = next_token_logprobs(model, x.to(device), y.to(device)).sum(1).cpu()
+    total = model.target_logprobs(x.to(device), y.to(device)).sum(1).cpu()
     mean = total / torch.tensor(scored)
     return total.view(-1, 4), mean.view(-1, 4)
 
@@ -238,7 +230,7 @@ def evaluate_val(model, path, device, autocast, batch_size=4, max_tokens=0, prog
     windows = list(val_windows(path, model.config.block_size, batch_size, max_tokens))
     for x, y in tqdm(windows, unit="batch", desc="val", disable=None if progress else True):
         with autocast:
-            nats += -next_token_logprobs(model, x.to(device), y.to(device)).sum().item()
+            nats += -model.target_logprobs(x.to(device), y.to(device)).sum().item()
         tokens += y.numel()
         text_bytes += byte_lengths[y].sum().item()
     return {"val_loss": nats / tokens, "val_bpb": nats / math.log(2) / text_bytes, "val_tokens": tokens,

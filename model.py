@@ -14,10 +14,16 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from tokenizer import VOCAB_SIZE
 
 
 OPTIMIZERS = ("adamw", "muon")  # train.py's optimizer=; see GPT.configure_optimizers
 PADDED_VOCAB_SIZE = 50304  # GPT-2's 50257 ids padded up to a multiple of 64: faster matmuls, rows never sampled
+# positions per chunk of the chunked loss: its logits (rows x 50,304, ~100 MB in fp32) and their gradient
+# are what the output layer holds at once instead of the whole micro-batch's (README 'Memory')
+LOSS_CHUNK_ROWS = 512
 
 
 @dataclass
@@ -196,6 +202,10 @@ class GPT(nn.Module):
             self.register_buffer("rotary_cos", cos, persistent=False)  # derived, so not saved
             self.register_buffer("rotary_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # training settings (train.py's chunked_loss, activation_checkpointing), not the model's shape:
+        # they change what is held in memory, not what is computed
+        self.chunked_loss = True
+        self.activation_checkpointing = False
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
@@ -224,6 +234,20 @@ class GPT(nn.Module):
         return n_params
 
     def forward(self, idx, targets=None, kv_cache=None):
+        """(logits, loss). Inference (no targets): the last position's logits. Training: the mean
+        cross-entropy over the targets that are not -1, and with chunked_loss no logits (None): they
+        exist a chunk of positions at a time only (chunked_cross_entropy)."""
+        h = self.hidden_states(idx, kv_cache)
+        if targets is None:
+            return self.output_logits(h[:, [-1], :]), None
+        if self.chunked_loss:
+            return None, chunked_cross_entropy(self.output_logits, h, targets, self.scored_outputs(),
+                                               self.lm_head.parameters())
+        logits = self.output_logits(h)
+        return logits, target_losses(logits.flatten(0, 1), targets.flatten(), self.scored_outputs(), "mean")
+
+    def hidden_states(self, idx, kv_cache=None):
+        """The final norm's output (B, T, n_embd): what the output layer reads."""
         B, T = idx.size()
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -235,17 +259,35 @@ class GPT(nn.Module):
         else:
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
         x = self.transformer.drop(x)
+        # recompute each block in the backward instead of keeping its activations; non-reentrant
+        # checkpoint restores the RNG for the recompute, so dropout draws the same masks
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.transformer.h:
-            x = block(x, rotary, kv_cache)
+            x = checkpoint(block, x, rotary, kv_cache, use_reentrant=False) if recompute else block(x, rotary, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
-        x = self.transformer.ln_f(x)
-        if targets is None:
-            # inference: only the last position's logits are needed
-            return self.lm_head(x[:, [-1], :]), None
-        logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return self.transformer.ln_f(x)
+
+    def output_logits(self, h):
+        """The output layer: logits over the (padded) vocabulary for hidden states h (..., n_embd)."""
+        return self.lm_head(h)
+
+    def scored_outputs(self):
+        """How many of the output layer's rows are real ids: the padding rows (50257..50303) are ids the
+        tokenizer never produces, so they enter neither the loss nor the evaluation."""
+        return min(self.config.vocab_size, VOCAB_SIZE)
+
+    def all_logits(self, idx):
+        """Every position's logits (B, T, vocab), for comparisons with other implementations: training
+        and evaluation never need them whole."""
+        return self.output_logits(self.hidden_states(idx))
+
+    @torch.no_grad()
+    def target_logprobs(self, idx, targets):
+        """log p(targets[b, t] | idx[b, :t+1]) over the scored outputs, (B, T); 0 where a target is -1.
+        Chunk by chunk: an evaluation never holds the (B, T, vocab) logits either."""
+        h = self.hidden_states(idx)
+        return -chunked_target_losses(self.output_logits, h, targets, self.scored_outputs()).view(targets.shape)
 
     def crop_block_size(self, block_size):
         """Use a shorter context than the model was built for (e.g. a smaller model from a checkpoint)."""
@@ -326,6 +368,65 @@ class GPT(nn.Module):
             if stop_token is not None and bool(stopped.all()):
                 break
         return idx
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss over the output layer, a chunk of positions at a time
+
+def target_losses(logits, targets, n_outputs, reduction):
+    """Cross-entropy of rows of logits (N, V) against targets (N,) over the first n_outputs columns,
+    in fp32; targets of -1 are not counted ('mean' divides by the counted ones)."""
+    return F.cross_entropy(logits[:, :n_outputs].float(), targets, ignore_index=-1, reduction=reduction)
+
+
+def chunked_target_losses(output_logits, h, targets, n_outputs):
+    """(N,) per-target losses of hidden states h (..., C) with LOSS_CHUNK_ROWS positions' logits at a time."""
+    h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+    return torch.cat([target_losses(output_logits(h[i:i + LOSS_CHUNK_ROWS]), targets[i:i + LOSS_CHUNK_ROWS],
+                                    n_outputs, "none") for i in range(0, len(targets), LOSS_CHUNK_ROWS)])
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """The mean cross-entropy of output_logits(h) and its gradients, with one chunk's logits in memory
+    at a time. The forward differentiates each chunk as soon as its loss is known (through
+    output_logits, whatever that applies) and keeps only the gradients of h and of the output layer's
+    parameters, which are small; the backward scales them. So the logits are computed once, as in the
+    plain path, and neither they, their fp32 copy nor their gradient ever exist for the whole batch."""
+
+    @staticmethod
+    def forward(ctx, h, targets, output_logits, n_outputs, *params):
+        rows, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+        grad_rows, grad_params = torch.empty_like(rows), [torch.zeros_like(p) for p in params]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, len(targets), LOSS_CHUNK_ROWS):
+            chunk = rows[i:i + LOSS_CHUNK_ROWS].detach().requires_grad_()
+            with torch.enable_grad():
+                loss = target_losses(output_logits(chunk), targets[i:i + LOSS_CHUNK_ROWS], n_outputs, "sum")
+            grads = torch.autograd.grad(loss, [chunk, *params])
+            total += loss.detach()
+            grad_rows[i:i + LOSS_CHUNK_ROWS] = grads[0]
+            for grad_param, grad in zip(grad_params, grads[1:]):
+                grad_param += grad
+        count = (targets != -1).sum()  # the mean is over counted targets, as F.cross_entropy's
+        ctx.save_for_backward(grad_rows.view_as(h), count, *grad_params)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, count, *grad_params = ctx.saved_tensors
+        scale = grad_loss / count
+        return grad_h * scale, None, None, None, *[grad * scale for grad in grad_params]
+
+
+@torch.compiler.disable  # a loop of small autograd calls: compiled models run it eagerly
+def chunked_cross_entropy(output_logits, h, targets, n_outputs, params):
+    """The mean cross-entropy of output_logits(h) against targets (-1 not counted) over the first
+    n_outputs columns, the same value and gradients as computing it over the full logits."""
+    params = [p for p in params if p.requires_grad]
+    if not (torch.is_grad_enabled() and (h.requires_grad or params)):  # evaluation: nothing to differentiate
+        losses = chunked_target_losses(output_logits, h, targets, n_outputs)
+        return losses.sum() / (targets != -1).sum()
+    return ChunkedCrossEntropy.apply(h, targets, output_logits, n_outputs, *params)
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, vocab_size=None):

@@ -2,6 +2,7 @@
 Where and how the model runs: device and dtype choice, autocast, timing that can be trusted,
 torch.compile with a fallback, and the device's peak FLOP/s for MFU. Shared by train.py, sample.py and bench.py.
 """
+import ctypes
 import os
 import signal
 import sys
@@ -73,6 +74,32 @@ def autocast_context(device, dtype):
     if dtype == "float32" or device.startswith("mps"):
         return nullcontext()
     return torch.amp.autocast(device_type=device.split(":")[0], dtype=DTYPES[dtype])
+
+
+# glibc malloc hands every block above its mmap threshold (dynamic, at most 32 MB) back to the kernel when
+# freed, and the next step page-faults it in again: a CPU training step then spends about as long in the
+# kernel as in its own work. Blocks up to this size stay in the process instead (docs/performance.md).
+MALLOC_THRESHOLD = 2**30  # bytes; mallopt takes an int
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+
+
+def keep_freed_memory():
+    """Raise glibc malloc's mmap and trim thresholds to MALLOC_THRESHOLD, before the first large
+    allocation. Returns the line to print at start, or '' where it does not apply: not Linux, not glibc
+    (musl), or the user chose the thresholds (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_)."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ \
+            or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return ""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc's alone: musl and others have no such function
+    except (OSError, AttributeError):
+        return ""
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    if not (libc.mallopt(M_MMAP_THRESHOLD, MALLOC_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, MALLOC_THRESHOLD)):
+        return ""
+    return (f"glibc malloc: freed blocks up to {MALLOC_THRESHOLD / 2**30:g} GiB are kept for reuse "
+            "(mmap and trim thresholds raised: no page faults every step)")
 
 
 def synchronize(device):

@@ -13,7 +13,7 @@ import torch
 
 from checkpoint import check_model_fits, checkpoint_path, load_checkpoint, model_from_checkpoint
 from configurator import config_globals, configure, fail
-from runtime import autocast_context, pick_device, pick_dtype, synchronize
+from runtime import autocast_context, keep_freed_memory, pick_device, pick_dtype, synchronize
 from tokenizer import EOT_TOKEN, VOCAB_SIZE, TokenizerUnavailable, decode, encode_prompt, get_encoding
 
 # -----------------------------------------------------------------------------
@@ -55,6 +55,7 @@ def main():
     # every value was checked by configure() (configurator.RULES); the rest before the checkpoint is read
     if stream and num_samples != 1:
         fail(f"stream=True prints one sample as it is generated; set --num_samples=1 (got {num_samples})")
+    malloc_note = keep_freed_memory()  # before the first large allocation
     try:
         dev = pick_device(device)
         dt = pick_dtype(dtype, dev)
@@ -65,6 +66,8 @@ def main():
         check_model_fits(checkpoint, path)
     except (FileNotFoundError, ValueError, TokenizerUnavailable) as e:
         fail(str(e))
+    if malloc_note:
+        print(malloc_note, file=sys.stderr)
     model = model_from_checkpoint(checkpoint)
     model.eval().to(dev)
     if compile:

@@ -34,7 +34,7 @@ from hf import check_init_from, load_gpt2
 from loader import TokenBatches, check_data_order, open_dataset
 from model import GPT, GPTConfig, check_optimizer
 from runtime import (StopSignal, autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu,
-                     pick_device, pick_dtype, setup_ddp, synchronize)
+                     keep_freed_memory, pick_device, pick_dtype, setup_ddp, synchronize)
 from schedule import cooldown_start, get_lr, schedule_args
 
 # -----------------------------------------------------------------------------
@@ -96,6 +96,8 @@ cooldown_frac = 0.2  # wsd: the last fraction of max_iters decays linearly to mi
 device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:0', 'mps'
 dtype = "auto"  # 'auto' (bf16 where native, fp16 on older GPUs, else fp32), 'bfloat16', 'float16', 'float32'
 compile = True  # torch.compile the model (falls back to eager with a warning where it cannot)
+chunked_loss = True  # the loss over the output layer a chunk of positions at a time; False: the full logits
+activation_checkpointing = False  # recompute each block in the backward: far less memory, ~1/4 more compute
 peak_flops = 0.0  # device peak FLOP/s for MFU; 0 looks the GPU up in runtime.PEAK_TFLOPS
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -103,6 +105,7 @@ if __name__ == "__settings__":  # bench.py takes the settings above as its own d
     raise SystemExit
 config = configure(config_globals(globals()), sys.argv[1:])
 globals().update(config)
+malloc_note = keep_freed_memory()  # before the first large allocation
 # -----------------------------------------------------------------------------
 
 # DDP: torchrun sets RANK; each process drives one GPU (or one CPU process with gloo)
@@ -182,6 +185,7 @@ elif init_from != "scratch":  # GPT-2 weights, see hf.py; the model's shape come
     model_args.update(hf_args)
 gptconf = GPTConfig(**model_args)
 model = GPT(gptconf)
+model.chunked_loss, model.activation_checkpointing = chunked_loss, activation_checkpointing  # memory, not shape
 if hf_state is not None:
     model.load_state_dict(hf_state)
     hf_state = None
@@ -235,6 +239,8 @@ if master_process:
         print(f"planned: {max_iters:,} iterations = {max_iters * tokens_per_iter:,} tokens "
               f"= {max_iters * tokens_per_iter / train_tokens:.2f} epochs of train.bin ({train_tokens:,} tokens)")
     print(f"device {device}, dtype {dtype}, {peak_description}")
+    if malloc_note:
+        print(malloc_note)
 
 
 def log_metrics(record):

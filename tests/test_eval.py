@@ -32,7 +32,7 @@ def one_row_logprobs(model, row, n_scored):
     tokenizer's ids, the log-probabilities of its last n_scored tokens."""
     x = torch.tensor(row)[None]
     with torch.no_grad():
-        logits, _ = model(x, x)  # targets only to get every position's logits
+        logits = model.all_logits(x)
     logprobs = torch.log_softmax(logits[0, :-1, :VOCAB_SIZE].double(), dim=-1)
     picked = [logprobs[t, row[t + 1]].item() for t in range(len(row) - 1)]
     return picked[len(picked) - n_scored:]
@@ -63,27 +63,30 @@ def test_batched_scores_equal_one_ending_at_a_time(block_size):
     assert rendered[0][1] == [len(enc.encode_ordinary(" " + e)) for e in example["endings"]]
 
 
-class RiggedModel(torch.nn.Module):
+class RiggedModel(GPT):
     """Knows, for every prefix of the preferred ending's row, the token that follows, and gives it a
     logit of 20 (every other token 0): the preferred ending's log-probability is ~0, any other
-    ending's at least 20 lower at the token where it leaves the preferred one."""
+    ending's at least 20 lower at the token where it leaves the preferred one. Its "hidden states"
+    are those logits, and its output layer passes them through."""
 
     def __init__(self, rendered, pick):
-        super().__init__()
-        self.config = GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=64)
+        super().__init__(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=64))
         self.next_token = {}
         for rows, _, label in rendered:
             row = rows[pick(label)]
             for t in range(1, len(row)):
                 self.next_token[tuple(row[:t])] = row[t]
 
-    def forward(self, idx, targets=None):
+    def hidden_states(self, idx, kv_cache=None):
         logits = torch.zeros(*idx.shape, 50304)
         for b, row in enumerate(idx.tolist()):
             for t in range(len(row)):
                 if tuple(row[:t + 1]) in self.next_token:
                     logits[b, t, self.next_token[tuple(row[:t + 1])]] = 20.0
-        return logits, None
+        return logits
+
+    def output_logits(self, h):
+        return h
 
 
 @pytest.mark.parametrize("pick, expected", [(lambda label: label, 1.0), (lambda label: (label + 1) % 4, 0.0)],

@@ -17,6 +17,9 @@ def test_output_shapes_training_and_inference():
     torch.manual_seed(0)
     model = GPT(tiny_config())
     idx = torch.randint(0, 64, (3, 16))
+    logits, loss = model(idx, idx)  # the chunked loss: no logits
+    assert logits is None and loss.shape == ()
+    model.chunked_loss = False  # the plain loss, over the logits of every position
     logits, loss = model(idx, idx)
     assert logits.shape == (3, 16, 64) and loss.shape == ()
     logits, loss = model(idx)  # inference: last position only

@@ -1,0 +1,180 @@
+"""The memory levers: the chunked loss (the default) and activation checkpointing change what is held in
+memory, never what is computed. Each is checked against a reference written out here: the full
+(B, T, vocab) logits, a log-softmax over the tokenizer's 50,257 ids (not the 47 padding rows), the mean
+over the targets that are not -1. Plus the glibc allocator helper and bench.py's fit report."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as model_module
+import runtime
+from bench import fit_report
+from conftest import REPO_ROOT, random_model, train_args
+from inprocess import read_metrics, run_inprocess
+from tokenizer import VOCAB_SIZE
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50304, bias=True)
+EVERY_SWITCH = dict(rotary=True, qk_norm=True, mlp="relu2", norm="rmsnorm", tie_embeddings=False, zero_init_proj=True)
+
+
+def reference_loss(model, x, y):
+    """The mean cross-entropy from the full logits, by hand: log-softmax over the real ids only."""
+    logits = model.all_logits(x)[..., :VOCAB_SIZE].double()
+    logprobs = logits.log_softmax(-1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+    counted = y != -1
+    return -(logprobs * counted).sum() / counted.sum()
+
+
+def loss_and_grads(model, batches, loss_fn, seed=0):
+    """Loss of each micro-batch and the accumulated gradients, as train.py sums them (loss / micro-steps)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the same dropout masks for every path compared
+    losses = []
+    for x, y in batches:
+        loss = loss_fn(model, x, y)
+        (loss / len(batches)).backward()
+        losses.append(loss.item())
+    return losses, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def batches_with_ignored_targets(n=2, rows=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        x = torch.randint(0, VOCAB_SIZE, (rows, 16), generator=g)
+        y = torch.randint(0, VOCAB_SIZE, (rows, 16), generator=g)
+        y[0, :5] = -1  # e.g. padding: not counted, not in the mean's denominator
+        batches.append((x, y))
+    return batches
+
+
+def assert_same(losses, grads, ref_losses, ref_grads, loss_rel=1e-6, grad_rel=1e-5):
+    assert losses == pytest.approx(ref_losses, rel=loss_rel)
+    for name, grad in ref_grads.items():
+        scale = grad.abs().max().item()
+        assert (grads[name] - grad).abs().max().item() <= grad_rel * scale, name
+
+
+@pytest.mark.parametrize("switches", [{}, EVERY_SWITCH, dict(dropout=0.1)], ids=["gpt2", "every-switch", "dropout"])
+def test_chunked_loss_equals_the_full_logits(switches, monkeypatch):
+    """7 rows a chunk: 48 rows per micro-batch end in a short chunk. Two micro-batches accumulated;
+    the padding rows of the output layer are random (random_model), so they would show in the loss."""
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", 7)
+    model = random_model(**TINY, **switches).train()
+    batches = batches_with_ignored_targets()
+    ref_losses, ref_grads = loss_and_grads(model, batches, lambda m, x, y: reference_loss(m, x, y).float())
+    assert model.chunked_loss  # the default
+    losses, grads = loss_and_grads(model, batches, lambda m, x, y: m(x, y)[1])
+    assert_same(losses, grads, ref_losses, ref_grads)
+    model.chunked_loss = False  # the plain path computes the same loss over the full logits
+    assert_same(*loss_and_grads(model, batches, lambda m, x, y: m(x, y)[1]), ref_losses, ref_grads)
+
+
+def test_chunked_loss_in_bf16_is_within_bf16_noise():
+    model = random_model(**TINY).train()
+    batches = batches_with_ignored_targets(n=1)
+    results = []
+    for chunked in (True, False):
+        model.chunked_loss = chunked
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(loss_and_grads(model, batches, lambda m, x, y: m(x, y)[1]))
+    assert_same(*results[0], *results[1], loss_rel=1e-3, grad_rel=2e-2)
+
+
+def test_activation_checkpointing_recomputes_the_same_dropout_masks():
+    """With dropout the recompute must draw the masks of the forward, and leave the RNG where the plain
+    step leaves it (so a resumed run draws what an uninterrupted one does)."""
+    model = random_model(**TINY, dropout=0.2).train()
+    batches = batches_with_ignored_targets()
+    plain = loss_and_grads(model, batches, lambda m, x, y: m(x, y)[1])
+    rng_after_plain = torch.get_rng_state()
+    model.activation_checkpointing = True
+    recomputed = loss_and_grads(model, batches, lambda m, x, y: m(x, y)[1])
+    assert torch.equal(torch.get_rng_state(), rng_after_plain)
+    assert_same(*recomputed, *plain, loss_rel=0, grad_rel=1e-6)
+
+
+def test_evaluation_reads_each_position_once_a_chunk_at_a_time(monkeypatch):
+    """target_logprobs (val loss, bits per byte, HellaSwag) equals the full logits' log-softmax over the
+    real ids, and runs the output layer over every position exactly once, never more than a chunk."""
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", 20)
+    model = random_model(**TINY)
+    x, y = batches_with_ignored_targets(n=1)[0]
+    calls = []
+    output_logits = model.output_logits
+    monkeypatch.setattr(model, "output_logits", lambda h: calls.append(h.shape[0]) or output_logits(h))
+    logprobs = model.target_logprobs(x, y)
+    assert sum(calls) == y.numel() and max(calls) <= 20
+    full = output_logits(model.hidden_states(x))[..., :VOCAB_SIZE].double().log_softmax(-1)
+    expected = full.gather(-1, y.clamp(min=0)[..., None])[..., 0] * (y != -1)
+    assert torch.allclose(logprobs.double(), expected, rtol=0, atol=1e-5) and (logprobs[0, :5] == 0).all()
+
+
+def test_train_py_passes_both_settings_to_the_model(data_dir, tmp_path, monkeypatch):
+    """The same run with the levers on and off (dropout on): the same losses; checkpointing was used."""
+    calls = []
+    checkpoint = model_module.checkpoint
+    monkeypatch.setattr(model_module, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    runs = {}
+    for name, levers in (("plain", ["--chunked_loss=False"]), ("levers", ["--activation_checkpointing=True"])):
+        code, stdout, stderr = run_inprocess("train.py", *train_args(data_dir, tmp_path / name, "--max_iters=2",
+                                                                     "--eval_interval=2", "--dropout=0.1", *levers))
+        assert code == 0, stderr
+        runs[name] = [(r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path / name)[0]]
+        assert (len(calls) > 0) == (name == "levers")
+    assert [pytest.approx(pair, rel=1e-5) for pair in runs["levers"]] == runs["plain"]
+
+
+@pytest.mark.slow
+def test_compiled_model_with_both_levers_equals_the_full_logits():
+    """torch.compile traces the blocks under checkpointing and runs the chunked loss eagerly (it is
+    marked torch.compiler.disable). aot_eager: dynamo and AOT autograd, without the C++ code generation
+    that takes a minute on a CPU."""
+    model = random_model(**TINY).train()
+    batches = batches_with_ignored_targets()
+    ref = loss_and_grads(model, batches, lambda m, x, y: reference_loss(m, x, y).float())
+    model.activation_checkpointing = True
+    compiled = torch.compile(model, backend="aot_eager")
+    assert_same(*loss_and_grads(model, batches, lambda m, x, y: compiled(x, y)[1]), *ref)
+
+
+@pytest.mark.slow
+def test_ddp_with_both_levers_equals_the_plain_step(token_dataset, tmp_path):
+    """torchrun with 2 gloo ranks: the gradients of the chunked loss and of the recomputed blocks reach
+    DDP's all-reduce like any others (the grad norm is taken after it)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    runs = {}
+    for name, levers in (("plain", ["--chunked_loss=False"]), ("levers", ["--activation_checkpointing=True"])):
+        args = train_args(token_dataset, tmp_path / name, "--max_iters=2", "--eval_interval=2", "--dropout=0.1",
+                          *levers)
+        proc = subprocess.run([*torchrun, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        runs[name] = [(r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path / name)[0]]
+    assert [pytest.approx(pair, rel=1e-5) for pair in runs["levers"]] == runs["plain"]
+
+
+def test_glibc_allocator_thresholds_only_where_they_apply(monkeypatch):
+    if not sys.platform.startswith("linux") or not hasattr(__import__("ctypes").CDLL(None), "gnu_get_libc_version"):
+        pytest.skip("not glibc")
+    assert runtime.keep_freed_memory().startswith("glibc malloc: freed blocks up to 1 GiB are kept")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # the user's own choice stands
+    assert runtime.keep_freed_memory() == ""
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setattr(runtime.sys, "platform", "darwin")
+    assert runtime.keep_freed_memory() == ""
+    monkeypatch.setattr(runtime.sys, "platform", "linux")
+
+    class Musl:  # a C library without glibc's gnu_get_libc_version
+        pass
+    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: Musl())
+    assert runtime.keep_freed_memory() == ""
+
+
+def test_fit_report_names_the_levers_it_measured():
+    lines = fit_report(32, 1024, 524_288, " --activation_checkpointing=True")
+    assert lines[-1] == "use: --batch_size=32 --gradient_accumulation_steps=16 --activation_checkpointing=True"
