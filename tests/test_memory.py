@@ -161,6 +161,8 @@ def test_ddp_with_both_levers_equals_the_plain_step(token_dataset, tmp_path):
 def test_glibc_allocator_thresholds_only_where_they_apply(monkeypatch):
     if not sys.platform.startswith("linux") or not hasattr(__import__("ctypes").CDLL(None), "gnu_get_libc_version"):
         pytest.skip("not glibc")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     assert runtime.keep_freed_memory().startswith("glibc malloc: freed blocks up to 1 GiB are kept")
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # the user's own choice stands
     assert runtime.keep_freed_memory() == ""
