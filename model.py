@@ -21,9 +21,12 @@ from tokenizer import VOCAB_SIZE
 
 OPTIMIZERS = ("adamw", "muon")  # train.py's optimizer=; see GPT.configure_optimizers
 PADDED_VOCAB_SIZE = 50304  # GPT-2's 50257 ids padded up to a multiple of 64: faster matmuls, rows never sampled
-# positions per chunk of the chunked loss: its logits (rows x 50,304, ~100 MB in fp32) and their gradient
-# are what the output layer holds at once instead of the whole micro-batch's (README 'Memory')
-LOSS_CHUNK_ROWS = 512
+# positions per chunk of the chunked loss: the output layer holds one chunk's logits and their gradient at
+# a time instead of the whole micro-batch's. On a CPU, 128 rows (26 MB of fp32 logits) stay under glibc's
+# mmap threshold, so the memory is reused from chunk to chunk rather than mapped and page-faulted anew; on
+# a GPU, fewer and larger kernels (512 rows: ~0.5 GB of logits, copies and gradients; not yet tuned there)
+LOSS_CHUNK_ROWS = 128
+LOSS_CHUNK_ROWS_GPU = 512
 
 
 @dataclass
@@ -379,11 +382,15 @@ def target_losses(logits, targets, n_outputs, reduction):
     return F.cross_entropy(logits[:, :n_outputs].float(), targets, ignore_index=-1, reduction=reduction)
 
 
+def chunk_rows(h):
+    return LOSS_CHUNK_ROWS if h.device.type == "cpu" else LOSS_CHUNK_ROWS_GPU
+
+
 def chunked_target_losses(output_logits, h, targets, n_outputs):
-    """(N,) per-target losses of hidden states h (..., C) with LOSS_CHUNK_ROWS positions' logits at a time."""
-    h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
-    return torch.cat([target_losses(output_logits(h[i:i + LOSS_CHUNK_ROWS]), targets[i:i + LOSS_CHUNK_ROWS],
-                                    n_outputs, "none") for i in range(0, len(targets), LOSS_CHUNK_ROWS)])
+    """(N,) per-target losses of hidden states h (..., C), one chunk of positions' logits at a time."""
+    h, targets, rows = h.reshape(-1, h.size(-1)), targets.reshape(-1), chunk_rows(h)
+    return torch.cat([target_losses(output_logits(h[i:i + rows]), targets[i:i + rows], n_outputs, "none")
+                      for i in range(0, len(targets), rows)])
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -395,16 +402,16 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, targets, output_logits, n_outputs, *params):
-        rows, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+        rows, targets, size = h.reshape(-1, h.size(-1)), targets.reshape(-1), chunk_rows(h)
         grad_rows, grad_params = torch.empty_like(rows), [torch.zeros_like(p) for p in params]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for i in range(0, len(targets), LOSS_CHUNK_ROWS):
-            chunk = rows[i:i + LOSS_CHUNK_ROWS].detach().requires_grad_()
+        for i in range(0, len(targets), size):
+            chunk = rows[i:i + size].detach().requires_grad_()
             with torch.enable_grad():
-                loss = target_losses(output_logits(chunk), targets[i:i + LOSS_CHUNK_ROWS], n_outputs, "sum")
+                loss = target_losses(output_logits(chunk), targets[i:i + size], n_outputs, "sum")
             grads = torch.autograd.grad(loss, [chunk, *params])
             total += loss.detach()
-            grad_rows[i:i + LOSS_CHUNK_ROWS] = grads[0]
+            grad_rows[i:i + size] = grads[0]
             for grad_param, grad in zip(grad_params, grads[1:]):
                 grad_param += grad
         count = (targets != -1).sum()  # the mean is over counted targets, as F.cross_entropy's

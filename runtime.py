@@ -76,17 +76,21 @@ def autocast_context(device, dtype):
     return torch.amp.autocast(device_type=device.split(":")[0], dtype=DTYPES[dtype])
 
 
-# glibc malloc hands every block above its mmap threshold (dynamic, at most 32 MB) back to the kernel when
-# freed, and the next step page-faults it in again: a CPU training step then spends about as long in the
-# kernel as in its own work. Blocks up to this size stay in the process instead (docs/performance.md).
-MALLOC_THRESHOLD = 2**30  # bytes; mallopt takes an int
+# glibc malloc hands every block above its mmap threshold (dynamic: 128 KiB at first, rising to at most 32 MiB)
+# back to the kernel when freed, and trims freed memory off the heap's top beyond 128 KiB, so each step
+# page-faults its memory in again: a CPU training step then spends a large share of its time in the kernel.
+# Fixing the mmap threshold at its ceiling from the start, and trimming only above 1 GiB, keeps blocks up to
+# 32 MiB (the chunked loss's included) in the process for reuse; larger ones (the output layer's gradient)
+# still go back to the kernel, which keeps the peak down (a higher threshold measured a higher peak RSS).
+MMAP_THRESHOLD = 32 * 2**20  # bytes
+TRIM_THRESHOLD = 2**30
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
 
 
 def keep_freed_memory():
-    """Raise glibc malloc's mmap and trim thresholds to MALLOC_THRESHOLD, before the first large
-    allocation. Returns the line to print at start, or '' where it does not apply: not Linux, not glibc
-    (musl), or the user chose the thresholds (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_)."""
+    """Set glibc malloc's mmap and trim thresholds (above), before the first large allocation. Returns the
+    line to print at start, or '' where it does not apply: not Linux, not glibc (musl), or the user chose
+    the thresholds (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_)."""
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ \
             or "MALLOC_TRIM_THRESHOLD_" in os.environ:
         return ""
@@ -96,10 +100,10 @@ def keep_freed_memory():
     except (OSError, AttributeError):
         return ""
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    if not (libc.mallopt(M_MMAP_THRESHOLD, MALLOC_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, MALLOC_THRESHOLD)):
+    if not (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
         return ""
-    return (f"glibc malloc: freed blocks up to {MALLOC_THRESHOLD / 2**30:g} GiB are kept for reuse "
-            "(mmap and trim thresholds raised: no page faults every step)")
+    return (f"glibc malloc: freed blocks up to {MMAP_THRESHOLD // 2**20} MiB are reused, freed memory up to "
+            f"{TRIM_THRESHOLD // 2**30} GiB kept (mmap and trim thresholds set: fewer page faults every step)")
 
 
 def synchronize(device):

@@ -72,11 +72,12 @@ def peak_bytes(dev):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def plain_loss(model, x, y):
-    """nanoGPT's: the logits of every position, then one cross-entropy over them (here over the
-    tokenizer's ids, as the model's own loss; the full logits are what costs the memory)."""
+def plain_forward(model, x, y):
+    """nanoGPT's forward with targets: the logits of every position, one cross-entropy over them; the
+    logits are returned (nanoGPT's loop, and train.py before the chunked loss, held them through the
+    backward)."""
     logits = model.all_logits(x)
-    return F.cross_entropy(logits[..., :VOCAB_SIZE].flatten(0, 1).float(), y.flatten(), ignore_index=-1)
+    return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
 
 
 def run_child():
@@ -100,7 +101,7 @@ def run_child():
 
     def step():
         with ctx:
-            loss = plain_loss(model, x, y) if loss_kind == "full logits" else model(x, y)[1]
+            logits, loss = plain_forward(model, x, y) if loss_kind == "full logits" else model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizers["optimizer"].step()

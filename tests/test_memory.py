@@ -163,7 +163,7 @@ def test_glibc_allocator_thresholds_only_where_they_apply(monkeypatch):
         pytest.skip("not glibc")
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
-    assert runtime.keep_freed_memory().startswith("glibc malloc: freed blocks up to 1 GiB are kept")
+    assert runtime.keep_freed_memory().startswith("glibc malloc: freed blocks up to 32 MiB are reused")
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # the user's own choice stands
     assert runtime.keep_freed_memory() == ""
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
