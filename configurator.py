@@ -53,6 +53,8 @@ RULES = {
     "seed": AT_LEAST_0,
     "hellaswag_interval": AT_LEAST_0,  # 0 = off
     "hellaswag_limit": AT_LEAST_0,  # 0 = every example
+    "sample_tokens": AT_LEAST_0,  # 0 = off
+    "max_hours": AT_LEAST_0,  # 0 = no time budget
     # eval.py
     "limit": AT_LEAST_0,  # 0 = every HellaSwag example
     "val_tokens": AT_LEAST_0,  # 0 = all of val.bin

@@ -1,7 +1,8 @@
 """
 How good a model is, in figures that compare across runs, models and tokenizers. eval.py prints them
 for a checkpoint or GPT-2 weights; train.py evaluates HellaSwag while training (hellaswag_interval), and
-its train/val loss estimate (estimate_loss) lives here too.
+its train/val loss estimate (estimate_loss) and the samples it prints at evaluations (generate_samples)
+live here too.
 
 - Bits per byte on val.bin: the loss in nats per token, over ln 2, times tokens per UTF-8 byte of the
   same text. A tokenizer with longer tokens has a higher loss per token but not per byte.
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from atomic import atomic_write
 from loader import eval_batches
-from tokenizer import EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE, get_encoding
+from tokenizer import EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE, decode, encode_prompt, get_encoding
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 # as recorded by Hugging Face datasets for this file (datasets/hellaswag/dataset_infos.json: 12,246,618
@@ -56,6 +57,26 @@ def estimate_loss(model, paths, batch_size, n_batches, device, ctx):
         out[split] = sum(losses) / len(losses)
     model.train()
     return out
+
+
+def generate_samples(model, enc, prompt_text, max_new_tokens, device, ctx, seed, num_samples=2, top_k=50):
+    """num_samples continuations of prompt_text ('' = a new document) as text, each ending at its EOT,
+    top-k sampled with a fixed seed: the same draws at every evaluation, so the texts change only with the
+    model. Training is not disturbed: the draws come from their own torch.Generator (the global RNG drives
+    dropout) and the model is back in train mode after."""
+    prompt = encode_prompt(enc, prompt_text)[-model.config.block_size:]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    x = torch.tensor(prompt, dtype=torch.long, device=device)[None, :].repeat(num_samples, 1)
+    model.eval()
+    with torch.no_grad(), ctx:
+        y = model.generate(x, max_new_tokens, top_k=top_k, vocab_size=VOCAB_SIZE, stop_token=EOT_TOKEN,
+                           generator=generator)
+    model.train()
+    texts = []
+    for row in y.tolist():
+        new = row[len(prompt):]
+        texts.append(prompt_text + decode(enc, new[:new.index(EOT_TOKEN)] if EOT_TOKEN in new else new))
+    return texts
 
 
 # ----------------------------------------------------------------------------------------------
