@@ -249,7 +249,13 @@ def log_metrics(record):
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
     if wandb_log:
-        wandb.log({k: v for k, v in record.items() if k != "iter" and v is not None}, step=record["iter"])
+        wandb.log(wandb_record(record), step=record["iter"])
+
+
+def wandb_record(record):
+    """wandb charts numbers; the samples go as a table, one row per sample."""
+    return {k: wandb.Table(columns=["sample"], data=[[text] for text in v]) if k == "samples" else v
+            for k, v in record.items() if k != "iter" and v is not None}
 
 
 def save(val_loss, names):

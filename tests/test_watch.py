@@ -1,0 +1,126 @@
+"""Planning and watching a long run: the time left (progress.py, on a fake clock), the max_hours budget,
+samples printed at evaluations without disturbing training."""
+import sys
+import types
+
+import pytest
+
+from checkpoint import load_checkpoint
+from conftest import train_args
+from inprocess import read_metrics, run_inprocess
+from progress import Progress, duration, finish_time
+
+
+class FakeClock:
+    def __init__(self, now=1_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def run_iterations(progress, clock, seconds_each, n):
+    for _ in range(n):
+        clock.now += seconds_each
+        progress.iteration_done()
+
+
+def test_time_left_is_the_recent_rate_plus_the_evaluations_to_come():
+    clock = FakeClock()
+    progress = Progress(0, 100, eval_interval=50, clock=clock, window=4)
+    assert progress.eta(0) is None  # nothing timed yet
+    clock.now += 30.0
+    progress.evaluation_done()  # the evaluation at iteration 0 took 30 s
+    run_iterations(progress, clock, 10.0, 1)  # the first iteration (compilation, warm-up) is left out
+    assert progress.eta(1) is None
+    run_iterations(progress, clock, 2.0, 9)  # iterations 2..10 at 2 s
+    # 90 iterations left at 2 s, and the evaluations at 50 and 100 at 30 s each
+    assert progress.eta(10) == pytest.approx(90 * 2.0 + 2 * 30.0)
+    run_iterations(progress, clock, 1.0, 4)  # only the recent window counts: the card got faster
+    assert progress.seconds_per_iter() == pytest.approx(1.0)
+    assert progress.elapsed() == pytest.approx(30 + 10 + 18 + 4)
+    # at iteration 50 its own evaluation is still to come (it runs after the log line)
+    assert progress.evaluations_left(50) == 2 and progress.evaluations_left(51) == 1
+    assert progress.evaluations_left(100) == 1
+    assert Progress(0, 105, eval_interval=50).evaluations_left(101) == 1  # the final one at max_iters
+
+
+def test_a_resumed_run_continues_the_elapsed_time_and_the_rates():
+    clock = FakeClock()
+    first = Progress(0, 1000, eval_interval=100, clock=clock)
+    clock.now += 20.0
+    first.evaluation_done()
+    run_iterations(first, clock, 3.0, 11)
+    saved = first.state_dict()
+    clock.now += 3600.0  # the machine was off for an hour: not run time
+    resumed = Progress(11, 1000, eval_interval=100, saved=saved, clock=clock)
+    assert resumed.elapsed() == pytest.approx(20 + 33)
+    assert resumed.eta(11) == pytest.approx(first.eta(11))  # before this run has timed anything
+    run_iterations(resumed, clock, 5.0, 1)  # its first iteration is left out, as every run's is
+    assert resumed.seconds_per_iter() == pytest.approx(3.0)
+
+
+def test_the_budget_stops_before_an_iteration_that_would_pass_it():
+    clock = FakeClock()
+    progress = Progress(0, 100, eval_interval=10, clock=clock)
+    clock.now += 5.0
+    progress.evaluation_done()
+    run_iterations(progress, clock, 1.0, 4)  # 9 s of this session so far, 1 s per iteration
+    assert not progress.next_would_pass(10.5, 4)  # iteration 5 ends at 10 s
+    assert progress.next_would_pass(9.5, 4)
+    assert not progress.next_would_pass(0, 4)  # 0 = no budget
+    run_iterations(progress, clock, 1.0, 6)  # 15 s; the evaluation due at 10 (5 s) comes before iteration 11
+    assert progress.next_would_pass(20.5, 10) and not progress.next_would_pass(21.5, 10)
+    # the budget is this session's: the time of the run it resumed from does not count
+    resumed = Progress(10, 100, eval_interval=10, saved={"elapsed_s": 1e6, "seconds_per_iter": 1.0}, clock=clock)
+    assert not resumed.next_would_pass(3.0, 11)
+
+
+def test_durations_and_finish_times_read_at_a_glance():
+    assert [duration(s) for s in (7, 245, 11400, 190000)] == ["7s", "4m05s", "3h10m", "2d04h"]
+    noon = 1_700_000_000  # any moment: the same day prints the time, another day its weekday too
+    assert ":" in finish_time(noon, noon) and len(finish_time(noon, noon)) == 5
+    assert len(finish_time(noon + 3 * 86400, noon)) == 9
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    """A stand-in for the wandb module that records what train.py logs."""
+    logged = []
+    module = types.SimpleNamespace(init=lambda **kw: None, finish=lambda: None,
+                                   log=lambda record, step: logged.append((step, record)),
+                                   Table=lambda columns, data: ("table", columns, data))
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    return logged
+
+
+def test_samples_and_a_time_budget_leave_training_exactly_as_without_them(token_dataset, tmp_path, fake_wandb):
+    """Samples at every evaluation (their own generator, eval mode) and a max_hours stop with its resume give
+    the same losses and learning rates as a plain run: with dropout on, a draw from the global RNG or a model
+    left in eval mode would change every loss after the first evaluation."""
+    run = ["--max_iters=4", "--eval_interval=3", "--dropout=0.1"]
+    code, out, err = run_inprocess("train.py", *train_args(token_dataset, tmp_path / "plain", *run))
+    assert code == 0, out + err
+    watched = train_args(token_dataset, tmp_path / "watched", *run, "--sample_tokens=6", "--wandb_log=True")
+    code, out, err = run_inprocess("train.py", *watched, "--max_hours=1e-9")  # stops once an iteration is timed
+    assert code == 0, out + err
+    assert "max_hours=1e-09 would pass in the next iteration: stopped at iteration 2" in out
+    assert "continue with --init_from=resume" in out
+    assert load_checkpoint(tmp_path / "watched" / "ckpt.pt")["iter_num"] == 2
+    stopped_at = read_metrics(tmp_path / "watched")[0][-1]
+    code, out, err = run_inprocess("train.py", *watched, "--init_from=resume")
+    assert code == 0, out + err
+    assert "sample 2: " in out
+
+    (plain, plain_evals), (watched_log, watched_evals) = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "watched")
+    assert [(r["iter"], r["loss"], r["lr"]) for r in watched_log] == [(r["iter"], r["loss"], r["lr"]) for r in plain]
+    assert [r["val_loss"] for r in watched_evals] == [r["val_loss"] for r in plain_evals]
+    assert [r["iter"] for r in watched_evals] == [0, 3, 4]
+    assert all(len(r["samples"]) == 2 and all(isinstance(t, str) for t in r["samples"]) for r in watched_evals)
+    assert "samples" not in plain_evals[0]
+    # the resumed run continues the clock and has an estimate from its first iteration on
+    first_resumed = watched_log[2]
+    assert first_resumed["elapsed_s"] > stopped_at["elapsed_s"] and first_resumed["eta_s"] is not None
+    assert watched_log[-1]["eta_s"] < first_resumed["eta_s"]
+    tables = [record["samples"] for step, record in fake_wandb if "samples" in record]
+    assert tables[-1] == ("table", ["sample"], [[text] for text in watched_evals[-1]["samples"]])
