@@ -196,10 +196,11 @@ INVALID_TRAIN_VALUES = {
     "warmup_iters": -1, "lr_decay_iters": -1, "min_lr": -1e-5, "cooldown_frac": 1.5, "device": "tpu",
     "dtype": "fp8", "peak_flops": -1.0, "seed": -1, "hellaswag_interval": -1, "hellaswag_limit": -1,
     "optimizer": "sgd", "muon_lr": -0.02, "muon_momentum": 1.0,
+    "sample_tokens": -1, "max_hours": -1.0,
 }
 ANY_VALUE = {"eval_only", "allow_lr_increase", "overwrite", "wandb_log", "wandb_project", "wandb_run_name", "bias",
              "rotary", "qk_norm", "tie_embeddings", "zero_init_proj", "compile",
-             "hellaswag_file"}  # read only when hellaswag_interval > 0: test_eval checks it then
+             "hellaswag_file", "sample_prompt"}  # read only when hellaswag_interval > 0: test_eval checks it then
 
 
 def test_every_train_key_is_swept():
