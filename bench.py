@@ -46,7 +46,10 @@ BENCH_DEFAULTS = dict(
 )
 
 
-def train_defaults(path=os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")):
+TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+
+
+def train_defaults(path=TRAIN_PY):
     """train.py's settings and their defaults: train.py run under the name '__settings__' stops right
     after its settings block (running it whole would train), and its plain globals are the settings."""
     namespace = {"__name__": "__settings__", "__file__": path}
@@ -136,7 +139,7 @@ def optimizer_state_text(optimizers):
 
 
 def main(argv):
-    c = SimpleNamespace(**configure({**train_defaults(), **BENCH_DEFAULTS}, argv))
+    c = SimpleNamespace(**configure({**train_defaults(), **BENCH_DEFAULTS}, argv, sources=[TRAIN_PY, __file__]))
     try:
         device = pick_device(c.device)
         dtype = pick_dtype(c.dtype, device)

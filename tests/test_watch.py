@@ -124,3 +124,42 @@ def test_samples_and_a_time_budget_leave_training_exactly_as_without_them(token_
     assert watched_log[-1]["eta_s"] < first_resumed["eta_s"]
     tables = [record["samples"] for step, record in fake_wandb if "samples" in record]
     assert tables[-1] == ("table", ["sample"], [[text] for text in watched_evals[-1]["samples"]])
+
+
+# ---------------------------------------------------------------------------------------------
+# --help: every setting, its value and its comment, as the script groups them
+
+
+def help_keys(script, *args):
+    code, out, err = run_inprocess(script, *args, "--help")
+    assert code == 0 and err == "", err
+    return out, {line.split("=", 1)[0].strip()[2:]: line for line in out.splitlines() if line.startswith("  --")}
+
+
+def test_train_help_lists_every_setting_with_its_default_and_comment_in_its_group():
+    from bench import train_defaults
+    defaults = train_defaults()
+    out, lines = help_keys("train.py")
+    assert set(lines) == set(defaults)
+    for key, value in defaults.items():
+        assert lines[key].split()[0] == f"--{key}={value!r}"
+    assert lines["max_hours"].split(None, 1)[1].startswith("time budget of this launch: save ckpt.pt")
+    body = out.splitlines()
+    assert body.index("model") < body.index(lines["n_layer"]) < body.index(lines["dropout"]) < body.index("AdamW")
+
+
+def test_help_after_a_config_file_shows_that_files_values():
+    out, lines = help_keys("train.py", "config/train_fineweb_cpu.py", "--max_iters=7")
+    assert lines["n_layer"].split()[0] == "--n_layer=4" and lines["max_iters"].split()[0] == "--max_iters=7"
+    assert lines["n_layer"] != help_keys("train.py")[1]["n_layer"]
+
+
+@pytest.mark.parametrize("script", ["sample.py", "eval.py", "export.py", "bench.py"])
+def test_every_script_help_lists_all_its_keys(script):
+    """The keys --help prints are the ones the script accepts: those its unknown-key error lists."""
+    code, _, err = run_inprocess(script, "--zzzz=1")
+    assert code == 2 and "known keys: " in err
+    known = set(err.strip().split("known keys: ")[1].split(", "))
+    _, lines = help_keys(script)
+    assert set(lines) == known
+    assert sum(1 for line in lines.values() if len(line.split(None, 1)) > 1) >= len(known) // 2  # most commented
