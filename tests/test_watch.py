@@ -121,7 +121,6 @@ def test_samples_and_a_time_budget_leave_training_exactly_as_without_them(token_
     # the resumed run continues the clock and has an estimate from its first iteration on
     first_resumed = watched_log[2]
     assert first_resumed["elapsed_s"] > stopped_at["elapsed_s"] and first_resumed["eta_s"] is not None
-    assert watched_log[-1]["eta_s"] < first_resumed["eta_s"]
     tables = [record["samples"] for step, record in fake_wandb if "samples" in record]
     assert tables[-1] == ("table", ["sample"], [[text] for text in watched_evals[-1]["samples"]])
 
