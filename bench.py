@@ -18,7 +18,6 @@ size stands in for it (the whole process, Python and libraries included).
 """
 import os
 import re
-import resource
 import sys
 import time
 from types import SimpleNamespace
@@ -120,8 +119,13 @@ def peak_memory_text(device):
     if device.startswith("cuda"):
         return (f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
                 f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved")
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    rss = kib if sys.platform == "darwin" else kib * 1024
+    if sys.platform == "win32":  # no `resource` module there (imported here, so bench.py starts on Windows)
+        import psutil
+        rss = psutil.Process().memory_info().peak_wset
+    else:
+        import resource
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        rss = kib if sys.platform == "darwin" else kib * 1024
     return f"peak RSS {rss / 2**30:.2f} GiB (whole process; CPU stand-in for device memory)"
 
 

@@ -6,7 +6,6 @@ import os
 import signal
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 
 import torch
@@ -138,11 +137,8 @@ def device_peak_flops(device, dtype, override=None):
 
 def compile_with_fallback(model, example_step):
     """torch.compile(model), tried on one real step (compilation is lazy, so failures show up on
-    first use: no C++ compiler, no Triton on Windows, an old GPU). On failure, warn once and
-    return the eager model, so a long run never dies for the sake of speed."""
-    if sys.platform == "win32":
-        warnings.warn("torch.compile is not supported on Windows; running eagerly")
-        return model
+    first use: no C++ compiler, no Triton on Windows without triton-windows, an old GPU). On failure,
+    warn once and return the eager model, so a long run never dies for the sake of speed."""
     compiled = torch.compile(model)
     try:
         # the trial step must not advance the RNG (dropout), or a resumed run would diverge

@@ -162,3 +162,47 @@ def test_every_script_help_lists_all_its_keys(script):
     _, lines = help_keys(script)
     assert set(lines) == known
     assert sum(1 for line in lines.values() if len(line.split(None, 1)) > 1) >= len(known) // 2  # most commented
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows, simulated: no Unix-only module at start, torch.compile tried
+
+
+UNIX_ONLY = ["resource", "fcntl", "termios", "pwd", "grp"]
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "eval.py", "export.py", "bench.py"])
+def test_no_script_needs_a_unix_only_module_to_start(script, monkeypatch):
+    for name in UNIX_ONLY:  # None in sys.modules: `import name` raises ImportError, as on Windows
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setattr(sys, "platform", "win32")
+    code, out, err = run_inprocess(script, "--help")
+    assert code == 0 and "usage: python" in out, err
+
+
+def test_bench_reports_peak_memory_on_windows_without_resource(monkeypatch):
+    from bench import peak_memory_text
+    monkeypatch.setitem(sys.modules, "resource", None)
+    monkeypatch.setattr(sys, "platform", "win32")
+    fake_psutil = types.SimpleNamespace(Process=lambda: types.SimpleNamespace(
+        memory_info=lambda: types.SimpleNamespace(peak_wset=3 * 2**30)))
+    monkeypatch.setitem(sys.modules, "psutil", fake_psutil)
+    assert peak_memory_text("cpu").startswith("peak RSS 3.00 GiB")
+
+
+def test_torch_compile_is_tried_on_windows_and_falls_back_with_the_warning(monkeypatch, capsys):
+    import torch
+    from model import GPT, GPTConfig
+    import runtime
+    from runtime import compile_with_fallback
+    # runtime's view of the platform only: torch itself cannot compile under a faked sys.platform
+    monkeypatch.setattr(runtime, "sys", types.SimpleNamespace(platform="win32", stderr=sys.stderr))
+    monkeypatch.setattr(torch, "compile", lambda m: ("compiled", m))  # importing inductor costs ~10 s
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=16))
+    assert compile_with_fallback(model, lambda m: None) == ("compiled", model)
+
+    def no_triton(m):
+        raise RuntimeError("Cannot find a working triton installation")
+
+    assert compile_with_fallback(model, no_triton) is model
+    assert "torch.compile failed (RuntimeError: Cannot find a working triton installation)" in capsys.readouterr().err
