@@ -175,7 +175,7 @@ def test_flops_per_token_matches_a_hand_count(tie):
     ("NVIDIA H200", "bfloat16", 989.4e12),
     ("NVIDIA H200", "float32", 66.9e12),
     ("NVIDIA A100-SXM4-80GB", "tf32", 156.0e12),
-    ("Tesla T4", "float16", None),
+    ("Tesla T4", "float16", 65.0e12),
     ("NVIDIA GeForce RTX 4070 Laptop GPU", "bfloat16", None),
 ])
 def test_peak_flops_lookup(name, dtype, expected):
