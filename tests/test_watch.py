@@ -254,3 +254,43 @@ def test_an_unknown_card_says_once_how_to_pass_peak_flops(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3060 Laptop GPU")
     peak, description = device_peak_flops("cuda", "bfloat16")
     assert peak is None and "--peak_flops=" in description and "\n" not in description
+
+
+# ---------------------------------------------------------------------------------------------
+# several machines: two torchrun "nodes" on this one, over loopback with gloo
+
+
+@pytest.mark.slow
+def test_two_nodes_train_as_one_node_with_two_ranks_and_resume_exactly(token_dataset, tmp_path):
+    import os
+    import socket
+    import subprocess
+    from conftest import REPO_ROOT
+    run = ["--max_iters=4", "--eval_interval=3", "--dropout=0.1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+
+    def finish(procs):
+        for proc in procs:
+            out, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 0, out
+
+    def two_nodes(out_dir, *extra):
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        node = [*torchrun, "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes", "--local_addr=127.0.0.1", "train.py",
+                *train_args(token_dataset, out_dir, *run, *extra)]
+        finish([subprocess.Popen(node, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True) for _ in range(2)])
+
+    one_node = [*torchrun, "--standalone", "--nproc_per_node=2", "train.py", *train_args(token_dataset, tmp_path / "one", *run)]
+    finish([subprocess.Popen(one_node, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)])
+    two_nodes(tmp_path / "two", "--max_hours=1e-9")  # both nodes agree to stop at iteration 2
+    assert load_checkpoint(tmp_path / "two" / "ckpt.pt")["iter_num"] == 2
+    two_nodes(tmp_path / "two", "--init_from=resume")
+    one, two = read_metrics(tmp_path / "one")[0], read_metrics(tmp_path / "two")[0]
+    assert [r["iter"] for r in two] == [1, 2, 3, 4]
+    # rank 0's loss, and the gradient norm that both ranks' batches and dropout masks went into
+    assert [(r["loss"], r["grad_norm"]) for r in two] == [(r["loss"], r["grad_norm"]) for r in one]
