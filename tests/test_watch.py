@@ -1,12 +1,15 @@
 """Planning and watching a long run: the time left (progress.py, on a fake clock), the max_hours budget,
 samples printed at evaluations without disturbing training."""
+import os
+import socket
+import subprocess
 import sys
 import types
 
 import pytest
 
 from checkpoint import load_checkpoint
-from conftest import train_args
+from conftest import REPO_ROOT, train_args
 from inprocess import read_metrics, run_inprocess
 from progress import Progress, duration, finish_time
 
@@ -112,7 +115,8 @@ def test_samples_and_a_time_budget_leave_training_exactly_as_without_them(token_
     assert code == 0, out + err
     assert "sample 2: " in out
 
-    (plain, plain_evals), (watched_log, watched_evals) = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "watched")
+    plain, plain_evals = read_metrics(tmp_path / "plain")
+    watched_log, watched_evals = read_metrics(tmp_path / "watched")
     assert [(r["iter"], r["loss"], r["lr"]) for r in watched_log] == [(r["iter"], r["loss"], r["lr"]) for r in plain]
     assert [r["val_loss"] for r in watched_evals] == [r["val_loss"] for r in plain_evals]
     assert [r["iter"] for r in watched_evals] == [0, 3, 4]
@@ -262,10 +266,6 @@ def test_an_unknown_card_says_once_how_to_pass_peak_flops(monkeypatch):
 
 @pytest.mark.slow
 def test_two_nodes_train_as_one_node_with_two_ranks_and_resume_exactly(token_dataset, tmp_path):
-    import os
-    import socket
-    import subprocess
-    from conftest import REPO_ROOT
     run = ["--max_iters=4", "--eval_interval=3", "--dropout=0.1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run"]
@@ -275,6 +275,10 @@ def test_two_nodes_train_as_one_node_with_two_ranks_and_resume_exactly(token_dat
             out, _ = proc.communicate(timeout=300)
             assert proc.returncode == 0, out
 
+    def start(command):
+        return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
     def two_nodes(out_dir, *extra):
         with socket.socket() as s:  # a free port for the rendezvous
             s.bind(("127.0.0.1", 0))
@@ -282,11 +286,10 @@ def test_two_nodes_train_as_one_node_with_two_ranks_and_resume_exactly(token_dat
         node = [*torchrun, "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
                 f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes", "--local_addr=127.0.0.1", "train.py",
                 *train_args(token_dataset, out_dir, *run, *extra)]
-        finish([subprocess.Popen(node, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True) for _ in range(2)])
+        finish([start(node) for _ in range(2)])
 
-    one_node = [*torchrun, "--standalone", "--nproc_per_node=2", "train.py", *train_args(token_dataset, tmp_path / "one", *run)]
-    finish([subprocess.Popen(one_node, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)])
+    finish([start([*torchrun, "--standalone", "--nproc_per_node=2", "train.py",
+                   *train_args(token_dataset, tmp_path / "one", *run)])])
     two_nodes(tmp_path / "two", "--max_hours=1e-9")  # both nodes agree to stop at iteration 2
     assert load_checkpoint(tmp_path / "two" / "ckpt.pt")["iter_num"] == 2
     two_nodes(tmp_path / "two", "--init_from=resume")
