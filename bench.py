@@ -46,6 +46,7 @@ BENCH_DEFAULTS = dict(
 
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+SETTINGS_SOURCES = [TRAIN_PY, __file__]  # --help: train.py's settings and their comments, then the bench's
 
 
 def train_defaults(path=TRAIN_PY):
@@ -143,7 +144,7 @@ def optimizer_state_text(optimizers):
 
 
 def main(argv):
-    c = SimpleNamespace(**configure({**train_defaults(), **BENCH_DEFAULTS}, argv, sources=[TRAIN_PY, __file__]))
+    c = SimpleNamespace(**configure({**train_defaults(), **BENCH_DEFAULTS}, argv))
     try:
         device = pick_device(c.device)
         dtype = pick_dtype(c.dtype, device)

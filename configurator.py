@@ -155,13 +155,13 @@ def apply_config_file(config, path):
         config[key] = check_type(key, value, config[key])
 
 
-def configure(defaults, argv, sources=None):
+def configure(defaults, argv):
     """defaults: {name: default value}; argv: sys.argv[1:]. Returns the final config dict. --help prints
-    the settings, commented as in sources (the script's file, by default), with the values so far."""
+    the settings with the values so far, commented as in the script's source (help_sources)."""
     config = dict(defaults)
     for arg in argv:
         if arg in ("--help", "-h"):
-            print(settings_help(config, sources or [sys.modules["__main__"].__file__]))
+            print(settings_help(config, help_sources()))
             sys.exit(0)
         if not arg.startswith("--"):
             if not arg.endswith(".py"):
@@ -183,6 +183,13 @@ def config_globals(namespace):
     UPPER_CASE constants (imported facts such as VOCAB_SIZE are not settings)."""
     return {k: v for k, v in namespace.items()
             if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str, type(None)))}
+
+
+def help_sources():
+    """The files whose comments describe the running script's settings: its own, or the list it names in
+    SETTINGS_SOURCES (bench.py: train.py's, then its own)."""
+    script = sys.modules["__main__"]
+    return getattr(script, "SETTINGS_SOURCES", None) or [script.__file__]
 
 
 def setting_lines(path):
