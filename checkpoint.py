@@ -254,7 +254,7 @@ def check_resume_lr(ckpt, config):
             f"{config['max_iters']}, lr_decay_iters={config['lr_decay_iters']}); "
             + ("to extend a wsd run, resume from before its cooldown (--resume_from=stable); "
                if config["lr_schedule"] == "wsd" else "")
-            + "see README 'Long runs', or pass --allow_lr_increase=True")
+            + "see docs/training.md, 'Training past the plan', or pass --allow_lr_increase=True")
 
 
 def restore_checkpoint(ckpt, model, optimizers, scaler, batches, rank, world_size):

@@ -260,7 +260,7 @@ class GPT(nn.Module):
     def muon_params(self):
         """The 2-D weight matrices inside the transformer blocks: the hidden layers Muon is made for.
         Embeddings, lm_head, norms and biases are not, and stay with AdamW. c_attn (q, k, v fused) is
-        orthogonalised whole; README 'Muon' has the measurement behind that choice."""
+        orthogonalised whole; docs/recipe.md, 'Muon', has the measurement behind that choice."""
         return [p for p in self.transformer.h.parameters() if p.dim() == 2]
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",

@@ -51,7 +51,7 @@ hellaswag_file = ""  # hellaswag_val.jsonl; '' = downloaded once into data/hella
 init_from = "scratch"  # 'scratch', 'resume' (from out_dir), 'gpt2'...'gpt2-xl' or a Hugging Face GPT-2 folder
 overwrite = False  # let a new run (init_from other than 'resume') replace the checkpoints already in out_dir
 resume_from = "last"  # with init_from='resume': 'last' (ckpt.pt), 'best', 'stable' or a path
-allow_lr_increase = False  # allow a resume whose schedule raises the learning rate (see README)
+allow_lr_increase = False  # allow a resume whose schedule raises the learning rate (see docs/training.md)
 # wandb logging
 wandb_log = False
 wandb_project = "fineweb"
@@ -165,7 +165,7 @@ if init_from == "resume":
     best_val_loss = min(best_val_loss, saved_val_loss(checkpoint_path(out_dir, "best")) or float("inf"))
     if iter_num >= max_iters and not eval_only:
         fail(f"{resume_path} is at iteration {iter_num} and max_iters={max_iters}: nothing to train; "
-             f"pass a larger --max_iters to continue (see README 'Long runs')")
+             f"pass a larger --max_iters to continue (see docs/training.md)")
     try:
         check_resume_lr(ckpt, config)
     except ValueError as e:

@@ -8,6 +8,7 @@ import argparse
 import re
 import runpy
 import shlex
+import subprocess
 import sys
 
 import pytest
@@ -72,17 +73,15 @@ class ArgumentsRead(Exception):
 
 
 def read_arguments(script, args, monkeypatch, capsys):
-    """Run `python script args` up to where it has read them. Returns None when they parse, else the
-    script's one-line complaint (what a user would see on stderr)."""
+    """Run `python script args` up to where it has read them. Returns (None, the settings) when they
+    parse, else (the script's one-line complaint, as a user would see it on stderr, None)."""
     real_configure, real_parse_args = configurator.configure, argparse.ArgumentParser.parse_args
 
     def configure(defaults, argv):
-        real_configure(defaults, argv)
-        raise ArgumentsRead
+        raise ArgumentsRead(real_configure(defaults, argv))
 
     def parse_args(parser, argv=None, namespace=None):
-        real_parse_args(parser, argv, namespace)
-        raise ArgumentsRead
+        raise ArgumentsRead(vars(real_parse_args(parser, argv, namespace)))
 
     monkeypatch.setattr(configurator, "configure", configure)
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
@@ -93,16 +92,15 @@ def read_arguments(script, args, monkeypatch, capsys):
         if script == "data/fineweb/prepare.py":  # its parse_args checks the options after argparse: all of it
             monkeypatch.setattr(argparse.ArgumentParser, "parse_args", real_parse_args)
             import prepare
-            prepare.parse_args(args)
-            return None
+            return None, vars(prepare.parse_args(args))
         runpy.run_path(str(REPO_ROOT / script), run_name="__main__")
-    except ArgumentsRead:
-        return None
+    except ArgumentsRead as read:
+        return None, read.args[0]
     except SystemExit as e:  # --help exits 0; a mistake exits 2 with one line on stderr
         if e.code in (0, None):
-            return None
-        return capsys.readouterr().err.strip() or f"exit status {e.code}"
-    return "the script ended without reading its arguments through configure() or argparse"
+            return None, None
+        return capsys.readouterr().err.strip() or f"exit status {e.code}", None
+    return "the script ended without reading its arguments through configure() or argparse", None
 
 
 COMMANDS = all_commands()
@@ -124,8 +122,45 @@ def test_every_documented_command_parses(doc, command, script, args, error, monk
             assert (REPO_ROOT / word.split("=")[-1]).is_file(), f"{doc}: `{command}`: {word} does not exist"
     if script.endswith(".sh"):
         return
-    complaint = read_arguments(script, args, monkeypatch, capsys)
+    complaint, _ = read_arguments(script, args, monkeypatch, capsys)
     assert complaint == error, f"{doc}: `{command}`:\n{complaint}" + (f"\nthe doc says: {error}" if error else "")
+
+
+# What each script writes inside the project, from its settings: (setting, a file it puts there or "").
+OUTPUTS = {"train.py": [("out_dir", "ckpt.pt")], "eval.py": [("out_dir", "evals.jsonl")],
+           "export.py": [("to", "config.json")], "plot.py": [("out", "")], "bench.py": [("profile_file", "")],
+           "data/fineweb/prepare.py": [("out_dir", name) for name in ("train.bin", "val.bin", "meta.json",
+                                                                     "prepare.lock", "prepare.work/manifest.json")],
+           "benchmarks/ablation.py": [("out_root", "baseline/train.log")],
+           "benchmarks/muon_qkv.py": [("out_root", "whole/ckpt.pt")]}
+
+
+def written_paths(script, settings):
+    """The project-relative paths a command with these settings writes (outside the project: none)."""
+    paths = []
+    for key, name in OUTPUTS.get(script, []):
+        if settings.get(key) and (key != "profile_file" or settings.get("profile")):
+            path = (REPO_ROOT / str(settings[key]) / name).resolve()
+            if path.is_relative_to(REPO_ROOT) and not path.is_relative_to(REPO_ROOT / "docs"):  # docs/: figures
+                paths.append(path.relative_to(REPO_ROOT).as_posix())
+    return paths
+
+
+def test_what_the_documented_commands_write_is_git_ignored(monkeypatch, capsys):
+    """Following the docs leaves nothing for `git status` to show (and nothing a test could trip on)."""
+    if not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    written = {}
+    for doc, command, script, args, error in COMMANDS:
+        if error is not None or script not in OUTPUTS:
+            continue
+        _, settings = read_arguments(script, args, monkeypatch, capsys)
+        for path in written_paths(script, settings or {}):
+            written.setdefault(path, f"{doc}: `{command}`")
+    assert "hf_model/config.json" in written and "out-fineweb-cpu/ckpt.pt" in written
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], input="\n".join(written), text=True,
+                             capture_output=True, cwd=REPO_ROOT).stdout.split()
+    assert {path: source for path, source in written.items() if path not in ignored} == {}
 
 
 def github_anchor(heading):
@@ -171,7 +206,7 @@ def test_every_link_between_the_docs_resolves(doc, target):
 def test_a_broken_command_in_a_doc_is_caught(line, complaint, monkeypatch, capsys):
     [(command, _)] = command_lines(line)
     script, args = split_command(command)
-    assert complaint in (read_arguments(script, args, monkeypatch, capsys) or "")
+    assert complaint in (read_arguments(script, args, monkeypatch, capsys)[0] or "")
 
 
 def test_a_documented_error_must_be_the_one_the_script_prints():
