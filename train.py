@@ -51,7 +51,7 @@ hellaswag_file = ""  # hellaswag_val.jsonl; '' = downloaded once into data/hella
 init_from = "scratch"  # 'scratch', 'resume' (from out_dir), 'gpt2'...'gpt2-xl' or a Hugging Face GPT-2 folder
 overwrite = False  # let a new run (init_from other than 'resume') replace the checkpoints already in out_dir
 resume_from = "last"  # with init_from='resume': 'last' (ckpt.pt), 'best', 'stable' or a path
-allow_lr_increase = False  # allow a resume whose schedule raises the learning rate (see docs/training.md)
+allow_lr_increase = False  # allow a resume whose schedule raises the learning rate (see README)
 # wandb logging
 wandb_log = False
 wandb_project = "fineweb"
