@@ -47,8 +47,15 @@ def command_lines(text):
 
 def split_command(command):
     """(script, its arguments) of a command line, or None for one that runs no project script
-    (python -c, python -m pytest, pip)."""
-    words = shlex.split(command, comments=True)
+    (python -c, python -m pytest, pip). The command ends at a pipe, `&&`, `;` or a redirection, and `...`
+    stands for arguments the doc leaves out."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split, lexer.commenters = True, "#"
+    words = []
+    for word in lexer:
+        if set(word) <= set("|&;<>"):
+            break
+        words += [word] if word != "..." else []
     launcher, rest = words[0], words[1:]
     if launcher == "torchrun":  # torchrun's own options come before the script
         while rest and rest[0].startswith("-"):
@@ -202,6 +209,7 @@ def test_every_link_between_the_docs_resolves(doc, target):
     ("    python data/fineweb/prepare.py --max_tokenz 40000000", "unrecognized arguments: --max_tokenz"),
     ("    python data/fineweb/prepare.py --max_tokens forty", "invalid int value: 'forty'"),
     ("    python benchmarks/ablation.py --workers=2", "unrecognized arguments: --workers=2"),
+    ("Stop it early: `python train.py ... --max_iter=5 | head -3`.", "did you mean 'max_iters'"),
 ])
 def test_a_broken_command_in_a_doc_is_caught(line, complaint, monkeypatch, capsys):
     [(command, _)] = command_lines(line)
