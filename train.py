@@ -305,9 +305,11 @@ while True:
             print(f"step {iter_num}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}"
                   f"{' (best)' if is_best else ''}" + (f", hellaswag acc_norm {hellaswag['hellaswag_acc_norm']:.4f} "
                                                        f"({hellaswag['hellaswag_n']} examples)" if hellaswag else ""))
-            log_metrics({"iter": iter_num, "tokens": tokens_seen, "train_loss": last_eval["train"],
-                         "val_loss": last_eval["val"],
-                         "best_val_loss": best_val_loss if math.isfinite(best_val_loss) else None, **(hellaswag or {})})
+            if not eval_only:  # a look at a checkpoint (or GPT-2) is no part of the run's history: printed only
+                log_metrics({"iter": iter_num, "tokens": tokens_seen, "train_loss": last_eval["train"],
+                             "val_loss": last_eval["val"],
+                             "best_val_loss": best_val_loss if math.isfinite(best_val_loss) else None,
+                             **(hellaswag or {})})
             names += ["best"] if is_best else []
             if lr_schedule == "wsd" and iter_num <= cooldown_start(max_iters, cooldown_frac):
                 names.append("stable")
