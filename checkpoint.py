@@ -319,13 +319,24 @@ def load_optimizer_by_name(optimizer, saved, model, state_dict):
                              f"the parameter {tuple(params[name].shape)}")
         if moments:
             state[position[name]] = moments
-    # the saved hyperparameters (lr, betas, weight_decay...); how to compute them (fused, foreach) is this
-    # machine's business: a checkpoint from a GPU's fused AdamW must resume on a CPU
-    machine_keys = ("fused", "foreach", "capturable", "differentiable")
-    groups = [dict(saved_group, params=[position[n] for n in names], param_names=names,
-                   **{k: group[k] for k in machine_keys if k in group})
-              for saved_group, group, names in zip(saved["param_groups"], optimizer.param_groups, ours)]
+    # the moments are the checkpoint's; the hyperparameters (betas, weight_decay, momentum...) are this run's
+    # settings, so that `--weight_decay=0.05 --init_from=resume` applies it (train.py names what changed), and
+    # how to compute them (fused, foreach) is this machine's business: a GPU's fused AdamW resumes on a CPU
+    groups = [dict(group, params=[position[n] for n in names], param_names=names)
+              for group, names in zip(optimizer.param_groups, ours)]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# the settings train.py reads into its optimizers (load_optimizer_by_name keeps them on resume) or uses at every
+# step; learning_rate and its schedule are check_resume_lr's, the optimizer itself check_same_optimizer's
+OPTIMIZER_SETTINGS = ("weight_decay", "beta1", "beta2", "muon_lr", "muon_momentum", "grad_clip")
+
+
+def changed_settings(ckpt, config, keys=OPTIMIZER_SETTINGS):
+    """'weight_decay 0.1 -> 0.05, ...' for each of keys this config sets otherwise than the checkpoint's
+    (absent from its config, as in a checkpoint of another tool: not compared); '' when none."""
+    saved = ckpt.get("config") or {}
+    return ", ".join(f"{k} {saved[k]!r} -> {config[k]!r}" for k in keys if k in saved and saved[k] != config[k])
 
 
 def gather_rank_states(state, world_size):

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (build_checkpoint, check_model_fits, check_out_dir, check_resume_lr, check_same_optimizer,
                         checkpoint_path, gather_rank_states, load_checkpoint, non_finite_part, restore_checkpoint,
                         resume_model_args, rng_state, save_checkpoint, saved_val_loss)
+from checkpoint import changed_settings
 from configurator import config_globals, configure, fail
 from evaluation import estimate_loss, evaluate_hellaswag, load_hellaswag, render_examples
 from hf import check_init_from, load_gpt2
@@ -200,6 +201,9 @@ if ckpt is not None:
         fail(f"cannot resume {resume_path}: {e}")
     if master_process and warning:
         print(f"warning: {warning}")
+    changed = changed_settings(ckpt, config)
+    if master_process and changed:
+        print(f"changed settings, applied from iteration {iter_num} on: {changed}")
     if master_process:
         print(f"resuming from {resume_path} at iteration {iter_num}, lr {lr:.3g}, best val loss {best_val_loss:.4f}")
 ckpt = None  # free memory

@@ -53,3 +53,60 @@ def test_plot_says_when_a_resume_replaces_records(tmp_path, capsys):
     path.write_text("".join(json.dumps(r) + "\n" for r in records[:12]))
     plot.read_metrics(path)
     assert capsys.readouterr().out == ""  # nothing replaced, nothing said
+
+
+# ---------------------------------------------------------------------------------------------
+# resuming with other optimizer settings applies them
+
+
+def test_a_resume_applies_the_new_optimizer_settings_to_the_saved_moments():
+    """AdamW's betas and weight decay, Muon's momentum: after loading a checkpoint's state, a step is the step
+    of optimizers built with the new values and given the saved moments by plain torch (not the saved values)."""
+    import copy
+    import torch
+    from checkpoint import build_checkpoint, load_optimizer_by_name
+    from conftest import random_model
+    model = random_model(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64).train()
+    x = torch.randint(64, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def step(model, optimizers):
+        for optimizer in optimizers.values():
+            optimizer.zero_grad()
+        model(x, x)[1].backward()
+        for optimizer in optimizers.values():
+            optimizer.step()
+
+    old = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu", "muon", 0.02, 0.95)
+    step(model, old)
+    saved = copy.deepcopy(build_checkpoint(model, old, torch.amp.GradScaler("cpu", enabled=False), ranks=[]))
+    new_settings = (0.5, 1e-2, (0.5, 0.6), "cpu", "muon", 0.02, 0.5)
+    resumed_model, reference_model = copy.deepcopy(model), copy.deepcopy(model)
+    resumed = resumed_model.configure_optimizers(*new_settings)
+    for key, optimizer in resumed.items():
+        load_optimizer_by_name(optimizer, copy.deepcopy(saved[key]), resumed_model, resumed_model.state_dict())
+    reference = reference_model.configure_optimizers(*new_settings)
+    for key, optimizer in reference.items():  # the same model and order: the saved state by position, new groups
+        groups = [dict(saved_group, **{k: v for k, v in group.items() if k != "params"})
+                  for saved_group, group in zip(saved[key]["param_groups"], optimizer.param_groups)]
+        optimizer.load_state_dict({"state": saved[key]["state"], "param_groups": groups})
+    assert [g["weight_decay"] for g in resumed["optimizer"].param_groups] == [0.5, 0.0]  # norms stay undecayed
+    assert resumed["optimizer"].param_groups[0]["betas"] == (0.5, 0.6)
+    assert resumed["muon"].param_groups[0]["momentum"] == 0.5
+    step(resumed_model, resumed)
+    step(reference_model, reference)
+    for (name, p), q in zip(resumed_model.named_parameters(), reference_model.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_resume_with_a_new_weight_decay_and_betas_says_so_and_saves_them(cosine_run, data_dir, tmp_path):
+    import torch
+    out = shutil.copytree(cosine_run, tmp_path / "out")
+    code, stdout, stderr = run_inprocess("train.py", *train_args(data_dir, out, "--max_iters=5", "--lr_decay_iters=4",
+                                                                 "--eval_interval=5", "--init_from=resume",
+                                                                 "--weight_decay=0.05", "--beta2=0.99"))
+    assert code == 0, stderr
+    assert "changed settings, applied from iteration 4 on: weight_decay 0.1 -> 0.05, beta2 0.95 -> 0.99\n" in stdout
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    groups = ckpt["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0] and groups[0]["betas"] == (0.9, 0.99)
+    assert ckpt["config"]["weight_decay"] == 0.05 and ckpt["config"]["beta2"] == 0.99
