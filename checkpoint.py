@@ -257,6 +257,29 @@ def check_resume_lr(ckpt, config):
             + "see README 'Long runs', or pass --allow_lr_increase=True")
 
 
+def check_same_data(ckpt, dataset_meta, data_dir, allow_new_data):
+    """ValueError when the bins now opened are not those the checkpoint was trained on (another data_dir, or a
+    dataset prepared anew): a mistyped --data_dir would otherwise go on silently on other data; the user asks for
+    it with allow_new_data. Compared: each split's tokens and documents (meta.json's timings may differ)."""
+    saved = (ckpt.get("dataset_meta") or {}).get("splits")
+    if not saved or allow_new_data:  # nanoGPT's checkpoints record no dataset
+        return
+
+    def sizes(splits):
+        return {split: (splits[split].get("tokens"), splits[split].get("documents")) for split in ("train", "val")}
+
+    def describe(splits):
+        return ", ".join(f"{split}.bin {tokens:,} tokens in {docs:,} documents" for split, (tokens, docs) in
+                         sizes(splits).items())
+
+    if sizes(saved) != sizes(dataset_meta["splits"]):
+        config = ckpt.get("config") or {}
+        where = config.get("data_dir") or f"dataset={config.get('dataset')!r}"
+        raise ValueError(f"it was trained on other data ({where}: {describe(saved)}) than {data_dir} holds "
+                         f"({describe(dataset_meta['splits'])}); resume with the run's own data, or pass "
+                         "--allow_new_data=True to continue on this one")
+
+
 def restore_checkpoint(ckpt, model, optimizers, scaler, batches, rank, world_size):
     """Load ckpt into a model and optimizers built from resume_model_args, the GradScaler, and this rank's
     RNG and data loader. Returns a warning when part of the run's state cannot come back (then RNG and

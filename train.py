@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (build_checkpoint, check_model_fits, check_out_dir, check_resume_lr, check_same_optimizer,
                         checkpoint_path, gather_rank_states, load_checkpoint, non_finite_part, restore_checkpoint,
                         resume_model_args, rng_state, save_checkpoint, saved_val_loss)
-from checkpoint import changed_settings
+from checkpoint import changed_settings, check_same_data
 from configurator import config_globals, configure, fail
 from evaluation import estimate_loss, evaluate_hellaswag, load_hellaswag, render_examples
 from hf import check_init_from, load_gpt2
@@ -53,6 +53,7 @@ init_from = "scratch"  # 'scratch', 'resume' (from out_dir), 'gpt2'...'gpt2-xl' 
 overwrite = False  # let a new run (init_from other than 'resume') replace the checkpoints already in out_dir
 resume_from = "last"  # with init_from='resume': 'last' (ckpt.pt), 'best', 'stable' or a path
 allow_lr_increase = False  # allow a resume whose schedule raises the learning rate (see README)
+allow_new_data = False  # allow a resume on other bins than the checkpoint was trained on (e.g. for fine-tuning)
 # wandb logging
 wandb_log = False
 wandb_project = "fineweb"
@@ -156,6 +157,7 @@ if init_from == "resume":
     try:
         model_args = resume_model_args(ckpt, model_args)  # the shape must match; dropout may change
         check_same_optimizer(ckpt, optimizer)
+        check_same_data(ckpt, dataset_meta, data_dir, allow_new_data or eval_only)  # a look at other data is fine
     except ValueError as e:
         fail(f"cannot resume {resume_path}: {e}")
     iter_num = ckpt["iter_num"]
@@ -294,8 +296,8 @@ start_iter, run_start, saved_this_run = iter_num, time.time(), set()
 t0, tokens_since_log, losses = time.time(), 0, []
 last_eval = None
 while True:
-    # evaluate and save; skipped at the iteration a resumed run starts from (already done then)
-    if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num != start_iter or init_from != "resume" or eval_only):
+    # evaluate and save; skipped at the iteration a resumed run starts from (already done then); eval_only: at once
+    if eval_only or (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num != start_iter or init_from != "resume"):
         last_eval = estimate_loss(raw_model, {"train": train_path, "val": val_path}, batch_size, eval_iters, device,
                                   ctx) if master_process else None
         hellaswag = None  # every rank scores its share of the examples

@@ -10,6 +10,7 @@ import pytest
 
 import plot
 from conftest import train_args
+from checkpoint import load_checkpoint
 from inprocess import run_inprocess
 
 
@@ -110,3 +111,27 @@ def test_resume_with_a_new_weight_decay_and_betas_says_so_and_saves_them(cosine_
     groups = ckpt["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0] and groups[0]["betas"] == (0.9, 0.99)
     assert ckpt["config"]["weight_decay"] == 0.05 and ckpt["config"]["beta2"] == 0.99
+
+
+# ---------------------------------------------------------------------------------------------
+# resuming on other data is refused unless asked for
+
+
+def test_resume_on_other_data_is_refused_unless_allowed(cosine_run, data_dir, tmp_path):
+    from conftest import make_token_dataset
+    out = shutil.copytree(cosine_run, tmp_path / "out")
+    other = make_token_dataset(tmp_path / "other", n_train=30_000, seed=1)
+    before = sha(out / "ckpt.pt")
+    resume = ["--max_iters=5", "--lr_decay_iters=4", "--eval_interval=5", "--init_from=resume"]
+    code, stdout, stderr = run_inprocess("train.py", *train_args(other, out, *resume))
+    assert one_error_line(code, stderr) == (
+        f"error: cannot resume {out / 'ckpt.pt'}: it was trained on other data ({data_dir}: train.bin 20,000 tokens "
+        f"in 1 documents, val.bin 4,000 tokens in 1 documents) than {other} holds (train.bin 30,000 tokens in 1 "
+        "documents, val.bin 4,000 tokens in 1 documents); resume with the run's own data, or pass "
+        "--allow_new_data=True to continue on this one")
+    assert sha(out / "ckpt.pt") == before and "model:" not in stdout
+    code, stdout, stderr = run_inprocess("train.py", *train_args(other, out, *resume, "--eval_only=True"))
+    assert code == 0 and "step 4: train loss" in stdout, stderr  # a look at other data saves nothing
+    code, stdout, stderr = run_inprocess("train.py", *train_args(other, out, *resume, "--allow_new_data=True"))
+    assert code == 0, stderr
+    assert load_checkpoint(out / "ckpt.pt")["dataset_meta"]["splits"]["train"]["tokens"] == 30_000
