@@ -12,7 +12,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from configurator import first_line
+from configurator import fail, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -139,20 +139,37 @@ def device_peak_flops(device, dtype, override=None):
 def compile_with_fallback(model, example_step):
     """torch.compile(model), tried on one real step (compilation is lazy, so failures show up on
     first use: no C++ compiler, no Triton on Windows, an old GPU). On failure, warn once and
-    return the eager model, so a long run never dies for the sake of speed."""
+    return the eager model, so a long run never dies for the sake of speed. Ctrl-C or SIGTERM while
+    compiling is no failure (though the compiler's own processes die of it too): one line, exit 128 + signal."""
     if sys.platform == "win32":
         warnings.warn("torch.compile is not supported on Windows; running eagerly")
         return model
-    compiled = torch.compile(model)
+    received = []
+
+    def interrupt(signum, frame):
+        received.append(signal.Signals(signum))
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        compiled = torch.compile(model)
         # the trial step must not advance the RNG (dropout), or a resumed run would diverge
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             example_step(compiled)
         return compiled
+    except KeyboardInterrupt:
+        pass
     except Exception as e:  # any backend failure: fall back rather than abort the run
-        print(f"warning: torch.compile failed ({type(e).__name__}: {first_line(e)}); "
-              "continuing without it (--compile=False silences this)", file=sys.stderr)
-        return model
+        if not received:
+            print(f"warning: torch.compile failed ({type(e).__name__}: {first_line(e)}); "
+                  "continuing without it (--compile=False silences this)", file=sys.stderr)
+            return model
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    name = received[0] if received else signal.SIGINT
+    fail(f"{name.name} during torch.compile's warm-up: stopped before any training step, nothing saved",
+         status=128 + name.value)
 
 
 def setup_ddp(device, gradient_accumulation_steps):

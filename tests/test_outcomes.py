@@ -135,3 +135,55 @@ def test_resume_on_other_data_is_refused_unless_allowed(cosine_run, data_dir, tm
     code, stdout, stderr = run_inprocess("train.py", *train_args(other, out, *resume, "--allow_new_data=True"))
     assert code == 0, stderr
     assert load_checkpoint(out / "ckpt.pt")["dataset_meta"]["splits"]["train"]["tokens"] == 30_000
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C while torch.compile warms up
+
+
+@pytest.mark.parametrize("compiler_dies_too", [False, True])
+def test_ctrl_c_during_the_compile_warm_up_stops_in_one_line(capsys, monkeypatch, compiler_dies_too):
+    """The signal arrives during the example step; with compiler_dies_too the compiler's process died of the
+    same Ctrl-C and torch reports that as a failure: still a stop, not a fallback to eager mode."""
+    import os
+    import signal
+    import torch
+    from runtime import compile_with_fallback
+    monkeypatch.setattr(torch, "compile", lambda model: model)  # the signal handling is under test, not inductor
+
+    def step_interrupted(compiled):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            if compiler_dies_too:
+                raise RuntimeError("C++ compile error: g++ died") from None
+            raise
+
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as stop:
+        compile_with_fallback(torch.nn.Linear(2, 2), step_interrupted)
+    assert stop.value.code == 130 and signal.getsignal(signal.SIGINT) is handler
+    assert capsys.readouterr().err == ("error: SIGINT during torch.compile's warm-up: stopped before any training "
+                                       "step, nothing saved\n")
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_train_py_compiles(data_dir, tmp_path):
+    """A real Ctrl-C from a terminal: SIGINT to the whole process group, the compiler's processes included."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from conftest import REPO_ROOT
+    args = [a for a in train_args(data_dir, tmp_path / "out", "--max_iters=3") if a != "--compile=False"]
+    proc = subprocess.Popen([sys.executable, "train.py", *args, "--compile=True"], cwd=REPO_ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for line in proc.stdout:
+        if line.startswith("compiling the model"):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout + stderr
+    assert stderr == "error: SIGINT during torch.compile's warm-up: stopped before any training step, nothing saved\n"
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
