@@ -188,6 +188,39 @@ def setup_ddp(device, gradient_accumulation_steps):
     return True, rank, local_rank, world_size, device
 
 
+def to_devnull(stream):
+    """Send what is left of stream's output to /dev/null: its reader went away (`| head`, a killed tee), and
+    Python's own flush at exit must not fail on it again (a second BrokenPipeError, printed)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
+class SurvivesClosedPipe:
+    """sys.stdout or sys.stderr for a script that must go on when the reader of its output goes away
+    (`python train.py ... | head`, a tee that was killed): from the first broken pipe on, that output goes to
+    /dev/null, instead of a BrokenPipeError at the next print that would end a run of hours unsaved."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            to_devnull(self.stream)
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            to_devnull(self.stream)
+
+    def __getattr__(self, name):  # isatty, fileno, encoding...: the stream's own
+        return getattr(self.stream, name)
+
+
 class StopSignal:
     """Ctrl-C or SIGTERM sets .requested: the training loop finishes its iteration, saves and exits 0.
     A second signal means now (KeyboardInterrupt), unless it comes within a second of the first: a

@@ -36,6 +36,7 @@ from loader import TokenBatches, check_data_order, open_dataset
 from model import GPT, GPTConfig, check_optimizer
 from runtime import (StopSignal, autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu,
                      pick_device, pick_dtype, setup_ddp, synchronize)
+from runtime import SurvivesClosedPipe
 from schedule import cooldown_start, get_lr, schedule_args
 
 # -----------------------------------------------------------------------------
@@ -105,6 +106,7 @@ if __name__ == "__settings__":  # bench.py takes the settings above as its own d
     raise SystemExit
 config = configure(config_globals(globals()), sys.argv[1:])
 globals().update(config)
+sys.stdout, sys.stderr = SurvivesClosedPipe(sys.stdout), SurvivesClosedPipe(sys.stderr)  # `| head`: train on
 # -----------------------------------------------------------------------------
 
 # DDP: torchrun sets RANK; each process drives one GPU (or one CPU process with gloo)

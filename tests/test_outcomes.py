@@ -187,3 +187,39 @@ def test_ctrl_c_while_train_py_compiles(data_dir, tmp_path):
     assert proc.returncode == 130, stdout + stderr
     assert stderr == "error: SIGINT during torch.compile's warm-up: stopped before any training step, nothing saved\n"
     assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# stdout closed: `train.py | head`, a dead tee
+
+
+def run_with_closed_stdout(script, *args):
+    """(exit status, stderr) of script with stdout a pipe whose reader is gone before the first line."""
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO_ROOT
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        proc = subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO_ROOT, stdout=writer,
+                              stderr=subprocess.PIPE, text=True, timeout=120,
+                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    finally:
+        os.close(writer)
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.slow
+def test_train_py_goes_on_and_saves_when_its_stdout_is_closed(data_dir, tmp_path):
+    code, stderr = run_with_closed_stdout("train.py", *train_args(data_dir, tmp_path / "out", "--max_iters=2",
+                                                                  "--eval_interval=2"))
+    assert code == 0 and stderr == ""
+    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == 2
+
+
+@pytest.mark.slow
+def test_sample_stream_stops_quietly_when_its_stdout_is_closed(cosine_run):
+    code, stderr = run_with_closed_stdout("sample.py", f"--out_dir={cosine_run}", "--device=cpu", "--num_samples=1",
+                                          "--stream=True", "--max_new_tokens=5", "--start=Hello")
+    assert code == 0 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
