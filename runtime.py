@@ -160,6 +160,8 @@ def compile_with_fallback(model, example_step):
     except KeyboardInterrupt:
         pass
     except Exception as e:  # any backend failure: fall back rather than abort the run
+        if is_out_of_memory(e):  # eager would run out too: the caller's one line says what to lower
+            raise
         if not received:
             print(f"warning: torch.compile failed ({type(e).__name__}: {first_line(e)}); "
                   "continuing without it (--compile=False silences this)", file=sys.stderr)
@@ -186,6 +188,27 @@ def setup_ddp(device, gradient_accumulation_steps):
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return True, rank, local_rank, world_size, device
+
+
+def is_out_of_memory(error):
+    """CUDA's torch.OutOfMemoryError, the CPU allocator's and MPS's RuntimeError, numpy's MemoryError."""
+    text = str(error)
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))
+
+
+def out_of_memory_hook(advice):
+    """A sys.excepthook that ends an out-of-memory error in one line, 'error: out of memory (...): advice'
+    (advice names the settings to lower), exit status 1; any other error keeps its traceback. A hook, not a
+    try block, so that a flat script (train.py) needs one line for it. Only a failed allocation is caught:
+    where the kernel's OOM killer ends the process first, nothing can be printed."""
+    def hook(kind, error, traceback):
+        if not is_out_of_memory(error):
+            return sys.__excepthook__(kind, error, traceback)
+        if int(os.environ.get("RANK", "0")) == 0:
+            what = first_line(error).split("DefaultCPUAllocator: ")[-1]  # past c10's "[enforce fail at ...]"
+            print(f"error: out of memory ({what}): {advice}", file=sys.stderr)
+    return hook
 
 
 def to_devnull(stream):

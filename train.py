@@ -36,7 +36,7 @@ from loader import TokenBatches, check_data_order, open_dataset
 from model import GPT, GPTConfig, check_optimizer
 from runtime import (StopSignal, autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu,
                      pick_device, pick_dtype, setup_ddp, synchronize)
-from runtime import SurvivesClosedPipe
+from runtime import SurvivesClosedPipe, out_of_memory_hook
 from schedule import cooldown_start, get_lr, schedule_args
 
 # -----------------------------------------------------------------------------
@@ -107,6 +107,10 @@ if __name__ == "__settings__":  # bench.py takes the settings above as its own d
 config = configure(config_globals(globals()), sys.argv[1:])
 globals().update(config)
 sys.stdout, sys.stderr = SurvivesClosedPipe(sys.stdout), SurvivesClosedPipe(sys.stderr)  # `| head`: train on
+sys.excepthook = out_of_memory_hook("lower batch_size (a larger gradient_accumulation_steps keeps the tokens per "
+                                    "iteration) or the model (n_embd, n_layer, block_size); on a GPU, python "
+                                    "bench.py with the same settings and --fit_memory=free finds the batch_size "
+                                    "that fits")
 # -----------------------------------------------------------------------------
 
 # DDP: torchrun sets RANK; each process drives one GPU (or one CPU process with gloo)

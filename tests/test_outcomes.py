@@ -223,3 +223,70 @@ def test_sample_stream_stops_quietly_when_its_stdout_is_closed(cosine_run):
     code, stderr = run_with_closed_stdout("sample.py", f"--out_dir={cosine_run}", "--device=cpu", "--num_samples=1",
                                           "--stream=True", "--max_new_tokens=5", "--start=Hello")
     assert code == 0 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# out of memory: one line naming the setting to lower
+
+
+def out_of_memory_line(monkeypatch, capsys, script, *args):
+    """The line a user sees when script runs out of memory: the run raises, and Python hands the error
+    to the sys.excepthook the script installed (run in-process, the test calls the hook itself)."""
+    import sys
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # restored afterwards
+    with pytest.raises((RuntimeError, MemoryError)) as error:
+        run_inprocess(script, *args)
+    capsys.readouterr()
+    sys.excepthook(error.type, error.value, error.tb)
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting", ["--batch_size=1099511627776", "--n_embd=1048576"])
+def test_train_py_out_of_memory_names_the_settings_to_lower(monkeypatch, capsys, data_dir, tmp_path, setting):
+    """Real allocation failures: a batch of 2**40 windows, an embedding table of 50304 x 2**20 floats."""
+    line = out_of_memory_line(monkeypatch, capsys, "train.py", *train_args(data_dir, tmp_path / "out", setting))
+    assert line.startswith("error: out of memory (can't allocate memory: you tried to allocate ") and line.endswith(
+        "): lower batch_size (a larger gradient_accumulation_steps keeps the tokens per iteration) or the model "
+        "(n_embd, n_layer, block_size); on a GPU, python bench.py with the same settings and --fit_memory=free "
+        "finds the batch_size that fits\n")
+    assert line.count("\n") == 1 and not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_sample_and_eval_out_of_memory_name_their_setting(monkeypatch, capsys, cosine_run, data_dir):
+    import torch
+    import evaluation
+    line = out_of_memory_line(monkeypatch, capsys, "sample.py", f"--out_dir={cosine_run}", "--device=cpu",
+                              "--num_samples=1099511627776")
+    assert line.startswith("error: out of memory (can't allocate memory") and line.endswith(
+        "): lower num_samples (they are generated as one batch)\n")
+
+    def cuda_out_of_memory(*args, **kwargs):  # what torch raises on a GPU
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 GiB. GPU 0 has a total capacity")
+    monkeypatch.setattr(evaluation, "evaluate_val", cuda_out_of_memory)
+    line = out_of_memory_line(monkeypatch, capsys, "eval.py", f"--out_dir={cosine_run}", "--device=cpu",
+                              "--eval_hellaswag=False", f"--data_dir={data_dir}")
+    assert line == ("error: out of memory (CUDA out of memory. Tried to allocate 96.00 GiB. GPU 0 has a total "
+                    "capacity): lower batch_size (val.bin windows or HellaSwag examples per forward pass)\n")
+
+
+def test_an_error_other_than_out_of_memory_keeps_its_traceback(capsys):
+    from runtime import out_of_memory_hook
+    try:
+        raise RuntimeError("shape mismatch")
+    except RuntimeError as e:
+        out_of_memory_hook("lower x")(RuntimeError, e, e.__traceback__)
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and err.endswith("RuntimeError: shape mismatch\n")
+
+
+def test_out_of_memory_in_the_compile_warm_up_is_no_compile_failure(monkeypatch, capsys):
+    """Eager mode would run out as well: the error goes on to the one line, with no 'torch.compile failed'."""
+    import torch
+    from runtime import compile_with_fallback
+    monkeypatch.setattr(torch, "compile", lambda model: model)
+
+    def step(compiled):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(torch.OutOfMemoryError):
+        compile_with_fallback(torch.nn.Linear(2, 2), step)
+    assert capsys.readouterr().err == ""
