@@ -290,3 +290,60 @@ def test_out_of_memory_in_the_compile_warm_up_is_no_compile_failure(monkeypatch,
     with pytest.raises(torch.OutOfMemoryError):
         compile_with_fallback(torch.nn.Linear(2, 2), step)
     assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# boundary values of every setting: they work, or end in one line
+
+
+def script_defaults(script):
+    """{setting: default} of a script, read from its source: the plain assignments before configure()."""
+    import ast
+    from conftest import REPO_ROOT
+    defaults = {}
+    for node in ast.parse((REPO_ROOT / script).read_text()).body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.targets[0],
+                                                                                                 ast.Name):
+            defaults[node.targets[0].id] = node.value.value
+    return {k: v for k, v in defaults.items() if not k.isupper()}
+
+
+def numeric_settings():
+    for script in ("train.py", "sample.py", "eval.py"):
+        for key, default in script_defaults(script).items():
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                yield script, key, default
+
+
+@pytest.mark.parametrize("script, key, default", list(numeric_settings()))
+def test_a_number_beyond_what_torch_takes_ends_in_one_line(script, key, default, tmp_path):
+    """Integers from 2**63 on overflow torch's int64 (sizes, counts, seeds); 1e999 is inf; a rate of 1e300
+    overflows the optimizers' float32 steps. Each once tracebacked somewhere in torch."""
+    value, fragment = ((2**63, "integers must be in [-2**63, 2**63)") if isinstance(default, int) else
+                       (1e300, "must be in [0, 1e30]") if key in ("learning_rate", "min_lr", "muon_lr") else
+                       ("1e999", "must be a finite number"))
+    code, stdout, stderr = run_inprocess(script, f"--out_dir={tmp_path}", f"--{key}={value}")
+    line = one_error_line(code, stderr)
+    assert line.startswith(f"error: {key}=") and fragment in line, line
+
+
+def test_the_boundaries_of_the_seed_range_train(data_dir, tmp_path):
+    for seed in (0, 2**63 - 1):  # numpy would refuse anything from 2**32 on; only torch is seeded
+        code, _, stderr = run_inprocess("train.py", *train_args(data_dir, tmp_path / str(seed), "--max_iters=1",
+                                                                "--eval_interval=1", f"--seed={seed}"))
+        assert code == 0, stderr
+
+
+def test_extreme_temperatures_and_top_p_sample_instead_of_failing():
+    """A temperature that is 0 in float32 (1e-300) is greedy, its limit; one beyond float32 (1e300) gives
+    every kept token the same odds; a top_p that is 0 in float32 keeps the most likely token."""
+    import torch
+    from model import sample_next_token
+    torch.manual_seed(0)
+    logits = torch.randn(3, 64) * 5
+    greedy = logits.argmax(dim=-1, keepdim=True)
+    for kwargs in ({"temperature": 1e-300}, {"temperature": 1e-30}, {"top_p": 1e-300}):
+        draws = [sample_next_token(logits, **kwargs, top_k=None if "top_p" in kwargs else 10) for _ in range(20)]
+        assert all(torch.equal(d, greedy) for d in draws), kwargs
+    draws = torch.cat([sample_next_token(logits[:1], temperature=1e300, top_k=8) for _ in range(400)]).flatten()
+    assert set(draws.tolist()) == set(torch.topk(logits[0], 8).indices.tolist())  # all 8, none outside them
