@@ -268,8 +268,9 @@ def check_same_data(ckpt, dataset_meta, data_dir, allow_new_data):
     def sizes(splits):
         return {split: (splits[split].get("tokens"), splits[split].get("documents")) for split in ("train", "val")}
 
-    def describe(splits):
-        return ", ".join(f"{split}.bin {tokens:,} tokens in {docs:,} documents" for split, (tokens, docs) in
+    def describe(splits):  # an older or adopted meta.json may lack a count
+        return ", ".join(f"{split}.bin {tokens if tokens is None else f'{tokens:,}'} tokens"
+                         + ("" if docs is None else f" in {docs:,} documents") for split, (tokens, docs) in
                          sizes(splits).items())
 
     if sizes(saved) != sizes(dataset_meta["splits"]):

@@ -205,9 +205,8 @@ def out_of_memory_hook(advice):
     def hook(kind, error, traceback):
         if not is_out_of_memory(error):
             return sys.__excepthook__(kind, error, traceback)
-        if int(os.environ.get("RANK", "0")) == 0:
-            what = first_line(error).split("DefaultCPUAllocator: ")[-1]  # past c10's "[enforce fail at ...]"
-            print(f"error: out of memory ({what}): {advice}", file=sys.stderr)
+        what = first_line(error).split("DefaultCPUAllocator: ")[-1]  # past c10's "[enforce fail at ...]"
+        print(f"error: out of memory ({what}): {advice}", file=sys.stderr)  # every rank: it may be the only one
     return hook
 
 

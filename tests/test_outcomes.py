@@ -174,6 +174,7 @@ def test_ctrl_c_while_train_py_compiles(data_dir, tmp_path):
     import signal
     import subprocess
     import sys
+    import time
     from conftest import REPO_ROOT
     args = [a for a in train_args(data_dir, tmp_path / "out", "--max_iters=3") if a != "--compile=False"]
     proc = subprocess.Popen([sys.executable, "train.py", *args, "--compile=True"], cwd=REPO_ROOT, text=True,
@@ -181,6 +182,7 @@ def test_ctrl_c_while_train_py_compiles(data_dir, tmp_path):
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     for line in proc.stdout:
         if line.startswith("compiling the model"):
+            time.sleep(1)  # into the warm-up (seconds long), past the print's few lines before it
             os.killpg(proc.pid, signal.SIGINT)
             break
     stdout, stderr = proc.communicate(timeout=120)
