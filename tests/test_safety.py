@@ -198,7 +198,7 @@ INVALID_TRAIN_VALUES = {
     "optimizer": "sgd", "muon_lr": -0.02, "muon_momentum": 1.0,
 }
 ANY_VALUE = {"eval_only", "allow_lr_increase", "overwrite", "wandb_log", "wandb_project", "wandb_run_name", "bias",
-             "rotary", "qk_norm", "tie_embeddings", "zero_init_proj", "compile",
+             "rotary", "qk_norm", "tie_embeddings", "zero_init_proj", "compile", "allow_new_data",
              "hellaswag_file"}  # read only when hellaswag_interval > 0: test_eval checks it then
 
 
