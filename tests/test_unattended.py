@@ -42,7 +42,8 @@ def test_a_second_run_into_a_busy_out_dir_is_refused_and_readers_keep_working(co
         assert holder.stdout.readline() == "held\n"
         code, stdout, stderr = run_inprocess("train.py", *resume)
         line = one_error_line(code, stderr)
-        assert line.startswith(f"error: out_dir={str(out)!r} is in use by another training run (-c, pid {holder.pid} on ")
+        assert line.startswith(f"error: out_dir={str(out)!r} is in use by another training run "
+                               f"(-c, pid {holder.pid} on ")
         assert "model:" not in stdout and {name: sha(out / name) for name in before} == before
         assert (out / "ckpt.pt.tmp.99999").exists()  # not ours to remove while the holder may be writing it
 
@@ -69,7 +70,8 @@ def test_a_new_run_into_an_out_dir_holding_only_best_pt_needs_overwrite(cosine_r
     (out / "ckpt.pt").unlink()
     before = sha(out / "best.pt")
     code, stdout, stderr = run_inprocess("train.py", *train_args(data_dir, out, "--max_iters=2", "--eval_interval=2"))
-    assert one_error_line(code, stderr).startswith(f"error: out_dir holds {out / 'best.pt'}: this run (init_from=scratch)")
+    line = one_error_line(code, stderr)
+    assert line.startswith(f"error: out_dir holds {out / 'best.pt'}: this run (init_from=scratch) would replace")
     assert sha(out / "best.pt") == before and "model:" not in stdout
     code, _, stderr = run_inprocess("train.py", *train_args(data_dir, out, "--max_iters=2", "--eval_interval=2",
                                                             "--overwrite=True"))
@@ -116,8 +118,8 @@ def test_sigkill_between_the_renames_of_a_save_never_leaves_a_stale_best(data_di
 
 def test_sighup_saves_and_exits_0_like_sigterm(data_dir, tmp_path, monkeypatch):
     """A closed terminal or a dropped ssh connection sends SIGHUP: a real one, to this process, at the
-    first micro-batch of iteration 2 (the 8th batch: open_dataset draws 1, the evaluation at 0 draws 4). (The handler installed first
-    stands for the default action, which kills the process.)"""
+    first micro-batch of iteration 2 (the 8th batch: open_dataset draws 1, the evaluation at 0 draws 4).
+    (The handler installed first stands for the default action, which kills the process.)"""
     import loader
     unhandled = []
     signal.signal(signal.SIGHUP, lambda *_: unhandled.append(True))
@@ -257,8 +259,10 @@ def test_torchrun_into_a_busy_out_dir_every_rank_exits_2_after_our_one_line(toke
 
 @pytest.mark.slow
 def test_ranks_stop_after_saving_when_torchrun_is_sigkilled(token_dataset, tmp_path):
+    """A SIGKILLed torchrun cannot stop its ranks: they once trained on to the end. Now each notices its
+    parent is gone, they save together and stop within seconds, leaving a whole ckpt.pt."""
     import psutil
-    out, log = tmp_path / "out", tmp_path / "log.txt"
+    out, log, ranks = tmp_path / "out", tmp_path / "log.txt", []
     with open(log, "w") as f:
         launcher = subprocess.Popen(torchrun(*train_args(token_dataset, out, "--max_iters=100000",
                                                          "--eval_interval=100000")),
@@ -268,14 +272,19 @@ def test_ranks_stop_after_saving_when_torchrun_is_sigkilled(token_dataset, tmp_p
         deadline = time.time() + 120
         while "iter 3:" not in log.read_text() and time.time() < deadline:
             time.sleep(0.2)
-        ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+        ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                 if "train.py" in " ".join(p.cmdline())]
         assert len(ranks) == 2, log.read_text()
         launcher.kill()
         launcher.wait(timeout=30)
         gone, alive = psutil.wait_procs(ranks, timeout=20)
     finally:
-        for p in psutil.Process().children(recursive=True):
-            p.kill()
+        launcher.kill()
+        for rank in ranks:
+            try:
+                rank.kill()
+            except psutil.NoSuchProcess:
+                pass
     output = log.read_text()
     assert not alive, output
     assert "error: the launcher (torchrun, pid" in output and "checkpoint saved to" in output, output
