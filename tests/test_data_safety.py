@@ -13,7 +13,6 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import run_script
 from loader import TokenBatches, open_dataset
 from test_prepare import PREPARE, fails_with, prepare, synthetic_texts, write_parquet
 
@@ -117,8 +116,8 @@ def test_a_reader_of_the_bins_never_finds_them_missing_while_another_prepare_pub
     """A real prepare.py process republishes into the folder a loader reads batch after batch, by path (as
     train.py does): every batch opens, the old dataset until the publish, the new one after."""
     out_dir, before = finished_dataset
-    new = write_parquet(tmp_path / "new.parquet", synthetic_texts(3000, words_per_doc=100, seed=8),
-                        row_group_size=200, token_count=False)
+    new = write_parquet(tmp_path / "new.parquet", synthetic_texts(1000, words_per_doc=100, seed=8),
+                        row_group_size=100, token_count=False)
     meta, train_path, _ = open_dataset(out_dir, 8)
     batches = TokenBatches(train_path, 8, 4)
     writer = subprocess.Popen([sys.executable, str(PREPARE), "--input", str(new), "--out_dir", str(out_dir),
@@ -139,7 +138,7 @@ def tokenizer_workers(proc):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", ["a worker is SIGKILLed", "Ctrl-C"])
-def test_a_dead_worker_or_ctrl_c_ends_the_run_in_one_line_and_keeps_the_finished_sources(tmp_path, stop):
+def test_a_dead_worker_or_ctrl_c_ends_the_run_in_one_line_and_keeps_the_finished_sources(tmp_path, capsys, stop):
     """A tokenizer worker killed (the out-of-memory killer's SIGKILL), or Ctrl-C in the terminal (SIGINT to the
     whole process group): prepare.py notices within seconds, stops its pool, says in one line what it kept,
     and the same command continues from there."""
@@ -169,4 +168,5 @@ def test_a_dead_worker_or_ctrl_c_ends_the_run_in_one_line_and_keeps_the_finished
     assert lines[0].startswith("error: interrupted; " if stop == "Ctrl-C" else "error: a tokenizer worker process died")
     kept = len(json.loads(manifest.read_text())["done"])
     assert kept >= 1 and f"the {kept} finished source(s) are kept in {manifest.parent}" in lines[0]
-    assert f"continuing an unfinished run: {kept} of 8 source(s) already done" in run_script(*args).stdout
+    prepare.main([*args[1:-1], "1"])  # the same command (one worker here: no pool start-up) continues
+    assert f"continuing an unfinished run: {kept} of 8 source(s) already done" in capsys.readouterr().out
