@@ -109,8 +109,8 @@ def threshold_for_val_tokens(described, seed, val_tokens):
     tokens_per_doc, scores = [], []
     for source in described:
         if not source["has_token_count"]:
-            raise PrepareError(f"{source['path']}: --val_tokens needs FineWeb's token_count column and this file "
-                               f"has none; use --val_fraction")
+            raise PrepareError(f"{source['path']}: --val_tokens needs FineWeb's token_count column (integers) and "
+                               f"this file has none; use --val_fraction")
         column = pq.read_table(source["path"], columns=["token_count"]).column("token_count")
         tokens_per_doc.append(np.array([count or 0 for count in column.to_pylist()], dtype=np.int64) + 1)
         scores.append(val_scores(seed, np.arange(source["documents"])))
@@ -456,6 +456,8 @@ def write_json_atomically(path, data):
 # before any work: the output folder, its lock, the free space
 
 def check_out_dir_writable(out_dir):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PrepareError(f"{out_dir}: not a folder; --out_dir names the folder for train.bin, val.bin and meta.json")
     try:
         check_writable(out_dir)
     except OSError as e:
@@ -630,17 +632,24 @@ def already_done(out_dir, sources, args):
     """meta.json of an earlier run from these very sources and settings, else None (a stream is never the same)."""
     try:
         meta = read_dataset_meta(out_dir)
-    except (FileNotFoundError, ValueError):
+        same_sources = [identity(s) for s in meta.get("sources", [])] == [identity(s) for s in sources]
+        same_split = all((meta.get("val_split") or {}).get(k) == v for k, v in val_request(args).items())
+    except (FileNotFoundError, ValueError, AttributeError, TypeError):  # a hand-edited meta.json is no match
         return None
-    same_sources = [identity(s) for s in meta.get("sources", [])] == [identity(s) for s in sources]
-    same_split = all((meta.get("val_split") or {}).get(k) == v for k, v in val_request(args).items())
     if same_sources and same_split and meta.get("max_tokens") == args.max_tokens and not args.hf_dataset:
         return meta
     return None
 
 
+def resolve_folder(path):
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop: RuntimeError before Python 3.13
+        raise PrepareError(f"{path}: cannot resolve the folder ({first_line(e)})")
+
+
 def prepare(args):
-    out_dir = args.out_dir.resolve()
+    out_dir = resolve_folder(args.out_dir)
     check_out_dir_writable(out_dir)
     lock = lock_out_dir(out_dir)
     try:
@@ -734,8 +743,10 @@ def adopt(data_dir):
     splits = {}
     for split in SPLITS:
         path = data_dir / f"{split}.bin"
-        if not path.is_file():
+        if not path.exists():
             raise PrepareError(f"{path}: no such file; --adopt needs train.bin and val.bin")
+        if not path.is_file():
+            raise PrepareError(f"{path}: not a regular file (a pipe, a device, a folder); --adopt needs token files")
         size = path.stat().st_size
         if size == 0 or size % TOKEN_BYTES:
             raise PrepareError(f"{path}: {size} bytes, not a non-empty file of uint16 tokens")
@@ -757,7 +768,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         if args.adopt:
-            data_dir = args.adopt.resolve()
+            data_dir = resolve_folder(args.adopt)
             check_out_dir_writable(data_dir)
             lock = lock_out_dir(data_dir)
             try:
