@@ -254,7 +254,31 @@ def check_resume_lr(ckpt, config):
             f"{config['max_iters']}, lr_decay_iters={config['lr_decay_iters']}); "
             + ("to extend a wsd run, resume from before its cooldown (--resume_from=stable); "
                if config["lr_schedule"] == "wsd" else "")
-            + "see README 'Long runs', or pass --allow_lr_increase=True")
+            + "see docs/training.md, 'Training past the plan', or pass --allow_lr_increase=True")
+
+
+def check_same_data(ckpt, dataset_meta, data_dir, allow_new_data):
+    """ValueError when the bins now opened are not those the checkpoint was trained on (another data_dir, or a
+    dataset prepared anew): a mistyped --data_dir would otherwise go on silently on other data; the user asks for
+    it with allow_new_data. Compared: each split's tokens and documents (meta.json's timings may differ)."""
+    saved = (ckpt.get("dataset_meta") or {}).get("splits")
+    if not saved or allow_new_data:  # nanoGPT's checkpoints record no dataset
+        return
+
+    def sizes(splits):
+        return {split: (splits[split].get("tokens"), splits[split].get("documents")) for split in ("train", "val")}
+
+    def describe(splits):  # an older or adopted meta.json may lack a count
+        return ", ".join(f"{split}.bin {tokens if tokens is None else f'{tokens:,}'} tokens"
+                         + ("" if docs is None else f" in {docs:,} documents") for split, (tokens, docs) in
+                         sizes(splits).items())
+
+    if sizes(saved) != sizes(dataset_meta["splits"]):
+        config = ckpt.get("config") or {}
+        where = config.get("data_dir") or f"dataset={config.get('dataset')!r}"
+        raise ValueError(f"it was trained on other data ({where}: {describe(saved)}) than {data_dir} holds "
+                         f"({describe(dataset_meta['splits'])}); resume with the run's own data, or pass "
+                         "--allow_new_data=True to continue on this one")
 
 
 def restore_checkpoint(ckpt, model, optimizers, scaler, batches, rank, world_size):
@@ -319,13 +343,24 @@ def load_optimizer_by_name(optimizer, saved, model, state_dict):
                              f"the parameter {tuple(params[name].shape)}")
         if moments:
             state[position[name]] = moments
-    # the saved hyperparameters (lr, betas, weight_decay...); how to compute them (fused, foreach) is this
-    # machine's business: a checkpoint from a GPU's fused AdamW must resume on a CPU
-    machine_keys = ("fused", "foreach", "capturable", "differentiable")
-    groups = [dict(saved_group, params=[position[n] for n in names], param_names=names,
-                   **{k: group[k] for k in machine_keys if k in group})
-              for saved_group, group, names in zip(saved["param_groups"], optimizer.param_groups, ours)]
+    # the moments are the checkpoint's; the hyperparameters (betas, weight_decay, momentum...) are this run's
+    # settings, so that `--weight_decay=0.05 --init_from=resume` applies it (train.py names what changed), and
+    # how to compute them (fused, foreach) is this machine's business: a GPU's fused AdamW resumes on a CPU
+    groups = [dict(group, params=[position[n] for n in names], param_names=names)
+              for group, names in zip(optimizer.param_groups, ours)]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# the settings train.py reads into its optimizers (load_optimizer_by_name keeps them on resume) or uses at every
+# step; learning_rate and its schedule are check_resume_lr's, the optimizer itself check_same_optimizer's
+OPTIMIZER_SETTINGS = ("weight_decay", "beta1", "beta2", "muon_lr", "muon_momentum", "grad_clip")
+
+
+def changed_settings(ckpt, config, keys=OPTIMIZER_SETTINGS):
+    """'weight_decay 0.1 -> 0.05, ...' for each of keys this config sets otherwise than the checkpoint's
+    (absent from its config, as in a checkpoint of another tool: not compared); '' when none."""
+    saved = ckpt.get("config") or {}
+    return ", ".join(f"{k} {saved[k]!r} -> {config[k]!r}" for k in keys if k in saved and saved[k] != config[k])
 
 
 def gather_rank_states(state, world_size):

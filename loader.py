@@ -30,7 +30,7 @@ def check_token_ids(path, vocab_size, recorded_max=None):
     are not uint16 tokens): such an id would crash training whenever a batch reached it. prepare.py
     re-reads each bin it writes and records its largest id in meta.json (whose sizes read_dataset_meta
     ties to the bins), so the file itself is read only when no maximum is recorded: ~0.5 s per GB from
-    the page cache (README, "Preparing data")."""
+    the page cache (docs/performance.md, "Data preparation")."""
     largest = max_token_id(path) if recorded_max is None else recorded_max
     if largest >= vocab_size:
         raise ValueError(f"{path} holds token id {largest}, not below vocab_size {vocab_size}: "

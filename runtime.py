@@ -12,7 +12,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from configurator import first_line
+from configurator import fail, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -139,20 +139,39 @@ def device_peak_flops(device, dtype, override=None):
 def compile_with_fallback(model, example_step):
     """torch.compile(model), tried on one real step (compilation is lazy, so failures show up on
     first use: no C++ compiler, no Triton on Windows, an old GPU). On failure, warn once and
-    return the eager model, so a long run never dies for the sake of speed."""
+    return the eager model, so a long run never dies for the sake of speed. Ctrl-C or SIGTERM while
+    compiling is no failure (though the compiler's own processes die of it too): one line, exit 128 + signal."""
     if sys.platform == "win32":
         warnings.warn("torch.compile is not supported on Windows; running eagerly")
         return model
-    compiled = torch.compile(model)
+    received = []
+
+    def interrupt(signum, frame):
+        received.append(signal.Signals(signum))
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        compiled = torch.compile(model)
         # the trial step must not advance the RNG (dropout), or a resumed run would diverge
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             example_step(compiled)
         return compiled
+    except KeyboardInterrupt:
+        pass
     except Exception as e:  # any backend failure: fall back rather than abort the run
-        print(f"warning: torch.compile failed ({type(e).__name__}: {first_line(e)}); "
-              "continuing without it (--compile=False silences this)", file=sys.stderr)
-        return model
+        if is_out_of_memory(e):  # eager would run out too: the caller's one line says what to lower
+            raise
+        if not received:
+            print(f"warning: torch.compile failed ({type(e).__name__}: {first_line(e)}); "
+                  "continuing without it (--compile=False silences this)", file=sys.stderr)
+            return model
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    name = received[0] if received else signal.SIGINT
+    fail(f"{name.name} during torch.compile's warm-up: stopped before any training step, nothing saved",
+         status=128 + name.value)
 
 
 def setup_ddp(device, gradient_accumulation_steps):
@@ -169,6 +188,59 @@ def setup_ddp(device, gradient_accumulation_steps):
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return True, rank, local_rank, world_size, device
+
+
+def is_out_of_memory(error):
+    """CUDA's torch.OutOfMemoryError, the CPU allocator's and MPS's RuntimeError, numpy's MemoryError."""
+    text = str(error)
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))
+
+
+def out_of_memory_hook(advice):
+    """A sys.excepthook that ends an out-of-memory error in one line, 'error: out of memory (...): advice'
+    (advice names the settings to lower), exit status 1; any other error keeps its traceback. A hook, not a
+    try block, so that a flat script (train.py) needs one line for it. Only a failed allocation is caught:
+    where the kernel's OOM killer ends the process first, nothing can be printed."""
+    def hook(kind, error, traceback):
+        if not is_out_of_memory(error):
+            return sys.__excepthook__(kind, error, traceback)
+        what = first_line(error).split("DefaultCPUAllocator: ")[-1]  # past c10's "[enforce fail at ...]"
+        print(f"error: out of memory ({what}): {advice}", file=sys.stderr)  # every rank: it may be the only one
+    return hook
+
+
+def to_devnull(stream):
+    """Send what is left of stream's output to /dev/null: its reader went away (`| head`, a killed tee), and
+    Python's own flush at exit must not fail on it again (a second BrokenPipeError, printed)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
+class SurvivesClosedPipe:
+    """sys.stdout or sys.stderr for a script that must go on when the reader of its output goes away
+    (`python train.py ... | head`, a tee that was killed): from the first broken pipe on, that output goes to
+    /dev/null, instead of a BrokenPipeError at the next print that would end a run of hours unsaved."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            to_devnull(self.stream)
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            to_devnull(self.stream)
+
+    def __getattr__(self, name):  # isatty, fileno, encoding...: the stream's own
+        return getattr(self.stream, name)
 
 
 class StopSignal:

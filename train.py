@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (build_checkpoint, check_model_fits, check_out_dir, check_resume_lr, check_same_optimizer,
                         checkpoint_path, gather_rank_states, load_checkpoint, non_finite_part, restore_checkpoint,
                         resume_model_args, rng_state, save_checkpoint, saved_val_loss)
+from checkpoint import changed_settings, check_same_data
 from configurator import config_globals, configure, fail
 from evaluation import estimate_loss, evaluate_hellaswag, load_hellaswag, render_examples
 from hf import check_init_from, load_gpt2
@@ -35,6 +36,7 @@ from loader import TokenBatches, check_data_order, open_dataset
 from model import GPT, GPTConfig, check_optimizer
 from runtime import (StopSignal, autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu,
                      pick_device, pick_dtype, setup_ddp, synchronize)
+from runtime import SurvivesClosedPipe, out_of_memory_hook
 from schedule import cooldown_start, get_lr, schedule_args
 
 # -----------------------------------------------------------------------------
@@ -52,6 +54,7 @@ init_from = "scratch"  # 'scratch', 'resume' (from out_dir), 'gpt2'...'gpt2-xl' 
 overwrite = False  # let a new run (init_from other than 'resume') replace the checkpoints already in out_dir
 resume_from = "last"  # with init_from='resume': 'last' (ckpt.pt), 'best', 'stable' or a path
 allow_lr_increase = False  # allow a resume whose schedule raises the learning rate (see README)
+allow_new_data = False  # allow a resume on other bins than the checkpoint was trained on (e.g. for fine-tuning)
 # wandb logging
 wandb_log = False
 wandb_project = "fineweb"
@@ -103,6 +106,11 @@ if __name__ == "__settings__":  # bench.py takes the settings above as its own d
     raise SystemExit
 config = configure(config_globals(globals()), sys.argv[1:])
 globals().update(config)
+sys.stdout, sys.stderr = SurvivesClosedPipe(sys.stdout), SurvivesClosedPipe(sys.stderr)  # `| head`: train on
+sys.excepthook = out_of_memory_hook("lower batch_size (a larger gradient_accumulation_steps keeps the tokens per "
+                                    "iteration) or the model (n_embd, n_layer, block_size); on a GPU, python "
+                                    "bench.py with the same settings and --fit_memory=free finds the batch_size "
+                                    "that fits")
 # -----------------------------------------------------------------------------
 
 # DDP: torchrun sets RANK; each process drives one GPU (or one CPU process with gloo)
@@ -155,6 +163,7 @@ if init_from == "resume":
     try:
         model_args = resume_model_args(ckpt, model_args)  # the shape must match; dropout may change
         check_same_optimizer(ckpt, optimizer)
+        check_same_data(ckpt, dataset_meta, data_dir, allow_new_data or eval_only)  # a look at other data is fine
     except ValueError as e:
         fail(f"cannot resume {resume_path}: {e}")
     iter_num = ckpt["iter_num"]
@@ -165,7 +174,7 @@ if init_from == "resume":
     best_val_loss = min(best_val_loss, saved_val_loss(checkpoint_path(out_dir, "best")) or float("inf"))
     if iter_num >= max_iters and not eval_only:
         fail(f"{resume_path} is at iteration {iter_num} and max_iters={max_iters}: nothing to train; "
-             f"pass a larger --max_iters to continue (see README 'Long runs')")
+             f"pass a larger --max_iters to continue (see docs/training.md)")
     try:
         check_resume_lr(ckpt, config)
     except ValueError as e:
@@ -200,6 +209,9 @@ if ckpt is not None:
         fail(f"cannot resume {resume_path}: {e}")
     if master_process and warning:
         print(f"warning: {warning}")
+    changed = changed_settings(ckpt, config)
+    if master_process and changed:
+        print(f"changed settings, applied from iteration {iter_num} on: {changed}")
     if master_process:
         print(f"resuming from {resume_path} at iteration {iter_num}, lr {lr:.3g}, best val loss {best_val_loss:.4f}")
 ckpt = None  # free memory
@@ -290,8 +302,8 @@ start_iter, run_start, saved_this_run = iter_num, time.time(), set()
 t0, tokens_since_log, losses = time.time(), 0, []
 last_eval = None
 while True:
-    # evaluate and save; skipped at the iteration a resumed run starts from (already done then)
-    if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num != start_iter or init_from != "resume" or eval_only):
+    # evaluate and save; skipped at the iteration a resumed run starts from (already done then); eval_only: at once
+    if eval_only or (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num != start_iter or init_from != "resume"):
         last_eval = estimate_loss(raw_model, {"train": train_path, "val": val_path}, batch_size, eval_iters, device,
                                   ctx) if master_process else None
         hellaswag = None  # every rank scores its share of the examples
@@ -305,9 +317,11 @@ while True:
             print(f"step {iter_num}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}"
                   f"{' (best)' if is_best else ''}" + (f", hellaswag acc_norm {hellaswag['hellaswag_acc_norm']:.4f} "
                                                        f"({hellaswag['hellaswag_n']} examples)" if hellaswag else ""))
-            log_metrics({"iter": iter_num, "tokens": tokens_seen, "train_loss": last_eval["train"],
-                         "val_loss": last_eval["val"],
-                         "best_val_loss": best_val_loss if math.isfinite(best_val_loss) else None, **(hellaswag or {})})
+            if not eval_only:  # a look at a checkpoint (or GPT-2) is no part of the run's history: printed only
+                log_metrics({"iter": iter_num, "tokens": tokens_seen, "train_loss": last_eval["train"],
+                             "val_loss": last_eval["val"],
+                             "best_val_loss": best_val_loss if math.isfinite(best_val_loss) else None,
+                             **(hellaswag or {})})
             names += ["best"] if is_best else []
             if lr_schedule == "wsd" and iter_num <= cooldown_start(max_iters, cooldown_frac):
                 names.append("stable")

@@ -198,7 +198,7 @@ INVALID_TRAIN_VALUES = {
     "optimizer": "sgd", "muon_lr": -0.02, "muon_momentum": 1.0,
 }
 ANY_VALUE = {"eval_only", "allow_lr_increase", "overwrite", "wandb_log", "wandb_project", "wandb_run_name", "bias",
-             "rotary", "qk_norm", "tie_embeddings", "zero_init_proj", "compile",
+             "rotary", "qk_norm", "tie_embeddings", "zero_init_proj", "compile", "allow_new_data",
              "hellaswag_file"}  # read only when hellaswag_interval > 0: test_eval checks it then
 
 
@@ -243,8 +243,10 @@ def test_invalid_values_in_a_real_process(tmp_path, args, message):
     ("bench.py", ["--n_head=0"], "n_head=0: must be at least 1"),
     ("bench.py", ["--fit_memory=lots"], "fit_memory='lots'"),
 ])
-def test_sample_export_and_bench_check_their_settings_before_loading(tmp_path, script, args, fragment):
-    """out_dir holds no checkpoint: the setting's own error comes first."""
+def test_sample_export_and_bench_check_their_settings_before_loading(tmp_path, monkeypatch, script, args, fragment):
+    """out_dir holds no checkpoint: the setting's own error comes first. Run from an empty folder: an
+    hf_model/ a user exported into the project must not change what export.py says first."""
+    monkeypatch.chdir(tmp_path)
     extra = ["--compile=False"] if script == "bench.py" else []
     code, stdout, stderr = run_inprocess(script, f"--out_dir={tmp_path}", *extra, *args)
     assert fragment in one_error_line(code, stderr) and "model:" not in stdout
@@ -322,7 +324,7 @@ def test_the_readme_pipeline_line_works_on_the_quick_start_model(tmp_path, monke
                     tmp_path / "ckpt.pt")
     monkeypatch.chdir(tmp_path)
     assert run_inprocess("export.py", f"--out_dir={tmp_path}", "--to=hf_model")[0] == 0
-    readme = (REPO_ROOT / "README.md").read_text()
+    readme = (REPO_ROOT / "docs" / "interop.md").read_text()
     readme_line = re.search(r'^ +(python -c "from transformers import pipeline.*)$', readme, re.MULTILINE).group(1)
     proc = subprocess.run(readme_line.replace("python", sys.executable, 1), shell=True, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)

@@ -721,6 +721,11 @@ def print_summary(meta, out_dir):
         print(f"warning: skipped {meta['null_texts_skipped']:,} documents with a null text")
     if meta["token_count_diff"] is not None:
         print(f"tokens written minus FineWeb's token_count column: {meta['token_count_diff']:+,}")
+    for source in meta["sources"]:
+        if source["name"].startswith("hf-datasets://"):  # a stream: say how much of it was fetched
+            stopped = meta.get("max_tokens") and total_tokens >= meta["max_tokens"]
+            print(f"streamed {source['documents']:,} documents ({total_tokens:,} tokens) from {source['name']}"
+                  + (f", stopped at --max_tokens {meta['max_tokens']:,}" if stopped else ", all of it"))
     print(f"done in {meta['seconds']:.1f} s ({total_tokens / max(meta['seconds'], 1e-6) / 1e6:.2f}M tokens/s); "
           f"meta: {out_dir / 'meta.json'}")
 
