@@ -57,7 +57,8 @@ RULES = {
     "hellaswag_limit": AT_LEAST_0,  # 0 = every example
     # eval.py
     "limit": AT_LEAST_0,  # 0 = every HellaSwag example
-    "val_tokens": AT_LEAST_0,  # 0 = all of val.bin
+    "val_tokens": (lambda v: v == 0 or v >= 2, "must be 0 (all of val.bin) or at least 2 (a token and the one "
+                                               "it predicts)"),
     # sample.py
     "num_samples": AT_LEAST_1,
     "max_new_tokens": AT_LEAST_1,
