@@ -35,10 +35,13 @@ and train.py read ours and we resume theirs:
 
 Files in out_dir: ckpt.pt (always the latest), best.pt (lowest val loss), and for the wsd schedule
 stable.pt (the last checkpoint before the cooldown, from which a run can be extended).
-Writes go to a temporary file (<name>.tmp) that replaces the old one only when complete; a crash
-mid-write leaves at most that .tmp file, which the next save overwrites; a failed write (a full
-disk) removes it and names the file and the free space.
+Writes go to a temporary file (<name>.tmp.<pid>) that replaces the old one only when complete; a crash
+mid-write leaves at most that file, which the next run into out_dir removes once it holds the out_dir
+lock (train.lock, lock_out_dir); a failed write (a full disk) removes it and names the file and the free
+space. A save writes best.pt and stable.pt before ckpt.pt: a kill between the renames leaves a best.pt
+newer than ckpt.pt, whose val_loss the resumed run reads (never a stale best.pt it believes is better).
 """
+import glob
 import io
 import math
 import os
@@ -54,12 +57,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from atomic import atomic_write, check_writable
+from atomic import FolderInUse, atomic_write, check_writable, lock_folder
 from configurator import first_line
 from model import GPT, GPTConfig
 from schedule import get_lr, schedule_args
 
 CHECKPOINT_NAMES = {"last": "ckpt.pt", "best": "best.pt", "stable": "stable.pt"}
+LOCK_NAME = "train.lock"  # in out_dir, held by the run writing there (lock_out_dir)
 REQUIRED_KEYS = ("model_args", "model", "iter_num")
 NANOGPT_MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 GPT2_DEFAULTS = {f.name: f.default for f in fields(GPTConfig)}  # every switch at its default is GPT-2
@@ -74,18 +78,37 @@ def checkpoint_path(out_dir, which="last", key="checkpoint"):
     raise ValueError(f"{key}={which!r}: allowed are {', '.join(CHECKPOINT_NAMES)} or a path to a .pt file")
 
 
-def check_out_dir(out_dir, init_from, overwrite):
-    """Before any work: out_dir can be written, and a new run (init_from other than 'resume') does not
-    replace the ckpt.pt of the run already there, unless overwrite. ValueError in one line."""
-    last = checkpoint_path(out_dir, "last")
-    if init_from != "resume" and os.path.exists(last) and not overwrite:
-        raise ValueError(f"{last} exists and this run (init_from={init_from}) would replace it at its first "
-                         "evaluation; continue it with --init_from=resume, replace it with --overwrite=True, "
-                         "or use another out_dir")
+def check_out_dir(out_dir, init_from, overwrite, lock=False):
+    """Before any work: out_dir can be written; with lock, this process becomes its one writer (the lock
+    is returned, held until the process ends); and a new run (init_from other than 'resume') does not
+    replace any checkpoint already there, unless overwrite. ValueError in one line."""
     try:
         check_writable(out_dir)
     except OSError as e:
         raise ValueError(f"out_dir={out_dir!r} is not writable: {e.strerror}") from None
+    out_dir_lock = lock_out_dir(out_dir) if lock else None
+    existing = [path for path in (checkpoint_path(out_dir, name) for name in CHECKPOINT_NAMES) if os.path.exists(path)]
+    if init_from != "resume" and existing and not overwrite:
+        raise ValueError(f"out_dir holds {', '.join(existing)}: this run (init_from={init_from}) would replace them "
+                         "or mix its own checkpoints with them; continue that run with --init_from=resume (and "
+                         "--resume_from=best or stable if it has no ckpt.pt), replace them with --overwrite=True, "
+                         "or use another out_dir")
+    return out_dir_lock
+
+
+def lock_out_dir(out_dir):
+    """One training run per out_dir (a double launch, a requeue while the old job still runs): two would
+    rename each other's half-written files and mix ckpt.pt and best.pt of different runs. Holding the
+    lock, this run also removes the temporary files a killed run left (no one else is writing them)."""
+    try:
+        lock = lock_folder(out_dir, LOCK_NAME)
+    except FolderInUse as e:
+        raise ValueError(f"out_dir={out_dir!r} is in use by another training run ({e.holder}); wait for it to "
+                         "end, stop it, or use another out_dir") from None
+    for name in CHECKPOINT_NAMES.values():
+        for leftover in glob.glob(os.path.join(glob.escape(out_dir), f"{name}.tmp*")):
+            os.remove(leftover)
+    return lock
 
 
 def save_checkpoint(state, *paths):
@@ -96,7 +119,7 @@ def save_checkpoint(state, *paths):
         state["checksum"] = tensors_checksum(state)
     for path in paths:
         try:
-            with atomic_write(path) as f:
+            with atomic_write(path, per_process=True) as f:  # a name no other process writes
                 torch.save(state, f)
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
             free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free

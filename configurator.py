@@ -62,7 +62,8 @@ RULES = {
     "max_hours": AT_LEAST_0,  # 0 = no time budget
     # eval.py
     "limit": AT_LEAST_0,  # 0 = every HellaSwag example
-    "val_tokens": AT_LEAST_0,  # 0 = all of val.bin
+    "val_tokens": (lambda v: v == 0 or v >= 2, "must be 0 (all of val.bin) or at least 2 (a token and the one "
+                                               "it predicts)"),
     # sample.py
     "num_samples": AT_LEAST_1,
     "max_new_tokens": AT_LEAST_1,

@@ -153,23 +153,32 @@ def load_hellaswag(hellaswag_file=""):
 
 
 def render_example(enc, example, block_size):
-    """(rows, scored, label): the 4 token rows context + ending, and how many last tokens of each row
-    are its ending's (the tokens scored). A row longer than block_size loses tokens from its start,
-    as a sliding window would. The context is not preceded by <|endoftext|>, as in GPT-2's scoring."""
+    """(rows, scored, label, cropped): the 4 token rows context + ending, how many last tokens of each row
+    are its ending's (the tokens scored), and whether a row was longer than block_size and lost tokens from
+    its start, as a sliding window would. None when an ending alone needs block_size tokens or more: its
+    row would hold no context to score it against. The context is not preceded by <|endoftext|>, as in
+    GPT-2's scoring."""
     context = enc.encode_ordinary(example["ctx"])
+    endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
+    if max(map(len, endings)) >= block_size:
+        return None
     rows, scored = [], []
-    for ending in example["endings"]:
-        ending_ids = enc.encode_ordinary(" " + ending)
+    for ending_ids in endings:
         row = (context + ending_ids)[-block_size:]
         rows.append(row)
         scored.append(min(len(ending_ids), len(row) - 1))  # the first token of a row has no prediction
-    return rows, scored, example["label"]
+    return rows, scored, example["label"], len(context) + max(map(len, endings)) > block_size
 
 
 def render_examples(examples, block_size, limit=0):
-    """The first `limit` examples (0 = all), tokenized for a model of this block_size."""
+    """The first `limit` examples (0 = all), tokenized for a model of this block_size; None for each one
+    that cannot be scored at this block_size (evaluate_hellaswag counts them as skipped)."""
     enc = get_encoding()
-    return [render_example(enc, example, block_size) for example in examples[:limit or None]]
+    rendered = [render_example(enc, example, block_size) for example in examples[:limit or None]]
+    if all(example is None for example in rendered):
+        raise ValueError(f"no HellaSwag example fits block_size={block_size}: each has an ending of "
+                         f"{block_size} tokens or more, which leaves no context to score it against")
+    return rendered
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,11 +210,15 @@ def score_endings(model, rendered, device):
 
 @torch.no_grad()
 def evaluate_hellaswag(model, rendered, device, autocast, batch_size=8, rank=0, world_size=1, progress=False):
-    """{'hellaswag_acc', 'hellaswag_acc_norm', 'hellaswag_n'} over the rendered examples. Under DDP each
-    rank scores rendered[rank::world_size] and the counts are summed, so every rank must call this."""
+    """{'hellaswag_acc', 'hellaswag_acc_norm', 'hellaswag_n'} over the rendered examples, and how many of
+    them were cropped to block_size (hellaswag_cropped, among the n scored) or skipped (hellaswag_skipped,
+    not in n). Under DDP each rank scores rendered[rank::world_size] and the counts are summed, so every
+    rank must call this."""
+    share = rendered[rank::world_size]
     # similar lengths batched together waste less on padding; the order does not change the counts
-    mine = sorted(rendered[rank::world_size], key=lambda example: max(map(len, example[0])))
-    counts = torch.zeros(3, dtype=torch.float64)  # right by sum, right by mean, examples
+    mine = sorted((example for example in share if example is not None), key=lambda example: max(map(len, example[0])))
+    counts = torch.zeros(5, dtype=torch.float64)  # right by sum, right by mean, examples, cropped, skipped
+    counts[3:] = torch.tensor([sum(example[3] for example in mine), len(share) - len(mine)])
     was_training = model.training
     model.eval()
     with tqdm(total=len(mine), unit="example", desc="hellaswag", disable=None if progress else True) as bar:
@@ -214,15 +227,16 @@ def evaluate_hellaswag(model, rendered, device, autocast, batch_size=8, rank=0, 
             with autocast:
                 total, mean = score_endings(model, batch, device)
             labels = torch.tensor([example[2] for example in batch])
-            counts += torch.tensor([(total.argmax(1) == labels).sum().item(), (mean.argmax(1) == labels).sum().item(),
-                                    len(batch)], dtype=torch.float64)
+            counts[:3] += torch.tensor([(total.argmax(1) == labels).sum().item(),
+                                        (mean.argmax(1) == labels).sum().item(), len(batch)], dtype=torch.float64)
             bar.update(len(batch))
     model.train(was_training)
     if world_size > 1:
         counts = counts.to(device)  # nccl reduces CUDA tensors, gloo CPU ones
         dist.all_reduce(counts)
-    right, right_norm, n = counts.tolist()
-    return {"hellaswag_acc": right / n, "hellaswag_acc_norm": right_norm / n, "hellaswag_n": int(n)}
+    right, right_norm, n, cropped, skipped = counts.tolist()
+    return {"hellaswag_acc": right / n, "hellaswag_acc_norm": right_norm / n, "hellaswag_n": int(n),
+            "hellaswag_cropped": int(cropped), "hellaswag_skipped": int(skipped)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -228,6 +228,30 @@ def setup_ddp(device, gradient_accumulation_steps):
     return True, rank, local_rank, world_size, device
 
 
+def fail_together(problem, ddp, device, elsewhere="rank 0 could not go on (see its message)", status=2):
+    """fail(problem) on every rank if any rank has one: a problem only one rank sees (rank 0's out_dir lock,
+    its save) must stop them all, or the others wait for it in their next collective forever. Every rank
+    calls this; without DDP it is fail(problem) when there is one."""
+    if ddp:
+        flag = torch.tensor(float(bool(problem)), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        problem = problem or (elsewhere if flag.item() else "")
+    if problem:
+        fail(problem, status=status)
+
+
+def launcher_gone(launcher_pid):
+    """A message when the process that started this one (torchrun) is gone, else '': a SIGKILLed launcher
+    cannot stop its ranks, and they are re-parented (to init or a subreaper), which changes os.getppid()."""
+    if os.getppid() == launcher_pid:
+        return ""
+    return f"the launcher (torchrun, pid {launcher_pid}) is gone"
+
+
+# Ctrl-C, a scheduler's SIGTERM, and SIGHUP: a closed terminal or a dropped ssh connection (not on Windows)
+STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+
+
 def is_out_of_memory(error):
     """CUDA's torch.OutOfMemoryError, the CPU allocator's and MPS's RuntimeError, numpy's MemoryError."""
     text = str(error)
@@ -282,14 +306,14 @@ class SurvivesClosedPipe:
 
 
 class StopSignal:
-    """Ctrl-C or SIGTERM sets .requested: the training loop finishes its iteration, saves and exits 0.
+    """Ctrl-C, SIGTERM or SIGHUP sets .requested: the training loop finishes its iteration, saves and exits 0.
     A second signal means now (KeyboardInterrupt), unless it comes within a second of the first: a
     scheduler that signals every process while torchrun forwards the signal too delivers two at once."""
 
     def __init__(self, announce=True):
         self.requested, self.requested_at, self.announce = False, 0.0, announce
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self.handle)
 
     def handle(self, signum, frame):
         if self.requested:
@@ -298,4 +322,7 @@ class StopSignal:
             return
         self.requested, self.requested_at = True, time.time()
         if self.announce:
-            print(f"\n{signal.Signals(signum).name} received: finishing this iteration, then saving", flush=True)
+            try:  # after SIGHUP the terminal may be gone: the save matters, not this line
+                print(f"\n{signal.Signals(signum).name} received: finishing this iteration, then saving", flush=True)
+            except OSError:
+                pass

@@ -21,22 +21,27 @@ import sys
 import time
 from dataclasses import asdict
 
-import torch
+# before torch loads MKL and OpenMP: their dynamic threading may use fewer threads under load, which
+# changes how sums are split, so a resumed run would not match an uninterrupted one bit for bit
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+os.environ.setdefault("OMP_DYNAMIC", "FALSE")
+import torch  # noqa: E402
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (build_checkpoint, check_model_fits, check_out_dir, check_resume_lr, check_same_optimizer,
                         checkpoint_path, gather_rank_states, load_checkpoint, non_finite_part, restore_checkpoint,
                         resume_model_args, rng_state, save_checkpoint, saved_val_loss)
+from atomic import append_line
 from checkpoint import changed_settings, check_same_data
-from configurator import config_globals, configure, fail
+from configurator import config_globals, configure, fail, first_line
 from evaluation import estimate_loss, evaluate_hellaswag, generate_samples, load_hellaswag, render_examples
 from hf import check_init_from, load_gpt2
-from loader import TokenBatches, check_data_order, open_dataset
+from loader import TokenBatches, check_data_order, dataset_changed, file_identity, open_dataset
 from model import GPT, GPTConfig, check_optimizer
 from progress import Progress
 from runtime import (StopSignal, autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu,
-                     pick_device, pick_dtype, setup_ddp, synchronize)
+                     fail_together, launcher_gone, pick_device, pick_dtype, setup_ddp, synchronize)
 from runtime import SurvivesClosedPipe, out_of_memory_hook
 from schedule import cooldown_start, get_lr, schedule_args
 from tokenizer import TokenizerUnavailable, get_encoding
@@ -138,13 +143,16 @@ try:  # every choice among names, the shape and out_dir, before any work: each c
     check_data_order(data_order)
     check_optimizer(optimizer, learning_rate)
     model_args = asdict(GPTConfig.from_dict(config))  # GPTConfig's fields of the config, padded vocabulary
-    check_out_dir(out_dir, init_from, overwrite or eval_only)  # eval_only saves nothing
+    # eval_only saves nothing and takes no lock: it may run beside the training run; under DDP rank 0 locks
+    out_dir_lock = check_out_dir(out_dir, init_from, overwrite or eval_only, lock=master_process and not eval_only)
     hellaswag_examples = None
     if hellaswag_interval:  # read (downloaded the first time) and tokenized once, by every rank
         hellaswag_examples = render_examples(load_hellaswag(hellaswag_file), block_size, hellaswag_limit)
     encoding = get_encoding() if sample_tokens and master_process else None  # the samples' tokenizer
+    startup_problem = ""
 except (ValueError, TokenizerUnavailable) as e:
-    fail(str(e))
+    startup_problem = str(e)
+fail_together(startup_problem, ddp, device)  # rank 0's lock is rank 0's alone: every rank exits 2 with it
 
 torch.manual_seed(seed + ddp_rank)
 torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores where they can
@@ -156,8 +164,10 @@ data_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 try:
     dataset_meta, train_path, val_path = open_dataset(data_dir, block_size)
     train_batches = TokenBatches(train_path, block_size, batch_size, data_order, seed, ddp_rank, world_size)
+    dataset_files = {path: file_identity(path) for path in (train_path, val_path)}  # checked every iteration
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))
+launcher_pid = os.getppid()  # under torchrun: torchrun (see launcher_gone)
 iter_num, best_val_loss, ckpt, hf_state, tokens_seen = 0, float("inf"), None, None, 0
 if init_from == "resume":
     resume_path = checkpoint_path(out_dir, resume_from)
@@ -257,9 +267,14 @@ if master_process:
 
 
 def log_metrics(record):
-    """One JSON line per log step or evaluation in out_dir/metrics.jsonl (and wandb if on)."""
-    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One JSON line per log step or evaluation in out_dir/metrics.jsonl (and wandb if on). A failed append
+    (a full disk) leaves the file whole and stops the run at the next iteration, after saving."""
+    global stop_problem
+    path = os.path.join(out_dir, "metrics.jsonl")
+    try:
+        append_line(path, json.dumps(record) + "\n")
+    except OSError as e:
+        stop_problem = stop_problem or f"cannot append to {path}: {e.strerror or first_line(e)}"
     if wandb_log:
         wandb.log(wandb_record(record), step=record["iter"])
 
@@ -282,16 +297,13 @@ def save(val_loss, names):
                                       dataset_meta=dataset_meta, tokens_seen=tokens_seen,
                                       progress=progress.state_dict())
         try:
-            save_checkpoint(checkpoint, *[checkpoint_path(out_dir, name) for name in names])
+            # ckpt.pt last: a kill between the renames leaves a best.pt newer than ckpt.pt, whose val loss the
+            # resumed run reads above (saved_val_loss), never a stale best.pt it believes holds its best
+            save_checkpoint(checkpoint, *[checkpoint_path(out_dir, n) for n in sorted(names, key="last".__eq__)])
             saved_this_run.update(names)
         except OSError as e:  # a full disk: save_checkpoint left the previous files as they were
             problem = str(e)
-    if ddp:  # rank 0 alone knows: every rank must stop with it, or the others wait for it forever
-        flag = torch.tensor(float(bool(problem)), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        problem = problem or ("rank 0 could not save" if flag.item() else "")
-    if problem:
-        fail(problem, status=1)
+    fail_together(problem, ddp, device, elsewhere="rank 0 could not save", status=1)  # rank 0 alone knows
 
 
 def non_finite_message(what):
@@ -314,6 +326,7 @@ if wandb_log and master_process:
 # training loop
 start_iter, run_start, saved_this_run = iter_num, time.time(), set()
 progress = Progress(iter_num, max_iters, eval_interval, saved_progress if init_from == "resume" else None)
+stop_problem = ""  # set by log_metrics: stop, after saving, at the next iteration
 t0, tokens_since_log, losses = time.time(), 0, []
 last_eval = None
 while True:
@@ -386,11 +399,16 @@ while True:
     # skips that step and lowers the scale), means the weights are ruined: stop before saving them
     bad = ("loss" if not math.isfinite(loss_value) else
            "gradient norm" if not scaler.is_enabled() and not math.isfinite(grad_norm_value) else "")
+    # stop after saving: a full disk for metrics.jsonl, new bins under data_dir, a launcher gone
+    problem = (stop_problem or (dataset_changed(dataset_files) if master_process else "")
+               or (launcher_gone(launcher_pid) if ddp else ""))
+    stop_now = stop_signal.requested  # a signal arriving from here on is seen next iteration, by every rank
     if ddp:  # every rank stops together, else the others wait for it forever
-        flags = torch.tensor([float(bool(bad)), float(stop_signal.requested)], device=device)
+        flags = torch.tensor([float(bool(bad)), float(stop_now), float(bool(problem))], device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         bad = bad or ("loss or gradient norm on another rank" if flags[0].item() else "")
-        stop_signal.requested = bool(flags[1].item())
+        stop_now = bool(flags[1].item())
+        problem = problem or ("another rank stopped the run" if flags[2].item() else "")
     if bad:
         fail(non_finite_message(f"{bad} at iteration {iter_num} (loss {loss_value}, grad norm {grad_norm_value})"),
              status=1)
@@ -416,13 +434,19 @@ while True:
     if master_process and progress.plan_due():
         print(f"plan: {progress.plan_text(iter_num)}")
 
-    if stop_signal.requested:  # under DDP agreed by all ranks above
+    if stop_now or problem:  # under DDP agreed by all ranks above
         save(None, ["last"])
+        if problem:
+            fail(f"{problem}; stopped at iteration {iter_num}, checkpoint saved to {checkpoint_path(out_dir, 'last')}; "
+                 "fix that, then continue with --init_from=resume", status=1)
         if master_process:
             print((f"max_hours={max_hours:g} would pass in the next iteration: " if out_of_time else "")
                   + f"stopped at iteration {iter_num}; checkpoint saved to {checkpoint_path(out_dir, 'last')}; "
                   "continue with --init_from=resume")
         break
+# a failed append at the last evaluation (or an eval_only run's): the run ended, its record is missing
+fail_together(stop_problem and f"{stop_problem}; the run ended without that record", ddp, device,
+              elsewhere="rank 0 could not write metrics.jsonl", status=1)
 
 if master_process:
     wall = time.time() - run_start
