@@ -5,6 +5,7 @@ Command-line configuration for train.py, sample.py and the other scripts:
 
 Each script keeps its defaults as plain globals; `configure(defaults, argv)` applies config files
 (plain Python assignments, run in order) and then `--key=value` overrides, and returns the result.
+`--help` lists every setting with its value (a config file before it: that file's) and its comment.
 Values are Python literals checked against the default's type (an int is accepted for a float;
 a bare word is taken as a string where the default is a string; a None default accepts any literal).
 Every value is then checked against RULES, so a count of 0 or a negative learning rate stops the
@@ -13,8 +14,11 @@ the problem and exit status 2.
 """
 import ast
 import difflib
+import io
+import math
 import os
 import sys
+import tokenize
 
 # What a setting allows, for every script that has it (a name means the same thing in every script).
 # A new setting with a limit is one line here. Choices among names (device, dtype, lr_schedule,
@@ -25,6 +29,7 @@ AT_LEAST_0 = (lambda v: v >= 0, "must be >= 0")
 BELOW_1 = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 UP_TO_1 = (lambda v: 0 < v <= 1, "must be in (0, 1]")
 NOT_EMPTY = (lambda v: v.strip() != "", "must not be empty")
+RATE = (lambda v: 0 <= v <= 1e30, "must be in [0, 1e30] (the optimizers' float32 steps overflow not far above)")
 RULES = {
     "out_dir": NOT_EMPTY,
     "dataset": NOT_EMPTY,
@@ -39,8 +44,8 @@ RULES = {
     "log_interval": AT_LEAST_1,
     "eval_iters": AT_LEAST_1,
     "max_iters": AT_LEAST_0,
-    "learning_rate": AT_LEAST_0,
-    "min_lr": AT_LEAST_0,
+    "learning_rate": RATE,
+    "min_lr": RATE,
     "weight_decay": AT_LEAST_0,
     "beta1": BELOW_1,
     "beta2": BELOW_1,
@@ -48,14 +53,17 @@ RULES = {
     "warmup_iters": AT_LEAST_0,
     "lr_decay_iters": AT_LEAST_0,
     "peak_flops": AT_LEAST_0,  # 0 looks the device up
-    "muon_lr": AT_LEAST_0,
+    "muon_lr": RATE,
     "muon_momentum": BELOW_1,
     "seed": AT_LEAST_0,
     "hellaswag_interval": AT_LEAST_0,  # 0 = off
     "hellaswag_limit": AT_LEAST_0,  # 0 = every example
+    "sample_tokens": AT_LEAST_0,  # 0 = off
+    "max_hours": AT_LEAST_0,  # 0 = no time budget
     # eval.py
     "limit": AT_LEAST_0,  # 0 = every HellaSwag example
-    "val_tokens": AT_LEAST_0,  # 0 = all of val.bin
+    "val_tokens": (lambda v: v == 0 or v >= 2, "must be 0 (all of val.bin) or at least 2 (a token and the one "
+                                               "it predicts)"),
     # sample.py
     "num_samples": AT_LEAST_1,
     "max_new_tokens": AT_LEAST_1,
@@ -115,12 +123,20 @@ def check_type(key, value, default):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        try:
+            value = float(value) if ok else value
+        except OverflowError:  # an int beyond any float: refused below, as inf is
+            value = math.inf if value > 0 else -math.inf
     else:
         ok = isinstance(value, type(default))
     if not ok:
         fail(f"{key}={value!r} is a {type(value).__name__}, but {key} takes a {type(default).__name__} "
              f"(default {default!r})")
+    # what torch takes, for every setting: a 64-bit integer (sizes, counts, seeds), a finite float (1e999 is inf)
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        fail(f"{key}={value}: out of range, integers must be in [-2**63, 2**63) (torch's int64)")
+    if isinstance(value, float) and not math.isfinite(value):
+        fail(f"{key}={value}: must be a finite number")
     return value
 
 
@@ -151,9 +167,13 @@ def apply_config_file(config, path):
 
 
 def configure(defaults, argv):
-    """defaults: {name: default value}; argv: sys.argv[1:]. Returns the final config dict."""
+    """defaults: {name: default value}; argv: sys.argv[1:]. Returns the final config dict. --help prints
+    the settings with the values so far, commented as in the script's source (help_sources)."""
     config = dict(defaults)
     for arg in argv:
+        if arg in ("--help", "-h"):
+            print(settings_help(config, help_sources()))
+            sys.exit(0)
         if not arg.startswith("--"):
             if not arg.endswith(".py"):
                 fail(f"argument {arg!r}: expected a config file (*.py) or --key=value")
@@ -174,3 +194,48 @@ def config_globals(namespace):
     UPPER_CASE constants (imported facts such as VOCAB_SIZE are not settings)."""
     return {k: v for k, v in namespace.items()
             if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str, type(None)))}
+
+
+def help_sources():
+    """The files whose comments describe the running script's settings: its own, or the list it names in
+    SETTINGS_SOURCES (bench.py: train.py's, then its own)."""
+    script = sys.modules["__main__"]
+    return getattr(script, "SETTINGS_SOURCES", None) or [script.__file__]
+
+
+def setting_lines(path):
+    """[(comment lines above, name, trailing comment)] for each `name = value  # comment` line of a
+    script (or `name=value,  # comment` in a dict of defaults), in order: the settings block as written."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokenize.generate_tokens(io.StringIO(source).readline)
+                if t.type == tokenize.COMMENT}
+    found, above = [], []
+    for number, line in enumerate(source.splitlines(), start=1):
+        code = line.split("#", 1)[0].strip() if number in comments else line.strip()
+        if not code:  # a comment line (separators of dashes aside) or a blank one
+            text = comments.get(number, "")
+            above = above + [text] if text.strip("-") else []
+            continue
+        name = code.split("=", 1)[0].strip() if "=" in code else ""
+        found.append((above, name, comments.get(number, "")))
+        above = []
+    return found
+
+
+def settings_help(config, sources):
+    """Every key of config as --key=value with its comment, grouped under the comment lines above it,
+    as the settings appear in the sources; keys no source comments on come last."""
+    lines = [f"usage: python {os.path.basename(sources[-1])} [config.py ...] [--key=value ...]",
+             "(a config file given before --help: its values are the ones shown)"]
+    listed = set()
+    width = min(max(len(f"--{k}={v!r}") for k, v in config.items()) + 2, 40)
+    for path in sources:
+        for above, name, comment in setting_lines(path):
+            if name not in config or name in listed:
+                continue
+            lines += [""] + above if above else []
+            lines.append(f"  {f'--{name}={config[name]!r}':<{width}}  {comment}".rstrip())
+            listed.add(name)
+    rest = [f"  --{k}={v!r}" for k, v in config.items() if k not in listed]
+    return "\n".join(lines + ([""] + rest if rest else []))

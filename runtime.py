@@ -4,16 +4,16 @@ torch.compile with a fallback, and the device's peak FLOP/s for MFU. Shared by t
 """
 import ctypes
 import os
+import re
 import signal
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
-from configurator import first_line
+from configurator import fail, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -114,38 +114,78 @@ def synchronize(device):
         torch.mps.synchronize()
 
 
-# Dense peak TFLOP/s per GPU: (bf16/fp16 tensor cores with fp32 accumulate, tf32, fp32), from the
-# vendors' data sheets. GeForce cards run fp32-accumulate tensor math at half their headline fp16
-# rate; PyTorch accumulates in fp32, so that is the honest peak. First matching name wins.
-PEAK_TFLOPS = [
-    ("H200", (989.4, 494.7, 66.9)),
-    ("H100 PCIe", (756.0, 378.0, 51.2)),
-    ("H100", (989.4, 494.7, 66.9)),
-    ("A100", (312.0, 156.0, 19.5)),
-    ("L40S", (362.1, 183.2, 91.6)),
-    ("L4", (121.0, 60.0, 30.3)),
-    ("RTX 4090", (165.2, 82.6, 82.6)),
-    ("RTX 4080 SUPER", (104.4, 52.2, 52.2)),
-    ("RTX 4080", (97.5, 48.7, 48.7)),
-    ("RTX 4070 Ti SUPER", (88.2, 44.1, 44.1)),
-    ("RTX 4070 Ti", (80.2, 40.1, 40.1)),
-    ("RTX 4070 SUPER", (71.0, 35.5, 35.5)),
-    ("RTX 4070", (58.3, 29.1, 29.1)),
-    ("RTX 3090", (71.0, 35.6, 35.6)),
-    ("RTX 3080", (59.5, 29.8, 29.8)),
-]
+# Dense peak TFLOP/s per GPU (no 2:4 sparsity): (bf16/fp16 on tensor cores with fp32 accumulate, tf32, fp32),
+# keyed by the name torch.cuda.get_device_name gives, normalised by card_name(). GeForce cards run fp32-accumulate
+# tensor math at half their headline fp16 rate; PyTorch accumulates in fp32, so that is the honest peak. A card
+# the vendor's whitepaper or datasheet does not list is derived as the whitepaper does it: SMs x boost clock x
+# 512 FLOP per clock per SM (Ampere, Ada and Blackwell GeForce, fp16 with fp32 accumulate; llm.c's llmc/mfu.h
+# scales the same way), SM count and boost clock from NVIDIA's product page; tf32 and fp32 are half of that.
+PEAK_TFLOPS = {
+    # "NVIDIA Ampere GA102 GPU Architecture" whitepaper v2, Appendix A (3090, 3080, 3070); others derived
+    "rtx 3060": (25.5, 12.7, 12.7),  # derived: 28 SMs x 1.777 GHz
+    "rtx 3060 ti": (32.4, 16.2, 16.2),  # derived: 38 SMs x 1.665 GHz
+    "rtx 3070": (40.6, 20.3, 20.3),
+    "rtx 3070 ti": (43.5, 21.7, 21.7),  # derived: 48 SMs x 1.770 GHz
+    "rtx 3080": (59.5, 29.8, 29.8),
+    "rtx 3080 ti": (68.2, 34.1, 34.1),  # derived: 80 SMs x 1.665 GHz
+    "rtx 3090": (71.0, 35.6, 35.6),
+    "rtx 3090 ti": (80.0, 40.0, 40.0),  # derived: 84 SMs x 1.860 GHz
+    # "NVIDIA Ada GPU Architecture" whitepaper, Appendix A (4090, 4080; 4070 Ti as the "4080 12GB"); others derived
+    "rtx 4060": (30.2, 15.1, 15.1),  # derived: 24 SMs x 2.460 GHz
+    "rtx 4060 ti": (44.1, 22.1, 22.1),  # derived: 34 SMs x 2.535 GHz
+    "rtx 4070": (58.3, 29.1, 29.1),  # derived: 46 SMs x 2.475 GHz
+    "rtx 4070 super": (71.0, 35.5, 35.5),  # derived: 56 SMs x 2.475 GHz
+    "rtx 4070 ti": (80.2, 40.1, 40.1),
+    "rtx 4070 ti super": (88.2, 44.1, 44.1),  # derived: 66 SMs x 2.610 GHz
+    "rtx 4080": (97.5, 48.7, 48.7),
+    "rtx 4080 super": (104.4, 52.2, 52.2),  # derived: 80 SMs x 2.550 GHz
+    "rtx 4090": (165.2, 82.6, 82.6),
+    # "NVIDIA RTX Blackwell GPU Architecture" whitepaper, Appendix A (5090); others derived
+    "rtx 5060 ti": (47.4, 23.7, 23.7),  # derived: 36 SMs x 2.572 GHz
+    "rtx 5070": (61.7, 30.9, 30.9),  # derived: 48 SMs x 2.512 GHz
+    "rtx 5070 ti": (87.9, 43.9, 43.9),  # derived: 70 SMs x 2.452 GHz
+    "rtx 5080": (112.6, 56.3, 56.3),  # derived: 84 SMs x 2.617 GHz
+    "rtx 5090": (209.5, 104.8, 104.8),
+    # workstation cards: fp32 accumulate at the full rate. NVIDIA RTX A6000 datasheet (309.7 sparse);
+    # NVIDIA RTX 6000 Ada Generation datasheet (728.5 sparse)
+    "rtx a6000": (154.8, 77.4, 38.7),
+    "rtx 6000 ada generation": (364.2, 182.1, 91.1),
+    # data centre datasheets: T4 ("mixed precision FP16/FP32"; no bf16, no tf32), V100 (SXM2, PCIe, V100S),
+    # A10, L4, A100 (40/80 GB, SXM4 and PCIe), H100 (SXM5 = HBM3, PCIe, NVL), H200 (SXM, NVL), L40S
+    "t4": (65.0, 8.1, 8.1),
+    "v100 sxm2": (125.0, 15.7, 15.7),
+    "v100 pcie": (112.0, 14.0, 14.0),
+    "v100s pcie": (130.0, 16.4, 16.4),
+    "a10": (125.0, 62.5, 31.2),
+    # AWS's A10G: no vendor figure; 70 as Baseten's "NVIDIA A10 vs A10G" lists it, = 80 SMs x 1.71 GHz x 512
+    "a10g": (70.0, 35.0, 35.0),
+    "l4": (121.0, 60.0, 30.3),
+    "a100 sxm4": (312.0, 156.0, 19.5),
+    "a100 pcie": (312.0, 156.0, 19.5),
+    "a100 sxm": (312.0, 156.0, 19.5),  # 'NVIDIA A100-SXM-80GB' in some DGX systems
+    "h100 hbm3": (989.4, 494.7, 66.9),
+    "h100 pcie": (756.0, 378.0, 51.2),
+    "h100 nvl": (835.5, 417.5, 60.0),
+    "h200": (989.4, 494.7, 66.9),
+    "h200 nvl": (835.5, 417.5, 60.0),
+    "l40s": (362.1, 183.2, 91.6),
+}
 PEAK_COLUMN = {"bfloat16": 0, "float16": 0, "tf32": 1, "float32": 2}
+
+
+def card_name(device_name):
+    """'NVIDIA GeForce RTX 3080 Ti' -> 'rtx 3080 ti', 'Tesla V100-SXM2-16GB' -> 'v100 sxm2',
+    'NVIDIA A100 80GB PCIe' -> 'a100 pcie': the vendor words and the memory size go, every other word
+    stays, so a 3080 Ti is not a 3080 and a 'Laptop GPU' is no desktop card."""
+    words = device_name.lower().replace("-", " ").split()
+    return " ".join(w for w in words if w not in ("nvidia", "geforce", "tesla") and not re.fullmatch(r"\d+gb", w))
 
 
 def peak_flops(device_name, dtype):
     """Peak FLOP/s of a GPU by its name (torch.cuda.get_device_name) for a dtype ('bfloat16',
     'float16', 'tf32', 'float32'); None when the device is not in the table."""
-    if "laptop" in device_name.lower():  # laptop parts carry desktop names but have their own, lower peaks
-        return None
-    for name, peaks in PEAK_TFLOPS:
-        if name.lower() in device_name.lower():
-            return peaks[PEAK_COLUMN[dtype]] * 1e12
-    return None
+    peaks = PEAK_TFLOPS.get(card_name(device_name))
+    return None if peaks is None else peaks[PEAK_COLUMN[dtype]] * 1e12
 
 
 def estimate_mfu(flops_per_token, tokens_per_second, peak):
@@ -163,27 +203,44 @@ def device_peak_flops(device, dtype, override=None):
     tensor_dtype = "tf32" if dtype == "float32" and torch.backends.cuda.matmul.allow_tf32 else dtype
     peak = peak_flops(name, tensor_dtype)
     if peak is None:
-        return None, f"{name}: not in runtime.PEAK_TFLOPS, reporting tokens/s only (set peak_flops to get MFU)"
+        return None, (f"{name}: not in runtime.PEAK_TFLOPS, reporting tokens/s only; for MFU pass its dense "
+                      f"{tensor_dtype} peak, e.g. --peak_flops=120e12 for 120 TFLOP/s")
     return peak, f"{name}: peak {peak / 1e12:.1f} TFLOP/s ({tensor_dtype})"
 
 
 def compile_with_fallback(model, example_step):
     """torch.compile(model), tried on one real step (compilation is lazy, so failures show up on
-    first use: no C++ compiler, no Triton on Windows, an old GPU). On failure, warn once and
-    return the eager model, so a long run never dies for the sake of speed."""
-    if sys.platform == "win32":
-        warnings.warn("torch.compile is not supported on Windows; running eagerly")
-        return model
-    compiled = torch.compile(model)
+    first use: no C++ compiler, no Triton on Windows without triton-windows, an old GPU). On failure,
+    warn once and return the eager model, so a long run never dies for the sake of speed. Ctrl-C or SIGTERM
+    while compiling is no failure (though the compiler's own processes die of it too): one line, exit 128 + signal."""
+    received = []
+
+    def interrupt(signum, frame):
+        received.append(signal.Signals(signum))
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        compiled = torch.compile(model)
         # the trial step must not advance the RNG (dropout), or a resumed run would diverge
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             example_step(compiled)
         return compiled
+    except KeyboardInterrupt:
+        pass
     except Exception as e:  # any backend failure: fall back rather than abort the run
-        print(f"warning: torch.compile failed ({type(e).__name__}: {first_line(e)}); "
-              "continuing without it (--compile=False silences this)", file=sys.stderr)
-        return model
+        if is_out_of_memory(e):  # eager would run out too: the caller's one line says what to lower
+            raise
+        if not received:
+            print(f"warning: torch.compile failed ({type(e).__name__}: {first_line(e)}); "
+                  "continuing without it (--compile=False silences this)", file=sys.stderr)
+            return model
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    name = received[0] if received else signal.SIGINT
+    fail(f"{name.name} during torch.compile's warm-up: stopped before any training step, nothing saved",
+         status=128 + name.value)
 
 
 def setup_ddp(device, gradient_accumulation_steps):
@@ -202,15 +259,92 @@ def setup_ddp(device, gradient_accumulation_steps):
     return True, rank, local_rank, world_size, device
 
 
+def fail_together(problem, ddp, device, elsewhere="rank 0 could not go on (see its message)", status=2):
+    """fail(problem) on every rank if any rank has one: a problem only one rank sees (rank 0's out_dir lock,
+    its save) must stop them all, or the others wait for it in their next collective forever. Every rank
+    calls this; without DDP it is fail(problem) when there is one."""
+    if ddp:
+        flag = torch.tensor(float(bool(problem)), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        problem = problem or (elsewhere if flag.item() else "")
+    if problem:
+        fail(problem, status=status)
+
+
+def launcher_gone(launcher_pid):
+    """A message when the process that started this one (torchrun) is gone, else '': a SIGKILLed launcher
+    cannot stop its ranks, and they are re-parented (to init or a subreaper), which changes os.getppid()."""
+    if os.getppid() == launcher_pid:
+        return ""
+    return f"the launcher (torchrun, pid {launcher_pid}) is gone"
+
+
+# Ctrl-C, a scheduler's SIGTERM, and SIGHUP: a closed terminal or a dropped ssh connection (not on Windows)
+STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+
+
+def is_out_of_memory(error):
+    """CUDA's torch.OutOfMemoryError, the CPU allocator's and MPS's RuntimeError, numpy's MemoryError."""
+    text = str(error)
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))
+
+
+def out_of_memory_hook(advice):
+    """A sys.excepthook that ends an out-of-memory error in one line, 'error: out of memory (...): advice'
+    (advice names the settings to lower), exit status 1; any other error keeps its traceback. A hook, not a
+    try block, so that a flat script (train.py) needs one line for it. Only a failed allocation is caught:
+    where the kernel's OOM killer ends the process first, nothing can be printed."""
+    def hook(kind, error, traceback):
+        if not is_out_of_memory(error):
+            return sys.__excepthook__(kind, error, traceback)
+        what = first_line(error).split("DefaultCPUAllocator: ")[-1]  # past c10's "[enforce fail at ...]"
+        print(f"error: out of memory ({what}): {advice}", file=sys.stderr)  # every rank: it may be the only one
+    return hook
+
+
+def to_devnull(stream):
+    """Send what is left of stream's output to /dev/null: its reader went away (`| head`, a killed tee), and
+    Python's own flush at exit must not fail on it again (a second BrokenPipeError, printed)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
+class SurvivesClosedPipe:
+    """sys.stdout or sys.stderr for a script that must go on when the reader of its output goes away
+    (`python train.py ... | head`, a tee that was killed): from the first broken pipe on, that output goes to
+    /dev/null, instead of a BrokenPipeError at the next print that would end a run of hours unsaved."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            to_devnull(self.stream)
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            to_devnull(self.stream)
+
+    def __getattr__(self, name):  # isatty, fileno, encoding...: the stream's own
+        return getattr(self.stream, name)
+
+
 class StopSignal:
-    """Ctrl-C or SIGTERM sets .requested: the training loop finishes its iteration, saves and exits 0.
+    """Ctrl-C, SIGTERM or SIGHUP sets .requested: the training loop finishes its iteration, saves and exits 0.
     A second signal means now (KeyboardInterrupt), unless it comes within a second of the first: a
     scheduler that signals every process while torchrun forwards the signal too delivers two at once."""
 
     def __init__(self, announce=True):
         self.requested, self.requested_at, self.announce = False, 0.0, announce
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self.handle)
 
     def handle(self, signum, frame):
         if self.requested:
@@ -219,4 +353,7 @@ class StopSignal:
             return
         self.requested, self.requested_at = True, time.time()
         if self.announce:
-            print(f"\n{signal.Signals(signum).name} received: finishing this iteration, then saving", flush=True)
+            try:  # after SIGHUP the terminal may be gone: the save matters, not this line
+                print(f"\n{signal.Signals(signum).name} received: finishing this iteration, then saving", flush=True)
+            except OSError:
+                pass

@@ -21,21 +21,31 @@ import sys
 import time
 from dataclasses import asdict
 
-import torch
+# before torch loads MKL and OpenMP: their dynamic threading may use fewer threads under load, which
+# changes how sums are split, so a resumed run would not match an uninterrupted one bit for bit
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+os.environ.setdefault("OMP_DYNAMIC", "FALSE")
+import torch  # noqa: E402
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (build_checkpoint, check_model_fits, check_out_dir, check_resume_lr, check_same_optimizer,
                         checkpoint_path, gather_rank_states, load_checkpoint, non_finite_part, restore_checkpoint,
                         resume_model_args, rng_state, save_checkpoint, saved_val_loss)
-from configurator import config_globals, configure, fail
-from evaluation import estimate_loss, evaluate_hellaswag, load_hellaswag, render_examples
+from atomic import append_line
+from checkpoint import changed_settings, check_same_data
+from configurator import config_globals, configure, fail, first_line
+from evaluation import estimate_loss, evaluate_hellaswag, generate_samples, load_hellaswag, render_examples
 from hf import check_init_from, load_gpt2
-from loader import TokenBatches, check_data_order, open_dataset
+from loader import TokenBatches, check_data_order, dataset_changed, file_identity, open_dataset
 from model import GPT, GPTConfig, check_optimizer
+from progress import Progress
 from runtime import (StopSignal, autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu,
-                     keep_freed_memory, pick_device, pick_dtype, setup_ddp, synchronize)
+                     fail_together, keep_freed_memory, launcher_gone, pick_device, pick_dtype, setup_ddp,
+                     synchronize)
+from runtime import SurvivesClosedPipe, out_of_memory_hook
 from schedule import cooldown_start, get_lr, schedule_args
+from tokenizer import TokenizerUnavailable, get_encoding
 
 # -----------------------------------------------------------------------------
 # default config values, for a GPT-2 small (124M) on FineWeb; config/*.py and --key=value override
@@ -48,10 +58,14 @@ eval_only = False  # evaluate once and exit
 hellaswag_interval = 0  # also score HellaSwag at evaluation steps every this many iterations (and the last); 0 = off
 hellaswag_limit = 0  # the first this many HellaSwag examples (0 = all 10,042), split over the DDP ranks
 hellaswag_file = ""  # hellaswag_val.jsonl; '' = downloaded once into data/hellaswag/ (see evaluation.py)
+sample_tokens = 0  # at each evaluation print (and record) two samples of this many tokens; 0 = off
+sample_prompt = ""  # the samples' prompt; '' = start a new document
+max_hours = 0.0  # time budget of this launch: save ckpt.pt and exit 0 before an iteration would pass it; 0 = off
 init_from = "scratch"  # 'scratch', 'resume' (from out_dir), 'gpt2'...'gpt2-xl' or a Hugging Face GPT-2 folder
 overwrite = False  # let a new run (init_from other than 'resume') replace the checkpoints already in out_dir
 resume_from = "last"  # with init_from='resume': 'last' (ckpt.pt), 'best', 'stable' or a path
 allow_lr_increase = False  # allow a resume whose schedule raises the learning rate (see README)
+allow_new_data = False  # allow a resume on other bins than the checkpoint was trained on (e.g. for fine-tuning)
 # wandb logging
 wandb_log = False
 wandb_project = "fineweb"
@@ -105,6 +119,11 @@ if __name__ == "__settings__":  # bench.py takes the settings above as its own d
     raise SystemExit
 config = configure(config_globals(globals()), sys.argv[1:])
 globals().update(config)
+sys.stdout, sys.stderr = SurvivesClosedPipe(sys.stdout), SurvivesClosedPipe(sys.stderr)  # `| head`: train on
+sys.excepthook = out_of_memory_hook("lower batch_size (a larger gradient_accumulation_steps keeps the tokens per "
+                                    "iteration) or the model (n_embd, n_layer, block_size); on a GPU, python "
+                                    "bench.py with the same settings and --fit_memory=free finds the batch_size "
+                                    "that fits")
 malloc_note = keep_freed_memory()  # before the first large allocation
 # -----------------------------------------------------------------------------
 
@@ -128,12 +147,16 @@ try:  # every choice among names, the shape and out_dir, before any work: each c
     check_data_order(data_order)
     check_optimizer(optimizer, learning_rate)
     model_args = asdict(GPTConfig.from_dict(config))  # GPTConfig's fields of the config, padded vocabulary
-    check_out_dir(out_dir, init_from, overwrite or eval_only)  # eval_only saves nothing
+    # eval_only saves nothing and takes no lock: it may run beside the training run; under DDP rank 0 locks
+    out_dir_lock = check_out_dir(out_dir, init_from, overwrite or eval_only, lock=master_process and not eval_only)
     hellaswag_examples = None
     if hellaswag_interval:  # read (downloaded the first time) and tokenized once, by every rank
         hellaswag_examples = render_examples(load_hellaswag(hellaswag_file), block_size, hellaswag_limit)
-except ValueError as e:
-    fail(str(e))
+    encoding = get_encoding() if sample_tokens and master_process else None  # the samples' tokenizer
+    startup_problem = ""
+except (ValueError, TokenizerUnavailable) as e:
+    startup_problem = str(e)
+fail_together(startup_problem, ddp, device)  # rank 0's lock is rank 0's alone: every rank exits 2 with it
 
 torch.manual_seed(seed + ddp_rank)
 torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores where they can
@@ -145,8 +168,10 @@ data_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 try:
     dataset_meta, train_path, val_path = open_dataset(data_dir, block_size)
     train_batches = TokenBatches(train_path, block_size, batch_size, data_order, seed, ddp_rank, world_size)
+    dataset_files = {path: file_identity(path) for path in (train_path, val_path)}  # checked every iteration
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))
+launcher_pid = os.getppid()  # under torchrun: torchrun (see launcher_gone)
 iter_num, best_val_loss, ckpt, hf_state, tokens_seen = 0, float("inf"), None, None, 0
 if init_from == "resume":
     resume_path = checkpoint_path(out_dir, resume_from)
@@ -158,9 +183,11 @@ if init_from == "resume":
     try:
         model_args = resume_model_args(ckpt, model_args)  # the shape must match; dropout may change
         check_same_optimizer(ckpt, optimizer)
+        check_same_data(ckpt, dataset_meta, data_dir, allow_new_data or eval_only)  # a look at other data is fine
     except ValueError as e:
         fail(f"cannot resume {resume_path}: {e}")
     iter_num = ckpt["iter_num"]
+    saved_progress = ckpt.get("progress")  # the elapsed time and rates, for the time left
     best_val_loss = float(ckpt.get("best_val_loss", float("inf")))  # nanoGPT stores a 0-dim tensor
     # the true count even when this run's batch shape differs (older checkpoints: assume the same shape)
     tokens_seen = ckpt.get("tokens_seen", iter_num * tokens_per_iter)
@@ -168,7 +195,7 @@ if init_from == "resume":
     best_val_loss = min(best_val_loss, saved_val_loss(checkpoint_path(out_dir, "best")) or float("inf"))
     if iter_num >= max_iters and not eval_only:
         fail(f"{resume_path} is at iteration {iter_num} and max_iters={max_iters}: nothing to train; "
-             f"pass a larger --max_iters to continue (see README 'Long runs')")
+             f"pass a larger --max_iters to continue (see docs/training.md)")
     try:
         check_resume_lr(ckpt, config)
     except ValueError as e:
@@ -204,6 +231,9 @@ if ckpt is not None:
         fail(f"cannot resume {resume_path}: {e}")
     if master_process and warning:
         print(f"warning: {warning}")
+    changed = changed_settings(ckpt, config)
+    if master_process and changed:
+        print(f"changed settings, applied from iteration {iter_num} on: {changed}")
     if master_process:
         print(f"resuming from {resume_path} at iteration {iter_num}, lr {lr:.3g}, best val loss {best_val_loss:.4f}")
 ckpt = None  # free memory
@@ -244,11 +274,22 @@ if master_process:
 
 
 def log_metrics(record):
-    """One JSON line per log step or evaluation in out_dir/metrics.jsonl (and wandb if on)."""
-    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One JSON line per log step or evaluation in out_dir/metrics.jsonl (and wandb if on). A failed append
+    (a full disk) leaves the file whole and stops the run at the next iteration, after saving."""
+    global stop_problem
+    path = os.path.join(out_dir, "metrics.jsonl")
+    try:
+        append_line(path, json.dumps(record) + "\n")
+    except OSError as e:
+        stop_problem = stop_problem or f"cannot append to {path}: {e.strerror or first_line(e)}"
     if wandb_log:
-        wandb.log({k: v for k, v in record.items() if k != "iter" and v is not None}, step=record["iter"])
+        wandb.log(wandb_record(record), step=record["iter"])
+
+
+def wandb_record(record):
+    """wandb charts numbers; the samples go as a table, one row per sample."""
+    return {k: wandb.Table(columns=["sample"], data=[[text] for text in v]) if k == "samples" else v
+            for k, v in record.items() if k != "iter" and v is not None}
 
 
 def save(val_loss, names):
@@ -260,18 +301,16 @@ def save(val_loss, names):
     if master_process and not problem:
         checkpoint = build_checkpoint(raw_model, optimizers, scaler, ranks, iter_num=iter_num,
                                       best_val_loss=best_val_loss, config=config, lr=lr, val_loss=val_loss,
-                                      dataset_meta=dataset_meta, tokens_seen=tokens_seen)
+                                      dataset_meta=dataset_meta, tokens_seen=tokens_seen,
+                                      progress=progress.state_dict())
         try:
-            save_checkpoint(checkpoint, *[checkpoint_path(out_dir, name) for name in names])
+            # ckpt.pt last: a kill between the renames leaves a best.pt newer than ckpt.pt, whose val loss the
+            # resumed run reads above (saved_val_loss), never a stale best.pt it believes holds its best
+            save_checkpoint(checkpoint, *[checkpoint_path(out_dir, n) for n in sorted(names, key="last".__eq__)])
             saved_this_run.update(names)
         except OSError as e:  # a full disk: save_checkpoint left the previous files as they were
             problem = str(e)
-    if ddp:  # rank 0 alone knows: every rank must stop with it, or the others wait for it forever
-        flag = torch.tensor(float(bool(problem)), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        problem = problem or ("rank 0 could not save" if flag.item() else "")
-    if problem:
-        fail(problem, status=1)
+    fail_together(problem, ddp, device, elsewhere="rank 0 could not save", status=1)  # rank 0 alone knows
 
 
 def non_finite_message(what):
@@ -293,17 +332,22 @@ if wandb_log and master_process:
 
 # training loop
 start_iter, run_start, saved_this_run = iter_num, time.time(), set()
+progress = Progress(iter_num, max_iters, eval_interval, saved_progress if init_from == "resume" else None)
+stop_problem = ""  # set by log_metrics: stop, after saving, at the next iteration
 t0, tokens_since_log, losses = time.time(), 0, []
 last_eval = None
 while True:
-    # evaluate and save; skipped at the iteration a resumed run starts from (already done then)
-    if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num != start_iter or init_from != "resume" or eval_only):
+    # evaluate and save; skipped at the iteration a resumed run starts from (already done then); eval_only: at once
+    if eval_only or (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num != start_iter or init_from != "resume"):
         last_eval = estimate_loss(raw_model, {"train": train_path, "val": val_path}, batch_size, eval_iters, device,
                                   ctx) if master_process else None
         hellaswag = None  # every rank scores its share of the examples
         if hellaswag_examples and (iter_num % hellaswag_interval == 0 or iter_num == max_iters):
             hellaswag = evaluate_hellaswag(raw_model, hellaswag_examples, device, ctx, batch_size, ddp_rank, world_size)
         names = ["last"]
+        # their own generator and eval mode: training's RNG and batches are as without them
+        samples = (generate_samples(raw_model, encoding, sample_prompt, sample_tokens, device, ctx, seed)
+                   if encoding else None)
         if master_process:
             # the untrained model at iteration 0 is not saved, so it cannot be the best checkpoint
             is_best = iter_num > 0 and not eval_only and last_eval["val"] < best_val_loss
@@ -311,15 +355,20 @@ while True:
             print(f"step {iter_num}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}"
                   f"{' (best)' if is_best else ''}" + (f", hellaswag acc_norm {hellaswag['hellaswag_acc_norm']:.4f} "
                                                        f"({hellaswag['hellaswag_n']} examples)" if hellaswag else ""))
-            log_metrics({"iter": iter_num, "tokens": tokens_seen, "train_loss": last_eval["train"],
-                         "val_loss": last_eval["val"],
-                         "best_val_loss": best_val_loss if math.isfinite(best_val_loss) else None, **(hellaswag or {})})
+            for i, text in enumerate(samples or []):
+                print(f"sample {i + 1}: {text!r}")
+            if not eval_only:  # a look at a checkpoint (or GPT-2) is no part of the run's history: printed only
+                log_metrics({"iter": iter_num, "tokens": tokens_seen, "train_loss": last_eval["train"],
+                             "val_loss": last_eval["val"],
+                             "best_val_loss": best_val_loss if math.isfinite(best_val_loss) else None,
+                             **(hellaswag or {}), **({"samples": samples} if samples else {})})
             names += ["best"] if is_best else []
             if lr_schedule == "wsd" and iter_num <= cooldown_start(max_iters, cooldown_frac):
                 names.append("stable")
         if iter_num > 0 and not eval_only:
             save(last_eval["val"] if last_eval else None, names if master_process else [])
         t0, tokens_since_log = time.time(), 0  # evaluation time is not training time: restart the window
+        progress.evaluation_done()
     if eval_only or iter_num >= max_iters:
         break
 
@@ -350,15 +399,23 @@ while True:
 
     loss_value = torch.stack(losses).mean().item()  # a host sync: the iteration's work is done
     grad_norm_value = grad_norm.item()
+    progress.iteration_done()
+    out_of_time = progress.next_would_pass(max_hours * 3600, iter_num)
+    stop_signal.requested = stop_signal.requested or out_of_time  # stops as Ctrl-C does (all DDP ranks agree below)
     # a NaN/Inf loss, or gradient norm (with fp16, inf gradients are the GradScaler's business: it
     # skips that step and lowers the scale), means the weights are ruined: stop before saving them
     bad = ("loss" if not math.isfinite(loss_value) else
            "gradient norm" if not scaler.is_enabled() and not math.isfinite(grad_norm_value) else "")
+    # stop after saving: a full disk for metrics.jsonl, new bins under data_dir, a launcher gone
+    problem = (stop_problem or (dataset_changed(dataset_files) if master_process else "")
+               or (launcher_gone(launcher_pid) if ddp else ""))
+    stop_now = stop_signal.requested  # a signal arriving from here on is seen next iteration, by every rank
     if ddp:  # every rank stops together, else the others wait for it forever
-        flags = torch.tensor([float(bool(bad)), float(stop_signal.requested)], device=device)
+        flags = torch.tensor([float(bool(bad)), float(stop_now), float(bool(problem))], device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         bad = bad or ("loss or gradient norm on another rank" if flags[0].item() else "")
-        stop_signal.requested = bool(flags[1].item())
+        stop_now = bool(flags[1].item())
+        problem = problem or ("another rank stopped the run" if flags[2].item() else "")
     if bad:
         fail(non_finite_message(f"{bad} at iteration {iter_num} (loss {loss_value}, grad norm {grad_norm_value})"),
              status=1)
@@ -374,18 +431,29 @@ while True:
         print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {grad_norm_value:.3f}, "
               f"{ms_per_iter:.0f} ms/iter, {tokens_per_sec:,.0f} tok/s"
               + (f", MFU {mfu * 100:.1f}%" if mfu is not None else "")
-              + (f", mem {mem:.2f} GiB" if mem is not None else "") + f", epoch {epoch:.3f}")
+              + (f", mem {mem:.2f} GiB" if mem is not None else "") + f", epoch {epoch:.3f}"
+              + progress.log_text(iter_num))
         log_metrics({"iter": iter_num, "tokens": tokens_seen, "epoch": epoch, "loss": loss_value,
                      "lr": lr, "grad_norm": grad_norm_value, "ms_per_iter": ms_per_iter,
-                     "tokens_per_sec": tokens_per_sec, "mfu": mfu, "peak_mem_gib": mem})
+                     "tokens_per_sec": tokens_per_sec, "mfu": mfu, "peak_mem_gib": mem,
+                     "elapsed_s": progress.elapsed(), "eta_s": progress.eta(iter_num)})
         t0, tokens_since_log = time.time(), 0
+    if master_process and progress.plan_due():
+        print(f"plan: {progress.plan_text(iter_num)}")
 
-    if stop_signal.requested:  # under DDP agreed by all ranks above
+    if stop_now or problem:  # under DDP agreed by all ranks above
         save(None, ["last"])
+        if problem:
+            fail(f"{problem}; stopped at iteration {iter_num}, checkpoint saved to {checkpoint_path(out_dir, 'last')}; "
+                 "fix that, then continue with --init_from=resume", status=1)
         if master_process:
-            print(f"stopped at iteration {iter_num}; checkpoint saved to {checkpoint_path(out_dir, 'last')}; "
+            print((f"max_hours={max_hours:g} would pass in the next iteration: " if out_of_time else "")
+                  + f"stopped at iteration {iter_num}; checkpoint saved to {checkpoint_path(out_dir, 'last')}; "
                   "continue with --init_from=resume")
         break
+# a failed append at the last evaluation (or an eval_only run's): the run ended, its record is missing
+fail_together(stop_problem and f"{stop_problem}; the run ended without that record", ddp, device,
+              elsewhere="rank 0 could not write metrics.jsonl", status=1)
 
 if master_process:
     wall = time.time() - run_start
