@@ -19,6 +19,18 @@ Five phases, each reading the earlier ones' results from disk:
 Runs go to --out_root/<run name>/; a run finished with the same settings is not run again, so an
 interrupted ablation continues where it stopped. --report_only rewrites the tables and plot from the
 runs present.
+
+--study=token is the second study, "a better model per token" (writes docs/ablation.md and .png; the
+first study above, --study=arch, writes docs/ablation-arch.md): GPT-2 + Muon against each of
+data_order='document', logit_softcap, zero_init_head and muon_weight_decay alone and all four together,
+at the quick-start shape (4 x 128, block 128), 1M tokens per run, bf16 on CPU:
+
+$ python benchmarks/ablation.py --study=token --data_dir=data/en_docs --jobs=2       # ~1 h 40 min on 2 shared cores
+$ python benchmarks/ablation.py --study=token --data_dir=data/en_docs --quick        # a smoke test, a minute
+
+Its plan (token_plan): a learning-rate grid at a quarter of the horizon for the base and the all-switches
+arm (muon_lr first, then AdamW's learning_rate at the best muon_lr), the two seed-0 finals, their seed-1
+finals, then each switch alone at the base arm's tuned rates.
 """
 import argparse
 import json
@@ -38,6 +50,13 @@ SCALES = {
                   grid_iters=4, long_iters=20, eval_iters=2),
     "cpu": dict(model=dict(n_layer=4, n_head=2, n_embd=64, block_size=128, batch_size=8), final_iters=120,
                 grid_iters=30, long_iters=1465, eval_iters=5),
+    # --study=token: the quick-start shape, 64 x 4,096 = 262,144 tokens per final run (1M was planned: at the
+    # ~290 tokens/s per job measured on the shared machine, 8 runs of 1M would take 8 h); batch 32 makes the
+    # matmuls big enough to run ~1.6x the tokens/s of batch 8 on this CPU (bf16, AMX)
+    "token": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=32), final_iters=64,
+                  grid_iters=16, long_iters=0, eval_iters=4, evals=4),
+    "token-quick": dict(model=dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4), final_iters=8,
+                        grid_iters=4, long_iters=0, eval_iters=2, evals=2),
 }
 
 GPT2 = dict(rotary=False, qk_norm=False, norm="layernorm", mlp="gelu", tie_embeddings=True, zero_init_proj=False,
@@ -91,7 +110,8 @@ def run_settings(switches, optimizer, lr, muon_lr, iters, seed, scale, args):
     if optimizer == "muon":
         settings["muon_lr"] = muon_lr
     grid = iters == SCALES[scale]["grid_iters"]
-    settings["eval_interval"] = iters if grid else max(1, iters // 10)  # the grid needs its end only
+    # the grid needs its end only
+    settings["eval_interval"] = iters if grid else max(1, iters // SCALES[scale].get("evals", 10))
     return settings
 
 
@@ -123,8 +143,12 @@ def run_one(name, settings, args):
     (out_dir / "settings.json").write_text(json.dumps(settings))
     command = [sys.executable, str(REPO / "train.py")] + [f"--{k}={v}" for k, v in settings.items()]
     start, load_start = time.time(), os.getloadavg()[0]
+    # glibc then keeps big freed tensors instead of returning them to the kernel each step (~2x faster on
+    # CPU); one thread per job, as the jobs share the cores
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4294967296", MALLOC_TRIM_THRESHOLD_="4294967296",
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     with open(out_dir / "train.log", "w") as log:
-        proc = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     timing = dict(start=start, end=time.time(), load_start=load_start, load_end=os.getloadavg()[0])
     (out_dir / "timing.json").write_text(json.dumps(timing))
     status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {out_dir}/train.log)"
@@ -445,33 +469,218 @@ def plot_curves(runs, names, target, long_runs, path):
     fig.savefig(path, dpi=100)
 
 
+# ----------------------------------------------------------------------------------------------
+# --study=token: a better model per token. GPT-2 + Muon (the first study's best arm) against four
+# switches measured to help at 40M-124M elsewhere, each alone and all together.
+
+SOFTCAP = 15.0  # modded-nanogpt's cap (its 2025-01-04 record)
+MUON_WD = 0.4  # nanochat's best Muon decay at 512 wide (0.22 at 768); it falls with width, so 0.4 is the nearest
+NEW_SWITCHES = {
+    "document": dict(data_order="document"),
+    "softcap": dict(logit_softcap=SOFTCAP),
+    "zero_head": dict(tie_embeddings=False, zero_init_head=True),  # a zero head needs an untied one
+    "muon_wd": dict(muon_weight_decay=MUON_WD),
+}
+TOKEN_ARMS = {"muon": {}, **{f"muon+{name}": switches for name, switches in NEW_SWITCHES.items()},
+              "muon+all": {k: v for switches in NEW_SWITCHES.values() for k, v in switches.items()}}
+TUNED_ARMS = ("muon", "muon+all")  # the arms with their own learning-rate grid; the single switches use muon's
+TOKEN_MUON_GRID = (0.025, 0.05, 0.1)  # muon_lr, at AdamW's TOKEN_ADAMW_LR
+TOKEN_ADAMW_LR = 0.025  # the first study's tuned AdamW lr of the GPT-2 arms
+# then one AdamW lr per arm at its best muon_lr: higher for the tied head (the first study's best was at the top
+# of its grid), lower for the untied zero head (the first study's untied arms preferred 0.004)
+TOKEN_ADAMW_STEP = {"muon": 2.5, "muon+all": 1 / 2.5}
+
+
+def token_settings(arm, lr, muon_lr, iters, seed, args):
+    return run_settings({**GPT2, **TOKEN_ARMS[arm]}, "muon", lr, muon_lr, iters, seed, args.scale, args)
+
+
+def token_grid_job(arm, lr, muon_lr, args):
+    return (f"tgrid-{arm}-lr{lr:g}-mlr{muon_lr:g}",
+            token_settings(arm, lr, muon_lr, SCALES[args.scale]["grid_iters"], 0, args))
+
+
+def token_grid_results(arm, args):
+    """{(learning_rate, muon_lr): val loss at the grid horizon} of the arm's finished grid runs."""
+    iters = SCALES[args.scale]["grid_iters"]
+    results = {}
+    for out_dir in sorted(Path(args.out_root).glob(f"tgrid-{arm}-lr*")):
+        evals = finished_evals(out_dir, iters)
+        if evals:
+            settings = json.loads((out_dir / "settings.json").read_text())
+            results[(settings["learning_rate"], settings["muon_lr"])] = evals[-1]["val_loss"]
+    return results
+
+
+def token_tuned(arm, args):
+    """(learning_rate, muon_lr) of the arm's best grid run (muon's for a single-switch arm), None before any."""
+    results = token_grid_results(arm if arm in TUNED_ARMS else "muon", args)
+    return min(results, key=results.get) if results else None
+
+
+def token_final_job(arm, seed, args):
+    return f"{arm}-s{seed}", token_settings(arm, *token_tuned(arm, args), SCALES[args.scale]["final_iters"], seed, args)
+
+
+def token_plan(args):
+    """By importance, in case the time runs out: the grid, the two tuned arms' seeds, then each switch alone."""
+    run_all([token_grid_job(arm, TOKEN_ADAMW_LR, muon_lr, args) for arm in TUNED_ARMS for muon_lr in TOKEN_MUON_GRID],
+            args)
+    run_all([token_grid_job(arm, TOKEN_ADAMW_LR * TOKEN_ADAMW_STEP[arm], token_tuned(arm, args)[1], args)
+             for arm in TUNED_ARMS], args)
+    singles = [arm for arm in TOKEN_ARMS if arm not in TUNED_ARMS]
+    run_all([token_final_job(arm, seed, args) for seed in SEEDS for arm in TUNED_ARMS]
+            + [token_final_job(arm, SEEDS[0], args) for arm in singles], args)
+
+
+def token_switches(settings):
+    changed = [k if v is True else f"{k}={v}" for k, v in settings.items()
+               if k in TOKEN_ARMS["muon+all"] and v != {**GPT2, "data_order": "random", "logit_softcap": 0.0,
+                                                        "zero_init_head": False}.get(k)]
+    return ", ".join(changed) or "GPT-2"
+
+
+def token_verdict(finals, base_finals):
+    """What a difference of means says, against the larger seed spread of the two (the noise we measured)."""
+    spread = max([max(f) - min(f) for f in (finals, base_finals) if len(f) > 1], default=None)
+    diff = mean(finals) - mean(base_finals)
+    if spread is None:
+        return "no seed spread measured"
+    if abs(diff) <= spread:
+        return "within the seed spread"
+    return "better by more than the seed spread" if diff < 0 else "worse by more than the seed spread"
+
+
+def token_report(args, command_wall):
+    runs = finished_runs(args)
+    scale = SCALES[args.scale]
+    m = scale["model"]
+    tokens_per_iter = m["batch_size"] * m["block_size"]
+    budget = scale["final_iters"] * tokens_per_iter
+    base = [runs[f"muon-s{s}"][1][-1]["val_loss"] for s in SEEDS if f"muon-s{s}" in runs]
+    if not base:
+        print("[ablation] no finished muon run: nothing to report")
+        return
+    target = mean(base)
+    quick = " --quick" if args.scale == "token-quick" else ""
+    lines = ["# Ablation: a better model per token", "",
+             "GPT-2 + Muon (the best arm of the [first study](ablation-arch.md)) against four switches that others "
+             "measured to help at 40M-124M: rows that start at a document's start (`data_order='document'`), logit "
+             f"soft-capping (`logit_softcap={SOFTCAP:g}`), a zero-initialised untied head (`tie_embeddings=False "
+             f"zero_init_head=True`), Muon's own weight decay (`muon_weight_decay={MUON_WD:g}`; the others keep 0.1); "
+             "each alone and all four together. Written by `benchmarks/ablation.py`; reproduce (after `python "
+             "data/fineweb/prepare.py --input=../shared/corpus/en_docs.parquet --out_dir=data/en_docs`) with:", "",
+             f"    python benchmarks/ablation.py --study=token --data_dir=data/en_docs --jobs={args.jobs}{quick}", "",
+             f"Model: {m['n_layer']} layers x {m['n_embd']} wide ({m['n_head']} heads), block {m['block_size']}, batch "
+             f"{m['batch_size']} ({tokens_per_iter:,} tokens/iteration), {args.dtype} on CPU. Final runs: "
+             f"{scale['final_iters']} iterations = {budget:,} tokens, val loss {scale.get('evals', 10)} times per run "
+             f"on {scale['eval_iters'] * tokens_per_iter:,} fixed held-out tokens (random windows for every data "
+             "order, so the losses compare). Shared: AdamW (0.9, 0.95) for embeddings, head and norms, weight decay "
+             "0.1, cosine schedule, warmup 1/30 of the run, decay to lr/10, grad clip 1, no biases.", "",
+             f"## 1. Learning rates (val loss after {scale['grid_iters']} iterations, a quarter of the horizon, "
+             "seed 0; best in bold)", "",
+             "| arm | (learning_rate, muon_lr): val loss |", "|---|---|"]
+    for arm in TUNED_ARMS:
+        grid = token_grid_results(arm, args)
+        if grid:
+            best = min(grid, key=grid.get)
+            lines.append(f"| {arm} | " + " / ".join((f"**({lr:g}, {mlr:g}): {v:.3f}**" if (lr, mlr) == best else
+                                                    f"({lr:g}, {mlr:g}): {v:.3f}") for (lr, mlr), v in grid.items())
+                         + " |")
+    lines += ["", f"## 2. Final runs ({budget:,} tokens)", "",
+              f"Target: the base arm's (`muon`) mean final val loss, {target:.3f}. \"tokens to target\" is read off "
+              "each run's val curve, linearly between evaluations. The single-switch arms run at `muon`'s tuned "
+              "rates, one seed; the verdict compares the difference of means with the larger seed spread of the two "
+              "arms compared (the base's for a one-seed arm).", "",
+              "| arm | switches | (lr, muon_lr) | final val loss per seed | mean | vs muon | seed spread (max-min) "
+              "| tokens to target per seed | verdict | tokens/s (mean) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for arm in TOKEN_ARMS:
+        per_seed = [runs[f"{arm}-s{s}"] for s in SEEDS if f"{arm}-s{s}" in runs]
+        if not per_seed:
+            continue
+        finals = [evals[-1]["val_loss"] for _, evals, _ in per_seed]
+        reached = [tokens_to_reach(evals, target) for _, evals, _ in per_seed]
+        settings = per_seed[0][0]
+        speed = mean([budget / (t["end"] - t["start"]) for _, _, t in per_seed])
+        lines.append(f"| {arm} | {token_switches(settings)} | ({settings['learning_rate']:g}, {settings['muon_lr']:g}) "
+                     f"| {' / '.join(f'{v:.3f}' for v in finals)} | {mean(finals):.3f} | {mean(finals) - target:+.3f} | "
+                     + (f"{max(finals) - min(finals):.3f}" if len(finals) > 1 else "1 seed") + " | "
+                     + " / ".join("not reached" if r is None else f"{r:,.0f} ({r / budget:.2f})" for r in reached)
+                     + f" | {'base' if arm == 'muon' else token_verdict(finals, base)} | {speed:,.0f} |")
+    missing = [name for name in [f"{a}-s{s}" for s in SEEDS for a in TUNED_ARMS] + [f"{a}-s0" for a in TOKEN_ARMS]
+               if name not in runs]
+    if missing:
+        lines += ["", "Planned but not finished (out of time): " + ", ".join(dict.fromkeys(missing)) + "."]
+    timings = [t for _, _, t in runs.values()]
+    loads = [t[k] for t in timings for k in ("load_start", "load_end")]
+    lines += ["", "## Cost and machine load", "",
+              f"{len(runs)} runs, {sum(t['end'] - t['start'] for t in timings) / 60:.0f} min of run time, "
+              f"{(max(t['end'] for t in timings) - min(t['start'] for t in timings)) / 60:.0f} min from the first start "
+              f"to the last end with {args.jobs} at a time" + (f" (this invocation: {command_wall / 60:.0f} min)"
+                                                                if command_wall else "") + ", finished "
+              + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(max(t["end"] for t in timings))) + ". 1-minute load "
+              f"average at the runs' starts and ends: mean {mean(loads):.1f}, max {max(loads):.1f} on "
+              f"{os.cpu_count()} cores (other work shared the machine)."]
+    Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.table).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    token_plot(runs, target, args.plot)
+    print(f"[ablation] wrote {args.table} and {args.plot}")
+
+
+def token_plot(runs, target, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for i, arm in enumerate(TOKEN_ARMS):
+        for j, seed in enumerate(SEEDS):
+            if f"{arm}-s{seed}" in runs:
+                points = [e for e in runs[f"{arm}-s{seed}"][1] if e["iter"] > 0]  # the loss at init squashes the plot
+                ax.plot([e["tokens"] for e in points], [e["val_loss"] for e in points], color=f"C{i}", marker=".",
+                        linestyle="-" if seed == SEEDS[0] else "--", alpha=0.8, label=arm if j == 0 else None)
+    ax.axhline(target, color="gray", linestyle=":", label="muon final (mean)")
+    ax.set(xlabel="training tokens", ylabel="val loss", title="a better model per token (solid: seed 0, dashed: seed 1)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default=str(REPO / "data" / "fineweb"), help="folder with train.bin, val.bin")
-    p.add_argument("--scale", choices=SCALES, default="cpu")
+    p.add_argument("--study", choices=("arch", "token"), default="arch",
+                   help="arch: Muon and the modern switches; token: a better model per token (see above)")
+    p.add_argument("--scale", choices=SCALES, default=None, help="default: cpu (arch), token (token)")
     p.add_argument("--quick", action="store_true", help="same as --scale=quick: checks the script, measures nothing")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one per core is sensible on a CPU)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default=None, help="default: float32 (arch), bfloat16 (token)")
     p.add_argument("--compile", default="False")
     p.add_argument("--out_root", default=None, help="default: out-ablation-<scale>")
-    p.add_argument("--table", default=None, help="default: docs/ablation.md (docs/ablation-<scale>.md if not cpu)")
+    p.add_argument("--table", default=None, help="default: docs/ablation.md (token), docs/ablation-arch.md "
+                   "(arch); docs/ablation-<scale>.md at another scale")
     p.add_argument("--plot", default=None, help="default: next to the table, .png")
     p.add_argument("--phases", default="1234", help="which phases to run (5: the long check, see long_jobs)")
     p.add_argument("--removals", type=int, default=len(REMOVAL_ORDER),
                    help="remove only this many of the best arm's switches (most doubtful first)")
     p.add_argument("--report_only", action="store_true")
     args = p.parse_args()
+    token = args.study == "token"
     if args.quick:
-        args.scale = "quick"
-    suffix = "" if args.scale == "cpu" else f"-{args.scale}"
+        args.scale = "token-quick" if token else "quick"
+    args.scale = args.scale or ("token" if token else "cpu")
+    args.dtype = args.dtype or ("bfloat16" if token else "float32")
+    suffix = {"cpu": "-arch", "token": ""}.get(args.scale, f"-{args.scale}")
     args.out_root = args.out_root or str(REPO / f"out-ablation-{args.scale}")
     args.table = args.table or str(REPO / "docs" / f"ablation{suffix}.md")
     args.plot = args.plot or str(Path(args.table).with_suffix(".png"))
     start = time.time()
     if not args.report_only:
-        run_plan(args)
-    write_report(args, None if args.report_only else time.time() - start)
+        (token_plan if token else run_plan)(args)
+    (token_report if token else write_report)(args, None if args.report_only else time.time() - start)
 
 
 if __name__ == "__main__":
