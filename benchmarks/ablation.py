@@ -55,6 +55,12 @@ SCALES = {
     # matmuls big enough to run ~1.6x the tokens/s of batch 8 on this CPU (bf16, AMX)
     "token": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=32), final_iters=64,
                   grid_iters=16, long_iters=0, eval_iters=4, evals=4),
+    # --study=gpu: the 40M shape (config/train_fineweb.py), 500 x 65,536 = 32.8M tokens per arm, ~2 min each on
+    # an H200 (bf16, compiled); gpu-tiny runs the same plan on a CPU in the test suite
+    "gpu": dict(model=dict(n_layer=12, n_head=12, n_embd=384, block_size=1024, batch_size=64), final_iters=500,
+                grid_iters=0, long_iters=0, eval_iters=20, evals=5),
+    "gpu-tiny": dict(model=dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4), final_iters=6,
+                     grid_iters=0, long_iters=0, eval_iters=2, evals=2),
     "token-quick": dict(model=dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4), final_iters=8,
                         grid_iters=4, long_iters=0, eval_iters=2, evals=2),
 }
@@ -628,19 +634,66 @@ def token_report(args, command_wall):
     print(f"[ablation] wrote {args.table} and {args.plot}")
 
 
-def token_plot(runs, target, path):
+# ----------------------------------------------------------------------------------------------
+# --study=gpu: the same question at 40M on one GPU, no grid (the rates are config/train_fineweb_modern.py's)
+
+GPU_LR, GPU_MUON_LR = 1.5e-3, 0.02  # config/train_fineweb_modern.py's; AdamW alone at the same peak
+GPU_ARMS = {"adamw": ({}, "adamw"), "muon": ({}, "muon"), "muon+all": (TOKEN_ARMS["muon+all"], "muon")}
+
+
+def gpu_plan(args):
+    iters = SCALES[args.scale]["final_iters"]
+    run_all([(f"{arm}-s0", run_settings({**GPT2, **switches}, optimizer, GPU_LR, GPU_MUON_LR, iters, 0, args.scale,
+                                        args)) for arm, (switches, optimizer) in GPU_ARMS.items()], args)
+
+
+def gpu_report(args, command_wall):
+    runs = finished_runs(args)
+    if "adamw-s0" not in runs:
+        print("[ablation] no finished adamw run: nothing to report")
+        return
+    scale, m = SCALES[args.scale], SCALES[args.scale]["model"]
+    budget = scale["final_iters"] * m["batch_size"] * m["block_size"]
+    target = runs["adamw-s0"][1][-1]["val_loss"]
+    lines = ["# AdamW vs Muon vs Muon + the per-token switches, same token budget", "",
+             f"    python benchmarks/ablation.py --study=gpu --data_dir={args.data_dir} --device={args.device} "
+             f"--dtype={args.dtype} --compile={args.compile} --jobs=1", "",
+             f"Model: {m['n_layer']} layers x {m['n_embd']} wide, block {m['block_size']}, batch {m['batch_size']}; "
+             f"{scale['final_iters']} iterations = {budget:,} tokens per arm, seed 0; AdamW {GPU_LR:g}, Muon "
+             f"{GPU_MUON_LR:g}, cosine to lr/10, warmup 1/30. Switches of muon+all: "
+             f"{token_switches({**GPT2, **TOKEN_ARMS['muon+all']})}.", "",
+             "| arm | final val loss | vs adamw | tokens to adamw's final (ratio) | tokens/s | minutes |",
+             "|---|---|---|---|---|---|"]
+    for arm in GPU_ARMS:
+        if f"{arm}-s0" in runs:
+            _, evals, timing = runs[f"{arm}-s0"]
+            reached = tokens_to_reach(evals, target)
+            minutes = (timing["end"] - timing["start"]) / 60
+            lines.append(f"| {arm} | {evals[-1]['val_loss']:.3f} | {evals[-1]['val_loss'] - target:+.3f} | "
+                         + ("not reached" if reached is None else f"{reached:,.0f} ({reached / budget:.2f})")
+                         + f" | {budget / (minutes * 60):,.0f} | {minutes:.1f} |")
+    lines += ["", time.strftime("Finished %Y-%m-%d %H:%M UTC", time.gmtime(max(t["end"] for _, _, t in runs.values())))
+              + (f"; this invocation {command_wall / 60:.1f} min" if command_wall else "") + "."]
+    Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.table).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    token_plot(runs, target, args.plot, GPU_ARMS, "40M: AdamW vs Muon vs Muon + the per-token switches")
+    print(f"[ablation] wrote {args.table} and {args.plot}")
+
+
+def token_plot(runs, target, path, arms=TOKEN_ARMS, title="a better model per token (solid: seed 0, dashed: seed 1)"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for i, arm in enumerate(TOKEN_ARMS):
+    for i, arm in enumerate(arms):
         for j, seed in enumerate(SEEDS):
             if f"{arm}-s{seed}" in runs:
                 points = [e for e in runs[f"{arm}-s{seed}"][1] if e["iter"] > 0]  # the loss at init squashes the plot
                 ax.plot([e["tokens"] for e in points], [e["val_loss"] for e in points], color=f"C{i}", marker=".",
                         linestyle="-" if seed == SEEDS[0] else "--", alpha=0.8, label=arm if j == 0 else None)
-    ax.axhline(target, color="gray", linestyle=":", label="muon final (mean)")
-    ax.set(xlabel="training tokens", ylabel="val loss", title="a better model per token (solid: seed 0, dashed: seed 1)")
+    ax.axhline(target, color="gray", linestyle=":", label=f"{next(iter(arms))} final" + (" (mean)" if arms is TOKEN_ARMS else ""))
+    ax.set(xlabel="training tokens", ylabel="val loss", title=title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -651,9 +704,10 @@ def token_plot(runs, target, path):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default=str(REPO / "data" / "fineweb"), help="folder with train.bin, val.bin")
-    p.add_argument("--study", choices=("arch", "token"), default="arch",
-                   help="arch: Muon and the modern switches; token: a better model per token (see above)")
-    p.add_argument("--scale", choices=SCALES, default=None, help="default: cpu (arch), token (token)")
+    p.add_argument("--study", choices=("arch", "token", "gpu"), default="arch",
+                   help="arch: Muon and the modern switches; token: a better model per token; gpu: token's question "
+                   "at 40M on a GPU (see above)")
+    p.add_argument("--scale", choices=SCALES, default=None, help="default: cpu (arch), token (token), gpu (gpu)")
     p.add_argument("--quick", action="store_true", help="same as --scale=quick: checks the script, measures nothing")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one per core is sensible on a CPU)")
     p.add_argument("--device", default="cpu")
@@ -668,19 +722,20 @@ def main():
                    help="remove only this many of the best arm's switches (most doubtful first)")
     p.add_argument("--report_only", action="store_true")
     args = p.parse_args()
-    token = args.study == "token"
     if args.quick:
-        args.scale = "token-quick" if token else "quick"
-    args.scale = args.scale or ("token" if token else "cpu")
-    args.dtype = args.dtype or ("bfloat16" if token else "float32")
+        args.scale = {"arch": "quick", "token": "token-quick", "gpu": "gpu-tiny"}[args.study]
+    args.scale = args.scale or {"arch": "cpu", "token": "token", "gpu": "gpu"}[args.study]
+    args.dtype = args.dtype or ("float32" if args.study == "arch" else "bfloat16")
     suffix = {"cpu": "-arch", "token": ""}.get(args.scale, f"-{args.scale}")
     args.out_root = args.out_root or str(REPO / f"out-ablation-{args.scale}")
     args.table = args.table or str(REPO / "docs" / f"ablation{suffix}.md")
     args.plot = args.plot or str(Path(args.table).with_suffix(".png"))
     start = time.time()
+    plan, report = {"arch": (run_plan, write_report), "token": (token_plan, token_report),
+                    "gpu": (gpu_plan, gpu_report)}[args.study]
     if not args.report_only:
-        (token_plan if token else run_plan)(args)
-    (token_report if token else write_report)(args, None if args.report_only else time.time() - start)
+        plan(args)
+    report(args, None if args.report_only else time.time() - start)
 
 
 if __name__ == "__main__":
