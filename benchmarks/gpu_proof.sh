@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU proof, in one call on one CUDA GPU (about 6-8 minutes on an H200 with RECIPE=0, plus ~7 min
 # estimated for the recipe comparison; never run by CI, it needs CUDA). For the ~40M
-# (config/train_fineweb.py) and 124M (config/train_fineweb_124m.py) models with bf16 + torch.compile + fused AdamW + fused (flash) attention it records:
+# (config/train_fineweb.py) and 124M (config/train_fineweb_124m.py) models with bf16 + torch.compile +
+# fused AdamW + fused (flash) attention it records:
 #   - bench.py: ms/iter, tokens/s, MFU against this GPU's peak (runtime.PEAK_TFLOPS), peak memory,
 #     and which attention kernel the profiler saw;
 #   - bench.py --fit_memory=11GiB for the 124M model (the reference user's 12 GB card);
