@@ -219,6 +219,8 @@ def test_document_starts_are_found_across_read_chunks(tmp_path, monkeypatch):
     for chunk in (1, 3, 5, 7, 1 << 20):  # chunk edges before, on and after an EOT
         monkeypatch.setattr(loader, "SCAN_CHUNK", chunk)
         assert loader.document_starts(path, 8).tolist() == expected
+    # the last start kept leaves exactly a row and its last target: 70 + 5 + 1 = 76 tokens
+    assert loader.document_starts(path, 5).tolist()[-1] == 70 and loader.document_starts(path, 6).tolist()[-1] == 40
     with pytest.raises(ValueError, match="5 document starts cannot fill one batch of 3 on each of 2 ranks"):
         TokenBatches(path, 40, 3, "document", rank=0, world_size=2)
 
