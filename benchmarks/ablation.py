@@ -497,6 +497,37 @@ TOKEN_ADAMW_LR = 0.025  # the first study's tuned AdamW lr of the GPT-2 arms
 TOKEN_ADAMW_STEP = {"muon": 2.5, "muon+all": 1 / 2.5}
 
 
+TOKEN_NOTES = [
+    "## Deviations from the plan, and why", "",
+    "- **Tokens per run: 262,144, not ≥1M.** Measured at launch: this shape trained at 200-350 tokens/s per job, "
+    "two jobs at a time, on a 2-core machine at a 1-minute load average of 14-18 from other work, so 8 runs of 1M "
+    "tokens would have taken ~7 h of the ~2 h there was.",
+    "- **bf16 on the CPU (AMX) and batch 32**, for every arm: measured one after the other (not alternated) before "
+    "launching, bf16 ran 816 tokens/s against fp32's 360 (batch 8, load 5.6-7.5), and batch 32 1,503 against batch "
+    "8's 999 (bf16, load 7-10, last logged iteration).",
+    "- **Learning rates**: `muon_lr` over 0.025 / 0.05 / 0.1 at AdamW 0.025 (the first study's tuned value), then "
+    "one AdamW value at the best `muon_lr` (2.5x up for the tied head, 2.5x down for the all-switches arm's untied "
+    "zero head), 16 iterations (a quarter of the horizon), seed 0, for the base and the all-switches arm only; "
+    "the single-switch arms run at the base's rates.",
+    "- **Not tuned**: the cap (15, modded-nanogpt's) and Muon's decay (0.4, nanochat's at 512 wide).",
+    "- **`muon+zero_head` also unties the head** (a zero head must be untied), so it measures the two together.",
+    "", "## What this scale can and cannot tell", "",
+    "- It can tell whether a switch costs or gains more than the seed noise for a small model trained briefly "
+    "(64 optimizer steps), and that each code path trains end to end.",
+    "- It cannot tell what the switches do at 40M-124M, where they were measured to help: those gains (1-7% fewer "
+    "steps) are of the order of the seed spread here, and a 4 x 128 model spends most of its FLOPs in the output "
+    "layer (88%). The GPU command below asks the question at 40M.",
+    "- Document rows are a different training distribution at this block size: the corpus's documents average "
+    "~1,280 tokens, so 128-token rows from document starts show the first tenth of each document, while the val "
+    "loss is measured on random windows (as for every arm, so the numbers compare). At block 1024 most of each "
+    "document is in its row.",
+    "", "## The same question on a GPU", "",
+    "AdamW vs Muon vs Muon + all four switches at the 40M shape (12 x 384, block 1024), 32.8M tokens each, one "
+    "command (~7 min on an H200, estimated, not yet run):", "",
+    "    RECIPE=only DATA_DIR=data/fineweb bash benchmarks/gpu_proof.sh",
+]
+
+
 def token_settings(arm, lr, muon_lr, iters, seed, args):
     return run_settings({**GPT2, **TOKEN_ARMS[arm]}, "muon", lr, muon_lr, iters, seed, args.scale, args)
 
@@ -617,6 +648,8 @@ def token_report(args, command_wall):
                if name not in runs]
     if missing:
         lines += ["", "Planned but not finished (out of time): " + ", ".join(dict.fromkeys(missing)) + "."]
+    if args.scale == "token":
+        lines += ["", *TOKEN_NOTES]
     timings = [t for _, _, t in runs.values()]
     loads = [t[k] for t in timings for k in ("load_start", "load_end")]
     lines += ["", "## Cost and machine load", "",
