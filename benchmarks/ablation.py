@@ -621,9 +621,11 @@ def token_report(args, command_wall):
         grid = token_grid_results(arm, args)
         if grid:
             best = min(grid, key=grid.get)
+            edges = [name for i, name in enumerate(("learning_rate", "muon_lr"))  # a best at an edge may not be best
+                     if len({key[i] for key in grid}) > 1 and best[i] in (min(k[i] for k in grid), max(k[i] for k in grid))]
             lines.append(f"| {arm} | " + " / ".join((f"**({lr:g}, {mlr:g}): {v:.3f}**" if (lr, mlr) == best else
                                                     f"({lr:g}, {mlr:g}): {v:.3f}") for (lr, mlr), v in grid.items())
-                         + " |")
+                         + (f" (best at the edge of the grid in {' and '.join(edges)})" if edges else "") + " |")
     lines += ["", f"## 2. Final runs ({budget:,} tokens)", "",
               f"Target: the base arm's (`muon`) mean final val loss, {target:.3f}. \"tokens to target\" is read off "
               "each run's val curve, linearly between evaluations. The single-switch arms run at `muon`'s tuned "
