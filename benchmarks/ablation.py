@@ -25,10 +25,10 @@ first study above, --study=arch, writes docs/ablation-arch.md): GPT-2 + Muon aga
 data_order='document', logit_softcap, zero_init_head and muon_weight_decay alone and all four together,
 at the quick-start shape (4 x 128, block 128), 1M tokens per run, bf16 on CPU:
 
-$ python benchmarks/ablation.py --study=token --data_dir=data/en_docs --jobs=2       # ~1 h 40 min on 2 shared cores
+$ python benchmarks/ablation.py --study=token --data_dir=data/en_docs --jobs=2       # ~1 h 40 min on 2 busy cores
 $ python benchmarks/ablation.py --study=token --data_dir=data/en_docs --quick        # a smoke test, a minute
 
-Its plan (token_plan): a learning-rate grid at a quarter of the horizon for the base and the all-switches
+Its plan (token_plan): a learning-rate grid at a third of the horizon for the base and the all-switches
 arm (muon_lr first, then AdamW's learning_rate at the best muon_lr), the two seed-0 finals, their seed-1
 finals, then each switch alone at the base arm's tuned rates.
 """
@@ -50,10 +50,10 @@ SCALES = {
                   grid_iters=4, long_iters=20, eval_iters=2),
     "cpu": dict(model=dict(n_layer=4, n_head=2, n_embd=64, block_size=128, batch_size=8), final_iters=120,
                 grid_iters=30, long_iters=1465, eval_iters=5),
-    # --study=token: the quick-start shape, 64 x 4,096 = 262,144 tokens per final run (1M was planned: at the
-    # ~290 tokens/s per job measured on the shared machine, 8 runs of 1M would take 8 h); batch 32 makes the
-    # matmuls big enough to run ~1.6x the tokens/s of batch 8 on this CPU (bf16, AMX)
-    "token": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=32), final_iters=64,
+    # --study=token: the quick-start shape, 48 x 4,096 = 196,608 tokens per final run (1M was planned: at the
+    # ~300 tokens/s per job measured on the shared machine, 8 runs of 1M would take 8 h); batch 32 makes the
+    # matmuls big enough to run ~1.5x the tokens/s of batch 8 on this CPU (bf16, AMX)
+    "token": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=32), final_iters=48,
                   grid_iters=16, long_iters=0, eval_iters=4, evals=4),
     # --study=gpu: the 40M shape (config/train_fineweb.py), 500 x 65,536 = 32.8M tokens per arm, ~2 min each on
     # an H200 (bf16, compiled); gpu-tiny runs the same plan on a CPU in the test suite
@@ -499,21 +499,22 @@ TOKEN_ADAMW_STEP = {"muon": 2.5, "muon+all": 1 / 2.5}
 
 TOKEN_NOTES = [
     "## Deviations from the plan, and why", "",
-    "- **Tokens per run: 262,144, not ≥1M.** Measured at launch: this shape trained at 200-350 tokens/s per job, "
-    "two jobs at a time, on a 2-core machine at a 1-minute load average of 14-18 from other work, so 8 runs of 1M "
-    "tokens would have taken ~7 h of the ~2 h there was.",
+    "- **Tokens per run: 196,608 (48 iterations), not ≥1M.** Measured at launch: this shape trained at 200-350 "
+    "tokens/s per job, two jobs at a time, on a 2-core machine at a 1-minute load average of 14-18 from other work, "
+    "so 8 runs of 1M tokens would have taken ~7 h of the ~2 h there was; 64 iterations were planned at launch and "
+    "cut to 48 when the grid ran slower than planned.",
     "- **bf16 on the CPU (AMX) and batch 32**, for every arm: measured one after the other (not alternated) before "
     "launching, bf16 ran 816 tokens/s against fp32's 360 (batch 8, load 5.6-7.5), and batch 32 1,503 against batch "
     "8's 999 (bf16, load 7-10, last logged iteration).",
     "- **Learning rates**: `muon_lr` over 0.025 / 0.05 / 0.1 at AdamW 0.025 (the first study's tuned value), then "
     "one AdamW value at the best `muon_lr` (2.5x up for the tied head, 2.5x down for the all-switches arm's untied "
-    "zero head), 16 iterations (a quarter of the horizon), seed 0, for the base and the all-switches arm only; "
+    "zero head), 16 iterations (a third of the horizon), seed 0, for the base and the all-switches arm only; "
     "the single-switch arms run at the base's rates.",
     "- **Not tuned**: the cap (15, modded-nanogpt's) and Muon's decay (0.4, nanochat's at 512 wide).",
     "- **`muon+zero_head` also unties the head** (a zero head must be untied), so it measures the two together.",
     "", "## What this scale can and cannot tell", "",
     "- It can tell whether a switch costs or gains more than the seed noise for a small model trained briefly "
-    "(64 optimizer steps), and that each code path trains end to end.",
+    "(48 optimizer steps), and that each code path trains end to end.",
     "- It cannot tell what the switches do at 40M-124M, where they were measured to help: those gains (1-7% fewer "
     "steps) are of the order of the seed spread here, and a 4 x 128 model spends most of its FLOPs in the output "
     "layer (88%). The GPU command below asks the question at 40M.",
@@ -614,7 +615,7 @@ def token_report(args, command_wall):
              f"on {scale['eval_iters'] * tokens_per_iter:,} fixed held-out tokens (random windows for every data "
              "order, so the losses compare). Shared: AdamW (0.9, 0.95) for embeddings, head and norms, weight decay "
              "0.1, cosine schedule, warmup 1/30 of the run, decay to lr/10, grad clip 1, no biases.", "",
-             f"## 1. Learning rates (val loss after {scale['grid_iters']} iterations, a quarter of the horizon, "
+             f"## 1. Learning rates (val loss after {scale['grid_iters']} iterations, a third of the horizon, "
              "seed 0; best in bold)", "",
              "| arm | (learning_rate, muon_lr): val loss |", "|---|---|"]
     for arm in TUNED_ARMS:
@@ -626,7 +627,7 @@ def token_report(args, command_wall):
             lines.append(f"| {arm} | " + " / ".join((f"**({lr:g}, {mlr:g}): {v:.3f}**" if (lr, mlr) == best else
                                                     f"({lr:g}, {mlr:g}): {v:.3f}") for (lr, mlr), v in grid.items())
                          + (f" (best at the edge of the grid in {' and '.join(edges)})" if edges else "") + " |")
-    lines += ["", f"## 2. Final runs ({budget:,} tokens)", "",
+    lines += ["", f"## 2. Final runs ({budget:,} tokens)", "", f"![val loss curves]({Path(args.plot).name})", "",
               f"Target: the base arm's (`muon`) mean final val loss, {target:.3f}. \"tokens to target\" is read off "
               "each run's val curve, linearly between evaluations. The single-switch arms run at `muon`'s tuned "
               "rates, one seed; the verdict compares the difference of means with the larger seed spread of the two "
