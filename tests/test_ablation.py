@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, make_token_dataset, run_script
+from conftest import REPO_ROOT, make_token_dataset
+from inprocess import run_inprocess
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import ablation  # noqa: E402
@@ -64,8 +65,10 @@ def test_the_gpu_comparison_runs_at_a_tiny_size_on_cpu(tmp_path):
     tokens[::50] = 50256  # documents of 50 tokens, for data_order='document'
     tokens.tofile(data / "train.bin")
     table = tmp_path / "gpu.md"
-    run_script("benchmarks/ablation.py", "--study=gpu", "--quick", f"--data_dir={data}", "--device=cpu",
-               "--dtype=float32", f"--out_root={tmp_path / 'runs'}", f"--table={table}", "--jobs=1")
+    code, stdout, stderr = run_inprocess("benchmarks/ablation.py", "--study=gpu", "--quick", f"--data_dir={data}",
+                                         "--device=cpu", "--dtype=float32", f"--out_root={tmp_path / 'runs'}",
+                                         f"--table={table}", "--jobs=1")
+    assert code == 0 and "FAILED" not in stdout, stdout + stderr
     rows = {line.split(" | ")[0][2:]: line for line in table.read_text().splitlines() if line.startswith("| ")}
     assert list(rows)[1:] == ["adamw", "muon", "muon+all"]  # after the header
     assert "| +0.000 |" in rows["adamw"]
