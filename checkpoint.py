@@ -35,10 +35,13 @@ and train.py read ours and we resume theirs:
 
 Files in out_dir: ckpt.pt (always the latest), best.pt (lowest val loss), and for the wsd schedule
 stable.pt (the last checkpoint before the cooldown, from which a run can be extended).
-Writes go to a temporary file (<name>.tmp) that replaces the old one only when complete; a crash
-mid-write leaves at most that .tmp file, which the next save overwrites; a failed write (a full
-disk) removes it and names the file and the free space.
+Writes go to a temporary file (<name>.tmp.<pid>) that replaces the old one only when complete; a crash
+mid-write leaves at most that file, which the next run into out_dir removes once it holds the out_dir
+lock (train.lock, lock_out_dir); a failed write (a full disk) removes it and names the file and the free
+space. A save writes best.pt and stable.pt before ckpt.pt: a kill between the renames leaves a best.pt
+newer than ckpt.pt, whose val_loss the resumed run reads (never a stale best.pt it believes is better).
 """
+import glob
 import io
 import math
 import os
@@ -54,12 +57,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from atomic import atomic_write, check_writable
+from atomic import FolderInUse, atomic_write, check_writable, lock_folder
 from configurator import first_line
 from model import GPT, GPTConfig
 from schedule import get_lr, schedule_args
 
 CHECKPOINT_NAMES = {"last": "ckpt.pt", "best": "best.pt", "stable": "stable.pt"}
+LOCK_NAME = "train.lock"  # in out_dir, held by the run writing there (lock_out_dir)
 REQUIRED_KEYS = ("model_args", "model", "iter_num")
 NANOGPT_MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 GPT2_DEFAULTS = {f.name: f.default for f in fields(GPTConfig)}  # every switch at its default is GPT-2
@@ -74,18 +78,37 @@ def checkpoint_path(out_dir, which="last", key="checkpoint"):
     raise ValueError(f"{key}={which!r}: allowed are {', '.join(CHECKPOINT_NAMES)} or a path to a .pt file")
 
 
-def check_out_dir(out_dir, init_from, overwrite):
-    """Before any work: out_dir can be written, and a new run (init_from other than 'resume') does not
-    replace the ckpt.pt of the run already there, unless overwrite. ValueError in one line."""
-    last = checkpoint_path(out_dir, "last")
-    if init_from != "resume" and os.path.exists(last) and not overwrite:
-        raise ValueError(f"{last} exists and this run (init_from={init_from}) would replace it at its first "
-                         "evaluation; continue it with --init_from=resume, replace it with --overwrite=True, "
-                         "or use another out_dir")
+def check_out_dir(out_dir, init_from, overwrite, lock=False):
+    """Before any work: out_dir can be written; with lock, this process becomes its one writer (the lock
+    is returned, held until the process ends); and a new run (init_from other than 'resume') does not
+    replace any checkpoint already there, unless overwrite. ValueError in one line."""
     try:
         check_writable(out_dir)
     except OSError as e:
         raise ValueError(f"out_dir={out_dir!r} is not writable: {e.strerror}") from None
+    out_dir_lock = lock_out_dir(out_dir) if lock else None
+    existing = [path for path in (checkpoint_path(out_dir, name) for name in CHECKPOINT_NAMES) if os.path.exists(path)]
+    if init_from != "resume" and existing and not overwrite:
+        raise ValueError(f"out_dir holds {', '.join(existing)}: this run (init_from={init_from}) would replace them "
+                         "or mix its own checkpoints with them; continue that run with --init_from=resume (and "
+                         "--resume_from=best or stable if it has no ckpt.pt), replace them with --overwrite=True, "
+                         "or use another out_dir")
+    return out_dir_lock
+
+
+def lock_out_dir(out_dir):
+    """One training run per out_dir (a double launch, a requeue while the old job still runs): two would
+    rename each other's half-written files and mix ckpt.pt and best.pt of different runs. Holding the
+    lock, this run also removes the temporary files a killed run left (no one else is writing them)."""
+    try:
+        lock = lock_folder(out_dir, LOCK_NAME)
+    except FolderInUse as e:
+        raise ValueError(f"out_dir={out_dir!r} is in use by another training run ({e.holder}); wait for it to "
+                         "end, stop it, or use another out_dir") from None
+    for name in CHECKPOINT_NAMES.values():
+        for leftover in glob.glob(os.path.join(glob.escape(out_dir), f"{name}.tmp*")):
+            os.remove(leftover)
+    return lock
 
 
 def save_checkpoint(state, *paths):
@@ -96,7 +119,7 @@ def save_checkpoint(state, *paths):
         state["checksum"] = tensors_checksum(state)
     for path in paths:
         try:
-            with atomic_write(path) as f:
+            with atomic_write(path, per_process=True) as f:  # a name no other process writes
                 torch.save(state, f)
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
             free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
@@ -254,7 +277,31 @@ def check_resume_lr(ckpt, config):
             f"{config['max_iters']}, lr_decay_iters={config['lr_decay_iters']}); "
             + ("to extend a wsd run, resume from before its cooldown (--resume_from=stable); "
                if config["lr_schedule"] == "wsd" else "")
-            + "see README 'Long runs', or pass --allow_lr_increase=True")
+            + "see docs/training.md, 'Training past the plan', or pass --allow_lr_increase=True")
+
+
+def check_same_data(ckpt, dataset_meta, data_dir, allow_new_data):
+    """ValueError when the bins now opened are not those the checkpoint was trained on (another data_dir, or a
+    dataset prepared anew): a mistyped --data_dir would otherwise go on silently on other data; the user asks for
+    it with allow_new_data. Compared: each split's tokens and documents (meta.json's timings may differ)."""
+    saved = (ckpt.get("dataset_meta") or {}).get("splits")
+    if not saved or allow_new_data:  # nanoGPT's checkpoints record no dataset
+        return
+
+    def sizes(splits):
+        return {split: (splits[split].get("tokens"), splits[split].get("documents")) for split in ("train", "val")}
+
+    def describe(splits):  # an older or adopted meta.json may lack a count
+        return ", ".join(f"{split}.bin {tokens if tokens is None else f'{tokens:,}'} tokens"
+                         + ("" if docs is None else f" in {docs:,} documents") for split, (tokens, docs) in
+                         sizes(splits).items())
+
+    if sizes(saved) != sizes(dataset_meta["splits"]):
+        config = ckpt.get("config") or {}
+        where = config.get("data_dir") or f"dataset={config.get('dataset')!r}"
+        raise ValueError(f"it was trained on other data ({where}: {describe(saved)}) than {data_dir} holds "
+                         f"({describe(dataset_meta['splits'])}); resume with the run's own data, or pass "
+                         "--allow_new_data=True to continue on this one")
 
 
 def restore_checkpoint(ckpt, model, optimizers, scaler, batches, rank, world_size):
@@ -319,13 +366,24 @@ def load_optimizer_by_name(optimizer, saved, model, state_dict):
                              f"the parameter {tuple(params[name].shape)}")
         if moments:
             state[position[name]] = moments
-    # the saved hyperparameters (lr, betas, weight_decay...); how to compute them (fused, foreach) is this
-    # machine's business: a checkpoint from a GPU's fused AdamW must resume on a CPU
-    machine_keys = ("fused", "foreach", "capturable", "differentiable")
-    groups = [dict(saved_group, params=[position[n] for n in names], param_names=names,
-                   **{k: group[k] for k in machine_keys if k in group})
-              for saved_group, group, names in zip(saved["param_groups"], optimizer.param_groups, ours)]
+    # the moments are the checkpoint's; the hyperparameters (betas, weight_decay, momentum...) are this run's
+    # settings, so that `--weight_decay=0.05 --init_from=resume` applies it (train.py names what changed), and
+    # how to compute them (fused, foreach) is this machine's business: a GPU's fused AdamW resumes on a CPU
+    groups = [dict(group, params=[position[n] for n in names], param_names=names)
+              for group, names in zip(optimizer.param_groups, ours)]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# the settings train.py reads into its optimizers (load_optimizer_by_name keeps them on resume) or uses at every
+# step; learning_rate and its schedule are check_resume_lr's, the optimizer itself check_same_optimizer's
+OPTIMIZER_SETTINGS = ("weight_decay", "beta1", "beta2", "muon_lr", "muon_momentum", "grad_clip")
+
+
+def changed_settings(ckpt, config, keys=OPTIMIZER_SETTINGS):
+    """'weight_decay 0.1 -> 0.05, ...' for each of keys this config sets otherwise than the checkpoint's
+    (absent from its config, as in a checkpoint of another tool: not compared); '' when none."""
+    saved = ckpt.get("config") or {}
+    return ", ".join(f"{k} {saved[k]!r} -> {config[k]!r}" for k in keys if k in saved and saved[k] != config[k])
 
 
 def gather_rank_states(state, world_size):

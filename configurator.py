@@ -13,6 +13,7 @@ the problem and exit status 2.
 """
 import ast
 import difflib
+import math
 import os
 import sys
 
@@ -25,6 +26,7 @@ AT_LEAST_0 = (lambda v: v >= 0, "must be >= 0")
 BELOW_1 = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 UP_TO_1 = (lambda v: 0 < v <= 1, "must be in (0, 1]")
 NOT_EMPTY = (lambda v: v.strip() != "", "must not be empty")
+RATE = (lambda v: 0 <= v <= 1e30, "must be in [0, 1e30] (the optimizers' float32 steps overflow not far above)")
 RULES = {
     "out_dir": NOT_EMPTY,
     "dataset": NOT_EMPTY,
@@ -39,8 +41,8 @@ RULES = {
     "log_interval": AT_LEAST_1,
     "eval_iters": AT_LEAST_1,
     "max_iters": AT_LEAST_0,
-    "learning_rate": AT_LEAST_0,
-    "min_lr": AT_LEAST_0,
+    "learning_rate": RATE,
+    "min_lr": RATE,
     "weight_decay": AT_LEAST_0,
     "beta1": BELOW_1,
     "beta2": BELOW_1,
@@ -48,7 +50,7 @@ RULES = {
     "warmup_iters": AT_LEAST_0,
     "lr_decay_iters": AT_LEAST_0,
     "peak_flops": AT_LEAST_0,  # 0 looks the device up
-    "muon_lr": AT_LEAST_0,
+    "muon_lr": RATE,
     "muon_momentum": BELOW_1,
     "muon_weight_decay": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
                           "must be a number >= 0 (unset: weight_decay)"),
@@ -118,12 +120,20 @@ def check_type(key, value, default):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        try:
+            value = float(value) if ok else value
+        except OverflowError:  # an int beyond any float: refused below, as inf is
+            value = math.inf if value > 0 else -math.inf
     else:
         ok = isinstance(value, type(default))
     if not ok:
         fail(f"{key}={value!r} is a {type(value).__name__}, but {key} takes a {type(default).__name__} "
              f"(default {default!r})")
+    # what torch takes, for every setting: a 64-bit integer (sizes, counts, seeds), a finite float (1e999 is inf)
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        fail(f"{key}={value}: out of range, integers must be in [-2**63, 2**63) (torch's int64)")
+    if isinstance(value, float) and not math.isfinite(value):
+        fail(f"{key}={value}: must be a finite number")
     return value
 
 

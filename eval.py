@@ -18,7 +18,7 @@ from evaluation import evaluate_hellaswag, evaluate_val, load_hellaswag, render_
 from hf import load_gpt2
 from loader import check_token_ids, num_tokens
 from model import GPT, GPTConfig
-from runtime import autocast_context, pick_device, pick_dtype, synchronize
+from runtime import SurvivesClosedPipe, autocast_context, out_of_memory_hook, pick_device, pick_dtype, synchronize
 from tokenizer import VOCAB_SIZE
 
 # -----------------------------------------------------------------------------
@@ -37,6 +37,8 @@ dtype = "auto"
 # -----------------------------------------------------------------------------
 config = configure(config_globals(globals()), sys.argv[1:])
 globals().update(config)
+sys.stdout, sys.stderr = SurvivesClosedPipe(sys.stdout), SurvivesClosedPipe(sys.stderr)  # evals.jsonl gets it
+sys.excepthook = out_of_memory_hook("lower batch_size (val.bin windows or HellaSwag examples per forward pass)")
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -36,7 +36,7 @@ def check_token_ids(path, vocab_size, recorded_max=None):
     are not uint16 tokens): such an id would crash training whenever a batch reached it. prepare.py
     re-reads each bin it writes and records its largest id in meta.json (whose sizes read_dataset_meta
     ties to the bins), so the file itself is read only when no maximum is recorded: ~0.5 s per GB from
-    the page cache (README, "Preparing data")."""
+    the page cache (docs/performance.md, "Data preparation")."""
     largest = max_token_id(path) if recorded_max is None else recorded_max
     if largest >= vocab_size:
         raise ValueError(f"{path} holds token id {largest}, not below vocab_size {vocab_size}: "
@@ -71,6 +71,27 @@ def document_starts(path, block_size):
     return np.concatenate(starts).astype(np.int64) if starts else np.zeros(0, dtype=np.int64)
 
 
+def file_identity(path):
+    """What changes when a file is replaced (another inode) or rewritten in place (size, modification time)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def dataset_changed(identities):
+    """One line naming the token files among {path: file_identity(path) at start} that were replaced,
+    rewritten or removed since (another prepare.py into data_dir), else ''. A stat per file: cheap enough
+    for every iteration."""
+    changed = []
+    for path, identity in identities.items():
+        try:
+            now = file_identity(path)
+        except FileNotFoundError:
+            now = None
+        if now != identity:
+            changed.append(path)
+    return f"{' and '.join(changed)} changed on disk during training (another prepare.py?)" if changed else ""
+
+
 class TokenBatches:
     """Endless (x, y) batches of int64 tensors (batch_size, block_size); y is x shifted by one."""
 
@@ -78,7 +99,10 @@ class TokenBatches:
         check_data_order(order)
         self.path, self.block_size, self.batch_size = path, block_size, batch_size
         self.order, self.seed, self.rank, self.world_size = order, seed, rank, world_size
-        self.n_tokens = num_tokens(path)
+        # batches come from the file as opened here, even once prepare.py publishes new bins under this path
+        # (by rename: this inode lives on while open); train.py stops when it sees that (dataset_changed)
+        self.file = open(path, "rb")
+        self.n_tokens = os.fstat(self.file.fileno()).st_size // np.dtype(TOKEN_DTYPE).itemsize
         if self.n_tokens < block_size + 1:
             raise ValueError(f"{path} has {self.n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}; "
                              "use a smaller block_size or more data")
@@ -123,7 +147,7 @@ class TokenBatches:
     def next_batch(self):
         # re-open the memmap every batch: a long-lived np.memmap keeps every page it touched
         # resident, and RSS grows with the file over a long run
-        data = np.memmap(self.path, dtype=TOKEN_DTYPE, mode="r")
+        data = np.memmap(self.file, dtype=TOKEN_DTYPE, mode="r")
         starts = self._starts().tolist()
         x = torch.from_numpy(np.stack([data[i:i + self.block_size] for i in starts]).astype(np.int64))
         y = torch.from_numpy(np.stack([data[i + 1:i + 1 + self.block_size] for i in starts]).astype(np.int64))

@@ -277,7 +277,7 @@ class GPT(nn.Module):
     def muon_params(self):
         """The 2-D weight matrices inside the transformer blocks: the hidden layers Muon is made for.
         Embeddings, lm_head, norms and biases are not, and stay with AdamW. c_attn (q, k, v fused) is
-        orthogonalised whole; README 'Muon' has the measurement behind that choice."""
+        orthogonalised whole; docs/recipe.md, 'Muon', has the measurement behind that choice."""
         return [p for p in self.transformer.h.parameters() if p.dim() == 2]
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
@@ -355,7 +355,10 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, vocab_siz
         logits[:, vocab_size:] = -float("inf")
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    # shifted so that the top logit is 0 and the temperature kept within float32: a tiny one then gives the top
+    # token probability 1 (greedy, the limit) and a huge one equal odds, instead of 0/0 or inf/inf = nan
+    finfo = torch.finfo(logits.dtype)
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / min(max(temperature, finfo.tiny), finfo.max)
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits[logits < v[:, [-1]]] = -float("inf")
@@ -363,6 +366,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, vocab_siz
         sorted_logits, sorted_idx = torch.sort(logits, descending=True)
         sorted_probs = sorted_logits.softmax(dim=-1)
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before this token already reaches p
+        drop[:, 0] = False  # the most likely token stays, even for a top_p that is 0 in float32 (1e-300)
         sorted_logits[drop] = -float("inf")
         logits = torch.full_like(logits, -float("inf")).scatter(1, sorted_idx, sorted_logits)
     probs = F.softmax(logits, dim=-1)

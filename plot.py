@@ -36,8 +36,8 @@ def read_metrics(path, metric="loss"):
     """(thin, thick) lists of (tokens, value) from a metrics.jsonl: (train, val) loss, or HellaSwag's
     (acc, acc_norm). A resumed run starts again from its checkpoint's iteration, so when the iteration
     goes back, the earlier records from that iteration on (the part of the first run the checkpoint
-    did not keep) are replaced by the new ones."""
-    records, skipped = [], 0
+    did not keep) are replaced by the new ones, and one line says how many."""
+    records, skipped, replaced, resumes = [], 0, 0, []
     with open(path) as f:
         for line in f:
             try:
@@ -47,15 +47,20 @@ def read_metrics(path, metric="loss"):
                 skipped += 1
                 continue
             if records and it < records[-1]["iter"]:
-                records = [r for r in records if r["iter"] < it]
+                resumes.append(f"{records[-1]['iter']} -> {it}")
+                kept = [r for r in records if r["iter"] < it]
+                replaced, records = replaced + len(records) - len(kept), kept
             records.append(record)
     if skipped:
         print(f"warning: {path}: skipped {skipped} unreadable line(s)")
+    if resumes:
+        print(f"note: {path}: the iteration goes back ({', '.join(resumes)}: a resume from an older checkpoint, "
+              f"or a new run); drawn: the later run, in place of the earlier run's {replaced} record(s) from there on")
     (thin_key, _), (thick_key, _), _, _ = METRICS[metric]
     train = [(r["tokens"], r[thin_key]) for r in records if r.get(thin_key) is not None]
     val = [(r["tokens"], r[thick_key]) for r in records if r.get(thick_key) is not None]
     if not train and metric == "loss":
-        # log records missing (e.g. eval_only): the evaluations' train loss still tells something
+        # no log records (log_interval beyond the run): the evaluations' train loss still tells something
         train = [(r["tokens"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
     return train, val
 

@@ -12,7 +12,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from configurator import first_line
+from configurator import fail, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -139,20 +139,39 @@ def device_peak_flops(device, dtype, override=None):
 def compile_with_fallback(model, example_step):
     """torch.compile(model), tried on one real step (compilation is lazy, so failures show up on
     first use: no C++ compiler, no Triton on Windows, an old GPU). On failure, warn once and
-    return the eager model, so a long run never dies for the sake of speed."""
+    return the eager model, so a long run never dies for the sake of speed. Ctrl-C or SIGTERM while
+    compiling is no failure (though the compiler's own processes die of it too): one line, exit 128 + signal."""
     if sys.platform == "win32":
         warnings.warn("torch.compile is not supported on Windows; running eagerly")
         return model
-    compiled = torch.compile(model)
+    received = []
+
+    def interrupt(signum, frame):
+        received.append(signal.Signals(signum))
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        compiled = torch.compile(model)
         # the trial step must not advance the RNG (dropout), or a resumed run would diverge
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             example_step(compiled)
         return compiled
+    except KeyboardInterrupt:
+        pass
     except Exception as e:  # any backend failure: fall back rather than abort the run
-        print(f"warning: torch.compile failed ({type(e).__name__}: {first_line(e)}); "
-              "continuing without it (--compile=False silences this)", file=sys.stderr)
-        return model
+        if is_out_of_memory(e):  # eager would run out too: the caller's one line says what to lower
+            raise
+        if not received:
+            print(f"warning: torch.compile failed ({type(e).__name__}: {first_line(e)}); "
+                  "continuing without it (--compile=False silences this)", file=sys.stderr)
+            return model
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    name = received[0] if received else signal.SIGINT
+    fail(f"{name.name} during torch.compile's warm-up: stopped before any training step, nothing saved",
+         status=128 + name.value)
 
 
 def setup_ddp(device, gradient_accumulation_steps):
@@ -171,15 +190,92 @@ def setup_ddp(device, gradient_accumulation_steps):
     return True, rank, local_rank, world_size, device
 
 
+def fail_together(problem, ddp, device, elsewhere="rank 0 could not go on (see its message)", status=2):
+    """fail(problem) on every rank if any rank has one: a problem only one rank sees (rank 0's out_dir lock,
+    its save) must stop them all, or the others wait for it in their next collective forever. Every rank
+    calls this; without DDP it is fail(problem) when there is one."""
+    if ddp:
+        flag = torch.tensor(float(bool(problem)), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        problem = problem or (elsewhere if flag.item() else "")
+    if problem:
+        fail(problem, status=status)
+
+
+def launcher_gone(launcher_pid):
+    """A message when the process that started this one (torchrun) is gone, else '': a SIGKILLed launcher
+    cannot stop its ranks, and they are re-parented (to init or a subreaper), which changes os.getppid()."""
+    if os.getppid() == launcher_pid:
+        return ""
+    return f"the launcher (torchrun, pid {launcher_pid}) is gone"
+
+
+# Ctrl-C, a scheduler's SIGTERM, and SIGHUP: a closed terminal or a dropped ssh connection (not on Windows)
+STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+
+
+def is_out_of_memory(error):
+    """CUDA's torch.OutOfMemoryError, the CPU allocator's and MPS's RuntimeError, numpy's MemoryError."""
+    text = str(error)
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))
+
+
+def out_of_memory_hook(advice):
+    """A sys.excepthook that ends an out-of-memory error in one line, 'error: out of memory (...): advice'
+    (advice names the settings to lower), exit status 1; any other error keeps its traceback. A hook, not a
+    try block, so that a flat script (train.py) needs one line for it. Only a failed allocation is caught:
+    where the kernel's OOM killer ends the process first, nothing can be printed."""
+    def hook(kind, error, traceback):
+        if not is_out_of_memory(error):
+            return sys.__excepthook__(kind, error, traceback)
+        what = first_line(error).split("DefaultCPUAllocator: ")[-1]  # past c10's "[enforce fail at ...]"
+        print(f"error: out of memory ({what}): {advice}", file=sys.stderr)  # every rank: it may be the only one
+    return hook
+
+
+def to_devnull(stream):
+    """Send what is left of stream's output to /dev/null: its reader went away (`| head`, a killed tee), and
+    Python's own flush at exit must not fail on it again (a second BrokenPipeError, printed)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
+class SurvivesClosedPipe:
+    """sys.stdout or sys.stderr for a script that must go on when the reader of its output goes away
+    (`python train.py ... | head`, a tee that was killed): from the first broken pipe on, that output goes to
+    /dev/null, instead of a BrokenPipeError at the next print that would end a run of hours unsaved."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            to_devnull(self.stream)
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            to_devnull(self.stream)
+
+    def __getattr__(self, name):  # isatty, fileno, encoding...: the stream's own
+        return getattr(self.stream, name)
+
+
 class StopSignal:
-    """Ctrl-C or SIGTERM sets .requested: the training loop finishes its iteration, saves and exits 0.
+    """Ctrl-C, SIGTERM or SIGHUP sets .requested: the training loop finishes its iteration, saves and exits 0.
     A second signal means now (KeyboardInterrupt), unless it comes within a second of the first: a
     scheduler that signals every process while torchrun forwards the signal too delivers two at once."""
 
     def __init__(self, announce=True):
         self.requested, self.requested_at, self.announce = False, 0.0, announce
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self.handle)
 
     def handle(self, signum, frame):
         if self.requested:
@@ -188,4 +284,7 @@ class StopSignal:
             return
         self.requested, self.requested_at = True, time.time()
         if self.announce:
-            print(f"\n{signal.Signals(signum).name} received: finishing this iteration, then saving", flush=True)
+            try:  # after SIGHUP the terminal may be gone: the save matters, not this line
+                print(f"\n{signal.Signals(signum).name} received: finishing this iteration, then saving", flush=True)
+            except OSError:
+                pass

@@ -13,7 +13,7 @@ import torch
 
 from checkpoint import check_model_fits, checkpoint_path, load_checkpoint, model_from_checkpoint
 from configurator import config_globals, configure, fail
-from runtime import autocast_context, pick_device, pick_dtype, synchronize
+from runtime import autocast_context, out_of_memory_hook, pick_device, pick_dtype, synchronize, to_devnull
 from tokenizer import EOT_TOKEN, VOCAB_SIZE, TokenizerUnavailable, decode, encode_prompt, get_encoding
 
 # -----------------------------------------------------------------------------
@@ -35,6 +35,7 @@ compile = False  # torch.compile the forward pass: pays off for long generations
 # -----------------------------------------------------------------------------
 config = configure(config_globals(globals()), sys.argv[1:])
 globals().update(config)
+sys.excepthook = out_of_memory_hook("lower num_samples (they are generated as one batch)")
 
 
 def read_prompt(start):
@@ -122,4 +123,7 @@ def stream_sample(model, x, enc, sampling):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:  # the reader went away (`sample.py | head`): nobody to print for, stop quietly
+        to_devnull(sys.stdout)

@@ -21,20 +21,27 @@ import sys
 import time
 from dataclasses import asdict
 
-import torch
+# before torch loads MKL and OpenMP: their dynamic threading may use fewer threads under load, which
+# changes how sums are split, so a resumed run would not match an uninterrupted one bit for bit
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+os.environ.setdefault("OMP_DYNAMIC", "FALSE")
+import torch  # noqa: E402
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (build_checkpoint, check_model_fits, check_out_dir, check_resume_lr, check_same_optimizer,
                         checkpoint_path, gather_rank_states, load_checkpoint, non_finite_part, restore_checkpoint,
                         resume_model_args, rng_state, save_checkpoint, saved_val_loss)
-from configurator import config_globals, configure, fail
+from atomic import append_line
+from checkpoint import changed_settings, check_same_data
+from configurator import config_globals, configure, fail, first_line
 from evaluation import estimate_loss, evaluate_hellaswag, load_hellaswag, render_examples
 from hf import check_init_from, load_gpt2
-from loader import TokenBatches, check_data_order, open_dataset
+from loader import TokenBatches, check_data_order, dataset_changed, file_identity, open_dataset
 from model import GPT, GPTConfig, check_optimizer
 from runtime import (StopSignal, autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu,
-                     pick_device, pick_dtype, setup_ddp, synchronize)
+                     fail_together, launcher_gone, pick_device, pick_dtype, setup_ddp, synchronize)
+from runtime import SurvivesClosedPipe, out_of_memory_hook
 from schedule import cooldown_start, get_lr, schedule_args
 
 # -----------------------------------------------------------------------------
@@ -52,6 +59,7 @@ init_from = "scratch"  # 'scratch', 'resume' (from out_dir), 'gpt2'...'gpt2-xl' 
 overwrite = False  # let a new run (init_from other than 'resume') replace the checkpoints already in out_dir
 resume_from = "last"  # with init_from='resume': 'last' (ckpt.pt), 'best', 'stable' or a path
 allow_lr_increase = False  # allow a resume whose schedule raises the learning rate (see README)
+allow_new_data = False  # allow a resume on other bins than the checkpoint was trained on (e.g. for fine-tuning)
 # wandb logging
 wandb_log = False
 wandb_project = "fineweb"
@@ -106,6 +114,11 @@ if __name__ == "__settings__":  # bench.py takes the settings above as its own d
     raise SystemExit
 config = configure(config_globals(globals()), sys.argv[1:])
 globals().update(config)
+sys.stdout, sys.stderr = SurvivesClosedPipe(sys.stdout), SurvivesClosedPipe(sys.stderr)  # `| head`: train on
+sys.excepthook = out_of_memory_hook("lower batch_size (a larger gradient_accumulation_steps keeps the tokens per "
+                                    "iteration) or the model (n_embd, n_layer, block_size); on a GPU, python "
+                                    "bench.py with the same settings and --fit_memory=free finds the batch_size "
+                                    "that fits")
 # -----------------------------------------------------------------------------
 
 # DDP: torchrun sets RANK; each process drives one GPU (or one CPU process with gloo)
@@ -128,12 +141,15 @@ try:  # every choice among names, the shape and out_dir, before any work: each c
     check_data_order(data_order)
     check_optimizer(optimizer, learning_rate)
     model_args = asdict(GPTConfig.from_dict(config))  # GPTConfig's fields of the config, padded vocabulary
-    check_out_dir(out_dir, init_from, overwrite or eval_only)  # eval_only saves nothing
+    # eval_only saves nothing and takes no lock: it may run beside the training run; under DDP rank 0 locks
+    out_dir_lock = check_out_dir(out_dir, init_from, overwrite or eval_only, lock=master_process and not eval_only)
     hellaswag_examples = None
     if hellaswag_interval:  # read (downloaded the first time) and tokenized once, by every rank
         hellaswag_examples = render_examples(load_hellaswag(hellaswag_file), block_size, hellaswag_limit)
+    startup_problem = ""
 except ValueError as e:
-    fail(str(e))
+    startup_problem = str(e)
+fail_together(startup_problem, ddp, device)  # rank 0's lock is rank 0's alone: every rank exits 2 with it
 
 torch.manual_seed(seed + ddp_rank)
 torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores where they can
@@ -145,8 +161,10 @@ data_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 try:
     dataset_meta, train_path, val_path = open_dataset(data_dir, block_size)
     train_batches = TokenBatches(train_path, block_size, batch_size, data_order, seed, ddp_rank, world_size)
+    dataset_files = {path: file_identity(path) for path in (train_path, val_path)}  # checked every iteration
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))
+launcher_pid = os.getppid()  # under torchrun: torchrun (see launcher_gone)
 iter_num, best_val_loss, ckpt, hf_state, tokens_seen = 0, float("inf"), None, None, 0
 if init_from == "resume":
     resume_path = checkpoint_path(out_dir, resume_from)
@@ -158,6 +176,7 @@ if init_from == "resume":
     try:
         model_args = resume_model_args(ckpt, model_args)  # the shape must match; dropout may change
         check_same_optimizer(ckpt, optimizer)
+        check_same_data(ckpt, dataset_meta, data_dir, allow_new_data or eval_only)  # a look at other data is fine
     except ValueError as e:
         fail(f"cannot resume {resume_path}: {e}")
     iter_num = ckpt["iter_num"]
@@ -168,7 +187,7 @@ if init_from == "resume":
     best_val_loss = min(best_val_loss, saved_val_loss(checkpoint_path(out_dir, "best")) or float("inf"))
     if iter_num >= max_iters and not eval_only:
         fail(f"{resume_path} is at iteration {iter_num} and max_iters={max_iters}: nothing to train; "
-             f"pass a larger --max_iters to continue (see README 'Long runs')")
+             f"pass a larger --max_iters to continue (see docs/training.md)")
     try:
         check_resume_lr(ckpt, config)
     except ValueError as e:
@@ -203,6 +222,9 @@ if ckpt is not None:
         fail(f"cannot resume {resume_path}: {e}")
     if master_process and warning:
         print(f"warning: {warning}")
+    changed = changed_settings(ckpt, config)
+    if master_process and changed:
+        print(f"changed settings, applied from iteration {iter_num} on: {changed}")
     if master_process:
         print(f"resuming from {resume_path} at iteration {iter_num}, lr {lr:.3g}, best val loss {best_val_loss:.4f}")
 ckpt = None  # free memory
@@ -241,9 +263,14 @@ if master_process:
 
 
 def log_metrics(record):
-    """One JSON line per log step or evaluation in out_dir/metrics.jsonl (and wandb if on)."""
-    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One JSON line per log step or evaluation in out_dir/metrics.jsonl (and wandb if on). A failed append
+    (a full disk) leaves the file whole and stops the run at the next iteration, after saving."""
+    global stop_problem
+    path = os.path.join(out_dir, "metrics.jsonl")
+    try:
+        append_line(path, json.dumps(record) + "\n")
+    except OSError as e:
+        stop_problem = stop_problem or f"cannot append to {path}: {e.strerror or first_line(e)}"
     if wandb_log:
         wandb.log({k: v for k, v in record.items() if k != "iter" and v is not None}, step=record["iter"])
 
@@ -259,16 +286,13 @@ def save(val_loss, names):
                                       best_val_loss=best_val_loss, config=config, lr=lr, val_loss=val_loss,
                                       dataset_meta=dataset_meta, tokens_seen=tokens_seen)
         try:
-            save_checkpoint(checkpoint, *[checkpoint_path(out_dir, name) for name in names])
+            # ckpt.pt last: a kill between the renames leaves a best.pt newer than ckpt.pt, whose val loss the
+            # resumed run reads above (saved_val_loss), never a stale best.pt it believes holds its best
+            save_checkpoint(checkpoint, *[checkpoint_path(out_dir, n) for n in sorted(names, key="last".__eq__)])
             saved_this_run.update(names)
         except OSError as e:  # a full disk: save_checkpoint left the previous files as they were
             problem = str(e)
-    if ddp:  # rank 0 alone knows: every rank must stop with it, or the others wait for it forever
-        flag = torch.tensor(float(bool(problem)), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        problem = problem or ("rank 0 could not save" if flag.item() else "")
-    if problem:
-        fail(problem, status=1)
+    fail_together(problem, ddp, device, elsewhere="rank 0 could not save", status=1)  # rank 0 alone knows
 
 
 def non_finite_message(what):
@@ -290,11 +314,12 @@ if wandb_log and master_process:
 
 # training loop
 start_iter, run_start, saved_this_run = iter_num, time.time(), set()
+stop_problem = ""  # set by log_metrics: stop, after saving, at the next iteration
 t0, tokens_since_log, losses = time.time(), 0, []
 last_eval = None
 while True:
-    # evaluate and save; skipped at the iteration a resumed run starts from (already done then)
-    if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num != start_iter or init_from != "resume" or eval_only):
+    # evaluate and save; skipped at the iteration a resumed run starts from (already done then); eval_only: at once
+    if eval_only or (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num != start_iter or init_from != "resume"):
         last_eval = estimate_loss(raw_model, {"train": train_path, "val": val_path}, batch_size, eval_iters, device,
                                   ctx) if master_process else None
         hellaswag = None  # every rank scores its share of the examples
@@ -308,9 +333,11 @@ while True:
             print(f"step {iter_num}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}"
                   f"{' (best)' if is_best else ''}" + (f", hellaswag acc_norm {hellaswag['hellaswag_acc_norm']:.4f} "
                                                        f"({hellaswag['hellaswag_n']} examples)" if hellaswag else ""))
-            log_metrics({"iter": iter_num, "tokens": tokens_seen, "train_loss": last_eval["train"],
-                         "val_loss": last_eval["val"],
-                         "best_val_loss": best_val_loss if math.isfinite(best_val_loss) else None, **(hellaswag or {})})
+            if not eval_only:  # a look at a checkpoint (or GPT-2) is no part of the run's history: printed only
+                log_metrics({"iter": iter_num, "tokens": tokens_seen, "train_loss": last_eval["train"],
+                             "val_loss": last_eval["val"],
+                             "best_val_loss": best_val_loss if math.isfinite(best_val_loss) else None,
+                             **(hellaswag or {})})
             names += ["best"] if is_best else []
             if lr_schedule == "wsd" and iter_num <= cooldown_start(max_iters, cooldown_frac):
                 names.append("stable")
@@ -351,11 +378,16 @@ while True:
     # skips that step and lowers the scale), means the weights are ruined: stop before saving them
     bad = ("loss" if not math.isfinite(loss_value) else
            "gradient norm" if not scaler.is_enabled() and not math.isfinite(grad_norm_value) else "")
+    # stop after saving: a full disk for metrics.jsonl, new bins under data_dir, a launcher gone
+    problem = (stop_problem or (dataset_changed(dataset_files) if master_process else "")
+               or (launcher_gone(launcher_pid) if ddp else ""))
+    stop_now = stop_signal.requested  # a signal arriving from here on is seen next iteration, by every rank
     if ddp:  # every rank stops together, else the others wait for it forever
-        flags = torch.tensor([float(bool(bad)), float(stop_signal.requested)], device=device)
+        flags = torch.tensor([float(bool(bad)), float(stop_now), float(bool(problem))], device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         bad = bad or ("loss or gradient norm on another rank" if flags[0].item() else "")
-        stop_signal.requested = bool(flags[1].item())
+        stop_now = bool(flags[1].item())
+        problem = problem or ("another rank stopped the run" if flags[2].item() else "")
     if bad:
         fail(non_finite_message(f"{bad} at iteration {iter_num} (loss {loss_value}, grad norm {grad_norm_value})"),
              status=1)
@@ -377,12 +409,18 @@ while True:
                      "tokens_per_sec": tokens_per_sec, "mfu": mfu, "peak_mem_gib": mem})
         t0, tokens_since_log = time.time(), 0
 
-    if stop_signal.requested:  # under DDP agreed by all ranks above
+    if stop_now or problem:  # under DDP agreed by all ranks above
         save(None, ["last"])
+        if problem:
+            fail(f"{problem}; stopped at iteration {iter_num}, checkpoint saved to {checkpoint_path(out_dir, 'last')}; "
+                 "fix that, then continue with --init_from=resume", status=1)
         if master_process:
             print(f"stopped at iteration {iter_num}; checkpoint saved to {checkpoint_path(out_dir, 'last')}; "
                   "continue with --init_from=resume")
         break
+# a failed append at the last evaluation (or an eval_only run's): the run ended, its record is missing
+fail_together(stop_problem and f"{stop_problem}; the run ended without that record", ddp, device,
+              elsewhere="rank 0 could not write metrics.jsonl", status=1)
 
 if master_process:
     wall = time.time() - run_start

@@ -2,7 +2,7 @@
 Should Muon orthogonalise the fused q, k, v matrix (c_attn, 3C x C) whole, or q, k and v separately
 (three C x C matrices, as if they were separate parameters)? Trains the same short run both ways and
 prints the final val losses. The split variant wraps torch's Newton-Schulz step for this measurement
-only; model.py keeps c_attn whole (see README 'Muon').
+only; model.py keeps c_attn whole (see docs/recipe.md, 'Muon').
 
 $ python benchmarks/muon_qkv.py --data_dir=data/en_docs
 """

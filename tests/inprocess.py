@@ -2,18 +2,20 @@
 without paying a fresh interpreter and torch import (~3-5 s) per run. For checks that end early or
 train a few iterations; the exact-resume tests use real subprocesses instead."""
 import contextlib
+import gc
 import io
 import runpy
 import signal
 import sys
 
 from conftest import REPO_ROOT
+from runtime import STOP_SIGNALS
 
 
 def run_inprocess(script, *args):
     """(exit status, stdout, stderr) of `python script *args`, run with runpy in this process."""
     out, err = io.StringIO(), io.StringIO()
-    saved_argv, saved_handlers = sys.argv, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    saved_argv, saved_handlers = sys.argv, {s: signal.getsignal(s) for s in STOP_SIGNALS}
     sys.argv = [str(REPO_ROOT / script), *map(str, args)]
     code = 0
     try:
@@ -25,6 +27,7 @@ def run_inprocess(script, *args):
         sys.argv = saved_argv
         for s, handler in saved_handlers.items():  # train.py installs its Ctrl-C handler
             signal.signal(s, handler)
+        gc.collect()  # the script's globals (train.py's out_dir lock) are gone, as at the end of a process
     return code, out.getvalue(), err.getvalue()
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import loader
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import lock_out_dir, load_checkpoint, save_checkpoint
 from conftest import REPO_ROOT, make_token_dataset, train_args
 from inprocess import read_metrics, run_inprocess
 from loader import TokenBatches
@@ -305,15 +305,16 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
                             text=True)
     try:
         assert proc.stdout.readline().strip() == "1"  # one complete checkpoint exists
-        while not os.path.exists(f"{path}.tmp") and proc.poll() is None:  # the next save is under way
+        while not os.path.exists(f"{path}.tmp.{proc.pid}") and proc.poll() is None:  # the next save is under way
             pass
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
     model = torch.load(path, weights_only=True)["model"]  # complete and readable
     assert model.numel() == 4_000_000 and bool((model == model[0]).all()) and model[0] >= 1
-    save_checkpoint({"model": torch.zeros(1)}, path)  # the next save replaces the leftover .tmp
-    assert not os.path.exists(f"{path}.tmp")
+    assert os.path.exists(f"{path}.tmp.{proc.pid}")  # its half-written file: the next run into out_dir removes it
+    lock_out_dir(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "train.lock"]
 
 
 # ---------------------------------------------------------------------------------------------

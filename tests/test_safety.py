@@ -125,7 +125,8 @@ def test_damaged_or_mismatched_checkpoints_are_refused_in_one_line(tiny_ckpt, da
             code, _, stderr = run_inprocess(script, *args)
             line = one_error_line(code, stderr)
             assert str(path) in line and EXPECTED_DAMAGE[what] in line, (script, line)
-        assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt"]  # export wrote no folder, train nothing
+        # export wrote no folder, train.py nothing but its out_dir lock
+        assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "train.lock"]
 
 
 class DiskFullAfter:
@@ -158,7 +159,7 @@ def test_full_disk_during_a_save_keeps_every_checkpoint_and_leaves_no_tmp(cosine
     out = shutil.copytree(cosine_run, tmp_path / "out")
     before = {name: sha(out / name) for name in ("ckpt.pt", "best.pt")}
     if fails_in == "write":
-        monkeypatch.setattr(atomic, "open", lambda path, mode: DiskFullAfter(open(path, mode), 100_000),
+        monkeypatch.setattr(atomic, "open", lambda path, mode, **kw: DiskFullAfter(open(path, mode, **kw), 100_000),
                             raising=False)
     else:  # buffered writes that only fail when flushed to the disk
         def fsync(fd):
@@ -168,7 +169,8 @@ def test_full_disk_during_a_save_keeps_every_checkpoint_and_leaves_no_tmp(cosine
                                                                  "--eval_interval=2", "--init_from=resume",
                                                                  "--allow_lr_increase=True"))
     line = one_error_line(code, stderr, status=1)
-    assert line.startswith(f"error: cannot write checkpoint {out / 'ckpt.pt'} (") and " MiB free on its disk" in line
+    # the evaluation at 6 is the best so far: best.pt is written first, before ckpt.pt
+    assert line.startswith(f"error: cannot write checkpoint {out / 'best.pt'} (") and " MiB free on its disk" in line
     assert {name: sha(out / name) for name in before} == before
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
 
@@ -199,7 +201,7 @@ INVALID_TRAIN_VALUES = {
     "zero_init_head": True,  # with the default tied head
 }
 ANY_VALUE = {"eval_only", "allow_lr_increase", "overwrite", "wandb_log", "wandb_project", "wandb_run_name", "bias",
-             "rotary", "qk_norm", "tie_embeddings", "zero_init_proj", "compile",
+             "rotary", "qk_norm", "tie_embeddings", "zero_init_proj", "compile", "allow_new_data",
              "hellaswag_file"}  # read only when hellaswag_interval > 0: test_eval checks it then
 
 
@@ -217,7 +219,8 @@ def test_an_invalid_value_of_any_train_key_stops_before_any_work(key, tmp_path):
     code, stdout, stderr = run_inprocess("train.py", *(f"--{k}={v}" for k, v in args.items()))
     line = one_error_line(code, stderr)
     assert key in line and (repr(value) in line or str(value) in line), line
-    assert "model:" not in stdout and not list(tmp_path.glob("out/*"))
+    # nothing in out_dir but the lock taken before the data is read
+    assert "model:" not in stdout and [p.name for p in tmp_path.glob("out/*")] in ([], ["train.lock"])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -244,8 +247,10 @@ def test_invalid_values_in_a_real_process(tmp_path, args, message):
     ("bench.py", ["--n_head=0"], "n_head=0: must be at least 1"),
     ("bench.py", ["--fit_memory=lots"], "fit_memory='lots'"),
 ])
-def test_sample_export_and_bench_check_their_settings_before_loading(tmp_path, script, args, fragment):
-    """out_dir holds no checkpoint: the setting's own error comes first."""
+def test_sample_export_and_bench_check_their_settings_before_loading(tmp_path, monkeypatch, script, args, fragment):
+    """out_dir holds no checkpoint: the setting's own error comes first. Run from an empty folder: an
+    hf_model/ a user exported into the project must not change what export.py says first."""
+    monkeypatch.chdir(tmp_path)
     extra = ["--compile=False"] if script == "bench.py" else []
     code, stdout, stderr = run_inprocess(script, f"--out_dir={tmp_path}", *extra, *args)
     assert fragment in one_error_line(code, stderr) and "model:" not in stdout
@@ -286,8 +291,9 @@ def test_a_new_run_into_an_out_dir_with_a_checkpoint_needs_overwrite(cosine_run,
     before = sha(out / "ckpt.pt")
     code, _, stderr = run_inprocess("train.py", *train_args(data_dir, out, "--max_iters=2", "--eval_interval=2"))
     assert one_error_line(code, stderr) == (
-        f"error: {out / 'ckpt.pt'} exists and this run (init_from=scratch) would replace it at its first evaluation; "
-        "continue it with --init_from=resume, replace it with --overwrite=True, or use another out_dir")
+        f"error: out_dir holds {out / 'ckpt.pt'}, {out / 'best.pt'}: this run (init_from=scratch) would replace "
+        "them or mix its own checkpoints with them; continue that run with --init_from=resume (and "
+        "--resume_from=best or stable if it has no ckpt.pt), replace them with --overwrite=True, or use another out_dir")
     assert sha(out / "ckpt.pt") == before
     code, stdout, stderr = run_inprocess("train.py", *train_args(data_dir, out, "--max_iters=2", "--eval_interval=2",
                                                                  "--overwrite=True"))
@@ -323,7 +329,7 @@ def test_the_readme_pipeline_line_works_on_the_quick_start_model(tmp_path, monke
                     tmp_path / "ckpt.pt")
     monkeypatch.chdir(tmp_path)
     assert run_inprocess("export.py", f"--out_dir={tmp_path}", "--to=hf_model")[0] == 0
-    readme = (REPO_ROOT / "README.md").read_text()
+    readme = (REPO_ROOT / "docs" / "interop.md").read_text()
     readme_line = re.search(r'^ +(python -c "from transformers import pipeline.*)$', readme, re.MULTILINE).group(1)
     proc = subprocess.run(readme_line.replace("python", sys.executable, 1), shell=True, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)

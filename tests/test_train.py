@@ -49,7 +49,8 @@ def test_ddp_two_cpu_ranks_write_one_checkpoint(token_dataset, tmp_path):
     assert "tokens per iteration: 128 (2 rank(s) x 2 micro-steps x 2 x 16)" in proc.stdout
     assert proc.stdout.count("step 3: train loss") == 1  # only rank 0 prints and writes
     written = {p.name for p in out.iterdir()}
-    assert "ckpt.pt" in written and written <= {"ckpt.pt", "best.pt", "metrics.jsonl"}  # no temporary files
+    # no temporary files; train.lock is rank 0's out_dir lock
+    assert "ckpt.pt" in written and written <= {"ckpt.pt", "best.pt", "metrics.jsonl", "train.lock"}
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["iter_num"] == 3 and len(ckpt["ranks"]) == 2
 

@@ -51,17 +51,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-try:
-    import fcntl  # the out_dir lock; POSIX only
-except ImportError:
-    fcntl = None
-
 # tokenizer.py lives at the repo root, which is not on the path when this file runs as a script
 # (sources.py, beside this file, is: a script's own folder comes first)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-from atomic import atomic_write, check_writable  # noqa: E402
+from atomic import FolderInUse, atomic_write, check_writable, lock_folder, unlock_folder  # noqa: E402
 from configurator import fail, first_line  # noqa: E402
 from sources import (DEFAULT_DUMP, HF_REPO, Prefetch, PrepareError, dataset_source,  # noqa: E402
                      delete_downloaded, describe_parquet, hub_sources, is_downloaded, local_source,
@@ -432,36 +427,13 @@ def check_out_dir_writable(out_dir):
 
 
 def lock_out_dir(out_dir):
-    """Hold out_dir/prepare.lock until release_lock: a second prepare.py into the same folder is refused
-    instead of deleting this run's files. flock is dropped by the kernel when the process ends, even on
-    SIGKILL, so a stale lock never blocks a later run. (POSIX only: on Windows there is no lock.)"""
-    if fcntl is None:
-        return None
-    path = out_dir / LOCK_NAME
-    while True:
-        lock_file = open(path, "a+")
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.seek(0)
-            holder = lock_file.read().strip() or "another process"
-            lock_file.close()
-            raise PrepareError(f"{out_dir}: another prepare.py ({holder}) is writing to this folder; wait for it "
-                               f"to finish or choose another --out_dir")
-        # the holder we waited on may have removed the file before we locked it: then lock the new one
-        if path.exists() and os.path.samestat(os.fstat(lock_file.fileno()), path.stat()):
-            break
-        lock_file.close()
-    lock_file.truncate(0)
-    lock_file.write(f"pid {os.getpid()}")
-    lock_file.flush()
-    return lock_file
-
-
-def release_lock(out_dir, lock_file):
-    if lock_file is not None:
-        (out_dir / LOCK_NAME).unlink(missing_ok=True)  # removed while still held, so no one locks a stale file
-        lock_file.close()
+    """Hold out_dir/prepare.lock (atomic.lock_folder, released by the kernel even on SIGKILL) while this run
+    writes: a second prepare.py into the same folder is refused instead of deleting this run's files."""
+    try:
+        return lock_folder(out_dir, LOCK_NAME)
+    except FolderInUse as e:
+        raise PrepareError(f"{out_dir}: another prepare.py ({e.holder}) is writing to this folder; wait for it "
+                           f"to finish or choose another --out_dir") from None
 
 
 def existing_parent(path):
@@ -617,7 +589,7 @@ def prepare(args):
     try:
         return prepare_locked(args, out_dir)
     finally:
-        release_lock(out_dir, lock)
+        unlock_folder(lock)
 
 
 def prepare_locked(args, out_dir):
@@ -675,6 +647,11 @@ def print_summary(meta, out_dir):
         print(f"warning: skipped {meta['null_texts_skipped']:,} documents with a null text")
     if meta["token_count_diff"] is not None:
         print(f"tokens written minus FineWeb's token_count column: {meta['token_count_diff']:+,}")
+    for source in meta["sources"]:
+        if source["name"].startswith("hf-datasets://"):  # a stream: say how much of it was fetched
+            stopped = meta.get("max_tokens") and total_tokens >= meta["max_tokens"]
+            print(f"streamed {source['documents']:,} documents ({total_tokens:,} tokens) from {source['name']}"
+                  + (f", stopped at --max_tokens {meta['max_tokens']:,}" if stopped else ", all of it"))
     print(f"done in {meta['seconds']:.1f} s ({total_tokens / max(meta['seconds'], 1e-6) / 1e6:.2f}M tokens/s); "
           f"meta: {out_dir / 'meta.json'}")
 
@@ -726,7 +703,7 @@ def main(argv=None):
             try:
                 return adopt(data_dir)
             finally:
-                release_lock(data_dir, lock)
+                unlock_folder(lock)
         return prepare(args)
     except PrepareError as e:
         fail(str(e))
