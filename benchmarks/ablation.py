@@ -512,6 +512,9 @@ TOKEN_NOTES = [
     "the single-switch arms run at the base's rates.",
     "- **Not tuned**: the cap (15, modded-nanogpt's) and Muon's decay (0.4, nanochat's at 512 wide).",
     "- **`muon+zero_head` also unties the head** (a zero head must be untied), so it measures the two together.",
+    "- **Memory**: a run of this shape holds ~4-6 GB (the 32 x 128 x 50,304 logits and their copies, kept by "
+    "glibc under the malloc thresholds that buy the speed); three at a time next to other work ran the 23 GB "
+    "machine out of memory and the kernel killed two runs, which were re-run two at a time.",
     "", "## What this scale can and cannot tell", "",
     "- It can tell whether a switch costs or gains more than the seed noise for a small model trained briefly "
     "(48 optimizer steps), and that each code path trains end to end.",
