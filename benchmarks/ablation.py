@@ -636,7 +636,7 @@ def token_report(args, command_wall):
               "rates, one seed; the verdict compares the difference of means with the larger seed spread of the two "
               "arms compared (the base's for a one-seed arm).", "",
               "| arm | switches | (lr, muon_lr) | final val loss per seed | mean | vs muon | seed spread (max-min) "
-              "| tokens to target per seed | verdict | tokens/s (mean) |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| tokens to target per seed | verdict | tokens/s (mean of its iterations; the load varied) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for arm in TOKEN_ARMS:
         per_seed = [runs[f"{arm}-s{s}"] for s in SEEDS if f"{arm}-s{s}" in runs]
         if not per_seed:
@@ -644,7 +644,9 @@ def token_report(args, command_wall):
         finals = [evals[-1]["val_loss"] for _, evals, _ in per_seed]
         reached = [tokens_to_reach(evals, target) for _, evals, _ in per_seed]
         settings = per_seed[0][0]
-        speed = mean([budget / (t["end"] - t["start"]) for _, _, t in per_seed])
+        logs = [r for s in SEEDS if f"{arm}-s{s}" in runs
+                for r in read_metrics(Path(args.out_root) / f"{arm}-s{s}" / "metrics.jsonl")[1]]
+        speed = mean([r["tokens_per_sec"] for r in logs]) if logs else float("nan")
         lines.append(f"| {arm} | {token_switches(settings)} | ({settings['learning_rate']:g}, {settings['muon_lr']:g}) "
                      f"| {' / '.join(f'{v:.3f}' for v in finals)} | {mean(finals):.3f} | {mean(finals) - target:+.3f} | "
                      + (f"{max(finals) - min(finals):.3f}" if len(finals) > 1 else "1 seed") + " | "
