@@ -18,7 +18,6 @@ size stands in for it (the whole process, Python and libraries included).
 """
 import os
 import re
-import resource
 import sys
 import time
 from types import SimpleNamespace
@@ -46,7 +45,11 @@ BENCH_DEFAULTS = dict(
 )
 
 
-def train_defaults(path=os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")):
+TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+SETTINGS_SOURCES = [TRAIN_PY, __file__]  # --help: train.py's settings and their comments, then the bench's
+
+
+def train_defaults(path=TRAIN_PY):
     """train.py's settings and their defaults: train.py run under the name '__settings__' stops right
     after its settings block (running it whole would train), and its plain globals are the settings."""
     namespace = {"__name__": "__settings__", "__file__": path}
@@ -117,8 +120,13 @@ def peak_memory_text(device):
     if device.startswith("cuda"):
         return (f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
                 f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved")
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    rss = kib if sys.platform == "darwin" else kib * 1024
+    if sys.platform == "win32":  # no `resource` module there (imported here, so bench.py starts on Windows)
+        import psutil
+        rss = psutil.Process().memory_info().peak_wset
+    else:
+        import resource
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        rss = kib if sys.platform == "darwin" else kib * 1024
     return f"peak RSS {rss / 2**30:.2f} GiB (whole process; CPU stand-in for device memory)"
 
 

@@ -5,6 +5,7 @@ Command-line configuration for train.py, sample.py and the other scripts:
 
 Each script keeps its defaults as plain globals; `configure(defaults, argv)` applies config files
 (plain Python assignments, run in order) and then `--key=value` overrides, and returns the result.
+`--help` lists every setting with its value (a config file before it: that file's) and its comment.
 Values are Python literals checked against the default's type (an int is accepted for a float;
 a bare word is taken as a string where the default is a string; a None default accepts any literal).
 Every value is then checked against RULES, so a count of 0 or a negative learning rate stops the
@@ -13,9 +14,11 @@ the problem and exit status 2.
 """
 import ast
 import difflib
+import io
 import math
 import os
 import sys
+import tokenize
 
 # What a setting allows, for every script that has it (a name means the same thing in every script).
 # A new setting with a limit is one line here. Choices among names (device, dtype, lr_schedule,
@@ -58,9 +61,12 @@ RULES = {
     "seed": AT_LEAST_0,
     "hellaswag_interval": AT_LEAST_0,  # 0 = off
     "hellaswag_limit": AT_LEAST_0,  # 0 = every example
+    "sample_tokens": AT_LEAST_0,  # 0 = off
+    "max_hours": AT_LEAST_0,  # 0 = no time budget
     # eval.py
     "limit": AT_LEAST_0,  # 0 = every HellaSwag example
-    "val_tokens": AT_LEAST_0,  # 0 = all of val.bin
+    "val_tokens": (lambda v: v == 0 or v >= 2, "must be 0 (all of val.bin) or at least 2 (a token and the one "
+                                               "it predicts)"),
     # sample.py
     "num_samples": AT_LEAST_1,
     "max_new_tokens": AT_LEAST_1,
@@ -164,9 +170,13 @@ def apply_config_file(config, path):
 
 
 def configure(defaults, argv):
-    """defaults: {name: default value}; argv: sys.argv[1:]. Returns the final config dict."""
+    """defaults: {name: default value}; argv: sys.argv[1:]. Returns the final config dict. --help prints
+    the settings with the values so far, commented as in the script's source (help_sources)."""
     config = dict(defaults)
     for arg in argv:
+        if arg in ("--help", "-h"):
+            print(settings_help(config, help_sources()))
+            sys.exit(0)
         if not arg.startswith("--"):
             if not arg.endswith(".py"):
                 fail(f"argument {arg!r}: expected a config file (*.py) or --key=value")
@@ -187,3 +197,48 @@ def config_globals(namespace):
     UPPER_CASE constants (imported facts such as VOCAB_SIZE are not settings)."""
     return {k: v for k, v in namespace.items()
             if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str, type(None)))}
+
+
+def help_sources():
+    """The files whose comments describe the running script's settings: its own, or the list it names in
+    SETTINGS_SOURCES (bench.py: train.py's, then its own)."""
+    script = sys.modules["__main__"]
+    return getattr(script, "SETTINGS_SOURCES", None) or [script.__file__]
+
+
+def setting_lines(path):
+    """[(comment lines above, name, trailing comment)] for each `name = value  # comment` line of a
+    script (or `name=value,  # comment` in a dict of defaults), in order: the settings block as written."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokenize.generate_tokens(io.StringIO(source).readline)
+                if t.type == tokenize.COMMENT}
+    found, above = [], []
+    for number, line in enumerate(source.splitlines(), start=1):
+        code = line.split("#", 1)[0].strip() if number in comments else line.strip()
+        if not code:  # a comment line (separators of dashes aside) or a blank one
+            text = comments.get(number, "")
+            above = above + [text] if text.strip("-") else []
+            continue
+        name = code.split("=", 1)[0].strip() if "=" in code else ""
+        found.append((above, name, comments.get(number, "")))
+        above = []
+    return found
+
+
+def settings_help(config, sources):
+    """Every key of config as --key=value with its comment, grouped under the comment lines above it,
+    as the settings appear in the sources; keys no source comments on come last."""
+    lines = [f"usage: python {os.path.basename(sources[-1])} [config.py ...] [--key=value ...]",
+             "(a config file given before --help: its values are the ones shown)"]
+    listed = set()
+    width = min(max(len(f"--{k}={v!r}") for k, v in config.items()) + 2, 40)
+    for path in sources:
+        for above, name, comment in setting_lines(path):
+            if name not in config or name in listed:
+                continue
+            lines += [""] + above if above else []
+            lines.append(f"  {f'--{name}={config[name]!r}':<{width}}  {comment}".rstrip())
+            listed.add(name)
+    rest = [f"  --{k}={v!r}" for k, v in config.items() if k not in listed]
+    return "\n".join(lines + ([""] + rest if rest else []))

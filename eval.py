@@ -12,6 +12,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from checkpoint import check_model_fits, checkpoint_path, load_checkpoint, model_from_checkpoint
 from configurator import config_globals, configure, fail
 from evaluation import evaluate_hellaswag, evaluate_val, load_hellaswag, render_examples
@@ -19,7 +21,7 @@ from hf import load_gpt2
 from loader import check_token_ids, num_tokens
 from model import GPT, GPTConfig
 from runtime import SurvivesClosedPipe, autocast_context, out_of_memory_hook, pick_device, pick_dtype, synchronize
-from tokenizer import VOCAB_SIZE
+from tokenizer import EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # where train.py wrote its checkpoints; evals.jsonl is appended here
@@ -69,6 +71,10 @@ def val_path(train_config):
         fail(f"{path} not found: pass --data_dir=<folder holding val.bin>, or --eval_val=False for HellaSwag only")
     if num_tokens(path) < 2:
         fail(f"{path} holds fewer than 2 tokens: nothing to predict")
+    targets = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")[1:val_tokens or None]  # what evaluate_val scores
+    if not (targets != EOT_TOKEN).any():  # bits per byte would divide by 0 bytes of text
+        fail(f"{path}: every token to be scored is <|endoftext|> (no text, 0 bytes), so bits per byte is undefined; "
+             f"score more of it (val_tokens) or another val.bin")
     try:
         check_token_ids(path, VOCAB_SIZE)
     except ValueError as e:
@@ -91,7 +97,8 @@ def main():
         dev = pick_device(device)
         dt = pick_dtype(dtype, dev)
         model, source, iter_num, train_config = load_model()
-        examples = load_hellaswag(hellaswag_file) if eval_hellaswag else None
+        rendered = render_examples(load_hellaswag(hellaswag_file), model.config.block_size, limit) if eval_hellaswag \
+            else None
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     path = val_path(train_config) if eval_val else None
@@ -100,20 +107,24 @@ def main():
     print(f"evaluating {source}" + (f" (iteration {iter_num})" if iter_num is not None else "")
           + f" on {dev}, {dt}", file=sys.stderr)
     record = {"checkpoint": source, "iter": iter_num, "val_loss": None, "val_bpb": None, "val_tokens": None,
-              "hellaswag_acc": None, "hellaswag_acc_norm": None, "hellaswag_n": None}
+              "hellaswag_acc": None, "hellaswag_acc_norm": None, "hellaswag_n": None, "hellaswag_cropped": None,
+              "hellaswag_skipped": None}
     if eval_val:
         val = evaluate_val(model, path, dev, autocast, batch_size, val_tokens, progress=True)
         record.update(val_loss=val["val_loss"], val_bpb=val["val_bpb"], val_tokens=val["val_tokens"])
         print(f"val: {val['val_tokens']:,} tokens ({val['val_bytes']:,} bytes of text) of {path}: "
               f"loss {val['val_loss']:.4f} nats/token, {val['val_bpb']:.4f} bits/byte")
     if eval_hellaswag:
-        rendered = render_examples(examples, model.config.block_size, limit)
         t0 = time.time()
         record.update(evaluate_hellaswag(model, rendered, dev, autocast, batch_size, progress=True))
         synchronize(dev)
         seconds = time.time() - t0
         print(f"hellaswag: {record['hellaswag_n']:,} examples: acc {record['hellaswag_acc']:.4f}, "
               f"acc_norm {record['hellaswag_acc_norm']:.4f} ({record['hellaswag_n'] / seconds:.1f} examples/s)")
+        if record["hellaswag_cropped"] or record["hellaswag_skipped"]:
+            print(f"hellaswag: {record['hellaswag_cropped']:,} of them cropped to block_size="
+                  f"{model.config.block_size} (their context loses its start); {record['hellaswag_skipped']:,} "
+                  f"skipped, not scored: an ending alone is {model.config.block_size} tokens or more")
     append_result(record)
     print(f"appended to {os.path.join(out_dir, 'evals.jsonl')}", file=sys.stderr)
 

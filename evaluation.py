@@ -1,7 +1,8 @@
 """
 How good a model is, in figures that compare across runs, models and tokenizers. eval.py prints them
 for a checkpoint or GPT-2 weights; train.py evaluates HellaSwag while training (hellaswag_interval), and
-its train/val loss estimate (estimate_loss) lives here too.
+its train/val loss estimate (estimate_loss) and the samples it prints at evaluations (generate_samples)
+live here too.
 
 - Bits per byte on val.bin: the loss in nats per token, over ln 2, times tokens per UTF-8 byte of the
   same text. A tokenizer with longer tokens has a higher loss per token but not per byte.
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from atomic import atomic_write
 from loader import eval_batches
-from tokenizer import EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE, get_encoding
+from tokenizer import EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE, decode, encode_prompt, get_encoding
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 # as recorded by Hugging Face datasets for this file (datasets/hellaswag/dataset_infos.json: 12,246,618
@@ -56,6 +57,26 @@ def estimate_loss(model, paths, batch_size, n_batches, device, ctx):
         out[split] = sum(losses) / len(losses)
     model.train()
     return out
+
+
+def generate_samples(model, enc, prompt_text, max_new_tokens, device, ctx, seed, num_samples=2, top_k=50):
+    """num_samples continuations of prompt_text ('' = a new document) as text, each ending at its EOT,
+    top-k sampled with a fixed seed: the same draws at every evaluation, so the texts change only with the
+    model. Training is not disturbed: the draws come from their own torch.Generator (the global RNG drives
+    dropout) and the model is back in train mode after."""
+    prompt = encode_prompt(enc, prompt_text)[-model.config.block_size:]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    x = torch.tensor(prompt, dtype=torch.long, device=device)[None, :].repeat(num_samples, 1)
+    model.eval()
+    with torch.no_grad(), ctx:
+        y = model.generate(x, max_new_tokens, top_k=top_k, vocab_size=VOCAB_SIZE, stop_token=EOT_TOKEN,
+                           generator=generator)
+    model.train()
+    texts = []
+    for row in y.tolist():
+        new = row[len(prompt):]
+        texts.append(prompt_text + decode(enc, new[:new.index(EOT_TOKEN)] if EOT_TOKEN in new else new))
+    return texts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,23 +153,32 @@ def load_hellaswag(hellaswag_file=""):
 
 
 def render_example(enc, example, block_size):
-    """(rows, scored, label): the 4 token rows context + ending, and how many last tokens of each row
-    are its ending's (the tokens scored). A row longer than block_size loses tokens from its start,
-    as a sliding window would. The context is not preceded by <|endoftext|>, as in GPT-2's scoring."""
+    """(rows, scored, label, cropped): the 4 token rows context + ending, how many last tokens of each row
+    are its ending's (the tokens scored), and whether a row was longer than block_size and lost tokens from
+    its start, as a sliding window would. None when an ending alone needs block_size tokens or more: its
+    row would hold no context to score it against. The context is not preceded by <|endoftext|>, as in
+    GPT-2's scoring."""
     context = enc.encode_ordinary(example["ctx"])
+    endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
+    if max(map(len, endings)) >= block_size:
+        return None
     rows, scored = [], []
-    for ending in example["endings"]:
-        ending_ids = enc.encode_ordinary(" " + ending)
+    for ending_ids in endings:
         row = (context + ending_ids)[-block_size:]
         rows.append(row)
         scored.append(min(len(ending_ids), len(row) - 1))  # the first token of a row has no prediction
-    return rows, scored, example["label"]
+    return rows, scored, example["label"], len(context) + max(map(len, endings)) > block_size
 
 
 def render_examples(examples, block_size, limit=0):
-    """The first `limit` examples (0 = all), tokenized for a model of this block_size."""
+    """The first `limit` examples (0 = all), tokenized for a model of this block_size; None for each one
+    that cannot be scored at this block_size (evaluate_hellaswag counts them as skipped)."""
     enc = get_encoding()
-    return [render_example(enc, example, block_size) for example in examples[:limit or None]]
+    rendered = [render_example(enc, example, block_size) for example in examples[:limit or None]]
+    if all(example is None for example in rendered):
+        raise ValueError(f"no HellaSwag example fits block_size={block_size}: each has an ending of "
+                         f"{block_size} tokens or more, which leaves no context to score it against")
+    return rendered
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,11 +210,15 @@ def score_endings(model, rendered, device):
 
 @torch.no_grad()
 def evaluate_hellaswag(model, rendered, device, autocast, batch_size=8, rank=0, world_size=1, progress=False):
-    """{'hellaswag_acc', 'hellaswag_acc_norm', 'hellaswag_n'} over the rendered examples. Under DDP each
-    rank scores rendered[rank::world_size] and the counts are summed, so every rank must call this."""
+    """{'hellaswag_acc', 'hellaswag_acc_norm', 'hellaswag_n'} over the rendered examples, and how many of
+    them were cropped to block_size (hellaswag_cropped, among the n scored) or skipped (hellaswag_skipped,
+    not in n). Under DDP each rank scores rendered[rank::world_size] and the counts are summed, so every
+    rank must call this."""
+    share = rendered[rank::world_size]
     # similar lengths batched together waste less on padding; the order does not change the counts
-    mine = sorted(rendered[rank::world_size], key=lambda example: max(map(len, example[0])))
-    counts = torch.zeros(3, dtype=torch.float64)  # right by sum, right by mean, examples
+    mine = sorted((example for example in share if example is not None), key=lambda example: max(map(len, example[0])))
+    counts = torch.zeros(5, dtype=torch.float64)  # right by sum, right by mean, examples, cropped, skipped
+    counts[3:] = torch.tensor([sum(example[3] for example in mine), len(share) - len(mine)])
     was_training = model.training
     model.eval()
     with tqdm(total=len(mine), unit="example", desc="hellaswag", disable=None if progress else True) as bar:
@@ -193,15 +227,16 @@ def evaluate_hellaswag(model, rendered, device, autocast, batch_size=8, rank=0, 
             with autocast:
                 total, mean = score_endings(model, batch, device)
             labels = torch.tensor([example[2] for example in batch])
-            counts += torch.tensor([(total.argmax(1) == labels).sum().item(), (mean.argmax(1) == labels).sum().item(),
-                                    len(batch)], dtype=torch.float64)
+            counts[:3] += torch.tensor([(total.argmax(1) == labels).sum().item(),
+                                        (mean.argmax(1) == labels).sum().item(), len(batch)], dtype=torch.float64)
             bar.update(len(batch))
     model.train(was_training)
     if world_size > 1:
         counts = counts.to(device)  # nccl reduces CUDA tensors, gloo CPU ones
         dist.all_reduce(counts)
-    right, right_norm, n = counts.tolist()
-    return {"hellaswag_acc": right / n, "hellaswag_acc_norm": right_norm / n, "hellaswag_n": int(n)}
+    right, right_norm, n, cropped, skipped = counts.tolist()
+    return {"hellaswag_acc": right / n, "hellaswag_acc_norm": right_norm / n, "hellaswag_n": int(n),
+            "hellaswag_cropped": int(cropped), "hellaswag_skipped": int(skipped)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,9 +8,12 @@ Our documents start after <|endoftext|> (see tokenizer.py), so begin a prompt wi
 new document. The mapping and its choices (vocabulary trimmed to 50257, zero biases for bias=False)
 are in hf.py. Only safetensors is needed to export; transformers only to use the result.
 """
+import glob
 import os
 import shutil
 import sys
+
+import psutil
 
 from atomic import atomic_write
 from checkpoint import check_model_fits, checkpoint_model_args, checkpoint_path, clean_state_dict, load_checkpoint
@@ -34,6 +37,7 @@ def check_destination(folder):
     target, here = os.path.realpath(folder), os.path.realpath(os.getcwd())
     if os.path.commonpath([target, here]) == target:
         fail(f"to={folder!r} is the current folder or one above it; name a new folder, e.g. --to=hf_model")
+    finish_interrupted_swap(folder)
     if not os.path.exists(folder):
         return
     if not os.path.isdir(folder):
@@ -48,20 +52,45 @@ def check_destination(folder):
 
 
 def write_folder(folder, files):
-    """Write every file into a sibling temporary folder, then swap it in: no half-written export."""
+    """Write every file into a sibling temporary folder, then swap it in: the old export is renamed aside,
+    the new one renamed in, and only then is the old one deleted, so a kill at any moment leaves one whole
+    export, under its name or aside (finish_interrupted_swap puts it back)."""
     folder = os.path.normpath(folder)
-    tmp = f"{folder}.tmp.{os.getpid()}"
+    tmp, aside = f"{folder}.tmp.{os.getpid()}", f"{folder}.old.{os.getpid()}"
     try:
         os.makedirs(tmp)
         for name, data in files.items():
             with atomic_write(os.path.join(tmp, name)) as f:  # fsynced before the folder swap below
                 f.write(data)
         if os.path.exists(folder):
-            shutil.rmtree(folder)
+            os.replace(folder, aside)
         os.replace(tmp, folder)
+        shutil.rmtree(aside, ignore_errors=True)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
+        if os.path.exists(aside) and not os.path.exists(folder):
+            os.replace(aside, folder)  # the new one did not make it: the old one goes back
+
+
+def finish_interrupted_swap(folder):
+    """What an export killed in write_folder left beside `folder`: a half-written <folder>.tmp.<pid> is
+    deleted; an old export set aside (<folder>.old.<pid>) goes back if `folder` is missing (killed between
+    the two renames), else it was already replaced and is deleted. Folders of a live export are left alone."""
+    folder = os.path.normpath(folder)
+    for kind in ("old", "tmp"):
+        for leftover in sorted(glob.glob(f"{glob.escape(folder)}.{kind}.*")):
+            pid = leftover.rsplit(".", 1)[1]
+            if pid.isdigit() and not psutil.pid_exists(int(pid)):
+                finish_leftover(folder, kind, leftover)
+
+
+def finish_leftover(folder, kind, leftover):
+    if kind == "old" and not os.path.exists(folder):
+        os.replace(leftover, folder)
+        print(f"{folder}: restored the export an interrupted run had set aside ({leftover})")
+    else:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def main():

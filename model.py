@@ -311,11 +311,12 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, vocab_size=None,
-                        use_cache=True):
+                        use_cache=True, generator=None):
         """Yield the next token of every row, (B, 1), max_new_tokens times. With use_cache, keys and
         values are kept so each step costs one position; once the context passes block_size, learned
         positions shift, so each step re-runs the cropped window exactly as the cache-free path does.
-        vocab_size keeps the padded rows of the output layer out of the draw."""
+        vocab_size keeps the padded rows of the output layer out of the draw; generator (a torch.Generator)
+        makes the draws without touching the global RNG (train.py's samples)."""
         kv_cache = None
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size:]
@@ -327,17 +328,18 @@ class GPT(nn.Module):
                 logits, _ = self(context, kv_cache=kv_cache)
             else:
                 logits, _ = self(context)
-            idx_next = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, vocab_size)
+            idx_next = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, vocab_size, generator)
             yield idx_next
             idx = torch.cat((idx, idx_next), dim=1)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, vocab_size=None,
-                 stop_token=None, use_cache=True):
+                 stop_token=None, use_cache=True, generator=None):
         """idx (B, T) followed by up to max_new_tokens sampled tokens. A row that produced stop_token
         is padded with stop_token; generation ends early once every row has stopped."""
         stopped = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
-        for idx_next in self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, vocab_size, use_cache):
+        for idx_next in self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, vocab_size, use_cache,
+                                             generator):
             if stop_token is not None:
                 idx_next = torch.where(stopped, stop_token, idx_next)
                 stopped |= idx_next == stop_token
@@ -347,7 +349,7 @@ class GPT(nn.Module):
         return idx
 
 
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, vocab_size=None):
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, vocab_size=None, generator=None):
     """One token per row from logits (B, V): temperature 0 is greedy; top_k keeps the k most likely;
     top_p keeps the smallest set whose probability reaches p (always at least one token)."""
     logits = logits.float().clone()  # masked in place below; the caller's tensor stays as it was
@@ -370,7 +372,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, vocab_siz
         sorted_logits[drop] = -float("inf")
         logits = torch.full_like(logits, -float("inf")).scatter(1, sorted_idx, sorted_logits)
     probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
 # ----------------------------------------------------------------------------------------------

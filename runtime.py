@@ -3,10 +3,10 @@ Where and how the model runs: device and dtype choice, autocast, timing that can
 torch.compile with a fallback, and the device's peak FLOP/s for MFU. Shared by train.py, sample.py and bench.py.
 """
 import os
+import re
 import signal
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 
 import torch
@@ -83,38 +83,78 @@ def synchronize(device):
         torch.mps.synchronize()
 
 
-# Dense peak TFLOP/s per GPU: (bf16/fp16 tensor cores with fp32 accumulate, tf32, fp32), from the
-# vendors' data sheets. GeForce cards run fp32-accumulate tensor math at half their headline fp16
-# rate; PyTorch accumulates in fp32, so that is the honest peak. First matching name wins.
-PEAK_TFLOPS = [
-    ("H200", (989.4, 494.7, 66.9)),
-    ("H100 PCIe", (756.0, 378.0, 51.2)),
-    ("H100", (989.4, 494.7, 66.9)),
-    ("A100", (312.0, 156.0, 19.5)),
-    ("L40S", (362.1, 183.2, 91.6)),
-    ("L4", (121.0, 60.0, 30.3)),
-    ("RTX 4090", (165.2, 82.6, 82.6)),
-    ("RTX 4080 SUPER", (104.4, 52.2, 52.2)),
-    ("RTX 4080", (97.5, 48.7, 48.7)),
-    ("RTX 4070 Ti SUPER", (88.2, 44.1, 44.1)),
-    ("RTX 4070 Ti", (80.2, 40.1, 40.1)),
-    ("RTX 4070 SUPER", (71.0, 35.5, 35.5)),
-    ("RTX 4070", (58.3, 29.1, 29.1)),
-    ("RTX 3090", (71.0, 35.6, 35.6)),
-    ("RTX 3080", (59.5, 29.8, 29.8)),
-]
+# Dense peak TFLOP/s per GPU (no 2:4 sparsity): (bf16/fp16 on tensor cores with fp32 accumulate, tf32, fp32),
+# keyed by the name torch.cuda.get_device_name gives, normalised by card_name(). GeForce cards run fp32-accumulate
+# tensor math at half their headline fp16 rate; PyTorch accumulates in fp32, so that is the honest peak. A card
+# the vendor's whitepaper or datasheet does not list is derived as the whitepaper does it: SMs x boost clock x
+# 512 FLOP per clock per SM (Ampere, Ada and Blackwell GeForce, fp16 with fp32 accumulate; llm.c's llmc/mfu.h
+# scales the same way), SM count and boost clock from NVIDIA's product page; tf32 and fp32 are half of that.
+PEAK_TFLOPS = {
+    # "NVIDIA Ampere GA102 GPU Architecture" whitepaper v2, Appendix A (3090, 3080, 3070); others derived
+    "rtx 3060": (25.5, 12.7, 12.7),  # derived: 28 SMs x 1.777 GHz
+    "rtx 3060 ti": (32.4, 16.2, 16.2),  # derived: 38 SMs x 1.665 GHz
+    "rtx 3070": (40.6, 20.3, 20.3),
+    "rtx 3070 ti": (43.5, 21.7, 21.7),  # derived: 48 SMs x 1.770 GHz
+    "rtx 3080": (59.5, 29.8, 29.8),
+    "rtx 3080 ti": (68.2, 34.1, 34.1),  # derived: 80 SMs x 1.665 GHz
+    "rtx 3090": (71.0, 35.6, 35.6),
+    "rtx 3090 ti": (80.0, 40.0, 40.0),  # derived: 84 SMs x 1.860 GHz
+    # "NVIDIA Ada GPU Architecture" whitepaper, Appendix A (4090, 4080; 4070 Ti as the "4080 12GB"); others derived
+    "rtx 4060": (30.2, 15.1, 15.1),  # derived: 24 SMs x 2.460 GHz
+    "rtx 4060 ti": (44.1, 22.1, 22.1),  # derived: 34 SMs x 2.535 GHz
+    "rtx 4070": (58.3, 29.1, 29.1),  # derived: 46 SMs x 2.475 GHz
+    "rtx 4070 super": (71.0, 35.5, 35.5),  # derived: 56 SMs x 2.475 GHz
+    "rtx 4070 ti": (80.2, 40.1, 40.1),
+    "rtx 4070 ti super": (88.2, 44.1, 44.1),  # derived: 66 SMs x 2.610 GHz
+    "rtx 4080": (97.5, 48.7, 48.7),
+    "rtx 4080 super": (104.4, 52.2, 52.2),  # derived: 80 SMs x 2.550 GHz
+    "rtx 4090": (165.2, 82.6, 82.6),
+    # "NVIDIA RTX Blackwell GPU Architecture" whitepaper, Appendix A (5090); others derived
+    "rtx 5060 ti": (47.4, 23.7, 23.7),  # derived: 36 SMs x 2.572 GHz
+    "rtx 5070": (61.7, 30.9, 30.9),  # derived: 48 SMs x 2.512 GHz
+    "rtx 5070 ti": (87.9, 43.9, 43.9),  # derived: 70 SMs x 2.452 GHz
+    "rtx 5080": (112.6, 56.3, 56.3),  # derived: 84 SMs x 2.617 GHz
+    "rtx 5090": (209.5, 104.8, 104.8),
+    # workstation cards: fp32 accumulate at the full rate. NVIDIA RTX A6000 datasheet (309.7 sparse);
+    # NVIDIA RTX 6000 Ada Generation datasheet (728.5 sparse)
+    "rtx a6000": (154.8, 77.4, 38.7),
+    "rtx 6000 ada generation": (364.2, 182.1, 91.1),
+    # data centre datasheets: T4 ("mixed precision FP16/FP32"; no bf16, no tf32), V100 (SXM2, PCIe, V100S),
+    # A10, L4, A100 (40/80 GB, SXM4 and PCIe), H100 (SXM5 = HBM3, PCIe, NVL), H200 (SXM, NVL), L40S
+    "t4": (65.0, 8.1, 8.1),
+    "v100 sxm2": (125.0, 15.7, 15.7),
+    "v100 pcie": (112.0, 14.0, 14.0),
+    "v100s pcie": (130.0, 16.4, 16.4),
+    "a10": (125.0, 62.5, 31.2),
+    # AWS's A10G: no vendor figure; 70 as Baseten's "NVIDIA A10 vs A10G" lists it, = 80 SMs x 1.71 GHz x 512
+    "a10g": (70.0, 35.0, 35.0),
+    "l4": (121.0, 60.0, 30.3),
+    "a100 sxm4": (312.0, 156.0, 19.5),
+    "a100 pcie": (312.0, 156.0, 19.5),
+    "a100 sxm": (312.0, 156.0, 19.5),  # 'NVIDIA A100-SXM-80GB' in some DGX systems
+    "h100 hbm3": (989.4, 494.7, 66.9),
+    "h100 pcie": (756.0, 378.0, 51.2),
+    "h100 nvl": (835.5, 417.5, 60.0),
+    "h200": (989.4, 494.7, 66.9),
+    "h200 nvl": (835.5, 417.5, 60.0),
+    "l40s": (362.1, 183.2, 91.6),
+}
 PEAK_COLUMN = {"bfloat16": 0, "float16": 0, "tf32": 1, "float32": 2}
+
+
+def card_name(device_name):
+    """'NVIDIA GeForce RTX 3080 Ti' -> 'rtx 3080 ti', 'Tesla V100-SXM2-16GB' -> 'v100 sxm2',
+    'NVIDIA A100 80GB PCIe' -> 'a100 pcie': the vendor words and the memory size go, every other word
+    stays, so a 3080 Ti is not a 3080 and a 'Laptop GPU' is no desktop card."""
+    words = device_name.lower().replace("-", " ").split()
+    return " ".join(w for w in words if w not in ("nvidia", "geforce", "tesla") and not re.fullmatch(r"\d+gb", w))
 
 
 def peak_flops(device_name, dtype):
     """Peak FLOP/s of a GPU by its name (torch.cuda.get_device_name) for a dtype ('bfloat16',
     'float16', 'tf32', 'float32'); None when the device is not in the table."""
-    if "laptop" in device_name.lower():  # laptop parts carry desktop names but have their own, lower peaks
-        return None
-    for name, peaks in PEAK_TFLOPS:
-        if name.lower() in device_name.lower():
-            return peaks[PEAK_COLUMN[dtype]] * 1e12
-    return None
+    peaks = PEAK_TFLOPS.get(card_name(device_name))
+    return None if peaks is None else peaks[PEAK_COLUMN[dtype]] * 1e12
 
 
 def estimate_mfu(flops_per_token, tokens_per_second, peak):
@@ -132,18 +172,16 @@ def device_peak_flops(device, dtype, override=None):
     tensor_dtype = "tf32" if dtype == "float32" and torch.backends.cuda.matmul.allow_tf32 else dtype
     peak = peak_flops(name, tensor_dtype)
     if peak is None:
-        return None, f"{name}: not in runtime.PEAK_TFLOPS, reporting tokens/s only (set peak_flops to get MFU)"
+        return None, (f"{name}: not in runtime.PEAK_TFLOPS, reporting tokens/s only; for MFU pass its dense "
+                      f"{tensor_dtype} peak, e.g. --peak_flops=120e12 for 120 TFLOP/s")
     return peak, f"{name}: peak {peak / 1e12:.1f} TFLOP/s ({tensor_dtype})"
 
 
 def compile_with_fallback(model, example_step):
     """torch.compile(model), tried on one real step (compilation is lazy, so failures show up on
-    first use: no C++ compiler, no Triton on Windows, an old GPU). On failure, warn once and
-    return the eager model, so a long run never dies for the sake of speed. Ctrl-C or SIGTERM while
-    compiling is no failure (though the compiler's own processes die of it too): one line, exit 128 + signal."""
-    if sys.platform == "win32":
-        warnings.warn("torch.compile is not supported on Windows; running eagerly")
-        return model
+    first use: no C++ compiler, no Triton on Windows without triton-windows, an old GPU). On failure,
+    warn once and return the eager model, so a long run never dies for the sake of speed. Ctrl-C or SIGTERM
+    while compiling is no failure (though the compiler's own processes die of it too): one line, exit 128 + signal."""
     received = []
 
     def interrupt(signum, frame):

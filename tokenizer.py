@@ -75,6 +75,23 @@ def max_token_id(path, chunk_tokens=1 << 24):
     return largest
 
 
+def check_split_record(meta_path, split, info):
+    """The fields of meta.json's splits[split] that readers rely on, by type: a hand-edited or foreign
+    meta.json ends in one line naming the field, not in a TypeError far away."""
+    def is_count(value):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    problem = None
+    if info.get("file") != f"{split}.bin":
+        problem = f"file is {info.get('file')!r}, but the readers read {split}.bin"
+    elif not is_count(info.get("tokens")):
+        problem = f"tokens is {info.get('tokens')!r}, not a count"
+    elif info.get("max_token_id") is not None and not (is_count(info["max_token_id"]) and info["max_token_id"] < 2**16):
+        problem = f"max_token_id is {info['max_token_id']!r}, not a uint16 token id"
+    if problem:
+        raise ValueError(f"{meta_path}: splits.{split}.{problem}; rerun prepare.py --force")
+
+
 def read_dataset_meta(data_dir):
     """meta.json of a dataset prepare.py finished, checked against tokenizer.py and the bins beside
     it. prepare.py writes meta.json last, so bins without it are from an unfinished run.
@@ -87,6 +104,8 @@ def read_dataset_meta(data_dir):
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{meta_path} not found: run `python data/fineweb/prepare.py` first, or set "
                                 "--dataset / --data_dir")
+    if not os.path.isfile(meta_path):  # a FIFO would block the read forever, /dev/zero never end it
+        raise ValueError(f"{meta_path}: not a regular file (a pipe, a device or a folder); rerun prepare.py")
     try:
         with open(meta_path) as f:
             meta = json.load(f)
@@ -100,9 +119,12 @@ def read_dataset_meta(data_dir):
                                  "rerun prepare.py --force")
         for split in ("train", "val"):
             info = meta["splits"][split]
+            check_split_record(meta_path, split, info)
             path = os.path.join(data_dir, info["file"])
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{path} not found although {meta_path} lists it; rerun prepare.py")
+            if not os.path.isfile(path):
+                raise ValueError(f"{path}: not a regular file (a pipe, a device or a folder); rerun prepare.py")
             expected_bytes = info["tokens"] * np.dtype(TOKEN_DTYPE).itemsize
             if os.path.getsize(path) != expected_bytes:
                 raise ValueError(f"{path} holds {os.path.getsize(path)} bytes but meta.json says {info['tokens']} "

@@ -35,14 +35,16 @@ from checkpoint import (build_checkpoint, check_model_fits, check_out_dir, check
 from atomic import append_line
 from checkpoint import changed_settings, check_same_data
 from configurator import config_globals, configure, fail, first_line
-from evaluation import estimate_loss, evaluate_hellaswag, load_hellaswag, render_examples
+from evaluation import estimate_loss, evaluate_hellaswag, generate_samples, load_hellaswag, render_examples
 from hf import check_init_from, load_gpt2
 from loader import TokenBatches, check_data_order, dataset_changed, file_identity, open_dataset
 from model import GPT, GPTConfig, check_optimizer
+from progress import Progress
 from runtime import (StopSignal, autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu,
                      fail_together, launcher_gone, pick_device, pick_dtype, setup_ddp, synchronize)
 from runtime import SurvivesClosedPipe, out_of_memory_hook
 from schedule import cooldown_start, get_lr, schedule_args
+from tokenizer import TokenizerUnavailable, get_encoding
 
 # -----------------------------------------------------------------------------
 # default config values, for a GPT-2 small (124M) on FineWeb; config/*.py and --key=value override
@@ -55,6 +57,9 @@ eval_only = False  # evaluate once and exit
 hellaswag_interval = 0  # also score HellaSwag at evaluation steps every this many iterations (and the last); 0 = off
 hellaswag_limit = 0  # the first this many HellaSwag examples (0 = all 10,042), split over the DDP ranks
 hellaswag_file = ""  # hellaswag_val.jsonl; '' = downloaded once into data/hellaswag/ (see evaluation.py)
+sample_tokens = 0  # at each evaluation print (and record) two samples of this many tokens; 0 = off
+sample_prompt = ""  # the samples' prompt; '' = start a new document
+max_hours = 0.0  # time budget of this launch: save ckpt.pt and exit 0 before an iteration would pass it; 0 = off
 init_from = "scratch"  # 'scratch', 'resume' (from out_dir), 'gpt2'...'gpt2-xl' or a Hugging Face GPT-2 folder
 overwrite = False  # let a new run (init_from other than 'resume') replace the checkpoints already in out_dir
 resume_from = "last"  # with init_from='resume': 'last' (ckpt.pt), 'best', 'stable' or a path
@@ -146,8 +151,9 @@ try:  # every choice among names, the shape and out_dir, before any work: each c
     hellaswag_examples = None
     if hellaswag_interval:  # read (downloaded the first time) and tokenized once, by every rank
         hellaswag_examples = render_examples(load_hellaswag(hellaswag_file), block_size, hellaswag_limit)
+    encoding = get_encoding() if sample_tokens and master_process else None  # the samples' tokenizer
     startup_problem = ""
-except ValueError as e:
+except (ValueError, TokenizerUnavailable) as e:
     startup_problem = str(e)
 fail_together(startup_problem, ddp, device)  # rank 0's lock is rank 0's alone: every rank exits 2 with it
 
@@ -180,6 +186,7 @@ if init_from == "resume":
     except ValueError as e:
         fail(f"cannot resume {resume_path}: {e}")
     iter_num = ckpt["iter_num"]
+    saved_progress = ckpt.get("progress")  # the elapsed time and rates, for the time left
     best_val_loss = float(ckpt.get("best_val_loss", float("inf")))  # nanoGPT stores a 0-dim tensor
     # the true count even when this run's batch shape differs (older checkpoints: assume the same shape)
     tokens_seen = ckpt.get("tokens_seen", iter_num * tokens_per_iter)
@@ -272,7 +279,13 @@ def log_metrics(record):
     except OSError as e:
         stop_problem = stop_problem or f"cannot append to {path}: {e.strerror or first_line(e)}"
     if wandb_log:
-        wandb.log({k: v for k, v in record.items() if k != "iter" and v is not None}, step=record["iter"])
+        wandb.log(wandb_record(record), step=record["iter"])
+
+
+def wandb_record(record):
+    """wandb charts numbers; the samples go as a table, one row per sample."""
+    return {k: wandb.Table(columns=["sample"], data=[[text] for text in v]) if k == "samples" else v
+            for k, v in record.items() if k != "iter" and v is not None}
 
 
 def save(val_loss, names):
@@ -284,7 +297,8 @@ def save(val_loss, names):
     if master_process and not problem:
         checkpoint = build_checkpoint(raw_model, optimizers, scaler, ranks, iter_num=iter_num,
                                       best_val_loss=best_val_loss, config=config, lr=lr, val_loss=val_loss,
-                                      dataset_meta=dataset_meta, tokens_seen=tokens_seen)
+                                      dataset_meta=dataset_meta, tokens_seen=tokens_seen,
+                                      progress=progress.state_dict())
         try:
             # ckpt.pt last: a kill between the renames leaves a best.pt newer than ckpt.pt, whose val loss the
             # resumed run reads above (saved_val_loss), never a stale best.pt it believes holds its best
@@ -314,6 +328,7 @@ if wandb_log and master_process:
 
 # training loop
 start_iter, run_start, saved_this_run = iter_num, time.time(), set()
+progress = Progress(iter_num, max_iters, eval_interval, saved_progress if init_from == "resume" else None)
 stop_problem = ""  # set by log_metrics: stop, after saving, at the next iteration
 t0, tokens_since_log, losses = time.time(), 0, []
 last_eval = None
@@ -326,6 +341,9 @@ while True:
         if hellaswag_examples and (iter_num % hellaswag_interval == 0 or iter_num == max_iters):
             hellaswag = evaluate_hellaswag(raw_model, hellaswag_examples, device, ctx, batch_size, ddp_rank, world_size)
         names = ["last"]
+        # their own generator and eval mode: training's RNG and batches are as without them
+        samples = (generate_samples(raw_model, encoding, sample_prompt, sample_tokens, device, ctx, seed)
+                   if encoding else None)
         if master_process:
             # the untrained model at iteration 0 is not saved, so it cannot be the best checkpoint
             is_best = iter_num > 0 and not eval_only and last_eval["val"] < best_val_loss
@@ -333,17 +351,20 @@ while True:
             print(f"step {iter_num}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}"
                   f"{' (best)' if is_best else ''}" + (f", hellaswag acc_norm {hellaswag['hellaswag_acc_norm']:.4f} "
                                                        f"({hellaswag['hellaswag_n']} examples)" if hellaswag else ""))
+            for i, text in enumerate(samples or []):
+                print(f"sample {i + 1}: {text!r}")
             if not eval_only:  # a look at a checkpoint (or GPT-2) is no part of the run's history: printed only
                 log_metrics({"iter": iter_num, "tokens": tokens_seen, "train_loss": last_eval["train"],
                              "val_loss": last_eval["val"],
                              "best_val_loss": best_val_loss if math.isfinite(best_val_loss) else None,
-                             **(hellaswag or {})})
+                             **(hellaswag or {}), **({"samples": samples} if samples else {})})
             names += ["best"] if is_best else []
             if lr_schedule == "wsd" and iter_num <= cooldown_start(max_iters, cooldown_frac):
                 names.append("stable")
         if iter_num > 0 and not eval_only:
             save(last_eval["val"] if last_eval else None, names if master_process else [])
         t0, tokens_since_log = time.time(), 0  # evaluation time is not training time: restart the window
+        progress.evaluation_done()
     if eval_only or iter_num >= max_iters:
         break
 
@@ -374,6 +395,9 @@ while True:
 
     loss_value = torch.stack(losses).mean().item()  # a host sync: the iteration's work is done
     grad_norm_value = grad_norm.item()
+    progress.iteration_done()
+    out_of_time = progress.next_would_pass(max_hours * 3600, iter_num)
+    stop_signal.requested = stop_signal.requested or out_of_time  # stops as Ctrl-C does (all DDP ranks agree below)
     # a NaN/Inf loss, or gradient norm (with fp16, inf gradients are the GradScaler's business: it
     # skips that step and lowers the scale), means the weights are ruined: stop before saving them
     bad = ("loss" if not math.isfinite(loss_value) else
@@ -403,11 +427,15 @@ while True:
         print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {grad_norm_value:.3f}, "
               f"{ms_per_iter:.0f} ms/iter, {tokens_per_sec:,.0f} tok/s"
               + (f", MFU {mfu * 100:.1f}%" if mfu is not None else "")
-              + (f", mem {mem:.2f} GiB" if mem is not None else "") + f", epoch {epoch:.3f}")
+              + (f", mem {mem:.2f} GiB" if mem is not None else "") + f", epoch {epoch:.3f}"
+              + progress.log_text(iter_num))
         log_metrics({"iter": iter_num, "tokens": tokens_seen, "epoch": epoch, "loss": loss_value,
                      "lr": lr, "grad_norm": grad_norm_value, "ms_per_iter": ms_per_iter,
-                     "tokens_per_sec": tokens_per_sec, "mfu": mfu, "peak_mem_gib": mem})
+                     "tokens_per_sec": tokens_per_sec, "mfu": mfu, "peak_mem_gib": mem,
+                     "elapsed_s": progress.elapsed(), "eta_s": progress.eta(iter_num)})
         t0, tokens_since_log = time.time(), 0
+    if master_process and progress.plan_due():
+        print(f"plan: {progress.plan_text(iter_num)}")
 
     if stop_now or problem:  # under DDP agreed by all ranks above
         save(None, ["last"])
@@ -415,7 +443,8 @@ while True:
             fail(f"{problem}; stopped at iteration {iter_num}, checkpoint saved to {checkpoint_path(out_dir, 'last')}; "
                  "fix that, then continue with --init_from=resume", status=1)
         if master_process:
-            print(f"stopped at iteration {iter_num}; checkpoint saved to {checkpoint_path(out_dir, 'last')}; "
+            print((f"max_hours={max_hours:g} would pass in the next iteration: " if out_of_time else "")
+                  + f"stopped at iteration {iter_num}; checkpoint saved to {checkpoint_path(out_dir, 'last')}; "
                   "continue with --init_from=resume")
         break
 # a failed append at the last evaluation (or an eval_only run's): the run ended, its record is missing

@@ -25,6 +25,7 @@ weight_decay = 0.1
 eval_interval = 50
 eval_iters = 20
 log_interval = 10
+sample_tokens = 32  # two short samples at each evaluation: watch it learn to write
 
 device = "cpu"
 dtype = "auto"  # bf16 where the CPU has native bf16 matmuls (AVX512-BF16/AMX), else fp32

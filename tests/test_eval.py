@@ -51,7 +51,7 @@ def test_batched_scores_equal_one_ending_at_a_time(block_size):
     with torch.no_grad():
         total, mean = evaluation.score_endings(model, rendered, "cpu")  # all 48 rows in one forward pass
     assert total.shape == mean.shape == (12, 4)
-    for i, (rows, scored, _) in enumerate(rendered):
+    for i, (rows, scored, _, _) in enumerate(rendered):
         for j, (row, n) in enumerate(zip(rows, scored)):
             reference = one_row_logprobs(model, row, n)
             assert len(reference) == n > 0
@@ -72,7 +72,7 @@ class RiggedModel(torch.nn.Module):
         super().__init__()
         self.config = GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=64)
         self.next_token = {}
-        for rows, _, label in rendered:
+        for rows, _, label, _ in rendered:
             row = rows[pick(label)]
             for t in range(1, len(row)):
                 self.next_token[tuple(row[:t])] = row[t]
@@ -90,10 +90,30 @@ class RiggedModel(torch.nn.Module):
                          ids=["prefers-label", "prefers-another"])
 def test_rigged_model_scores_as_rigged(pick, expected):
     rendered = evaluation.render_examples(evaluation.read_hellaswag(FIXTURE), 64)
-    assert sorted({label for _, _, label in rendered}) == [0, 1, 2, 3]
+    assert sorted({label for _, _, label, _ in rendered}) == [0, 1, 2, 3]
     no_autocast = torch.autocast("cpu", enabled=False)
     result = evaluation.evaluate_hellaswag(RiggedModel(rendered, pick), rendered, "cpu", no_autocast, batch_size=5)
-    assert result == {"hellaswag_acc": expected, "hellaswag_acc_norm": expected, "hellaswag_n": 12}
+    assert result == {"hellaswag_acc": expected, "hellaswag_acc_norm": expected, "hellaswag_n": 12,
+                      "hellaswag_cropped": 0, "hellaswag_skipped": 0}
+
+
+def test_rows_cut_to_block_size_are_counted_and_endings_too_long_to_score_are_skipped():
+    """At block_size 12 some examples lose the start of their context (counted as cropped, still scored
+    exactly as a sliding window would: see the test above) and some have an ending of 12 tokens or more,
+    which would leave its first token nothing to be predicted from: skipped, counted, not in n."""
+    examples, enc, block_size = evaluation.read_hellaswag(FIXTURE), get_encoding(), 12
+    lengths = [(len(enc.encode_ordinary(ex["ctx"])), max(len(enc.encode_ordinary(" " + e)) for e in ex["endings"]))
+               for ex in examples]
+    too_long = [ending >= block_size for _, ending in lengths]
+    cropped = sum(context + ending > block_size for context, ending in lengths if ending < block_size)
+    rendered = evaluation.render_examples(examples, block_size)
+    assert [example is None for example in rendered] == too_long and 0 < sum(too_long) < 12 and cropped > 0
+    result = evaluation.evaluate_hellaswag(random_model(**dict(TINY, block_size=block_size)), rendered, "cpu",
+                                           torch.autocast("cpu", enabled=False), batch_size=5)
+    assert (result["hellaswag_n"], result["hellaswag_cropped"], result["hellaswag_skipped"]) == (
+        12 - sum(too_long), cropped, sum(too_long))
+    with pytest.raises(ValueError, match="no HellaSwag example fits block_size=6: each has an ending of 6 tokens"):
+        evaluation.render_examples(examples, 6)
 
 
 def test_limit_and_ddp_shares_cover_every_example_once():
@@ -258,7 +278,7 @@ def test_checkpoint_and_its_hugging_face_export_evaluate_the_same(finished_check
     assert code == 0, err
     ours, theirs = read_evals(finished_checkpoint)
     assert set(ours) == {"checkpoint", "iter", "val_loss", "val_bpb", "val_tokens", "hellaswag_acc",
-                         "hellaswag_acc_norm", "hellaswag_n"}
+                         "hellaswag_acc_norm", "hellaswag_n", "hellaswag_cropped", "hellaswag_skipped"}
     assert (ours["checkpoint"], ours["iter"], theirs["checkpoint"], theirs["iter"]) == (
         str(finished_checkpoint / "ckpt.pt"), 7, str(hf), None)
     assert ours["val_tokens"] == theirs["val_tokens"] == 299 and ours["hellaswag_n"] == theirs["hellaswag_n"] == 12
@@ -281,6 +301,12 @@ def test_eval_errors_are_one_line(finished_checkpoint, tmp_path):
     assert "not HellaSwag's schema (no ctx text)" in eval_py(f"--out_dir={finished_checkpoint}",
                                                              f"--hellaswag_file={tmp_path / 'train.jsonl'}")
     assert "limit=-1: must be >= 0" in eval_py(f"--out_dir={finished_checkpoint}", "--limit=-1")
+    assert "val_tokens=1: must be 0 (all of val.bin) or at least 2" in eval_py(f"--out_dir={finished_checkpoint}",
+                                                                              "--val_tokens=1", "--eval_hellaswag=False")
+    (tmp_path / "eot").mkdir()
+    np.full(100, 50256, dtype=TOKEN_DTYPE).tofile(tmp_path / "eot" / "val.bin")  # documents with no text at all
+    assert "every token to be scored is <|endoftext|> (no text, 0 bytes), so bits per byte is undefined" in eval_py(
+        f"--out_dir={finished_checkpoint}", f"--data_dir={tmp_path / 'eot'}", "--eval_hellaswag=False")
     assert "nothing to evaluate" in eval_py("--eval_val=False", "--eval_hellaswag=False")
     mismatched = torch.load(finished_checkpoint / "ckpt.pt", weights_only=True)
     mismatched["model_args"] = dict(mismatched["model_args"], n_embd=64)
@@ -288,6 +314,22 @@ def test_eval_errors_are_one_line(finished_checkpoint, tmp_path):
     assert "its weights do not fit its model_args" in eval_py(f"--out_dir={finished_checkpoint}",
                                                               f"--ckpt={tmp_path / 'mismatched.pt'}")
     assert not (finished_checkpoint / "evals.jsonl").exists()
+
+
+def test_eval_py_says_how_many_hellaswag_examples_it_cropped_and_skipped(finished_checkpoint, tmp_path):
+    """block_size 64: one example whose context is 80 words long (cropped, scored), one whose ending is
+    (skipped); eval.py says so in one line and records both counts."""
+    examples = [json.loads(line) for line in FIXTURE.read_text().splitlines()[:4]]
+    examples[1]["ctx"] = "word " * 80
+    examples[2]["endings"][3] = "word " * 80
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(example) + "\n" for example in examples))
+    code, out, err = run_inprocess("eval.py", f"--out_dir={finished_checkpoint}", f"--hellaswag_file={tmp_path / 'long.jsonl'}",
+                                   "--eval_val=False", *CPU_FP32)
+    assert code == 0, err
+    assert ("hellaswag: 1 of them cropped to block_size=64 (their context loses its start); 1 skipped, not scored: "
+            "an ending alone is 64 tokens or more") in out
+    (result,) = read_evals(finished_checkpoint)
+    assert (result["hellaswag_n"], result["hellaswag_cropped"], result["hellaswag_skipped"]) == (3, 1, 1)
 
 
 # ---------------------------------------------------------------------------------------------

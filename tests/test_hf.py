@@ -180,3 +180,58 @@ def test_train_init_from_local_folder_then_resume(tmp_path, token_dataset):
     bad = run_script("train.py", *TINY_TRAIN_ARGS, f"--data_dir={token_dataset}", f"--out_dir={out_dir}",
                      "--init_from=gpt3", check=False)
     assert bad.returncode == 2 and "init_from='gpt3'" in bad.stderr
+
+
+def export_killed_at_step(step, *args):
+    """export.py in a forked child that dies (os._exit, no clean-up: as under SIGKILL) just before its
+    step-th rename or removal of a whole folder. Returns whether it died there (False: it has fewer steps)."""
+    import os
+    import shutil
+    pid = os.fork()
+    if pid == 0:
+        steps = []
+
+        def die_at_step(real):
+            def step_or_die(path, *more, **options):
+                steps.append(os.path.basename(path).startswith("hf"))  # the export folder, aside or temporary
+                if sum(steps) == step and steps[-1]:
+                    os._exit(9)
+                return real(path, *more, **options)
+            return step_or_die
+        os.replace, shutil.rmtree = die_at_step(os.replace), die_at_step(shutil.rmtree)
+        try:
+            os._exit(run_export(*args)[0])
+        finally:
+            os._exit(1)  # never back into pytest from the child
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 9
+
+
+def test_export_force_killed_at_any_step_leaves_one_whole_export_and_the_next_run_cleans_up(tmp_path):
+    """The old export is renamed aside, the new one renamed in, then the old one deleted: killed before any of
+    these steps, one whole export is there (under its name, or aside until the next export.py puts it back),
+    and the next run replaces it and leaves no `.tmp.<pid>` or `.old.<pid>` folder behind."""
+    import shutil
+    from hf import EXPORT_FILES
+    hf, saved_old = tmp_path / "hf", tmp_path / "saved_old"
+    for seed, out in ((0, tmp_path / "a"), (1, tmp_path / "b")):
+        out.mkdir()
+        save_checkpoint({"model_args": TINY, "model": random_model(seed, **TINY).state_dict(), "iter_num": seed},
+                        out / "ckpt.pt")
+    assert run_export(f"--out_dir={tmp_path / 'a'}", f"--to={saved_old}")[0] == 0
+    old_weights = (saved_old / "model.safetensors").read_bytes()
+    step = 0
+    while True:
+        step += 1
+        shutil.rmtree(hf, ignore_errors=True)
+        shutil.copytree(saved_old, hf)
+        if not export_killed_at_step(step, f"--out_dir={tmp_path / 'b'}", f"--to={hf}", "--force=True"):
+            break
+        whole = [folder for folder in tmp_path.glob("hf*") if not folder.name.startswith("hf.tmp.")
+                 and sorted(p.name for p in folder.iterdir()) == sorted(EXPORT_FILES)]
+        assert whole, f"killed at step {step}: no whole export left"
+        assert run_export(f"--out_dir={tmp_path / 'a'}", f"--to={hf}")[0] == 2  # refused without --force ...
+        assert sorted(p.name for p in hf.iterdir()) == sorted(EXPORT_FILES)  # ... and an export is under its name
+        assert run_export(f"--out_dir={tmp_path / 'b'}", f"--to={hf}", "--force=True")[0] == 0
+        assert (hf / "model.safetensors").read_bytes() != old_weights
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "hf", "saved_old"], f"step {step}"
+    assert step == 4  # killed before each of the three steps, then a run that finishes

@@ -35,7 +35,7 @@ def test_metrics_file_has_every_log_step_and_eval_and_resume_appends(token_datas
     assert [r["iter"] for r in evals] == [0, 2, 3]  # every eval_interval, and at the end
     for r in logs:
         assert set(r) == {"iter", "tokens", "epoch", "loss", "lr", "grad_norm", "ms_per_iter", "tokens_per_sec",
-                          "mfu", "peak_mem_gib"}
+                          "mfu", "peak_mem_gib", "elapsed_s", "eta_s"}
         assert r["tokens"] == r["iter"] * TINY_TOKENS_PER_ITER
         assert r["epoch"] == pytest.approx(r["tokens"] / 20_000)  # token_dataset's train.bin holds 20,000 tokens
         assert math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["lr"] > 0
@@ -43,6 +43,7 @@ def test_metrics_file_has_every_log_step_and_eval_and_resume_appends(token_datas
         assert r["tokens_per_sec"] == pytest.approx(TINY_TOKENS_PER_ITER / (r["ms_per_iter"] / 1000), rel=1e-6)
         assert r["mfu"] is None  # a CPU has no known peak: no made-up percentage
         assert r["peak_mem_gib"] is None
+    assert logs[0]["eta_s"] is None and logs[1]["eta_s"] > 0  # the first iteration (warm-up) is not timed
     assert [r["tokens"] for r in evals] == [0, 2 * TINY_TOKENS_PER_ITER, 3 * TINY_TOKENS_PER_ITER]
     # the untrained model at iteration 0 is never the best (it is not saved)
     assert evals[-1]["best_val_loss"] == min(r["val_loss"] for r in evals if r["iter"] > 0)
@@ -175,7 +176,7 @@ def test_flops_per_token_matches_a_hand_count(tie):
     ("NVIDIA H200", "bfloat16", 989.4e12),
     ("NVIDIA H200", "float32", 66.9e12),
     ("NVIDIA A100-SXM4-80GB", "tf32", 156.0e12),
-    ("Tesla T4", "float16", None),
+    ("Tesla T4", "float16", 65.0e12),
     ("NVIDIA GeForce RTX 4070 Laptop GPU", "bfloat16", None),
 ])
 def test_peak_flops_lookup(name, dtype, expected):

@@ -465,9 +465,14 @@ def test_a_failed_run_keeps_its_finished_sources_and_the_same_command_continues(
         line = fails_with(capsys, *args)
         assert line.endswith("writing failed (No space left on device); the 2 finished source(s) are kept in "
                              f"{tmp_path / 'out' / 'prepare.work'}: the same command continues from there")
-    else:
-        with pytest.raises(KeyboardInterrupt):
+    else:  # Ctrl-C: a clean stop, exit 130, one line saying what was kept
+        with pytest.raises(SystemExit) as exit_info:
             prepare.main(list(map(str, args)))
+        assert exit_info.value.code == 130
+        kept = 3 if failure.endswith("publishing") else 2
+        assert capsys.readouterr().err.strip() == (f"error: interrupted; the {kept} finished source(s) are kept in "
+                                                   f"{tmp_path / 'out' / 'prepare.work'}: the same command "
+                                                   f"continues from there")
     with pytest.raises(FileNotFoundError):
         prepare.read_dataset_meta(tmp_path / "out")
     monkeypatch.undo()
@@ -569,7 +574,7 @@ def disk_full(*args):
 def test_disk_full_leaves_no_outputs(tmp_path, monkeypatch, capsys, failing_step):
     source = write_parquet(tmp_path / "docs.parquet", synthetic_texts(100), row_group_size=20)
     monkeypatch.setattr(prepare, failing_step, disk_full)  # the bins' writes, or meta.json after the bins' rename
-    assert "out: writing failed (No space left on device); partial outputs removed" in fails_with(
+    assert "out: writing failed (No space left on device); nothing was published" in fails_with(
         capsys, "--input", source, "--out_dir", tmp_path / "out", "--workers", 1)
     assert not list((tmp_path / "out").iterdir())
 

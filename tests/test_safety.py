@@ -199,10 +199,11 @@ INVALID_TRAIN_VALUES = {
     "dtype": "fp8", "peak_flops": -1.0, "seed": -1, "hellaswag_interval": -1, "hellaswag_limit": -1,
     "optimizer": "sgd", "muon_lr": -0.02, "muon_momentum": 1.0, "muon_weight_decay": -0.4, "logit_softcap": -15.0,
     "zero_init_head": True,  # with the default tied head
+    "sample_tokens": -1, "max_hours": -1.0,
 }
 ANY_VALUE = {"eval_only", "allow_lr_increase", "overwrite", "wandb_log", "wandb_project", "wandb_run_name", "bias",
              "rotary", "qk_norm", "tie_embeddings", "zero_init_proj", "compile", "allow_new_data",
-             "hellaswag_file"}  # read only when hellaswag_interval > 0: test_eval checks it then
+             "hellaswag_file", "sample_prompt"}  # read only when hellaswag_interval > 0: test_eval checks it then
 
 
 def test_every_train_key_is_swept():

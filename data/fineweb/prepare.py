@@ -21,9 +21,11 @@ How it runs: row groups (or batches of 1024 streamed documents) are tokenized an
 processes and written in input order by this process, at most 2 * workers batches in flight, so memory
 does not grow with the input. Everything is written into out_dir/prepare.work/ with a manifest updated
 after each finished source, so a killed run continues from the source it was in and produces the same
-bytes. At the end the bins are re-read and checked, moved into out_dir, and meta.json is written last:
-bins without a matching meta.json are not a finished run. Running again on the same inputs and settings
-does nothing (--force redoes it). A lock on out_dir refuses a second run into the same folder.
+bytes. The dataset already in out_dir stays untouched until the end: then the bins are re-read and checked
+and renamed over the old ones (a reader holding an old file open keeps reading it), meta.json last: bins
+without a matching meta.json are not a finished run. A failed, refused or interrupted run (Ctrl-C: exit
+130; a tokenizer worker that dies: exit 1) says in one line what it kept. Running again on the same inputs
+and settings does nothing (--force redoes it). A lock on out_dir refuses a second run into the same folder.
 
 Validation split, by whole documents: document i of a source (0-based within its file or stream) goes to
 val iff val_scores(seed, i) < threshold, a hash of (seed, i) alone, so the split does not depend on
@@ -41,9 +43,12 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import lru_cache
 from pathlib import Path
 
@@ -99,8 +104,8 @@ def threshold_for_val_tokens(described, seed, val_tokens):
     tokens_per_doc, scores = [], []
     for source in described:
         if not source["has_token_count"]:
-            raise PrepareError(f"{source['path']}: --val_tokens needs FineWeb's token_count column and this file "
-                               f"has none; use --val_fraction")
+            raise PrepareError(f"{source['path']}: --val_tokens needs FineWeb's token_count column (integers) and "
+                               f"this file has none; use --val_fraction")
         column = pq.read_table(source["path"], columns=["token_count"]).column("token_count")
         tokens_per_doc.append(np.array([count or 0 for count in column.to_pylist()], dtype=np.int64) + 1)
         scores.append(val_scores(seed, np.arange(source["documents"])))
@@ -178,11 +183,32 @@ def tokenize_in_order(tasks, pool, workers):
         return
     in_flight = deque()
     for task in tasks:
-        in_flight.append(pool.apply_async(tokenize_task, (task,)))
+        in_flight.append(pool.submit(tokenize_task, task))
         if len(in_flight) >= 2 * workers:
-            yield in_flight.popleft().get()
+            yield in_flight.popleft().result()
     while in_flight:
-        yield in_flight.popleft().get()
+        yield in_flight.popleft().result()
+
+
+def start_pool(workers):
+    """The tokenizer processes. concurrent.futures, not multiprocessing.Pool: when a worker dies (the
+    out-of-memory killer, a crash) its futures raise BrokenProcessPool at once, where Pool waits forever.
+    spawn: the same on every OS."""
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=ignore_ctrl_c)
+
+
+def ignore_ctrl_c():
+    """In each worker: Ctrl-C reaches the whole process group, and only the main process answers it
+    (it stops the workers and says what was kept), instead of one traceback per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def stop_pool(pool):
+    """Drop the queued tasks and end the workers now: after an error or Ctrl-C nothing waits for their batches."""
+    processes = list((pool._processes or {}).values())  # Python 3.14's pool.terminate_workers() does this
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
 
 
 def row_group_tasks(described, seed, threshold, forced_val_doc):
@@ -268,7 +294,7 @@ def tokenize_sources(sources, manifest, work_dir, args):
     if any(source.get("remote") for source in sources):
         from huggingface_hub.utils import disable_progress_bars
         disable_progress_bars()  # later downloads run behind our bar, which shows their state
-    pool = mp.get_context("spawn").Pool(args.workers) if args.workers > 1 else None  # spawn: same on every OS
+    pool = start_pool(args.workers) if args.workers > 1 else None
     try:
         with open(work_dir / "train.bin", "ab") as train_file, open(work_dir / "val.bin", "ab") as val_file, \
                 tqdm(unit="doc", unit_scale=True, disable=None, smoothing=0.1) as bar:
@@ -301,7 +327,7 @@ def tokenize_sources(sources, manifest, work_dir, args):
                     break
     finally:
         if pool is not None:
-            pool.terminate()
+            stop_pool(pool)
 
 
 def source_tasks(source, path, manifest, args, is_last):
@@ -368,7 +394,11 @@ def check_both_splits_filled(total, names):
 
 
 def publish(out_dir, work_dir, manifest, sources, args, seconds):
-    """Check the finished work bins, then move them into out_dir; meta.json last, as it marks them complete."""
+    """Check the finished work bins, then move them into out_dir; until then the dataset already there is
+    untouched. Each file is renamed over the old one (os.replace, never delete-then-write), so a reader
+    holding an old bin open (a running train.py's memmap) keeps reading the old bytes. The old meta.json
+    goes first and the new one comes last: in between a reader finds bins without meta.json and refuses
+    them, and it never pairs new bins with an old meta.json."""
     total = new_counts()
     for entry in manifest["done"]:
         add_counts(total, entry)
@@ -384,10 +414,11 @@ def publish(out_dir, work_dir, manifest, sources, args, seconds):
                                                           splits[split]["tokens"])
     meta = make_meta(sources, manifest, splits, total, args, seconds)
     write_json_atomically(work_dir / "meta.json", meta)  # before any move: a full disk fails here, work intact
+    (out_dir / "meta.json").unlink(missing_ok=True)
     for split in SPLITS:
         os.replace(work_dir / f"{split}.bin", out_dir / f"{split}.bin")
     os.replace(work_dir / "meta.json", out_dir / "meta.json")
-    shutil.rmtree(work_dir)
+    shutil.rmtree(work_dir, ignore_errors=True)  # published: a leftover manifest is harmless
     return meta
 
 
@@ -420,6 +451,8 @@ def write_json_atomically(path, data):
 # before any work: the output folder, its lock, the free space
 
 def check_out_dir_writable(out_dir):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PrepareError(f"{out_dir}: not a folder; --out_dir names the folder for train.bin, val.bin and meta.json")
     try:
         check_writable(out_dir)
     except OSError as e:
@@ -453,9 +486,7 @@ def check_free_space(out_dir, sources, first_todo, keep_parquet):
         from huggingface_hub import constants
         needs.append((Path(constants.HF_HUB_CACHE), "the parquet downloads",
                       sum(downloads) if keep_parquet else sum(sorted(downloads)[-2:])))  # without: two at a time
-    old_bins = [out_dir / f"{split}.bin" for split in SPLITS if (out_dir / f"{split}.bin").exists()]
-    freed = sum(path.stat().st_size for path in old_bins)  # this run replaces them
-    by_disk = {out_dir.stat().st_dev: {"folder": out_dir, "what": [], "bytes": -freed}}
+    by_disk = {}  # the bins already in out_dir stay until the new ones are published: both need room
     for folder, what, size in needs:
         folder = existing_parent(folder)
         disk = by_disk.setdefault(folder.stat().st_dev, {"folder": folder, "what": [], "bytes": 0})
@@ -573,17 +604,24 @@ def already_done(out_dir, sources, args):
     """meta.json of an earlier run from these very sources and settings, else None (a stream is never the same)."""
     try:
         meta = read_dataset_meta(out_dir)
-    except (FileNotFoundError, ValueError):
+        same_sources = [identity(s) for s in meta.get("sources", [])] == [identity(s) for s in sources]
+        same_split = all((meta.get("val_split") or {}).get(k) == v for k, v in val_request(args).items())
+    except (FileNotFoundError, ValueError, AttributeError, TypeError):  # a hand-edited meta.json is no match
         return None
-    same_sources = [identity(s) for s in meta.get("sources", [])] == [identity(s) for s in sources]
-    same_split = all((meta.get("val_split") or {}).get(k) == v for k, v in val_request(args).items())
     if same_sources and same_split and meta.get("max_tokens") == args.max_tokens and not args.hf_dataset:
         return meta
     return None
 
 
+def resolve_folder(path):
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop: RuntimeError before Python 3.13
+        raise PrepareError(f"{path}: cannot resolve the folder ({first_line(e)})")
+
+
 def prepare(args):
-    out_dir = args.out_dir.resolve()
+    out_dir = resolve_folder(args.out_dir)
     check_out_dir_writable(out_dir)
     lock = lock_out_dir(out_dir)
     try:
@@ -611,9 +649,6 @@ def prepare_locked(args, out_dir):
         manifest = open_work(work_dir, request, args.force)
         if not manifest.get("complete"):
             check_free_space(out_dir, sources, len(manifest["done"]), args.keep_parquet)
-        # from here on the old outputs are invalid: without meta.json no reader accepts the bins
-        for name in ("meta.json", "train.bin", "val.bin"):
-            (out_dir / name).unlink(missing_ok=True)
         if not manifest.get("complete"):
             if manifest["threshold"] is None:
                 manifest["threshold"] = args.val_fraction or threshold_for_val_tokens(
@@ -622,20 +657,31 @@ def prepare_locked(args, out_dir):
             tokenize_sources(sources, manifest, work_dir, args)
         meta = publish(out_dir, work_dir, manifest, sources, args, time.time() - t0)
     except OSError as e:
-        raise PrepareError(f"{out_dir}: writing failed ({e.strerror or e}); {give_up(work_dir, manifest)}")
+        raise PrepareError(f"{out_dir}: writing failed ({e.strerror or e}); {give_up(out_dir, work_dir, manifest)}")
     except (PrepareError, TokenizerUnavailable) as e:  # the latter from the first batch, in whichever process
-        raise PrepareError(f"{e}; {give_up(work_dir, manifest)}")
+        raise PrepareError(f"{e}; {give_up(out_dir, work_dir, manifest)}")
+    except BrokenProcessPool:
+        fail(f"a tokenizer worker process died (killed, e.g. by the out-of-memory killer, or crashed); "
+             f"{give_up(out_dir, work_dir, manifest)}; fewer --workers need less memory", status=1)
+    except KeyboardInterrupt:
+        fail(f"interrupted; {give_up(out_dir, work_dir, manifest)}", status=130)
     print_summary(meta, out_dir)
     return meta
 
 
-def give_up(work_dir, manifest):
-    """After an error: keep the finished sources for the next run to continue from, or remove the work."""
+def give_up(out_dir, work_dir, manifest):
+    """After an error: keep the finished sources for the next run to continue from, or remove the work;
+    and say whether the dataset already in out_dir is untouched (it is while its meta.json is there:
+    publish() removes that first)."""
     if manifest and manifest["done"]:
-        return (f"the {len(manifest['done'])} finished source(s) are kept in {work_dir}: the same command "
-                f"continues from there")
-    shutil.rmtree(work_dir, ignore_errors=True)
-    return "partial outputs removed"
+        outcome = (f"the {len(manifest['done'])} finished source(s) are kept in {work_dir}: the same command "
+                   f"continues from there")
+    else:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        outcome = "nothing was published"
+    if (out_dir / "meta.json").exists():
+        outcome += f"; the dataset already in {out_dir} is unchanged"
+    return outcome
 
 
 def print_summary(meta, out_dir):
@@ -674,8 +720,10 @@ def adopt(data_dir):
     splits = {}
     for split in SPLITS:
         path = data_dir / f"{split}.bin"
-        if not path.is_file():
+        if not path.exists():
             raise PrepareError(f"{path}: no such file; --adopt needs train.bin and val.bin")
+        if not path.is_file():
+            raise PrepareError(f"{path}: not a regular file (a pipe, a device, a folder); --adopt needs token files")
         size = path.stat().st_size
         if size == 0 or size % TOKEN_BYTES:
             raise PrepareError(f"{path}: {size} bytes, not a non-empty file of uint16 tokens")
@@ -697,7 +745,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         if args.adopt:
-            data_dir = args.adopt.resolve()
+            data_dir = resolve_folder(args.adopt)
             check_out_dir_writable(data_dir)
             lock = lock_out_dir(data_dir)
             try:
@@ -707,6 +755,8 @@ def main(argv=None):
         return prepare(args)
     except PrepareError as e:
         fail(str(e))
+    except KeyboardInterrupt:  # before any work (listing, checking the inputs): nothing was written
+        fail("interrupted; nothing was changed", status=130)
 
 
 if __name__ == "__main__":

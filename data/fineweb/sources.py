@@ -30,7 +30,9 @@ class PrepareError(Exception):
 # finding the inputs: local parquet files
 
 def resolve_inputs(patterns):
-    """The parquet files named by --input: files, globs and folders, each expanded in sorted order."""
+    """The parquet files named by --input: files, globs and folders, each expanded in sorted order.
+    Each must be a regular file: parquet is read from its end, and a pipe or a device (a FIFO, /dev/zero)
+    cannot seek; opening a FIFO would even wait forever for a writer."""
     paths = []
     for pattern in patterns:
         path = Path(pattern)
@@ -39,15 +41,29 @@ def resolve_inputs(patterns):
             if not found:
                 raise PrepareError(f"{path}: the folder holds no .parquet files")
         elif any(char in pattern for char in "*?["):
-            found = sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_file())
+            found = sorted(Path(p) for p in glob.glob(pattern) if not Path(p).is_dir())
             if not found:
                 raise PrepareError(f"--input {pattern!r} matches no files")
-        elif path.is_file():
+        elif path.exists():
             found = [path]
         else:
             raise PrepareError(f"{path}: no such file")
+        for p in found:
+            if not p.is_file():
+                raise PrepareError(f"{p}: not a regular file (a pipe, a device or a socket); prepare.py reads "
+                                   f"parquet files, which it must be able to seek in")
         paths += [p.resolve() for p in found]
     return paths
+
+
+def is_text_type(arrow_type):
+    """Every Arrow type whose values read back as Python strings (or None): string, large_string,
+    string_view, a dictionary of any of them; and null, a column of nothing but null texts."""
+    if pa.types.is_dictionary(arrow_type):
+        return is_text_type(arrow_type.value_type)
+    is_string_view = getattr(pa.types, "is_string_view", lambda t: False)  # pyarrow >= 16
+    return (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or is_string_view(arrow_type)
+            or pa.types.is_null(arrow_type))
 
 
 def describe_parquet(path, name):
@@ -60,13 +76,16 @@ def describe_parquet(path, name):
     if "text" not in columns:
         raise PrepareError(f"{path}: no 'text' column; it has: {', '.join(columns)}")
     text_type = parquet.schema_arrow.field("text").type
-    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
-        raise PrepareError(f"{path}: column 'text' holds {text_type}, expected strings")
+    if not is_text_type(text_type):
+        hint = " (bytes, not text: decode it, e.g. pyarrow.compute.cast(column, pa.string()))" \
+            if pa.types.is_binary(text_type) or pa.types.is_large_binary(text_type) else ""
+        raise PrepareError(f"{path}: column 'text' holds {text_type}, expected strings{hint}")
     if parquet.metadata.num_rows == 0:
         raise PrepareError(f"{path}: the parquet is empty (0 rows)")
     return {"name": name, "path": str(path), "documents": parquet.metadata.num_rows,
             "row_group_rows": [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)],
-            "has_token_count": "token_count" in columns}
+            "has_token_count": "token_count" in columns and pa.types.is_integer(parquet.schema_arrow.field(
+                "token_count").type)}  # FineWeb's; a column of that name holding anything else is not it
 
 
 def local_source(path):
