@@ -169,7 +169,7 @@ def main(argv):
     peak, peak_description = device_peak_flops(device, dtype, c.peak_flops)
     try:
         optimizers = model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type,
-                                                c.optimizer, c.muon_lr, c.muon_momentum)
+                                                c.optimizer, c.muon_lr, c.muon_momentum, c.muon_weight_decay)
     except ValueError as e:
         fail(str(e))
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))

@@ -55,6 +55,9 @@ RULES = {
     "peak_flops": AT_LEAST_0,  # 0 looks the device up
     "muon_lr": RATE,
     "muon_momentum": BELOW_1,
+    "muon_weight_decay": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+                          "must be a number >= 0 (unset: weight_decay)"),
+    "logit_softcap": (lambda v: v >= 0, "must be >= 0 (0 = off)"),
     "seed": AT_LEAST_0,
     "hellaswag_interval": AT_LEAST_0,  # 0 = off
     "hellaswag_limit": AT_LEAST_0,  # 0 = every example

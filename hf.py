@@ -51,8 +51,8 @@ EXPORT_FILES = ("config.json", "model.safetensors", "generation_config.json", "t
 def hf_config(model_args):
     """config.json for GPT2LMHeadModel, or ValueError naming every switch GPT-2 cannot express."""
     a = model_args
-    unsupported = [f"{k}={a.get(k)!r}" for k, ok in (("rotary", False), ("qk_norm", False), ("norm", "layernorm"))
-                   if a.get(k, ok) != ok]
+    unsupported = [f"{k}={a.get(k)!r}" for k, ok in (("rotary", False), ("qk_norm", False), ("norm", "layernorm"),
+                                                    ("logit_softcap", 0.0)) if a.get(k, ok) != ok]
     if a.get("vocab_size", PADDED_VOCAB_SIZE) < VOCAB_SIZE:
         unsupported.append(f"vocab_size={a['vocab_size']} (the GPT-2 tokenizer needs {VOCAB_SIZE})")
     if unsupported:

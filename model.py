@@ -5,7 +5,8 @@ the FLOPs per token (the device's peak FLOPs, and MFU, are in runtime.py).
 With every switch at its default this is GPT-2 exactly: learned token and position embeddings,
 pre-LayerNorm blocks, causal self-attention, GELU MLP, final LayerNorm, lm_head tied to the token
 embedding. The opt-in switches (rotary, qk_norm, mlp='relu2', norm='rmsnorm', tie_embeddings=False,
-zero_init_proj) are the "modern recipe" ablation; each is one flag and one small branch.
+zero_init_proj, logit_softcap, zero_init_head) are the "modern recipe" ablation; each is one flag and
+one small branch.
 """
 import inspect
 import math
@@ -45,6 +46,8 @@ class GPTConfig:
     norm: str = "layernorm"  # 'layernorm' or 'rmsnorm'
     tie_embeddings: bool = True  # lm_head shares the token embedding matrix
     zero_init_proj: bool = False  # output projections start at zero, so each block starts as identity
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap), bounded by the cap (0 = off)
+    zero_init_head: bool = False  # lm_head starts at zero (uniform predictions); needs an untied head
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
@@ -55,6 +58,11 @@ class GPTConfig:
             raise ValueError(f"norm={self.norm!r}: allowed are 'layernorm' and 'rmsnorm'")
         if self.rotary and (self.n_embd // self.n_head) % 2 != 0:
             raise ValueError(f"rotary needs an even head size, got {self.n_embd // self.n_head}")
+        if self.logit_softcap < 0:
+            raise ValueError(f"logit_softcap={self.logit_softcap}: must be >= 0 (0 = off)")
+        if self.zero_init_head and self.tie_embeddings:  # a zero tied head would zero the token embedding too
+            raise ValueError("zero_init_head=True needs tie_embeddings=False: a tied lm_head is the token "
+                             "embedding, which must not start at zero")
 
     @classmethod
     def from_dict(cls, d):
@@ -219,6 +227,8 @@ class GPT(nn.Module):
                     torch.nn.init.zeros_(p)
                 else:
                     torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.zero_init_head:
+            torch.nn.init.zeros_(self.lm_head.weight)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -271,10 +281,6 @@ class GPT(nn.Module):
             kv_cache.length += T
         return self.transformer.ln_f(x)
 
-    def output_logits(self, h):
-        """The output layer: logits over the (padded) vocabulary for hidden states h (..., n_embd)."""
-        return self.lm_head(h)
-
     def scored_outputs(self):
         """How many of the output layer's rows are real ids: the padding rows (50257..50303) are ids the
         tokenizer never produces, so they enter neither the loss nor the evaluation."""
@@ -291,6 +297,13 @@ class GPT(nn.Module):
         Chunk by chunk: an evaluation never holds the (B, T, vocab) logits either."""
         h = self.hidden_states(idx)
         return -chunked_target_losses(self.output_logits, h, targets, self.scored_outputs()).view(targets.shape)
+
+    def output_logits(self, h):
+        """Logits of the final hidden states h (..., n_embd): lm_head, then the soft cap if on. Every path
+        that makes logits goes through here, so training, evaluation and sampling see the same model."""
+        logits = self.lm_head(h)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def crop_block_size(self, block_size):
         """Use a shorter context than the model was built for (e.g. a smaller model from a checkpoint)."""
@@ -309,10 +322,11 @@ class GPT(nn.Module):
         return [p for p in self.transformer.h.parameters() if p.dim() == 2]
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
-                             muon_lr=0.02, muon_momentum=0.95):
+                             muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=None):
         """{checkpoint key: optimizer}. 'adamw': {'optimizer': AdamW} over every parameter.
-        'muon': torch.optim.Muon over muon_params() under key 'muon', AdamW over the rest.
-        AdamW decays matrices only (not biases, norms) and is fused on CUDA."""
+        'muon': torch.optim.Muon over muon_params() under key 'muon', AdamW over the rest; Muon decays
+        by muon_weight_decay (None: weight_decay, as AdamW). AdamW decays matrices only (not biases,
+        norms) and is fused on CUDA."""
         check_optimizer(optimizer, learning_rate)
         muon_params = self.muon_params() if optimizer == "muon" else []
         in_muon = {id(p) for p in muon_params}
@@ -325,8 +339,9 @@ class GPT(nn.Module):
         extra = dict(fused=True) if fused else dict()
         optimizers = {"optimizer": torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)}
         if muon_params:
+            muon_decay = weight_decay if muon_weight_decay is None else muon_weight_decay
             optimizers["muon"] = torch.optim.Muon(muon_params, lr=muon_lr, momentum=muon_momentum,
-                                                  weight_decay=weight_decay)
+                                                  weight_decay=muon_decay)
         return optimizers
 
     def flops_per_token(self):

@@ -73,7 +73,7 @@ wandb_run_name = "gpt2"
 # data
 dataset = "fineweb"  # reads data/<dataset>/train.bin and val.bin
 data_dir = ""  # if set, read the bins from here instead
-data_order = "random"  # 'random' windows (nanoGPT) or 'shuffle' (every window once per epoch)
+data_order = "random"  # 'random' windows (nanoGPT), 'shuffle' (every window once per epoch), 'document' (rows start at a document's start)
 gradient_accumulation_steps = 40  # micro-steps per iteration, summed over all DDP ranks
 batch_size = 12  # micro-batch size per rank
 block_size = 1024
@@ -89,10 +89,13 @@ mlp = "gelu"
 norm = "layernorm"
 tie_embeddings = True
 zero_init_proj = False
+logit_softcap = 0.0  # > 0: cap * tanh(logits / cap) bounds every logit (0 = off)
+zero_init_head = False  # lm_head starts at zero; needs tie_embeddings=False
 # optimizer: AdamW, or Muon for the block matrices and AdamW for the rest (model.configure_optimizers)
 optimizer = "adamw"  # 'adamw' or 'muon' (needs torch >= 2.9)
 muon_lr = 0.02  # Muon's peak learning rate; it follows the same schedule as learning_rate
 muon_momentum = 0.95
+muon_weight_decay = None  # Muon's own weight decay; None = weight_decay
 # AdamW
 learning_rate = 6e-4  # peak learning rate
 max_iters = 600000  # total iterations
@@ -222,7 +225,7 @@ raw_model = model  # the plain module: for checkpoints, evaluation and FLOPs cou
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))  # a no-op unless float16
 # {checkpoint key: optimizer}: 'optimizer' (AdamW), and 'muon' with optimizer='muon'
 optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
-                                        muon_lr, muon_momentum)
+                                        muon_lr, muon_momentum, muon_weight_decay)
 lr = get_lr(iter_num, **lr_args)
 if ckpt is not None:
     try:  # weights, optimizer moments (by parameter name), scaler, this rank's RNG and data position

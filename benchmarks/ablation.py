@@ -19,6 +19,18 @@ Five phases, each reading the earlier ones' results from disk:
 Runs go to --out_root/<run name>/; a run finished with the same settings is not run again, so an
 interrupted ablation continues where it stopped. --report_only rewrites the tables and plot from the
 runs present.
+
+--study=token is the second study, "a better model per token" (writes docs/ablation.md and .png; the
+first study above, --study=arch, writes docs/ablation-arch.md): GPT-2 + Muon against each of
+data_order='document', logit_softcap, zero_init_head and muon_weight_decay alone and all four together,
+at the quick-start shape (4 x 128, block 128), 1M tokens per run, bf16 on CPU:
+
+$ python benchmarks/ablation.py --study=token --data_dir=data/en_docs --jobs=2       # ~1 h 40 min on 2 busy cores
+$ python benchmarks/ablation.py --study=token --data_dir=data/en_docs --quick        # a smoke test, a minute
+
+Its plan (token_plan): a learning-rate grid at a third of the horizon for the base and the all-switches
+arm (muon_lr first, then AdamW's learning_rate at the best muon_lr), the two seed-0 finals, their seed-1
+finals, then each switch alone at the base arm's tuned rates.
 """
 import argparse
 import json
@@ -38,6 +50,19 @@ SCALES = {
                   grid_iters=4, long_iters=20, eval_iters=2),
     "cpu": dict(model=dict(n_layer=4, n_head=2, n_embd=64, block_size=128, batch_size=8), final_iters=120,
                 grid_iters=30, long_iters=1465, eval_iters=5),
+    # --study=token: the quick-start shape, 48 x 4,096 = 196,608 tokens per final run (1M was planned: at the
+    # ~300 tokens/s per job measured on the shared machine, 8 runs of 1M would take 8 h); batch 32 makes the
+    # matmuls big enough to run ~1.5x the tokens/s of batch 8 on this CPU (bf16, AMX)
+    "token": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=32), final_iters=48,
+                  grid_iters=16, long_iters=0, eval_iters=4, evals=4),
+    # --study=gpu: the 40M shape (config/train_fineweb.py), 500 x 65,536 = 32.8M tokens per arm, ~2 min each on
+    # an H200 (bf16, compiled); gpu-tiny runs the same plan on a CPU in the test suite
+    "gpu": dict(model=dict(n_layer=12, n_head=12, n_embd=384, block_size=1024, batch_size=64), final_iters=500,
+                grid_iters=0, long_iters=0, eval_iters=20, evals=5),
+    "gpu-tiny": dict(model=dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4), final_iters=6,
+                     grid_iters=0, long_iters=0, eval_iters=2, evals=2),
+    "token-quick": dict(model=dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4), final_iters=8,
+                        grid_iters=4, long_iters=0, eval_iters=2, evals=2),
 }
 
 GPT2 = dict(rotary=False, qk_norm=False, norm="layernorm", mlp="gelu", tie_embeddings=True, zero_init_proj=False,
@@ -91,7 +116,8 @@ def run_settings(switches, optimizer, lr, muon_lr, iters, seed, scale, args):
     if optimizer == "muon":
         settings["muon_lr"] = muon_lr
     grid = iters == SCALES[scale]["grid_iters"]
-    settings["eval_interval"] = iters if grid else max(1, iters // 10)  # the grid needs its end only
+    # the grid needs its end only
+    settings["eval_interval"] = iters if grid else max(1, iters // SCALES[scale].get("evals", 10))
     return settings
 
 
@@ -123,8 +149,12 @@ def run_one(name, settings, args):
     (out_dir / "settings.json").write_text(json.dumps(settings))
     command = [sys.executable, str(REPO / "train.py")] + [f"--{k}={v}" for k, v in settings.items()]
     start, load_start = time.time(), os.getloadavg()[0]
+    # glibc then keeps big freed tensors instead of returning them to the kernel each step (~2x faster on
+    # CPU); one thread per job, as the jobs share the cores
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="4294967296", MALLOC_TRIM_THRESHOLD_="4294967296",
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     with open(out_dir / "train.log", "w") as log:
-        proc = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     timing = dict(start=start, end=time.time(), load_start=load_start, load_end=os.getloadavg()[0])
     (out_dir / "timing.json").write_text(json.dumps(timing))
     status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {out_dir}/train.log)"
@@ -445,17 +475,288 @@ def plot_curves(runs, names, target, long_runs, path):
     fig.savefig(path, dpi=100)
 
 
+# ----------------------------------------------------------------------------------------------
+# --study=token: a better model per token. GPT-2 + Muon (the first study's best arm) against four
+# switches measured to help at 40M-124M elsewhere, each alone and all together.
+
+SOFTCAP = 15.0  # modded-nanogpt's cap (its 2025-01-04 record)
+MUON_WD = 0.4  # nanochat's best Muon decay at 512 wide (0.22 at 768); it falls with width, so 0.4 is the nearest
+NEW_SWITCHES = {
+    "document": dict(data_order="document"),
+    "softcap": dict(logit_softcap=SOFTCAP),
+    "zero_head": dict(tie_embeddings=False, zero_init_head=True),  # a zero head needs an untied one
+    "muon_wd": dict(muon_weight_decay=MUON_WD),
+}
+TOKEN_ARMS = {"muon": {}, **{f"muon+{name}": switches for name, switches in NEW_SWITCHES.items()},
+              "muon+all": {k: v for switches in NEW_SWITCHES.values() for k, v in switches.items()}}
+TUNED_ARMS = ("muon", "muon+all")  # the arms with their own learning-rate grid; the single switches use muon's
+TOKEN_MUON_GRID = (0.025, 0.05, 0.1)  # muon_lr, at AdamW's TOKEN_ADAMW_LR
+TOKEN_ADAMW_LR = 0.025  # the first study's tuned AdamW lr of the GPT-2 arms
+# then one AdamW lr per arm at its best muon_lr: higher for the tied head (the first study's best was at the top
+# of its grid), lower for the untied zero head (the first study's untied arms preferred 0.004)
+TOKEN_ADAMW_STEP = {"muon": 2.5, "muon+all": 1 / 2.5}
+
+
+TOKEN_NOTES = [
+    "## Deviations from the plan, and why", "",
+    "- **Tokens per run: 196,608 (48 iterations), not ≥1M.** Measured at launch: this shape trained at 200-350 "
+    "tokens/s per job, two jobs at a time, on a 2-core machine at a 1-minute load average of 14-18 from other work, "
+    "so 8 runs of 1M tokens would have taken ~7 h of the ~2 h there was; 64 iterations were planned at launch and "
+    "cut to 48 when the grid ran slower than planned.",
+    "- **bf16 on the CPU (AMX) and batch 32**, for every arm: measured one after the other (not alternated) before "
+    "launching, bf16 ran 816 tokens/s against fp32's 360 (batch 8, load 5.6-7.5), and batch 32 1,503 against batch "
+    "8's 999 (bf16, load 7-10, last logged iteration).",
+    "- **Learning rates**: `muon_lr` over 0.025 / 0.05 / 0.1 at AdamW 0.025 (the first study's tuned value), then "
+    "one AdamW value at the best `muon_lr` (2.5x up for the tied head, 2.5x down for the all-switches arm's untied "
+    "zero head), 16 iterations (a third of the horizon), seed 0, for the base and the all-switches arm only; "
+    "the single-switch arms run at the base's rates.",
+    "- **Not tuned**: the cap (15, modded-nanogpt's) and Muon's decay (0.4, nanochat's at 512 wide).",
+    "- **`muon+zero_head` also unties the head** (a zero head must be untied), so it measures the two together.",
+    "- **Memory**: a run of this shape holds ~4-6 GB (the 32 x 128 x 50,304 logits and their copies, kept by "
+    "glibc under the malloc thresholds that buy the speed); three at a time next to other work ran the 23 GB "
+    "machine out of memory and the kernel killed two runs, which were re-run two at a time.",
+    "", "## What this scale can and cannot tell", "",
+    "- It can tell whether a switch costs or gains more than the seed noise for a small model trained briefly "
+    "(48 optimizer steps), and that each code path trains end to end.",
+    "- It cannot tell what the switches do at 40M-124M, where they were measured to help: those gains (1-7% fewer "
+    "steps) are of the order of the seed spread here, and a 4 x 128 model spends most of its FLOPs in the output "
+    "layer (88%). The GPU command below asks the question at 40M.",
+    "- Document rows are a different training distribution at this block size: the corpus's documents average "
+    "~1,280 tokens, so 128-token rows from document starts show the first tenth of each document, while the val "
+    "loss is measured on random windows (as for every arm, so the numbers compare). At block 1024 most of each "
+    "document is in its row.",
+    "", "## The same question on a GPU", "",
+    "AdamW vs Muon vs Muon + all four switches at the 40M shape (12 x 384, block 1024), 32.8M tokens each, one "
+    "command (~7 min on an H200, estimated, not yet run):", "",
+    "    RECIPE=only DATA_DIR=data/fineweb bash benchmarks/gpu_proof.sh",
+]
+
+
+def token_settings(arm, lr, muon_lr, iters, seed, args):
+    return run_settings({**GPT2, **TOKEN_ARMS[arm]}, "muon", lr, muon_lr, iters, seed, args.scale, args)
+
+
+def token_grid_job(arm, lr, muon_lr, args):
+    return (f"tgrid-{arm}-lr{lr:g}-mlr{muon_lr:g}",
+            token_settings(arm, lr, muon_lr, SCALES[args.scale]["grid_iters"], 0, args))
+
+
+def token_grid_results(arm, args):
+    """{(learning_rate, muon_lr): val loss at the grid horizon} of the arm's finished grid runs."""
+    iters = SCALES[args.scale]["grid_iters"]
+    results = {}
+    for out_dir in sorted(Path(args.out_root).glob(f"tgrid-{arm}-lr*")):
+        evals = finished_evals(out_dir, iters)
+        if evals:
+            settings = json.loads((out_dir / "settings.json").read_text())
+            results[(settings["learning_rate"], settings["muon_lr"])] = evals[-1]["val_loss"]
+    return results
+
+
+def token_tuned(arm, args):
+    """(learning_rate, muon_lr) of the arm's best grid run (muon's for a single-switch arm), None before any."""
+    results = token_grid_results(arm if arm in TUNED_ARMS else "muon", args)
+    return min(results, key=results.get) if results else None
+
+
+def token_final_job(arm, seed, args):
+    return f"{arm}-s{seed}", token_settings(arm, *token_tuned(arm, args), SCALES[args.scale]["final_iters"], seed, args)
+
+
+def token_plan(args):
+    """By importance, in case the time runs out: the grid, the two tuned arms' seeds, then each switch alone."""
+    run_all([token_grid_job(arm, TOKEN_ADAMW_LR, muon_lr, args) for arm in TUNED_ARMS for muon_lr in TOKEN_MUON_GRID],
+            args)
+    run_all([token_grid_job(arm, TOKEN_ADAMW_LR * TOKEN_ADAMW_STEP[arm], token_tuned(arm, args)[1], args)
+             for arm in TUNED_ARMS], args)
+    singles = [arm for arm in TOKEN_ARMS if arm not in TUNED_ARMS]
+    run_all([token_final_job(arm, seed, args) for seed in SEEDS for arm in TUNED_ARMS]
+            + [token_final_job(arm, SEEDS[0], args) for arm in singles], args)
+
+
+def token_switches(settings):
+    changed = [k if v is True else f"{k}={v}" for k, v in settings.items()
+               if k in TOKEN_ARMS["muon+all"] and v != {**GPT2, "data_order": "random", "logit_softcap": 0.0,
+                                                        "zero_init_head": False}.get(k)]
+    return ", ".join(changed) or "GPT-2"
+
+
+def token_verdict(finals, base_finals):
+    """What a difference of means says, against the larger seed spread of the two (the noise we measured)."""
+    spread = max([max(f) - min(f) for f in (finals, base_finals) if len(f) > 1], default=None)
+    diff = mean(finals) - mean(base_finals)
+    if spread is None:
+        return "no seed spread measured"
+    if abs(diff) <= spread:
+        return "within the seed spread"
+    return "better by more than the seed spread" if diff < 0 else "worse by more than the seed spread"
+
+
+def token_report(args, command_wall):
+    runs = finished_runs(args)
+    scale = SCALES[args.scale]
+    m = scale["model"]
+    tokens_per_iter = m["batch_size"] * m["block_size"]
+    budget = scale["final_iters"] * tokens_per_iter
+    base = [runs[f"muon-s{s}"][1][-1]["val_loss"] for s in SEEDS if f"muon-s{s}" in runs]
+    if not base:
+        print("[ablation] no finished muon run: nothing to report")
+        return
+    target = mean(base)
+    quick = " --quick" if args.scale == "token-quick" else ""
+    lines = ["# Ablation: a better model per token", "",
+             "GPT-2 + Muon (the best arm of the [first study](ablation-arch.md)) against four switches that others "
+             "measured to help at 40M-124M: rows that start at a document's start (`data_order='document'`), logit "
+             f"soft-capping (`logit_softcap={SOFTCAP:g}`), a zero-initialised untied head (`tie_embeddings=False "
+             f"zero_init_head=True`), Muon's own weight decay (`muon_weight_decay={MUON_WD:g}`; the others keep 0.1); "
+             "each alone and all four together. Written by `benchmarks/ablation.py`; reproduce (after `python "
+             "data/fineweb/prepare.py --input=../shared/corpus/en_docs.parquet --out_dir=data/en_docs`) with:", "",
+             f"    python benchmarks/ablation.py --study=token --data_dir=data/en_docs --jobs={args.jobs}{quick}", "",
+             f"Model: {m['n_layer']} layers x {m['n_embd']} wide ({m['n_head']} heads), block {m['block_size']}, batch "
+             f"{m['batch_size']} ({tokens_per_iter:,} tokens/iteration), {args.dtype} on CPU. Final runs: "
+             f"{scale['final_iters']} iterations = {budget:,} tokens, val loss {scale.get('evals', 10)} times per run "
+             f"on {scale['eval_iters'] * tokens_per_iter:,} fixed held-out tokens (random windows for every data "
+             "order, so the losses compare). Shared: AdamW (0.9, 0.95) for embeddings, head and norms, weight decay "
+             "0.1, cosine schedule, warmup 1/30 of the run, decay to lr/10, grad clip 1, no biases.", "",
+             f"## 1. Learning rates (val loss after {scale['grid_iters']} iterations, a third of the horizon, "
+             "seed 0; best in bold)", "",
+             "| arm | (learning_rate, muon_lr): val loss |", "|---|---|"]
+    for arm in TUNED_ARMS:
+        grid = token_grid_results(arm, args)
+        if grid:
+            best = min(grid, key=grid.get)
+            edges = [name for i, name in enumerate(("learning_rate", "muon_lr"))  # a best at an edge may not be best
+                     if len({key[i] for key in grid}) > 1 and best[i] in (min(k[i] for k in grid), max(k[i] for k in grid))]
+            lines.append(f"| {arm} | " + " / ".join((f"**({lr:g}, {mlr:g}): {v:.3f}**" if (lr, mlr) == best else
+                                                    f"({lr:g}, {mlr:g}): {v:.3f}") for (lr, mlr), v in grid.items())
+                         + (f" (best at the edge of the grid in {' and '.join(edges)})" if edges else "") + " |")
+    lines += ["", f"## 2. Final runs ({budget:,} tokens)", "", f"![val loss curves]({Path(args.plot).name})", "",
+              f"Target: the base arm's (`muon`) mean final val loss, {target:.3f}. \"tokens to target\" is read off "
+              "each run's val curve, linearly between evaluations. The single-switch arms run at `muon`'s tuned "
+              "rates, one seed; the verdict compares the difference of means with the larger seed spread of the two "
+              "arms compared (the base's for a one-seed arm).", "",
+              "| arm | switches | (lr, muon_lr) | final val loss per seed | mean | vs muon | seed spread (max-min) "
+              "| tokens to target per seed | verdict | tokens/s (mean of its iterations; the load varied) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for arm in TOKEN_ARMS:
+        per_seed = [runs[f"{arm}-s{s}"] for s in SEEDS if f"{arm}-s{s}" in runs]
+        if not per_seed:
+            continue
+        finals = [evals[-1]["val_loss"] for _, evals, _ in per_seed]
+        reached = [tokens_to_reach(evals, target) for _, evals, _ in per_seed]
+        settings = per_seed[0][0]
+        logs = [r for s in SEEDS if f"{arm}-s{s}" in runs
+                for r in read_metrics(Path(args.out_root) / f"{arm}-s{s}" / "metrics.jsonl")[1]]
+        speed = mean([r["tokens_per_sec"] for r in logs]) if logs else float("nan")
+        lines.append(f"| {arm} | {token_switches(settings)} | ({settings['learning_rate']:g}, {settings['muon_lr']:g}) "
+                     f"| {' / '.join(f'{v:.3f}' for v in finals)} | {mean(finals):.3f} | {mean(finals) - target:+.3f} | "
+                     + (f"{max(finals) - min(finals):.3f}" if len(finals) > 1 else "1 seed") + " | "
+                     + " / ".join("not reached" if r is None else f"{r:,.0f} ({r / budget:.2f})" for r in reached)
+                     + f" | {'base' if arm == 'muon' else token_verdict(finals, base)} | {speed:,.0f} |")
+    missing = [name for name in [f"{a}-s{s}" for s in SEEDS for a in TUNED_ARMS] + [f"{a}-s0" for a in TOKEN_ARMS]
+               if name not in runs]
+    if missing:
+        lines += ["", "Planned but not finished (out of time): " + ", ".join(dict.fromkeys(missing)) + "."]
+    if args.scale == "token":
+        lines += ["", *TOKEN_NOTES]
+    timings = [t for _, _, t in runs.values()]
+    loads = [t[k] for t in timings for k in ("load_start", "load_end")]
+    lines += ["", "## Cost and machine load", "",
+              f"{len(runs)} runs, {sum(t['end'] - t['start'] for t in timings) / 60:.0f} min of run time, "
+              f"{(max(t['end'] for t in timings) - min(t['start'] for t in timings)) / 60:.0f} min from the first start "
+              f"to the last end with {args.jobs} at a time" + (f" (this invocation: {command_wall / 60:.0f} min)"
+                                                                if command_wall else "") + ", finished "
+              + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(max(t["end"] for t in timings))) + ". 1-minute load "
+              f"average at the runs' starts and ends: mean {mean(loads):.1f}, max {max(loads):.1f} on "
+              f"{os.cpu_count()} cores (other work shared the machine)."]
+    Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.table).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    token_plot(runs, target, args.plot)
+    print(f"[ablation] wrote {args.table} and {args.plot}")
+
+
+# ----------------------------------------------------------------------------------------------
+# --study=gpu: the same question at 40M on one GPU, no grid (the rates are config/train_fineweb_modern.py's)
+
+GPU_LR, GPU_MUON_LR = 1.5e-3, 0.02  # config/train_fineweb_modern.py's; AdamW alone at the same peak
+GPU_ARMS = {"adamw": ({}, "adamw"), "muon": ({}, "muon"), "muon+all": (TOKEN_ARMS["muon+all"], "muon")}
+
+
+def gpu_plan(args):
+    iters = SCALES[args.scale]["final_iters"]
+    run_all([(f"{arm}-s0", run_settings({**GPT2, **switches}, optimizer, GPU_LR, GPU_MUON_LR, iters, 0, args.scale,
+                                        args)) for arm, (switches, optimizer) in GPU_ARMS.items()], args)
+
+
+def gpu_report(args, command_wall):
+    runs = finished_runs(args)
+    if "adamw-s0" not in runs:
+        print("[ablation] no finished adamw run: nothing to report")
+        return
+    scale, m = SCALES[args.scale], SCALES[args.scale]["model"]
+    budget = scale["final_iters"] * m["batch_size"] * m["block_size"]
+    target = runs["adamw-s0"][1][-1]["val_loss"]
+    lines = ["# AdamW vs Muon vs Muon + the per-token switches, same token budget", "",
+             f"    python benchmarks/ablation.py --study=gpu --data_dir={args.data_dir} --device={args.device} "
+             f"--dtype={args.dtype} --compile={args.compile} --jobs=1", "",
+             f"Model: {m['n_layer']} layers x {m['n_embd']} wide, block {m['block_size']}, batch {m['batch_size']}; "
+             f"{scale['final_iters']} iterations = {budget:,} tokens per arm, seed 0; AdamW {GPU_LR:g}, Muon "
+             f"{GPU_MUON_LR:g}, cosine to lr/10, warmup 1/30. Switches of muon+all: "
+             f"{token_switches({**GPT2, **TOKEN_ARMS['muon+all']})}.", "",
+             "| arm | final val loss | vs adamw | tokens to adamw's final (ratio) | tokens/s | minutes |",
+             "|---|---|---|---|---|---|"]
+    for arm in GPU_ARMS:
+        if f"{arm}-s0" in runs:
+            _, evals, timing = runs[f"{arm}-s0"]
+            reached = tokens_to_reach(evals, target)
+            minutes = (timing["end"] - timing["start"]) / 60
+            lines.append(f"| {arm} | {evals[-1]['val_loss']:.3f} | {evals[-1]['val_loss'] - target:+.3f} | "
+                         + ("not reached" if reached is None else f"{reached:,.0f} ({reached / budget:.2f})")
+                         + f" | {budget / (minutes * 60):,.0f} | {minutes:.1f} |")
+    lines += ["", time.strftime("Finished %Y-%m-%d %H:%M UTC", time.gmtime(max(t["end"] for _, _, t in runs.values())))
+              + (f"; this invocation {command_wall / 60:.1f} min" if command_wall else "") + "."]
+    Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.table).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    token_plot(runs, target, args.plot, GPU_ARMS, "40M: AdamW vs Muon vs Muon + the per-token switches")
+    print(f"[ablation] wrote {args.table} and {args.plot}")
+
+
+def token_plot(runs, target, path, arms=TOKEN_ARMS, title="a better model per token (solid: seed 0, dashed: seed 1)"):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for i, arm in enumerate(arms):
+        for j, seed in enumerate(SEEDS):
+            if f"{arm}-s{seed}" in runs:
+                points = [e for e in runs[f"{arm}-s{seed}"][1] if e["iter"] > 0]  # the loss at init squashes the plot
+                ax.plot([e["tokens"] for e in points], [e["val_loss"] for e in points], color=f"C{i}", marker=".",
+                        linestyle="-" if seed == SEEDS[0] else "--", alpha=0.8, label=arm if j == 0 else None)
+    ax.axhline(target, color="gray", linestyle=":", label=f"{next(iter(arms))} final" + (" (mean)" if arms is TOKEN_ARMS else ""))
+    ax.set(xlabel="training tokens", ylabel="val loss", title=title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default=str(REPO / "data" / "fineweb"), help="folder with train.bin, val.bin")
-    p.add_argument("--scale", choices=SCALES, default="cpu")
+    p.add_argument("--study", choices=("arch", "token", "gpu"), default="arch",
+                   help="arch: Muon and the modern switches; token: a better model per token; gpu: token's question "
+                   "at 40M on a GPU (see above)")
+    p.add_argument("--scale", choices=SCALES, default=None, help="default: cpu (arch), token (token), gpu (gpu)")
     p.add_argument("--quick", action="store_true", help="same as --scale=quick: checks the script, measures nothing")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one per core is sensible on a CPU)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default=None, help="default: float32 (arch), bfloat16 (token)")
     p.add_argument("--compile", default="False")
     p.add_argument("--out_root", default=None, help="default: out-ablation-<scale>")
-    p.add_argument("--table", default=None, help="default: docs/ablation.md (docs/ablation-<scale>.md if not cpu)")
+    p.add_argument("--table", default=None, help="default: docs/ablation.md (token), docs/ablation-arch.md "
+                   "(arch); docs/ablation-<scale>.md at another scale")
     p.add_argument("--plot", default=None, help="default: next to the table, .png")
     p.add_argument("--phases", default="1234", help="which phases to run (5: the long check, see long_jobs)")
     p.add_argument("--removals", type=int, default=len(REMOVAL_ORDER),
@@ -463,15 +764,19 @@ def main():
     p.add_argument("--report_only", action="store_true")
     args = p.parse_args()
     if args.quick:
-        args.scale = "quick"
-    suffix = "" if args.scale == "cpu" else f"-{args.scale}"
+        args.scale = {"arch": "quick", "token": "token-quick", "gpu": "gpu-tiny"}[args.study]
+    args.scale = args.scale or {"arch": "cpu", "token": "token", "gpu": "gpu"}[args.study]
+    args.dtype = args.dtype or ("float32" if args.study == "arch" else "bfloat16")
+    suffix = {"cpu": "-arch", "token": ""}.get(args.scale, f"-{args.scale}")
     args.out_root = args.out_root or str(REPO / f"out-ablation-{args.scale}")
     args.table = args.table or str(REPO / "docs" / f"ablation{suffix}.md")
     args.plot = args.plot or str(Path(args.table).with_suffix(".png"))
     start = time.time()
+    plan, report = {"arch": (run_plan, write_report), "token": (token_plan, token_report),
+                    "gpu": (gpu_plan, gpu_report)}[args.study]
     if not args.report_only:
-        run_plan(args)
-    write_report(args, None if args.report_only else time.time() - start)
+        plan(args)
+    report(args, None if args.report_only else time.time() - start)
 
 
 if __name__ == "__main__":

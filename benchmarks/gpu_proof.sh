@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The GPU proof, in one call on one CUDA GPU (about 6-8 minutes on an H200; never run by CI, it
-# needs CUDA). For the ~40M (config/train_fineweb.py) and 124M (config/train_fineweb_124m.py)
-# models with bf16 + torch.compile + fused AdamW + fused (flash) attention it records:
+# The GPU proof, in one call on one CUDA GPU (about 6-8 minutes on an H200 with RECIPE=0, plus ~7 min
+# estimated for the recipe comparison; never run by CI, it needs CUDA). For the ~40M
+# (config/train_fineweb.py) and 124M (config/train_fineweb_124m.py) models with bf16 + torch.compile +
+# fused AdamW + fused (flash) attention it records:
 #   - bench.py: ms/iter, tokens/s, MFU against this GPU's peak (runtime.PEAK_TFLOPS), peak memory,
 #     and which attention kernel the profiler saw;
 #   - bench.py --fit_memory=11GiB for the 124M model (the reference user's 12 GB card);
-#   - a short real training run of the 40M model: its val loss must go down; plot.py draws it.
+#   - a short real training run of the 40M model: its val loss must go down; plot.py draws it;
+#   - the per-token recipe at 40M: AdamW vs Muon vs Muon + the per-token switches, 32.8M tokens each
+#     (benchmarks/ablation.py --study=gpu; ~7 min estimated from the FLOPs, not yet measured on a GPU;
+#     RECIPE=0 skips it, RECIPE=only runs it alone).
 #
 #   DATA_DIR=.device_data/fineweb bash benchmarks/gpu_proof.sh [RESULTS_DIR]
 #
@@ -27,6 +31,14 @@ $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_pro
 $PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, '|', torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
+recipe_comparison() {  # AdamW vs Muon vs Muon + document rows, softcap, zero head, Muon's own decay
+  echo
+  echo "== the per-token recipe at 40M: benchmarks/ablation.py --study=gpu (three runs of 32.8M tokens)"
+  rm -rf "$RUN_DIR-recipe"
+  $PY benchmarks/ablation.py --study=gpu --data_dir="$DATA_DIR" --device=cuda --dtype=bfloat16 --compile=True \
+    --jobs=1 --out_root="$RUN_DIR-recipe" --table="$RESULTS/ablation-gpu.md"
+}
+
 if [ ! -f "$DATA_DIR/train.bin" ]; then
   if [ -z "${PARQUET:-}" ]; then
     echo "error: $DATA_DIR/train.bin not found; set DATA_DIR to prepared bins or PARQUET to a parquet file" >&2
@@ -34,6 +46,11 @@ if [ ! -f "$DATA_DIR/train.bin" ]; then
   fi
   echo "== preparing $PARQUET into $DATA_DIR"
   $PY data/fineweb/prepare.py --input "$PARQUET" --out_dir "$DATA_DIR"
+fi
+
+if [ "${RECIPE:-1}" = only ]; then
+  recipe_comparison
+  exit 0
 fi
 
 attention_kernels() {  # which fused attention kernels a trace shows (flash, cuDNN, memory-efficient)
@@ -78,3 +95,7 @@ ok = val[-1][1] < val[0][1] - 2.0
 print("loss goes down:", "yes" if ok else "NO")
 sys.exit(0 if ok else 1)
 EOF
+
+if [ "${RECIPE:-1}" != 0 ]; then
+  recipe_comparison
+fi

@@ -1,5 +1,5 @@
 # The reference 40M shape and data (12 layers, 384 wide, 6,000 iterations of 524,288 tokens, as
-# config/train_fineweb.py) with the recipe that won the ablation in docs/ablation.md: Muon for the block
+# config/train_fineweb.py) with the recipe that won the ablation in docs/ablation-arch.md: Muon for the block
 # matrices, AdamW for embeddings and norms, cosine schedule, GPT-2 architecture. The architecture
 # switches (rotary, QK-norm, RMSNorm, ReLU^2, untied lm_head, zero-init projections) and WSD measured
 # worse together with Muon than without, so none is here. The learning rates are not tuned at this size:

@@ -4,7 +4,11 @@ import json
 import sys
 from types import SimpleNamespace
 
-from conftest import REPO_ROOT
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, make_token_dataset
+from inprocess import run_inprocess
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import ablation  # noqa: E402
@@ -42,3 +46,35 @@ def test_a_best_lr_at_the_grid_edge_earns_one_more_value(tmp_path):
     # the Muon arm's grid runs its AdamW part at the matching AdamW arm's tuned lr
     name, settings = ablation.grid_job("baseline+muon", ablation.MUON_GRID[0], args)
     assert (settings["optimizer"], settings["learning_rate"], settings["muon_lr"]) == ("muon", top, ablation.MUON_GRID[0])
+
+
+def test_a_switch_is_judged_against_the_measured_seed_spread():
+    base = [7.00, 7.10]  # spread 0.10
+    assert ablation.token_verdict([6.85], base) == "better by more than the seed spread"
+    assert ablation.token_verdict([7.00], base) == "within the seed spread"
+    assert ablation.token_verdict([7.30, 7.25], base) == "worse by more than the seed spread"
+    assert ablation.token_verdict([6.80, 7.20], base) == "within the seed spread"  # its own spread is 0.40
+    assert ablation.token_verdict([6.0], [7.0]) == "no seed spread measured"
+
+
+@pytest.mark.slow
+def test_the_gpu_comparison_runs_at_a_tiny_size_on_cpu(tmp_path):
+    """benchmarks/gpu_proof.sh's recipe comparison, --study=gpu, with the tiny model: three real train.py runs."""
+    data = make_token_dataset(tmp_path / "data", n_train=6_000, n_val=2_000)
+    tokens = np.fromfile(data / "train.bin", dtype=np.uint16)
+    tokens[::50] = 50256  # documents of 50 tokens, for data_order='document'
+    tokens.tofile(data / "train.bin")
+    table = tmp_path / "gpu.md"
+    code, stdout, stderr = run_inprocess("benchmarks/ablation.py", "--study=gpu", "--quick", f"--data_dir={data}",
+                                         "--device=cpu", "--dtype=float32", f"--out_root={tmp_path / 'runs'}",
+                                         f"--table={table}", "--jobs=1")
+    assert code == 0 and "FAILED" not in stdout, stdout + stderr
+    rows = {line.split(" | ")[0][2:]: line for line in table.read_text().splitlines() if line.startswith("| ")}
+    assert list(rows)[1:] == ["adamw", "muon", "muon+all"]  # after the header
+    assert "| +0.000 |" in rows["adamw"]
+    settings = {arm: json.loads((tmp_path / "runs" / f"{arm}-s0" / "settings.json").read_text())
+                for arm in ("adamw", "muon", "muon+all")}
+    assert [s["optimizer"] for s in settings.values()] == ["adamw", "muon", "muon"]
+    assert len({(s["max_iters"], s["batch_size"], s["block_size"]) for s in settings.values()}) == 1  # same tokens
+    assert settings["muon+all"]["data_order"] == "document" and settings["muon+all"]["logit_softcap"] == 15.0
+    assert (tmp_path / "gpu.png").stat().st_size > 0

@@ -87,3 +87,18 @@ def test_train_py_reports_a_bad_key_and_exits_2():
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
     assert "unknown config key 'no_such_key'" in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--muon_weight_decay=-0.1", "muon_weight_decay=-0.1: must be a number >= 0 (unset: weight_decay)"),
+    ("--muon_weight_decay=True", "muon_weight_decay=True: must be a number >= 0 (unset: weight_decay)"),
+    ("--muon_weight_decay='x'", "muon_weight_decay='x': must be a number >= 0 (unset: weight_decay)"),
+    ("--logit_softcap=-1", "logit_softcap=-1.0: must be >= 0 (0 = off)"),
+])
+def test_the_per_token_switches_are_checked(capsys, arg, message):
+    defaults = train_defaults()
+    with pytest.raises(SystemExit) as exit_info:
+        configure(defaults, [arg])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+    assert configure(defaults, ["--muon_weight_decay=0.4"])["muon_weight_decay"] == 0.4
+    assert configure(defaults, [])["muon_weight_decay"] is None  # unset: Muon decays by weight_decay

@@ -87,7 +87,7 @@ def test_bad_schedule_and_data_order_values(data_dir, tmp_path):
     line = expect_error("train.py", *train_args(data_dir, tmp_path / "o1", "--lr_schedule=wsd", "--cooldown_frac=1.5"))
     assert "cooldown_frac=1.5: must be between 0 and 1" in line
     line = expect_error("train.py", *train_args(data_dir, tmp_path / "o2", "--data_order=sequential"))
-    assert "data_order='sequential': allowed are 'random', 'shuffle'" in line
+    assert "data_order='sequential': allowed are 'random', 'shuffle', 'document'" in line
 
 
 # ---------------------------------------------------------------------------------------------

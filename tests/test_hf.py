@@ -53,12 +53,12 @@ def test_exported_tokenizer_is_gpt2(tmp_path):
 
 
 def test_export_refuses_what_gpt2_cannot_express(tmp_path):
-    args = dict(TINY, rotary=True, qk_norm=True, norm="rmsnorm")
+    args = dict(TINY, rotary=True, qk_norm=True, norm="rmsnorm", logit_softcap=15.0)
     save_checkpoint({"model_args": args, "model": random_model(**args).state_dict(), "iter_num": 1},
                     tmp_path / "ckpt.pt")
     code, _, err = run_export(f"--out_dir={tmp_path}", f"--to={tmp_path / 'hf'}")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "rotary=True" in err and "qk_norm=True" in err and "norm='rmsnorm'" in err
+    assert "rotary=True" in err and "qk_norm=True" in err and "norm='rmsnorm'" in err and "logit_softcap=15.0" in err
     assert not (tmp_path / "hf").exists() and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 

@@ -32,6 +32,14 @@ def test_every_parameter_is_in_exactly_one_optimizer(tie_embeddings):
     assert optimizers["muon"].defaults["momentum"] == 0.95 and optimizers["muon"].defaults["lr"] == 0.02
 
 
+def test_muon_weight_decay_defaults_to_weight_decay_and_is_its_own_when_set():
+    model = tiny_model()
+    for muon_weight_decay, expected in ((None, 0.1), (0.4, 0.4), (0.0, 0.0)):
+        optimizers = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "muon", 0.02, 0.95, muon_weight_decay)
+        assert [g["weight_decay"] for g in optimizers["muon"].param_groups] == [expected]
+        assert [g["weight_decay"] for g in optimizers["optimizer"].param_groups] == [0.1, 0.0]
+
+
 def test_adamw_is_the_default_and_alone():
     optimizers = tiny_model().configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
     assert list(optimizers) == ["optimizer"] and isinstance(optimizers["optimizer"], torch.optim.AdamW)
@@ -51,7 +59,7 @@ def test_muon_needs_a_positive_learning_rate_to_scale_its_schedule():
 
 
 MUON_RUN = ["--optimizer=muon", "--muon_lr=0.03", "--lr_schedule=wsd", "--max_iters=6", "--cooldown_frac=0.5",
-            "--eval_interval=3", "--dropout=0.1"]
+            "--eval_interval=3", "--dropout=0.1", "--muon_weight_decay=0.3"]
 
 
 def train_inprocess(*args):
@@ -70,6 +78,9 @@ def test_muon_checkpoint_holds_both_states_and_resume_is_bit_exact(token_dataset
     assert all({"exp_avg", "exp_avg_sq"} <= set(s) for s in ckpt["optimizer"]["state"].values())
     # iteration 2 (past the 2-iteration warmup, before the cooldown) ran at Muon's own peak, not learning_rate
     assert ckpt["muon"]["param_groups"][0]["lr"] == 0.03
+    # Muon's own decay; AdamW's matrices keep weight_decay, its biases and norms none
+    assert ckpt["muon"]["param_groups"][0]["weight_decay"] == 0.3
+    assert [g["weight_decay"] for g in ckpt["optimizer"]["param_groups"]] == [0.1, 0.0]
 
     train_inprocess(*train_args(token_dataset, tmp_path / "part", *MUON_RUN, "--init_from=resume",
                                 f"--resume_from={stable}"))

@@ -8,14 +8,17 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+import loader
 from checkpoint import lock_out_dir, load_checkpoint, save_checkpoint
 from conftest import REPO_ROOT, make_token_dataset, train_args
 from inprocess import read_metrics, run_inprocess
 from loader import TokenBatches
 from schedule import cooldown_start, get_lr, schedule_args
+from tokenizer import EOT_TOKEN
 
 
 def losses_by_iter(out_dir):
@@ -160,6 +163,66 @@ def test_shuffle_order_is_disjoint_across_ranks_and_covers_every_window_each_epo
     for _ in range(10):
         assert torch.equal(a.next_batch()[0], b.next_batch()[0])
     assert a.epochs_done() == b.epochs_done() == pytest.approx(2.3)  # 10 batches per epoch
+
+
+def document_bin(path, lengths, block_size):
+    """A token file of documents of these lengths, each its EOT then ids 1000 + its index, 1, 2, ...:
+    the id after a row's EOT names its document. Returns {document index: start position}."""
+    tokens, starts = [], {}
+    for i, length in enumerate(lengths):
+        starts[i] = len(tokens)
+        tokens += [EOT_TOKEN, 1000 + i] + list(range(1, length - 1))
+    np.array(tokens, dtype=np.uint16).tofile(path)
+    return starts
+
+
+def test_document_rows_start_at_document_starts_disjoint_across_ranks_each_epoch(tmp_path):
+    # 20 documents, shorter and longer than a row; a last one too close to the end of the file to fill a row
+    lengths = [3, 40, 9, 16, 17, 5, 60, 2, 33, 8] * 2 + [12]
+    path = tmp_path / "train.bin"
+    starts = document_bin(path, lengths, 16)
+    tokens = np.fromfile(path, dtype=np.uint16)
+    ranks = [TokenBatches(path, 16, 2, "document", seed=5, rank=r, world_size=2) for r in range(2)]
+    epochs = []
+    for _ in range(2):
+        seen = [[], []]
+        for r, batches in enumerate(ranks):
+            for _ in range(5):  # 20 documents / 2 ranks / batch 2
+                x, y = batches.next_batch()
+                for row, target in zip(x, y):
+                    doc = int(row[1]) - 1000  # the row begins with its document's EOT and first id
+                    assert row[0] == EOT_TOKEN and 0 <= doc < 20
+                    assert torch.equal(row, torch.from_numpy(tokens[starts[doc]:starts[doc] + 16].astype(np.int64)))
+                    assert torch.equal(target[:-1], row[1:])  # runs on into the next document when short
+                    seen[r].append(doc)
+        assert not set(seen[0]) & set(seen[1])  # disjoint across ranks
+        assert sorted(seen[0] + seen[1]) == list(range(20))  # every document once per epoch, never the last
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # a fresh order each epoch
+    assert ranks[0].epochs_done() == ranks[1].epochs_done() == 2.0
+
+    # the state resumes mid-epoch: the same batches follow
+    a = TokenBatches(path, 16, 2, "document", seed=5)
+    for _ in range(13):
+        a.next_batch()
+    b = TokenBatches(path, 16, 2, "document", seed=5)
+    b.load_state_dict(a.state_dict())
+    for _ in range(10):
+        assert torch.equal(a.next_batch()[0], b.next_batch()[0])
+    assert a.epochs_done() == b.epochs_done() == pytest.approx(2.3)  # 10 batches per epoch
+
+
+def test_document_starts_are_found_across_read_chunks(tmp_path, monkeypatch):
+    path = tmp_path / "train.bin"
+    starts = document_bin(path, [7, 3, 12, 5, 9, 4, 30, 6], 8)
+    expected = [s for s in starts.values() if s + 8 + 1 <= 76]  # 76 tokens: a row and its last target fit
+    for chunk in (1, 3, 5, 7, 1 << 20):  # chunk edges before, on and after an EOT
+        monkeypatch.setattr(loader, "SCAN_CHUNK", chunk)
+        assert loader.document_starts(path, 8).tolist() == expected
+    # the last start kept leaves exactly a row and its last target: 70 + 5 + 1 = 76 tokens
+    assert loader.document_starts(path, 5).tolist()[-1] == 70 and loader.document_starts(path, 6).tolist()[-1] == 40
+    with pytest.raises(ValueError, match="5 document starts cannot fill one batch of 3 on each of 2 ranks"):
+        TokenBatches(path, 40, 3, "document", rank=0, world_size=2)
 
 
 # ---------------------------------------------------------------------------------------------

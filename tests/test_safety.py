@@ -197,7 +197,8 @@ INVALID_TRAIN_VALUES = {
     "weight_decay": -0.1, "beta1": 1.0, "beta2": -0.5, "grad_clip": -1.0, "lr_schedule": "linear",
     "warmup_iters": -1, "lr_decay_iters": -1, "min_lr": -1e-5, "cooldown_frac": 1.5, "device": "tpu",
     "dtype": "fp8", "peak_flops": -1.0, "seed": -1, "hellaswag_interval": -1, "hellaswag_limit": -1,
-    "optimizer": "sgd", "muon_lr": -0.02, "muon_momentum": 1.0,
+    "optimizer": "sgd", "muon_lr": -0.02, "muon_momentum": 1.0, "muon_weight_decay": -0.4, "logit_softcap": -15.0,
+    "zero_init_head": True,  # with the default tied head
     "sample_tokens": -1, "max_hours": -1.0,
 }
 ANY_VALUE = {"eval_only", "allow_lr_increase", "overwrite", "wandb_log", "wandb_project", "wandb_run_name", "bias",

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from checkpoint import checkpoint_model_args, load_checkpoint, model_from_checkpoint
-from conftest import TINY_TRAIN_ARGS, run_script
+from conftest import TINY_TRAIN_ARGS, run_script, train_args
+from inprocess import run_inprocess
 from model import PADDED_VOCAB_SIZE, GPT, GPTConfig, Norm, apply_rotary, rotary_tables
 
 SWITCHES = {
@@ -16,10 +17,12 @@ SWITCHES = {
     "rmsnorm": dict(norm="rmsnorm"),
     "untied": dict(tie_embeddings=False),
     "zero_init_proj": dict(zero_init_proj=True),
+    "softcap": dict(logit_softcap=15.0),
+    "zero_head": dict(tie_embeddings=False, zero_init_head=True),  # a zero head must be untied
 }
 SWITCHES["all"] = {k: v for s in SWITCHES.values() for k, v in s.items()}
 ALL_SWITCH_ARGS = ["--rotary=True", "--qk_norm=True", "--mlp=relu2", "--norm=rmsnorm", "--tie_embeddings=False",
-                   "--zero_init_proj=True"]
+                   "--zero_init_proj=True", "--logit_softcap=15.0", "--zero_init_head=True"]
 
 
 def tiny(switches, vocab_size=64, **overrides):
@@ -106,6 +109,40 @@ def test_zero_init_makes_every_block_the_identity():
         model.transformer.h = torch.nn.ModuleList()  # no blocks at all
         skipped = model.all_logits(idx)
     assert torch.equal(full, skipped)
+
+
+def test_softcap_bounds_every_logit_and_is_cap_tanh():
+    capped, plain = tiny(dict(logit_softcap=2.0)), tiny({})
+    plain.load_state_dict(capped.state_dict())  # the same weights, without the cap
+    with torch.no_grad():
+        for model in (capped, plain):
+            model.lm_head.weight.mul_(200.0)  # logits far beyond the cap (tanh saturates to exactly 1 in fp32)
+        idx = torch.randint(0, 64, (2, 16))
+        uncapped, _ = plain(idx, idx)
+        for logits in (capped(idx, idx)[0], capped(idx)[0]):  # training and sampling paths alike
+            assert logits.abs().max() <= 2.0
+        assert uncapped.abs().max() > 10.0
+        assert torch.allclose(capped(idx, idx)[0], 2.0 * torch.tanh(uncapped / 2.0), atol=1e-5)
+        assert torch.allclose(capped.output_logits(torch.zeros(1, 32)), torch.zeros(1, 64))
+
+
+def test_zero_init_head_starts_at_zero_and_needs_an_untied_head():
+    model = tiny(dict(tie_embeddings=False, zero_init_head=True))
+    assert not model.lm_head.weight.any() and model.transformer.wte.weight.std() > 0.01
+    assert tiny(dict(tie_embeddings=False)).lm_head.weight.std() > 0.01  # off: the usual init
+    with pytest.raises(ValueError, match="zero_init_head=True needs tie_embeddings=False"):
+        tiny(dict(zero_init_head=True))
+    with pytest.raises(ValueError, match=r"logit_softcap=-1.0: must be >= 0 \(0 = off\)"):
+        tiny(dict(logit_softcap=-1.0))
+
+
+def test_train_py_refuses_a_zero_tied_head_in_one_line(token_dataset, tmp_path):
+    code, stdout, stderr = run_inprocess("train.py", *train_args(token_dataset, tmp_path / "out", "--max_iters=1",
+                                                                 "--zero_init_head=True"))
+    assert code == 2 and stderr.strip().splitlines() == [
+        "error: zero_init_head=True needs tie_embeddings=False: a tied lm_head is the token embedding, which must "
+        "not start at zero"]
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
 
 
 @pytest.mark.parametrize("name", SWITCHES)
