@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from checkpoint import checkpoint_model_args, load_checkpoint, model_from_checkpoint
 from conftest import TINY_TRAIN_ARGS, run_script, train_args
@@ -118,11 +119,14 @@ def test_softcap_bounds_every_logit_and_is_cap_tanh():
         for model in (capped, plain):
             model.lm_head.weight.mul_(200.0)  # logits far beyond the cap (tanh saturates to exactly 1 in fp32)
         idx = torch.randint(0, 64, (2, 16))
-        uncapped, _ = plain(idx, idx)
-        for logits in (capped(idx, idx)[0], capped(idx)[0]):  # training and sampling paths alike
+        uncapped = plain.all_logits(idx)
+        for logits in (capped.all_logits(idx), capped(idx)[0]):  # every position, and the sampling path
             assert logits.abs().max() <= 2.0
         assert uncapped.abs().max() > 10.0
-        assert torch.allclose(capped(idx, idx)[0], 2.0 * torch.tanh(uncapped / 2.0), atol=1e-5)
+        assert torch.allclose(capped.all_logits(idx), 2.0 * torch.tanh(uncapped / 2.0), atol=1e-5)
+        # the training loss (a chunk of logits at a time) is the cross-entropy of the capped logits
+        expected = F.cross_entropy(capped.all_logits(idx).flatten(0, 1), idx.flatten())
+        assert torch.allclose(capped(idx, idx)[1], expected, rtol=1e-6)
         assert torch.allclose(capped.output_logits(torch.zeros(1, 32)), torch.zeros(1, 64))
 
 
