@@ -264,9 +264,22 @@ def fail_together(problem, ddp, device, elsewhere="rank 0 could not go on (see i
     its save) must stop them all, or the others wait for it in their next collective forever. Every rank
     calls this; without DDP it is fail(problem) when there is one."""
     if ddp:
+        # torchrun SIGTERMs the other ranks as soon as one exits: a SIGTERM from here on ends this rank with the
+        # same status when there is a problem, and goes to the usual handler (a save) when there is none
+        decided, received = [False], []
+        previous = signal.signal(signal.SIGTERM, lambda *_: os._exit(status) if decided[0] else received.append(1))
         flag = torch.tensor(float(bool(problem)), device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         problem = problem or (elsewhere if flag.item() else "")
+        decided[0] = bool(problem)
+        if problem and received:
+            os._exit(status)
+        if problem:  # ignored in the C library too: a Python handler no longer runs once the interpreter exits
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        else:
+            signal.signal(signal.SIGTERM, previous)
+            if received:
+                os.kill(os.getpid(), signal.SIGTERM)
     if problem:
         fail(problem, status=status)
 

@@ -143,7 +143,7 @@ def test_a_dead_worker_or_ctrl_c_ends_the_run_in_one_line_and_keeps_the_finished
     whole process group): prepare.py notices within seconds, stops its pool, says in one line what it kept,
     and the same command continues from there."""
     sources = [write_parquet(tmp_path / f"{k}.parquet", synthetic_texts(200, words_per_doc=200, seed=k),
-                             row_group_size=50, token_count=False) for k in range(8)]
+                             row_group_size=50, token_count=False) for k in range(16)]
     args = [str(PREPARE), "--input", *map(str, sources), "--out_dir", str(tmp_path / "out"), "--workers", "2"]
     manifest = tmp_path / "out" / "prepare.work" / "manifest.json"
     proc = subprocess.Popen([sys.executable, *args], start_new_session=True, stdout=subprocess.DEVNULL,
