@@ -169,7 +169,7 @@ def test_a_dead_worker_or_ctrl_c_ends_the_run_in_one_line_and_keeps_the_finished
     kept = len(json.loads(manifest.read_text())["done"])
     assert kept >= 1 and f"the {kept} finished source(s) are kept in {manifest.parent}" in lines[0]
     prepare.main([*args[1:-1], "1"])  # the same command (one worker here: no pool start-up) continues
-    assert f"continuing an unfinished run: {kept} of 8 source(s) already done" in capsys.readouterr().out
+    assert f"continuing an unfinished run: {kept} of {len(sources)} source(s) already done" in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------
