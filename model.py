@@ -254,8 +254,11 @@ class GPT(nn.Module):
         if targets is None:
             return self.output_logits(h[:, [-1], :]), None
         if self.chunked_loss:
-            return None, chunked_cross_entropy(self.output_logits, h, targets, self.scored_outputs(),
-                                               self.lm_head.parameters())
+            # a loop of small autograd calls: a compiled model runs it eagerly. Wrapped here, not decorated:
+            # torch.compiler.disable loads torch._dynamo, ~1.5 s at every start of every script
+            loss = torch.compiler.disable(chunked_cross_entropy) if torch.compiler.is_compiling() \
+                else chunked_cross_entropy
+            return None, loss(self.output_logits, h, targets, self.scored_outputs(), self.lm_head.parameters())
         logits = self.output_logits(h)
         return logits, target_losses(logits.flatten(0, 1), targets.flatten(), self.scored_outputs(), "mean")
 
@@ -442,7 +445,6 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_h * scale, None, None, None, *[grad * scale for grad in grad_params]
 
 
-@torch.compiler.disable  # a loop of small autograd calls: compiled models run it eagerly
 def chunked_cross_entropy(output_logits, h, targets, n_outputs, params):
     """The mean cross-entropy of output_logits(h) against targets (-1 not counted) over the first
     n_outputs columns, the same value and gradients as computing it over the full logits."""

@@ -472,4 +472,5 @@ if master_process:
         wandb.finish()
 if ddp:  # leave together: a rank tearing gloo down while rank 0 still writes once aborted at exit, under load
     dist.barrier()
-    dist.destroy_process_group()
+    del model  # DDP holds the process group: without this, destroy_process_group frees nothing and gloo's threads
+    dist.destroy_process_group()  # meet the interpreter's teardown, where a finished rank 0 once aborted (SIGABRT)

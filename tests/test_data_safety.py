@@ -171,6 +171,33 @@ def test_a_dead_worker_or_ctrl_c_ends_the_run_in_one_line_and_keeps_the_finished
     prepare.main([*args[1:-1], "1"])  # the same command (one worker here: no pool start-up) continues
     assert f"continuing an unfinished run: {kept} of {len(sources)} source(s) already done" in capsys.readouterr().out
 
+STOP_A_BUSY_POOL = """
+import sys, time
+sys.path.insert(0, {folder!r})
+import prepare
+
+def batch(_):
+    return b"x" * (16 << 20)  # far bigger than a pipe's buffer: a worker spends a while sending it
+
+if __name__ == "__main__":
+    pool = prepare.start_pool(2)
+    batches = [pool.submit(batch, k) for k in range(40)]
+    batches[0].result()
+    time.sleep({delay})  # the other worker is in the middle of sending its batch
+    prepare.stop_pool(pool)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.slow
+def test_stopping_the_pool_while_workers_send_their_batches_lets_the_process_exit(tmp_path):
+    """Stopping the pool (Ctrl-C, an error) while a worker is sending its batch must not leave the process
+    waiting forever at exit (it did when the workers were terminated: half a message in the result pipe)."""
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_A_BUSY_POOL.format(folder=str(PREPARE.parent), delay=0.01))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 3, proc.stderr
+
 
 # -----------------------------------------------------------------------------
 # every value a user can write: meta.json fields, parquet text types, pipes and devices, symlinked folders

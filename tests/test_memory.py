@@ -130,16 +130,27 @@ def test_train_py_passes_both_settings_to_the_model(data_dir, tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_compiled_model_with_both_levers_equals_the_full_logits():
-    """torch.compile traces the blocks under checkpointing and runs the chunked loss eagerly (it is
-    marked torch.compiler.disable). aot_eager: dynamo and AOT autograd, without the C++ code generation
+def test_compiled_model_with_both_levers_equals_the_full_logits(monkeypatch):
+    """torch.compile traces the blocks under checkpointing and runs the chunked loss eagerly (through
+    torch.compiler.disable). aot_eager: dynamo and AOT autograd, without the C++ code generation
     that takes a minute on a CPU."""
     model = random_model(**TINY).train()
     batches = batches_with_ignored_targets()
     ref = loss_and_grads(model, batches, lambda m, x, y: reference_loss(m, x, y).float())
+    traced, forward = [], model_module.ChunkedCrossEntropy.forward
+    monkeypatch.setattr(model_module.ChunkedCrossEntropy, "forward",
+                        staticmethod(lambda *a: traced.append(torch.compiler.is_compiling()) or forward(*a)))
     model.activation_checkpointing = True
     compiled = torch.compile(model, backend="aot_eager")
     assert_same(*loss_and_grads(model, batches, lambda m, x, y: compiled(x, y)[1]), *ref)
+    assert traced and not any(traced)  # ran, and never inside dynamo's trace
+
+
+def test_importing_the_model_does_not_load_torch_dynamo():
+    """torch._dynamo costs every script ~1.5 s at start; only a compiled run needs it."""
+    code = "import sys, model, checkpoint, loader, runtime; print('torch._dynamo' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "False", proc.stdout + proc.stderr
 
 
 @pytest.mark.slow

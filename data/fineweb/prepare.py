@@ -204,11 +204,10 @@ def ignore_ctrl_c():
 
 
 def stop_pool(pool):
-    """Drop the queued tasks and end the workers now: after an error or Ctrl-C nothing waits for their batches."""
-    processes = list((pool._processes or {}).values())  # Python 3.14's pool.terminate_workers() does this
+    """Drop the queued tasks; each worker finishes the batch it holds (a second or so) and exits. Not
+    terminate(): a worker killed while sending its batch leaves half a message in the result pipe, and the
+    pool's reader thread then waits for the rest forever, so the process never exits."""
     pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        process.terminate()
 
 
 def row_group_tasks(described, seed, threshold, forced_val_doc):
