@@ -85,6 +85,34 @@ def data_dir(tmp_path_factory):
     return make_token_dataset(tmp_path_factory.mktemp("data"))
 
 
+# DDP on CPU: torchrun with 2 gloo ranks. Each launch costs seconds, so one reference run serves the
+# DDP tests: they compare other runs with it (a resume, two nodes, the memory levers) or look into it.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+DDP_RUN = ["--optimizer=muon", "--lr_schedule=wsd", "--max_iters=5", "--cooldown_frac=0.4", "--eval_interval=2",
+           "--dropout=0.1", "--gradient_accumulation_steps=4"]
+
+
+def torchrun_train(data_dir, out_dir, *extra, launcher=("--standalone", "--nproc_per_node=2"), start=False):
+    """train.py under torchrun with DDP_RUN and extra; the finished process, or (start=True) the Popen."""
+    command = [*TORCHRUN, *launcher, "train.py", *train_args(data_dir, out_dir, *DDP_RUN, *extra)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if start:
+        return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory):
+    """The reference DDP run: Muon (and AdamW for the rest), per-rank dropout, WSD (stable.pt at iteration
+    2), 2 micro-steps per rank, 5 iterations. (data_dir, out_dir, its stdout)."""
+    root = tmp_path_factory.mktemp("ddp")
+    data_dir = make_token_dataset(root / "data")
+    return data_dir, root / "out", torchrun_train(data_dir, root / "out").stdout
+
+
 @pytest.fixture(scope="module")
 def cosine_run(data_dir, tmp_path_factory):
     """out_dir of a finished tiny cosine run that planned 4 iterations (lr_decay_iters=4): ckpt.pt, best.pt."""

@@ -2,18 +2,16 @@
 memory, never what is computed. Each is checked against a reference written out here: the full
 (B, T, vocab) logits, a log-softmax over the tokenizer's 50,257 ids (not the 47 padding rows), the mean
 over the targets that are not -1. Plus the glibc allocator helper and bench.py's fit report."""
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import model as model_module
 import runtime
 from bench import fit_report
-from conftest import REPO_ROOT, random_model, train_args
+from conftest import REPO_ROOT, random_model, torchrun_train, train_args
 from inprocess import read_metrics, run_inprocess
 from tokenizer import VOCAB_SIZE
 
@@ -154,19 +152,14 @@ def test_importing_the_model_does_not_load_torch_dynamo():
 
 
 @pytest.mark.slow
-def test_ddp_with_both_levers_equals_the_plain_step(token_dataset, tmp_path):
-    """torchrun with 2 gloo ranks: the gradients of the chunked loss and of the recomputed blocks reach
-    DDP's all-reduce like any others (the grad norm is taken after it)."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    runs = {}
-    for name, levers in (("plain", ["--chunked_loss=False"]), ("levers", ["--activation_checkpointing=True"])):
-        args = train_args(token_dataset, tmp_path / name, "--max_iters=2", "--eval_interval=2", "--dropout=0.1",
-                          *levers)
-        proc = subprocess.run([*torchrun, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        runs[name] = [(r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path / name)[0]]
-    assert [pytest.approx(pair, rel=1e-5) for pair in runs["levers"]] == runs["plain"]
+def test_ddp_with_both_levers_equals_the_plain_step(ddp_run, tmp_path):
+    """torchrun with 2 gloo ranks: the gradients of the chunked loss (on in the reference run) and of the
+    recomputed blocks (on here, with the full logits) reach DDP's all-reduce like any others (the grad
+    norm is taken after it), and the per-rank dropout masks are the same in the recompute."""
+    data_dir, reference, _ = ddp_run
+    torchrun_train(data_dir, tmp_path / "levers", "--chunked_loss=False", "--activation_checkpointing=True")
+    runs = [[(r["loss"], r["grad_norm"]) for r in read_metrics(out)[0]] for out in (reference, tmp_path / "levers")]
+    assert len(runs[1]) == 5 and [pytest.approx(pair, rel=1e-5) for pair in runs[1]] == runs[0]
 
 
 def test_glibc_allocator_thresholds_only_where_they_apply(monkeypatch):

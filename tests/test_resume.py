@@ -14,7 +14,7 @@ import torch
 
 import loader
 from checkpoint import lock_out_dir, load_checkpoint, save_checkpoint
-from conftest import REPO_ROOT, make_token_dataset, train_args
+from conftest import REPO_ROOT, make_token_dataset, torchrun_train, train_args
 from inprocess import read_metrics, run_inprocess
 from loader import TokenBatches
 from schedule import cooldown_start, get_lr, schedule_args
@@ -88,27 +88,16 @@ def test_resume_from_stable_is_bit_exact_with_shuffled_epochs(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_ddp_two_gloo_ranks_resume_is_bit_exact(token_dataset, tmp_path, optimizer):
-    """torchrun with 2 CPU ranks: each rank's RNG and data position, and each optimizer's state (AdamW,
-    or Muon and AdamW), come back from the checkpoint."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
-    run = ["--lr_schedule=wsd", "--max_iters=5", "--cooldown_frac=0.4", "--eval_interval=2", "--dropout=0.1",
-           "--gradient_accumulation_steps=2", f"--optimizer={optimizer}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-    def torchrun_train(out_dir, *extra):
-        proc = subprocess.run([*torchrun, *train_args(token_dataset, out_dir, *run, *extra)], cwd=REPO_ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-
-    torchrun_train(tmp_path / "full")
-    stable = tmp_path / "full" / "stable.pt"
+def test_ddp_two_gloo_ranks_resume_is_bit_exact(ddp_run, tmp_path):
+    """torchrun with 2 CPU ranks: each rank's RNG and data position, and both optimizers' states (Muon, and
+    AdamW for the embeddings, norms and head), come back from the checkpoint."""
+    data_dir, full_dir, _ = ddp_run
+    stable = full_dir / "stable.pt"
     ckpt = load_checkpoint(stable)
-    assert ckpt["iter_num"] == 2 and len(ckpt["ranks"]) == 2
+    assert ckpt["iter_num"] == 2 and len(ckpt["ranks"]) == 2 and {"optimizer", "muon"} <= set(ckpt)
     assert not torch.equal(ckpt["ranks"][0]["rng"]["torch"], ckpt["ranks"][1]["rng"]["torch"])  # per-rank dropout
-    torchrun_train(tmp_path / "part", "--init_from=resume", f"--resume_from={stable}")
-    full, resumed = read_metrics(tmp_path / "full")[0], read_metrics(tmp_path / "part")[0]
+    torchrun_train(data_dir, tmp_path / "part", "--init_from=resume", f"--resume_from={stable}")
+    full, resumed = read_metrics(full_dir)[0], read_metrics(tmp_path / "part")[0]
     assert [r["iter"] for r in resumed] == [3, 4, 5]
     # rank 0's loss, and the gradient norm that both ranks' batches and dropout masks went into
     assert [(r["loss"], r["grad_norm"]) for r in resumed] == [(r["loss"], r["grad_norm"]) for r in full[2:]]

@@ -40,28 +40,16 @@ def test_train_checkpoint_resume_and_sample(token_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_ranks_write_one_checkpoint(token_dataset, tmp_path):
-    out = tmp_path / "out"
-    proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                      f"--data_dir={token_dataset}", f"--out_dir={out}", *TINY_TRAIN_ARGS, "--max_iters=3",
-                      "--eval_interval=3", "--lr_decay_iters=3", "--gradient_accumulation_steps=4", timeout=240)
+def test_ddp_two_cpu_ranks_write_one_checkpoint(ddp_run):
+    _, out, stdout = ddp_run
     # the 4 grad-accum steps are divided across ranks: 2 ranks x 2 micro-steps x 2 x 16 tokens
-    assert "tokens per iteration: 128 (2 rank(s) x 2 micro-steps x 2 x 16)" in proc.stdout
-    assert proc.stdout.count("step 3: train loss") == 1  # only rank 0 prints and writes
+    assert "tokens per iteration: 128 (2 rank(s) x 2 micro-steps x 2 x 16)" in stdout
+    assert stdout.count("step 2: train loss") == 1  # only rank 0 prints and writes
     written = {p.name for p in out.iterdir()}
     # no temporary files; train.lock is rank 0's out_dir lock
-    assert "ckpt.pt" in written and written <= {"ckpt.pt", "best.pt", "metrics.jsonl", "train.lock"}
+    assert "ckpt.pt" in written and written <= {"ckpt.pt", "best.pt", "stable.pt", "metrics.jsonl", "train.lock"}
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
-    assert ckpt["iter_num"] == 3 and len(ckpt["ranks"]) == 2
-
-
-@pytest.mark.slow
-def test_grad_accum_not_divisible_by_world_size_is_refused(token_dataset, tmp_path):
-    proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                      f"--data_dir={token_dataset}", f"--out_dir={tmp_path}", *TINY_TRAIN_ARGS,
-                      "--gradient_accumulation_steps=3", check=False, timeout=240)
-    assert proc.returncode != 0
-    assert "gradient_accumulation_steps=3 is not divisible by the 2 DDP ranks" in proc.stderr
+    assert ckpt["iter_num"] == 5 and len(ckpt["ranks"]) == 2
 
 
 def test_compile_failure_falls_back_to_eager(capsys):

@@ -314,16 +314,18 @@ BUSY = "while True: pass"
 
 
 @pytest.mark.slow
-def test_resume_is_bit_exact_with_the_default_threads_on_a_loaded_machine(token_dataset, tmp_path):
+def test_resume_matches_with_the_default_threads_on_a_loaded_machine(token_dataset, tmp_path):
     """MKL's dynamic threading may use fewer threads when the cores are busy, which changes how a matmul's
     sums are split: 2 of 5 resumed runs once differed from the iteration after the stop on. train.py switches
-    it off before torch loads (unless the user set it), and the losses and weights match bit for bit while a
-    busy process loads the cores. (Kept short: with the default threads a loaded machine is slow.)"""
+    it off before torch loads (unless the user set it). With the default threads on a loaded machine the
+    last bit is still not promised: about 1 in 10 reruns of the same command, without any resume, ended
+    with weights ~1e-7 apart (docs/training.md), so the resumed run is compared to float rounding here;
+    the tests with OMP_NUM_THREADS=1 compare bit for bit."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_DYNAMIC", "OMP_DYNAMIC")}
-    run = ["--lr_decay_iters=6", "--eval_interval=100"]
+    run = ["--lr_decay_iters=4", "--eval_interval=100"]
     busy = [subprocess.Popen([sys.executable, "-c", BUSY])]  # with train.py's 2 threads: a load of ~3 on 2 cores
     try:
-        for out, stops in ((tmp_path / "full", [6]), (tmp_path / "part", [3, 6])):
+        for out, stops in ((tmp_path / "full", [4]), (tmp_path / "part", [2, 4])):
             for i, max_iters in enumerate(stops):
                 resume = ["--init_from=resume"] if i else []
                 args = train_args(token_dataset, out, *run, f"--max_iters={max_iters}", *resume)
@@ -335,7 +337,7 @@ def test_resume_is_bit_exact_with_the_default_threads_on_a_loaded_machine(token_
         for p in busy:
             p.kill()
     full, part = (read_metrics(tmp_path / name)[0] for name in ("full", "part"))
-    assert [r["iter"] for r in part] == list(range(1, 7))
-    assert [r["loss"] for r in part] == [r["loss"] for r in full]
+    assert [r["iter"] for r in part] == list(range(1, 5))
+    assert [r["loss"] for r in part] == pytest.approx([r["loss"] for r in full], rel=1e-6)
     weights = [load_checkpoint(tmp_path / name / "ckpt.pt")["model"] for name in ("full", "part")]
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert all(torch.allclose(weights[0][k], weights[1][k], rtol=0, atol=1e-5) for k in weights[0])

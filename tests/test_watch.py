@@ -1,15 +1,13 @@
 """Planning and watching a long run: the time left (progress.py, on a fake clock), the max_hours budget,
 samples printed at evaluations without disturbing training."""
-import os
 import socket
-import subprocess
 import sys
 import types
 
 import pytest
 
 from checkpoint import load_checkpoint
-from conftest import REPO_ROOT, train_args
+from conftest import torchrun_train, train_args
 from inprocess import read_metrics, run_inprocess
 from progress import Progress, duration, finish_time
 
@@ -265,35 +263,24 @@ def test_an_unknown_card_says_once_how_to_pass_peak_flops(monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_nodes_train_as_one_node_with_two_ranks_and_resume_exactly(token_dataset, tmp_path):
-    run = ["--max_iters=4", "--eval_interval=3", "--dropout=0.1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+def test_two_nodes_train_as_one_node_with_two_ranks_and_resume_exactly(ddp_run, tmp_path):
+    data_dir, one_dir, _ = ddp_run  # the same run on one node with two ranks
 
-    def finish(procs):
-        for proc in procs:
-            out, _ = proc.communicate(timeout=300)
-            assert proc.returncode == 0, out
-
-    def start(command):
-        return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-
-    def two_nodes(out_dir, *extra):
+    def two_nodes(*extra):
         with socket.socket() as s:  # a free port for the rendezvous
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        node = [*torchrun, "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
-                f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes", "--local_addr=127.0.0.1", "train.py",
-                *train_args(token_dataset, out_dir, *run, *extra)]
-        finish([start(node) for _ in range(2)])
+        launcher = ("--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                    "--rdzv_id=two-nodes", "--local_addr=127.0.0.1")
+        for node in [torchrun_train(data_dir, tmp_path / "two", *extra, launcher=launcher, start=True)
+                     for _ in range(2)]:
+            out, _ = node.communicate(timeout=300)
+            assert node.returncode == 0, out
 
-    finish([start([*torchrun, "--standalone", "--nproc_per_node=2", "train.py",
-                   *train_args(token_dataset, tmp_path / "one", *run)])])
-    two_nodes(tmp_path / "two", "--max_hours=1e-9")  # both nodes agree to stop at iteration 2
+    two_nodes("--max_hours=1e-9")  # both nodes agree to stop at iteration 2
     assert load_checkpoint(tmp_path / "two" / "ckpt.pt")["iter_num"] == 2
-    two_nodes(tmp_path / "two", "--init_from=resume")
-    one, two = read_metrics(tmp_path / "one")[0], read_metrics(tmp_path / "two")[0]
-    assert [r["iter"] for r in two] == [1, 2, 3, 4]
+    two_nodes("--init_from=resume")
+    one, two = read_metrics(one_dir)[0], read_metrics(tmp_path / "two")[0]
+    assert [r["iter"] for r in two] == [1, 2, 3, 4, 5]
     # rank 0's loss, and the gradient norm that both ranks' batches and dropout masks went into
     assert [(r["loss"], r["grad_norm"]) for r in two] == [(r["loss"], r["grad_norm"]) for r in one]
