@@ -104,6 +104,14 @@ def torchrun_train(data_dir, out_dir, *extra, launcher=("--standalone", "--nproc
     return proc
 
 
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (pytest.ini starts 2 workers): the tests that share the reference DDP run go to
+    one worker, so that it runs once."""
+    for item in items:
+        if "ddp_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("ddp_run"))
+
+
 @pytest.fixture(scope="session")
 def ddp_run(tmp_path_factory):
     """The reference DDP run: Muon (and AdamW for the rest), per-rank dropout, WSD (stable.pt at iteration
