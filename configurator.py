@@ -17,6 +17,7 @@ import difflib
 import io
 import math
 import os
+import signal
 import sys
 import tokenize
 
@@ -89,6 +90,10 @@ def check_rules(config):
             allowed, description = RULES[key]
             if not allowed(value):
                 fail(f"{key}={value!r}: {description}")
+
+
+# Ctrl-C, a scheduler's SIGTERM, and SIGHUP: a closed terminal or a dropped ssh connection (not on Windows)
+STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
 
 
 def fail(message, status=2):

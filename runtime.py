@@ -13,7 +13,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from configurator import fail, first_line
+from configurator import STOP_SIGNALS, fail, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -292,8 +292,6 @@ def launcher_gone(launcher_pid):
     return f"the launcher (torchrun, pid {launcher_pid}) is gone"
 
 
-# Ctrl-C, a scheduler's SIGTERM, and SIGHUP: a closed terminal or a dropped ssh connection (not on Windows)
-STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
 
 
 def is_out_of_memory(error):
@@ -356,8 +354,9 @@ class StopSignal:
 
     def __init__(self, announce=True):
         self.requested, self.requested_at, self.announce = False, 0.0, announce
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, self.handle)
+        for signum in STOP_SIGNALS:  # ignored ones stay ignored: under nohup a closed terminal must not stop it
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                signal.signal(signum, self.handle)
 
     def handle(self, signum, frame):
         if self.requested:

@@ -1,5 +1,6 @@
 """Shared test set-up: offline tokenizer files and corpus from ../shared when present, tiny sizes."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # Tiny test models gain nothing from threads, and on a busy 2-core machine spinning OpenMP threads
 # make them several times slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Started as a background job of a script (`cmd &` without job control) the suite ignores SIGINT, and every
+# process it starts inherits that, so the tests' Ctrl-C to a script would do nothing: as in a terminal
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))

@@ -9,7 +9,7 @@ import signal
 import sys
 
 from conftest import REPO_ROOT
-from runtime import STOP_SIGNALS
+from configurator import STOP_SIGNALS
 
 
 def run_inprocess(script, *args):

@@ -131,30 +131,35 @@ def test_a_reader_of_the_bins_never_finds_them_missing_while_another_prepare_pub
     assert prepare.read_dataset_meta(out_dir)["sources"][0]["name"].endswith("new.parquet")
 
 
+def as_in_a_terminal():
+    """SIGHUP at its default in the child even when the suite runs under nohup, which ignores it."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def tokenizer_workers(proc):
     return [child for child in psutil.Process(proc.pid).children()
             if "spawn_main" in " ".join(child.cmdline())]  # not multiprocessing's resource tracker
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", ["a worker is SIGKILLed", "Ctrl-C"])
+@pytest.mark.parametrize("stop", ["a worker is SIGKILLed", "Ctrl-C", "the terminal is closed"])
 def test_a_dead_worker_or_ctrl_c_ends_the_run_in_one_line_and_keeps_the_finished_sources(tmp_path, capsys, stop):
-    """A tokenizer worker killed (the out-of-memory killer's SIGKILL), or Ctrl-C in the terminal (SIGINT to the
-    whole process group): prepare.py notices within seconds, stops its pool, says in one line what it kept,
-    and the same command continues from there."""
+    """A tokenizer worker killed (the out-of-memory killer's SIGKILL), Ctrl-C in the terminal (SIGINT to the
+    whole process group) or a closed terminal (SIGHUP to it): prepare.py notices within seconds, stops its
+    pool, says in one line what it kept, and the same command continues from there."""
     sources = [write_parquet(tmp_path / f"{k}.parquet", synthetic_texts(200, words_per_doc=200, seed=k),
                              row_group_size=50, token_count=False) for k in range(16)]
     args = [str(PREPARE), "--input", *map(str, sources), "--out_dir", str(tmp_path / "out"), "--workers", "2"]
     manifest = tmp_path / "out" / "prepare.work" / "manifest.json"
     proc = subprocess.Popen([sys.executable, *args], start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=as_in_a_terminal)
     try:
         deadline = time.time() + 60
         while time.time() < deadline and not (manifest.exists() and json.loads(manifest.read_text() or "{}")["done"]):
             time.sleep(0.005)
         assert proc.poll() is None, "prepare.py finished before it could be stopped: make the input bigger"
-        if stop == "Ctrl-C":
-            os.killpg(proc.pid, signal.SIGINT)
+        if stop != "a worker is SIGKILLed":
+            os.killpg(proc.pid, signal.SIGINT if stop == "Ctrl-C" else signal.SIGHUP)
         else:
             os.kill(tokenizer_workers(proc)[0].pid, signal.SIGKILL)
         stopped = time.time()
@@ -164,8 +169,10 @@ def test_a_dead_worker_or_ctrl_c_ends_the_run_in_one_line_and_keeps_the_finished
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     lines = stderr.strip().splitlines()
-    assert proc.returncode == (130 if stop == "Ctrl-C" else 1) and len(lines) == 1, stderr
-    assert lines[0].startswith("error: interrupted; " if stop == "Ctrl-C" else "error: a tokenizer worker process died")
+    status, start = {"Ctrl-C": (130, "error: interrupted; "), "the terminal is closed": (129, "error: interrupted by "
+                     "SIGHUP; ")}.get(stop, (1, "error: a tokenizer worker process died"))
+    assert proc.returncode == status and len(lines) == 1, stderr
+    assert lines[0].startswith(start)
     kept = len(json.loads(manifest.read_text())["done"])
     assert kept >= 1 and f"the {kept} finished source(s) are kept in {manifest.parent}" in lines[0]
     prepare.main([*args[1:-1], "1"])  # the same command (one worker here: no pool start-up) continues

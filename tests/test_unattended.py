@@ -144,6 +144,28 @@ def test_sighup_saves_and_exits_0_like_sigterm(data_dir, tmp_path, monkeypatch):
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 2
 
 
+def test_under_nohup_a_closed_terminal_does_not_stop_the_run(data_dir, tmp_path, monkeypatch):
+    """nohup ignores SIGHUP so that a run outlives its terminal: train.py leaves an ignored signal ignored."""
+    import loader
+    real_next_batch, calls = loader.TokenBatches.next_batch, []
+
+    def next_batch_then_hang_up(self):
+        calls.append(1)
+        if len(calls) == 8:
+            os.kill(os.getpid(), signal.SIGHUP)
+        return real_next_batch(self)
+
+    monkeypatch.setattr(loader.TokenBatches, "next_batch", next_batch_then_hang_up)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        code, stdout, stderr = run_inprocess("train.py", *train_args(data_dir, tmp_path / "out", "--max_iters=4",
+                                                                     "--eval_interval=100"))
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert code == 0 and len(calls) > 8, stderr
+    assert "SIGHUP" not in stdout and load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == 4
+
+
 class FullAfter:
     """A file whose disk fills during a write: `room` more bytes reach the file, then ENOSPC."""
 

@@ -41,6 +41,7 @@ that is not strings is refused.
 import argparse
 import json
 import multiprocessing as mp
+from multiprocessing import resource_tracker
 import os
 import shutil
 import signal
@@ -48,6 +49,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as NotYet  # the builtin TimeoutError from Python 3.11 on
 from concurrent.futures.process import BrokenProcessPool
 from functools import lru_cache
 from pathlib import Path
@@ -62,7 +64,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 from atomic import FolderInUse, atomic_write, check_writable, lock_folder, unlock_folder  # noqa: E402
-from configurator import fail, first_line  # noqa: E402
+from configurator import STOP_SIGNALS, fail, first_line  # noqa: E402
 from sources import (DEFAULT_DUMP, HF_REPO, Prefetch, PrepareError, dataset_source,  # noqa: E402
                      delete_downloaded, describe_parquet, hub_sources, is_downloaded, local_source,
                      resolve_inputs, stream_batches)
@@ -185,22 +187,64 @@ def tokenize_in_order(tasks, pool, workers):
     for task in tasks:
         in_flight.append(pool.submit(tokenize_task, task))
         if len(in_flight) >= 2 * workers:
-            yield in_flight.popleft().result()
+            yield result_of(in_flight.popleft(), pool)
     while in_flight:
-        yield in_flight.popleft().result()
+        yield result_of(in_flight.popleft(), pool)
+
+
+def result_of(future, pool):
+    """future.result(), or BrokenProcessPool within a second of a worker's death. The pool says so itself
+    only when its reader thread sees the death; a worker killed while sending its batch leaves that thread
+    waiting for the rest of the batch forever."""
+    while True:
+        try:
+            return future.result(timeout=1)
+        except NotYet:
+            workers = list((pool._processes or {}).values())
+            if any(p.exitcode is not None for p in workers):
+                global POOL_THREAD_STUCK
+                POOL_THREAD_STUCK = True
+                for p in workers:  # the pool is given up: end the others now, whatever they are doing
+                    p.terminate()
+                raise BrokenProcessPool("a worker process died") from None
+
+
+POOL_THREAD_STUCK = False  # then the process exits without waiting for the pool's thread (see the end)
 
 
 def start_pool(workers):
     """The tokenizer processes. concurrent.futures, not multiprocessing.Pool: when a worker dies (the
     out-of-memory killer, a crash) its futures raise BrokenProcessPool at once, where Pool waits forever.
     spawn: the same on every OS."""
+    if hasattr(signal, "SIGHUP"):  # multiprocessing's resource tracker, a process of its own, would die of a
+        previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # closed terminal: it inherits this instead
+        try:
+            resource_tracker.ensure_running()
+        finally:
+            signal.signal(signal.SIGHUP, previous)
     return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=ignore_ctrl_c)
 
 
 def ignore_ctrl_c():
-    """In each worker: Ctrl-C reaches the whole process group, and only the main process answers it
-    (it stops the workers and says what was kept), instead of one traceback per worker."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """In each worker: Ctrl-C, and a closed terminal's SIGHUP, reach the whole process group, and only the
+    main process answers them (it stops the workers and says what was kept), instead of one traceback per
+    worker, or a dead worker reported as the cause. (SIGTERM is how the pool itself ends a worker.)"""
+    for stop in TERMINAL_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
+
+
+TERMINAL_SIGNALS = [s for s in STOP_SIGNALS if s != signal.SIGTERM]  # what a terminal sends its process group
+
+
+def stop_like_ctrl_c(signum, frame):
+    """SIGTERM and SIGHUP end the run as Ctrl-C does: one line, the finished sources kept."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def interrupted(error):
+    """The start of the one line and the exit status for a KeyboardInterrupt: Ctrl-C's, or a signal's."""
+    name = error.args[0] if error.args else "SIGINT"
+    return ("interrupted" if name == "SIGINT" else f"interrupted by {name}"), 128 + signal.Signals[name].value
 
 
 def stop_pool(pool):
@@ -662,8 +706,9 @@ def prepare_locked(args, out_dir):
     except BrokenProcessPool:
         fail(f"a tokenizer worker process died (killed, e.g. by the out-of-memory killer, or crashed); "
              f"{give_up(out_dir, work_dir, manifest)}; fewer --workers need less memory", status=1)
-    except KeyboardInterrupt:
-        fail(f"interrupted; {give_up(out_dir, work_dir, manifest)}", status=130)
+    except KeyboardInterrupt as e:
+        what, status = interrupted(e)
+        fail(f"{what}; {give_up(out_dir, work_dir, manifest)}", status=status)
     print_summary(meta, out_dir)
     return meta
 
@@ -742,6 +787,9 @@ def adopt(data_dir):
 
 def main(argv=None):
     args = parse_args(argv)
+    # ignored ones stay ignored: under nohup a closed terminal's SIGHUP must not stop the run
+    previous = {stop: signal.signal(stop, stop_like_ctrl_c) for stop in STOP_SIGNALS[1:]
+                if signal.getsignal(stop) is not signal.SIG_IGN}
     try:
         if args.adopt:
             data_dir = resolve_folder(args.adopt)
@@ -754,9 +802,20 @@ def main(argv=None):
         return prepare(args)
     except PrepareError as e:
         fail(str(e))
-    except KeyboardInterrupt:  # before any work (listing, checking the inputs): nothing was written
-        fail("interrupted; nothing was changed", status=130)
+    except KeyboardInterrupt as e:  # before any work (listing, checking the inputs): nothing was written
+        what, status = interrupted(e)
+        fail(f"{what}; nothing was changed", status=status)
+    finally:  # main() also runs inside other programs (the tests)
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:
+        if not POOL_THREAD_STUCK:
+            raise
+        sys.stdout.flush()  # the message is out and every file closed: nothing left that the stuck thread guards
+        sys.stderr.flush()
+        os._exit(e.code if isinstance(e.code, int) else 1)
