@@ -116,13 +116,11 @@ def test_sigkill_between_the_renames_of_a_save_never_leaves_a_stale_best(data_di
     assert saved_val_loss(out / "best.pt") == min(evals)
 
 
-def test_sighup_saves_and_exits_0_like_sigterm(data_dir, tmp_path, monkeypatch):
-    """A closed terminal or a dropped ssh connection sends SIGHUP: a real one, to this process, at the
-    first micro-batch of iteration 2 (the 8th batch: open_dataset draws 1, the evaluation at 0 draws 4).
-    (The handler installed first stands for the default action, which kills the process.)"""
+def train_and_hang_up(data_dir, out, monkeypatch, handler, *args):
+    """train.py in this process, with a real SIGHUP to this process at the first micro-batch of iteration 2
+    (the 8th batch: open_dataset draws 1, the evaluation at 0 draws 4), handler installed at the start.
+    (exit code, stdout, stderr, how many batches were drawn)."""
     import loader
-    unhandled = []
-    signal.signal(signal.SIGHUP, lambda *_: unhandled.append(True))
     real_next_batch, calls = loader.TokenBatches.next_batch, []
 
     def next_batch_then_hang_up(self):
@@ -132,12 +130,19 @@ def test_sighup_saves_and_exits_0_like_sigterm(data_dir, tmp_path, monkeypatch):
         return real_next_batch(self)
 
     monkeypatch.setattr(loader.TokenBatches, "next_batch", next_batch_then_hang_up)
-    out = tmp_path / "out"
+    previous = signal.signal(signal.SIGHUP, handler)
     try:
-        code, stdout, stderr = run_inprocess("train.py", *train_args(data_dir, out, "--max_iters=50",
-                                                                     "--eval_interval=100"))
+        return (*run_inprocess("train.py", *train_args(data_dir, out, "--eval_interval=100", *args)), len(calls))
     finally:
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_sighup_saves_and_exits_0_like_sigterm(data_dir, tmp_path, monkeypatch):
+    """A closed terminal or a dropped ssh connection sends SIGHUP. (The handler installed first stands for
+    the default action, which kills the process.)"""
+    unhandled, out = [], tmp_path / "out"
+    code, stdout, stderr, _ = train_and_hang_up(data_dir, out, monkeypatch, lambda *_: unhandled.append(True),
+                                                "--max_iters=50")
     assert code == 0 and not unhandled, stderr
     assert "SIGHUP received: finishing this iteration, then saving" in stdout
     assert f"stopped at iteration 2; checkpoint saved to {out / 'ckpt.pt'}" in stdout
@@ -146,23 +151,9 @@ def test_sighup_saves_and_exits_0_like_sigterm(data_dir, tmp_path, monkeypatch):
 
 def test_under_nohup_a_closed_terminal_does_not_stop_the_run(data_dir, tmp_path, monkeypatch):
     """nohup ignores SIGHUP so that a run outlives its terminal: train.py leaves an ignored signal ignored."""
-    import loader
-    real_next_batch, calls = loader.TokenBatches.next_batch, []
-
-    def next_batch_then_hang_up(self):
-        calls.append(1)
-        if len(calls) == 8:
-            os.kill(os.getpid(), signal.SIGHUP)
-        return real_next_batch(self)
-
-    monkeypatch.setattr(loader.TokenBatches, "next_batch", next_batch_then_hang_up)
-    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    try:
-        code, stdout, stderr = run_inprocess("train.py", *train_args(data_dir, tmp_path / "out", "--max_iters=4",
-                                                                     "--eval_interval=100"))
-    finally:
-        signal.signal(signal.SIGHUP, previous)
-    assert code == 0 and len(calls) > 8, stderr
+    code, stdout, stderr, batches = train_and_hang_up(data_dir, tmp_path / "out", monkeypatch, signal.SIG_IGN,
+                                                      "--max_iters=4")
+    assert code == 0 and batches > 8, stderr
     assert "SIGHUP" not in stdout and load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == 4
 
 
