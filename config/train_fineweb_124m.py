@@ -1,8 +1,10 @@
 # GPT-2 small (124M: 12 layers, 768 wide) on FineWeb, at the reference run's 524,288 tokens per
 # iteration, sized for a 12 GB GPU: micro-batch 8 with 64 accumulation steps. By our estimate (not
-# yet measured on a 12 GB card) bf16 + compile + flash attention needs ~5 GB at micro-batch 8: 2 GB of
-# weights, grads and AdamW state, ~3 GB of activations; the chunked loss (the default) holds the 50,304-way
-# logits a chunk at a time instead of ~4 GB of them (docs/training.md 'Memory').
+# yet measured on a 12 GB card) bf16 + compile + flash attention needs ~8 GB at micro-batch 8: 2 GB of
+# weights, grads and AdamW state, 1 GB for the CUDA context, ~5 GB of activations (~640 MiB per row,
+# twice the 40M model's measured rows); 16 rows would not fit without activation_checkpointing. The chunked
+# loss (the default) holds the 50,304-way logits a chunk at a time instead of ~4 GB of them
+# (docs/training.md 'Memory').
 # `python bench.py config/train_fineweb_124m.py --fit_memory=free` measures the largest micro-batch on your
 # GPU, with and without activation_checkpointing, and prints the accumulation steps that keep 512
 # sequences per iteration.
