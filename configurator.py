@@ -100,12 +100,23 @@ def fail(message, status=2):
     """The one way every script ends on a problem the user can fix: one line on stderr, exit status 2
     (1 for a run that went wrong after it started). Under torchrun every rank calls it and only rank 0
     prints; an open DDP process group is closed first so that no rank is left waiting."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"error: {message}", file=sys.stderr)
+    print_error(message)
     dist = sys.modules.get("torch.distributed")  # looked up, not imported: prepare.py runs without torch
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(status)
+
+
+def print_error(message):
+    """fail's one line: on stderr, from rank 0 only under torchrun; stdout flushed first, so that the lines
+    before it are not lost when the process ends at once (os._exit) behind a pipe."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe or stream: the line below is what matters
+                pass
+        print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 def first_line(error, limit=200):

@@ -13,7 +13,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from configurator import STOP_SIGNALS, fail, first_line
+from configurator import STOP_SIGNALS, fail, first_line, print_error
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -211,36 +211,32 @@ def device_peak_flops(device, dtype, override=None):
 def compile_with_fallback(model, example_step):
     """torch.compile(model), tried on one real step (compilation is lazy, so failures show up on
     first use: no C++ compiler, no Triton on Windows without triton-windows, an old GPU). On failure,
-    warn once and return the eager model, so a long run never dies for the sake of speed. Ctrl-C or SIGTERM
-    while compiling is no failure (though the compiler's own processes die of it too): one line, exit 128 + signal."""
-    received = []
+    warn once and return the eager model, so a long run never dies for the sake of speed. Ctrl-C, SIGTERM
+    or SIGHUP while compiling ends the process at once: one line, exit 128 + signal."""
 
     def interrupt(signum, frame):
-        received.append(signal.Signals(signum))
-        raise KeyboardInterrupt
+        # no exception: raised here it may surface inside a C++ call back into Python (dynamo's tracing does
+        # that), which aborts the process; nothing is trained or saved yet, so there is nothing to finish
+        name = signal.Signals(signum)
+        print_error(f"{name.name} during torch.compile's warm-up: stopped before any training step, nothing saved")
+        os._exit(128 + name.value)
 
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         compiled = torch.compile(model)
         # the trial step must not advance the RNG (dropout), or a resumed run would diverge
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             example_step(compiled)
         return compiled
-    except KeyboardInterrupt:
-        pass
     except Exception as e:  # any backend failure: fall back rather than abort the run
         if is_out_of_memory(e):  # eager would run out too: the caller's one line says what to lower
             raise
-        if not received:
-            print(f"warning: torch.compile failed ({type(e).__name__}: {first_line(e)}); "
-                  "continuing without it (--compile=False silences this)", file=sys.stderr)
-            return model
+        print(f"warning: torch.compile failed ({type(e).__name__}: {first_line(e)}); "
+              "continuing without it (--compile=False silences this)", file=sys.stderr)
+        return model
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    name = received[0] if received else signal.SIGINT
-    fail(f"{name.name} during torch.compile's warm-up: stopped before any training step, nothing saved",
-         status=128 + name.value)
 
 
 def setup_ddp(device, gradient_accumulation_steps):
