@@ -208,20 +208,28 @@ def device_peak_flops(device, dtype, override=None):
     return peak, f"{name}: peak {peak / 1e12:.1f} TFLOP/s ({tensor_dtype})"
 
 
+def stop_at_once_on_signals(stage):
+    """Ctrl-C, SIGTERM or SIGHUP end the process at once, in one line, exit 128 + signal: for a stretch where
+    nothing is trained or saved yet (the start, torch.compile's warm-up), until StopSignal takes over. The
+    previous handlers, to restore. No exception: raised in a handler, one may surface inside torch's C++
+    calling back into Python (dynamo's tracing does), which aborts the process. Ignored signals (nohup)
+    stay ignored."""
+
+    def stop(signum, frame):
+        name = signal.Signals(signum)
+        print_error(f"{name.name} {stage}: stopped before any training step, nothing saved")
+        os._exit(128 + name.value)
+
+    return {s: signal.signal(s, stop) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
+
+
 def compile_with_fallback(model, example_step):
     """torch.compile(model), tried on one real step (compilation is lazy, so failures show up on
     first use: no C++ compiler, no Triton on Windows without triton-windows, an old GPU). On failure,
     warn once and return the eager model, so a long run never dies for the sake of speed. Ctrl-C, SIGTERM
     or SIGHUP while compiling ends the process at once: one line, exit 128 + signal."""
 
-    def interrupt(signum, frame):
-        # no exception: raised here it may surface inside a C++ call back into Python (dynamo's tracing does
-        # that), which aborts the process; nothing is trained or saved yet, so there is nothing to finish
-        name = signal.Signals(signum)
-        print_error(f"{name.name} during torch.compile's warm-up: stopped before any training step, nothing saved")
-        os._exit(128 + name.value)
-
-    previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
+    previous = stop_at_once_on_signals("during torch.compile's warm-up")
     try:
         compiled = torch.compile(model)
         # the trial step must not advance the RNG (dropout), or a resumed run would diverge

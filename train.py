@@ -42,7 +42,7 @@ from model import GPT, GPTConfig, check_optimizer
 from progress import Progress
 from runtime import (StopSignal, autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu,
                      fail_together, keep_freed_memory, launcher_gone, pick_device, pick_dtype, setup_ddp,
-                     synchronize)
+                     stop_at_once_on_signals, synchronize)
 from runtime import SurvivesClosedPipe, out_of_memory_hook
 from schedule import cooldown_start, get_lr, schedule_args
 from tokenizer import TokenizerUnavailable, get_encoding
@@ -143,6 +143,7 @@ device_type = device.split(":")[0]
 gradient_accumulation_steps //= world_size  # per rank from here on
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 lr_args = schedule_args(config)
+stop_at_once_on_signals("while starting")  # nothing is trained or saved before the loop; StopSignal takes over there
 try:  # every choice among names, the shape and out_dir, before any work: each checked where its facts live
     check_init_from(init_from)
     get_lr(0, **lr_args)  # lr_schedule, cooldown_frac

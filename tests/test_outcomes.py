@@ -141,6 +141,11 @@ def test_resume_on_other_data_is_refused_unless_allowed(cosine_run, data_dir, tm
 # Ctrl-C while torch.compile warms up
 
 
+def exit_now(status):
+    """os._exit for a test: this process must go on."""
+    raise SystemExit(status)
+
+
 def test_ctrl_c_during_the_compile_warm_up_stops_in_one_line(capsys, monkeypatch):
     """The signal arrives during the example step: the handler ends the process there and then, with no
     exception (one raised inside dynamo's C++ callbacks aborts the process), so the compiler's processes
@@ -149,10 +154,6 @@ def test_ctrl_c_during_the_compile_warm_up_stops_in_one_line(capsys, monkeypatch
     import signal
     import torch
     import runtime
-
-    def exit_now(status):  # os._exit, as this process must go on
-        raise SystemExit(status)
-
     monkeypatch.setattr(torch, "compile", lambda model: model)  # the signal handling is under test, not inductor
     monkeypatch.setattr(runtime.os, "_exit", exit_now)
     stepped_on = []
@@ -167,6 +168,29 @@ def test_ctrl_c_during_the_compile_warm_up_stops_in_one_line(capsys, monkeypatch
     assert stop.value.code == 130 and not stepped_on and signal.getsignal(signal.SIGINT) is handler
     assert capsys.readouterr().err == ("error: SIGINT during torch.compile's warm-up: stopped before any training "
                                        "step, nothing saved\n")
+
+
+def test_ctrl_c_while_the_checkpoint_to_resume_loads_stops_in_one_line(data_dir, cosine_run, tmp_path, monkeypatch):
+    """Before the first iteration (here while the checkpoint loads) Ctrl-C ends the run at once: one line,
+    exit 130, the checkpoint as it was. (It was a KeyboardInterrupt's traceback.)"""
+    import os
+    import signal
+    import checkpoint
+    import runtime
+    out = tmp_path / "out"
+    shutil.copytree(cosine_run, out)
+    before, real_load = (out / "ckpt.pt").read_bytes(), checkpoint.load_checkpoint
+
+    def load_interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", load_interrupted)
+    monkeypatch.setattr(runtime.os, "_exit", exit_now)
+    code, stdout, stderr = run_inprocess("train.py", *train_args(data_dir, out, "--max_iters=4", "--lr_decay_iters=4",
+                                                                 "--eval_interval=2", "--init_from=resume"))
+    assert code == 130 and stderr == "error: SIGINT while starting: stopped before any training step, nothing saved\n"
+    assert (out / "ckpt.pt").read_bytes() == before
 
 
 @pytest.mark.slow
