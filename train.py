@@ -419,7 +419,8 @@ while True:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         bad = bad or ("loss or gradient norm on another rank" if flags[0].item() else "")
         stop_now = bool(flags[1].item())
-        problem = problem or ("another rank stopped the run" if flags[2].item() else "")
+        if flags[2].item() and not problem:  # a dead launcher re-parents every rank, but not all before one checks
+            problem = launcher_gone(launcher_pid) or "another rank stopped the run"
     if bad:
         fail(non_finite_message(f"{bad} at iteration {iter_num} (loss {loss_value}, grad norm {grad_norm_value})"),
              status=1)
