@@ -138,6 +138,32 @@ def cosine_run(data_dir, tmp_path_factory):
     return out
 
 
+class DiskFullAfter:
+    """A file on a disk that fills up: `room` more bytes reach it (a write that crosses that is cut there,
+    as the kernel cuts it), then ENOSPC."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        if len(data) > self.room:
+            self.f.write(data[:self.room])
+            self.room = 0
+            raise OSError(28, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
 def random_model(seed=0, **args):
     """A tiny GPT whose every weight is random, biases and the output layer's padding rows included
     (fresh biases are zero, which would hide mistakes in how they are carried)."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from checkpoint import save_checkpoint
-from conftest import train_args
+from conftest import DiskFullAfter, train_args
 from inprocess import run_inprocess
 from model import GPT, GPTConfig
 
@@ -127,29 +127,6 @@ def test_damaged_or_mismatched_checkpoints_are_refused_in_one_line(tiny_ckpt, da
             assert str(path) in line and EXPECTED_DAMAGE[what] in line, (script, line)
         # export wrote no folder, train.py nothing but its out_dir lock
         assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "train.lock"]
-
-
-class DiskFullAfter:
-    """A file whose writes fail with ENOSPC once `room` bytes are written, as on a full disk."""
-
-    def __init__(self, f, room):
-        self.f, self.room = f, room
-
-    def write(self, data):
-        size = memoryview(data).nbytes
-        if size > self.room:
-            raise OSError(28, "No space left on device")
-        self.room -= size
-        return self.f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
 
 
 @pytest.mark.parametrize("fails_in", ["write", "fsync"])

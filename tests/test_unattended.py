@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint, saved_val_loss
-from conftest import REPO_ROOT, make_token_dataset, run_script, train_args
+from conftest import REPO_ROOT, DiskFullAfter, make_token_dataset, run_script, train_args
 from inprocess import read_metrics, run_inprocess
 from test_safety import one_error_line, sha
 
@@ -157,30 +157,6 @@ def test_under_nohup_a_closed_terminal_does_not_stop_the_run(data_dir, tmp_path,
     assert "SIGHUP" not in stdout and load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == 4
 
 
-class FullAfter:
-    """A file whose disk fills during a write: `room` more bytes reach the file, then ENOSPC."""
-
-    def __init__(self, f, room):
-        self.f, self.room = f, room
-
-    def write(self, data):
-        if len(data) > self.room:
-            self.f.write(data[:self.room])
-            self.room = 0
-            raise OSError(28, "No space left on device")
-        self.room -= len(data)
-        return self.f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
 def test_a_full_disk_under_metrics_jsonl_saves_and_stops_in_one_line(data_dir, tmp_path, monkeypatch):
     """The disk fills in the middle of iteration 3's record: metrics.jsonl keeps only whole records, the
     run saves at the next iteration and stops with one line, exit 1, as for a full disk during a save."""
@@ -191,7 +167,7 @@ def test_a_full_disk_under_metrics_jsonl_saves_and_stops_in_one_line(data_dir, t
         f = real_open(path, mode, **kw)
         if str(path).endswith("metrics.jsonl"):
             appends.append(path)
-            return FullAfter(f, 10) if len(appends) >= 5 else f
+            return DiskFullAfter(f, 10) if len(appends) >= 5 else f
         return f
 
     monkeypatch.setattr(builtins, "open", open_with_a_disk_filling_at_the_fifth_append)
