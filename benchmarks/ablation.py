@@ -318,6 +318,20 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
+def seed_cells(runs, name, target, budget):
+    """One arm's runs over SEEDS, their final val losses, and its table cells from "final val loss per seed"
+    to "tokens to target per seed (ratio to budget)"; (None, None, None) when it has no run."""
+    per_seed = [runs[f"{name}-s{s}"] for s in SEEDS if f"{name}-s{s}" in runs]
+    if not per_seed:
+        return None, None, None
+    finals = [evals[-1]["val_loss"] for _, evals, _ in per_seed]
+    reached = [tokens_to_reach(evals, target) for _, evals, _ in per_seed]
+    cells = (f"{' / '.join(f'{v:.3f}' for v in finals)} | {mean(finals):.3f} | {mean(finals) - target:+.3f} | "
+             + (f"{max(finals) - min(finals):.3f}" if len(finals) > 1 else "1 seed") + " | "
+             + " / ".join("not reached" if r is None else f"{r:,.0f} ({r / budget:.2f})" for r in reached))
+    return per_seed, finals, cells
+
+
 def describe(settings):
     """The settings that tell arms apart, as a short text."""
     switches = [k if v is True else f"{k}={v}" for k, v in settings.items() if k in GPT2 and v != GPT2[k]
@@ -384,16 +398,11 @@ def write_report(args, command_wall):
               "(max-min) | tokens to target per seed (ratio to budget) |", "|---|---|---|---|---|---|---|---|"]
     names = [arm for arm in ARMS] + sorted({n[:-3] for n in runs if "-no-" in n})
     for name in names:
-        per_seed = [runs[f"{name}-s{s}"] for s in SEEDS if f"{name}-s{s}" in runs]
+        per_seed, _, cells = seed_cells(runs, name, target, budget)
         if not per_seed:
             continue
-        finals = [evals[-1]["val_loss"] for _, evals, _ in per_seed]
-        reached = [tokens_to_reach(evals, target) for _, evals, _ in per_seed]
         optimizer, switches = describe(per_seed[0][0])
-        lines.append(f"| {name} | {optimizer} | {switches} | {' / '.join(f'{v:.3f}' for v in finals)} | "
-                     f"{mean(finals):.3f} | {mean(finals) - target:+.3f} | "
-                     + (f"{max(finals) - min(finals):.3f}" if len(finals) > 1 else "1 seed") + " | "
-                     + " / ".join("not reached" if r is None else f"{r:,.0f} ({r / budget:.2f})" for r in reached) + " |")
+        lines.append(f"| {name} | {optimizer} | {switches} | {cells} |")
     missing = [name for name, _ in removal_jobs(args) if name not in runs]
     if missing:
         lines += ["", "Planned but not run (out of time): " + ", ".join(missing) + "."]
@@ -638,20 +647,15 @@ def token_report(args, command_wall):
               "| arm | switches | (lr, muon_lr) | final val loss per seed | mean | vs muon | seed spread (max-min) "
               "| tokens to target per seed | verdict | tokens/s (mean of its iterations; the load varied) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for arm in TOKEN_ARMS:
-        per_seed = [runs[f"{arm}-s{s}"] for s in SEEDS if f"{arm}-s{s}" in runs]
+        per_seed, finals, cells = seed_cells(runs, arm, target, budget)
         if not per_seed:
             continue
-        finals = [evals[-1]["val_loss"] for _, evals, _ in per_seed]
-        reached = [tokens_to_reach(evals, target) for _, evals, _ in per_seed]
         settings = per_seed[0][0]
         logs = [r for s in SEEDS if f"{arm}-s{s}" in runs
                 for r in read_metrics(Path(args.out_root) / f"{arm}-s{s}" / "metrics.jsonl")[1]]
         speed = mean([r["tokens_per_sec"] for r in logs]) if logs else float("nan")
         lines.append(f"| {arm} | {token_switches(settings)} | ({settings['learning_rate']:g}, {settings['muon_lr']:g}) "
-                     f"| {' / '.join(f'{v:.3f}' for v in finals)} | {mean(finals):.3f} | {mean(finals) - target:+.3f} | "
-                     + (f"{max(finals) - min(finals):.3f}" if len(finals) > 1 else "1 seed") + " | "
-                     + " / ".join("not reached" if r is None else f"{r:,.0f} ({r / budget:.2f})" for r in reached)
-                     + f" | {'base' if arm == 'muon' else token_verdict(finals, base)} | {speed:,.0f} |")
+                     f"| {cells} | {'base' if arm == 'muon' else token_verdict(finals, base)} | {speed:,.0f} |")
     missing = [name for name in [f"{a}-s{s}" for s in SEEDS for a in TUNED_ARMS] + [f"{a}-s0" for a in TOKEN_ARMS]
                if name not in runs]
     if missing:
