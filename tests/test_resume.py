@@ -120,6 +120,18 @@ def test_grad_scaler_state_survives_a_weights_only_checkpoint(tmp_path):
     assert restored.state_dict() == scaler.state_dict() and restored.get_scale() == 512.0
 
 
+def assert_resumes_mid_epoch(path, block_size, batch_size, data_order, seed):
+    """A loader's state taken 13 batches in (mid-epoch: 10 batches per epoch) gives the same batches next."""
+    a = TokenBatches(path, block_size, batch_size, data_order, seed=seed)
+    for _ in range(13):
+        a.next_batch()
+    b = TokenBatches(path, block_size, batch_size, data_order, seed=seed)
+    b.load_state_dict(a.state_dict())
+    for _ in range(10):
+        assert torch.equal(a.next_batch()[0], b.next_batch()[0])
+    assert a.epochs_done() == b.epochs_done() == pytest.approx(2.3)
+
+
 # ---------------------------------------------------------------------------------------------
 # data order
 
@@ -143,15 +155,7 @@ def test_shuffle_order_is_disjoint_across_ranks_and_covers_every_window_each_epo
     assert epochs[0] != epochs[1]  # a fresh order each epoch
     assert ranks[0].epochs_done() == 2.0 and ranks[1].epochs_done() == 2.0
 
-    # the state resumes mid-epoch: the same batches follow
-    a = TokenBatches(path, 32, 4, "shuffle", seed=7)
-    for _ in range(13):
-        a.next_batch()
-    b = TokenBatches(path, 32, 4, "shuffle", seed=7)
-    b.load_state_dict(a.state_dict())
-    for _ in range(10):
-        assert torch.equal(a.next_batch()[0], b.next_batch()[0])
-    assert a.epochs_done() == b.epochs_done() == pytest.approx(2.3)  # 10 batches per epoch
+    assert_resumes_mid_epoch(path, 32, 4, "shuffle", seed=7)
 
 
 def document_bin(path, lengths, block_size):
@@ -190,15 +194,7 @@ def test_document_rows_start_at_document_starts_disjoint_across_ranks_each_epoch
     assert epochs[0] != epochs[1]  # a fresh order each epoch
     assert ranks[0].epochs_done() == ranks[1].epochs_done() == 2.0
 
-    # the state resumes mid-epoch: the same batches follow
-    a = TokenBatches(path, 16, 2, "document", seed=5)
-    for _ in range(13):
-        a.next_batch()
-    b = TokenBatches(path, 16, 2, "document", seed=5)
-    b.load_state_dict(a.state_dict())
-    for _ in range(10):
-        assert torch.equal(a.next_batch()[0], b.next_batch()[0])
-    assert a.epochs_done() == b.epochs_done() == pytest.approx(2.3)  # 10 batches per epoch
+    assert_resumes_mid_epoch(path, 16, 2, "document", seed=5)
 
 
 def test_document_starts_are_found_across_read_chunks(tmp_path, monkeypatch):
