@@ -96,6 +96,12 @@ def check_rules(config):
 STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
 
 
+def handle_signals(signals, handler):
+    """signal.signal(s, handler) for each of signals, except those ignored when the process started: under
+    nohup a closed terminal's SIGHUP must not stop a run. The previous handlers, to restore."""
+    return {s: signal.signal(s, handler) for s in signals if signal.getsignal(s) is not signal.SIG_IGN}
+
+
 def fail(message, status=2):
     """The one way every script ends on a problem the user can fix: one line on stderr, exit status 2
     (1 for a run that went wrong after it started). Under torchrun every rank calls it and only rank 0

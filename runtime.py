@@ -13,7 +13,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from configurator import STOP_SIGNALS, fail, first_line, print_error
+from configurator import STOP_SIGNALS, fail, first_line, handle_signals, print_error
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -212,15 +212,14 @@ def stop_at_once_on_signals(stage):
     """Ctrl-C, SIGTERM or SIGHUP end the process at once, in one line, exit 128 + signal: for a stretch where
     nothing is trained or saved yet (the start, torch.compile's warm-up), until StopSignal takes over. The
     previous handlers, to restore. No exception: raised in a handler, one may surface inside torch's C++
-    calling back into Python (dynamo's tracing does), which aborts the process. Ignored signals (nohup)
-    stay ignored."""
+    calling back into Python (dynamo's tracing does), which aborts the process."""
 
     def stop(signum, frame):
         name = signal.Signals(signum)
         print_error(f"{name.name} {stage}: stopped before any training step, nothing saved")
         os._exit(128 + name.value)
 
-    return {s: signal.signal(s, stop) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
+    return handle_signals(STOP_SIGNALS, stop)
 
 
 def compile_with_fallback(model, example_step):
@@ -296,8 +295,6 @@ def launcher_gone(launcher_pid):
     return f"the launcher (torchrun, pid {launcher_pid}) is gone"
 
 
-
-
 def is_out_of_memory(error):
     """CUDA's torch.OutOfMemoryError, the CPU allocator's and MPS's RuntimeError, numpy's MemoryError."""
     text = str(error)
@@ -358,9 +355,7 @@ class StopSignal:
 
     def __init__(self, announce=True):
         self.requested, self.requested_at, self.announce = False, 0.0, announce
-        for signum in STOP_SIGNALS:  # ignored ones stay ignored: under nohup a closed terminal must not stop it
-            if signal.getsignal(signum) is not signal.SIG_IGN:
-                signal.signal(signum, self.handle)
+        handle_signals(STOP_SIGNALS, self.handle)
 
     def handle(self, signum, frame):
         if self.requested:

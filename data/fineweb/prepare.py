@@ -64,7 +64,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 from atomic import FolderInUse, atomic_write, check_writable, lock_folder, unlock_folder  # noqa: E402
-from configurator import STOP_SIGNALS, fail, first_line  # noqa: E402
+from configurator import STOP_SIGNALS, fail, first_line, handle_signals  # noqa: E402
 from sources import (DEFAULT_DUMP, HF_REPO, Prefetch, PrepareError, dataset_source,  # noqa: E402
                      delete_downloaded, describe_parquet, hub_sources, is_downloaded, local_source,
                      resolve_inputs, stream_batches)
@@ -787,9 +787,7 @@ def adopt(data_dir):
 
 def main(argv=None):
     args = parse_args(argv)
-    # ignored ones stay ignored: under nohup a closed terminal's SIGHUP must not stop the run
-    previous = {stop: signal.signal(stop, stop_like_ctrl_c) for stop in STOP_SIGNALS[1:]
-                if signal.getsignal(stop) is not signal.SIG_IGN}
+    previous = handle_signals(STOP_SIGNALS[1:], stop_like_ctrl_c)  # SIGINT is Python's KeyboardInterrupt already
     try:
         if args.adopt:
             data_dir = resolve_folder(args.adopt)
