@@ -29,21 +29,20 @@ import torch  # noqa: E402
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (build_checkpoint, check_model_fits, check_out_dir, check_resume_lr, check_same_optimizer,
-                        checkpoint_path, gather_rank_states, load_checkpoint, non_finite_part, restore_checkpoint,
-                        resume_model_args, rng_state, save_checkpoint, saved_val_loss)
 from atomic import append_line
-from checkpoint import changed_settings, check_same_data
+from checkpoint import (build_checkpoint, changed_settings, check_model_fits, check_out_dir, check_resume_lr,
+                        check_same_data, check_same_optimizer, checkpoint_path, gather_rank_states, load_checkpoint,
+                        non_finite_part, restore_checkpoint, resume_model_args, rng_state, save_checkpoint,
+                        saved_val_loss)
 from configurator import config_globals, configure, fail, first_line
 from evaluation import estimate_loss, evaluate_hellaswag, generate_samples, load_hellaswag, render_examples
 from hf import check_init_from, load_gpt2
 from loader import TokenBatches, check_data_order, dataset_changed, file_identity, open_dataset
 from model import GPT, GPTConfig, check_optimizer
 from progress import Progress
-from runtime import (StopSignal, autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu,
-                     fail_together, keep_freed_memory, launcher_gone, pick_device, pick_dtype, setup_ddp,
-                     stop_at_once_on_signals, synchronize)
-from runtime import SurvivesClosedPipe, out_of_memory_hook
+from runtime import (StopSignal, SurvivesClosedPipe, autocast_context, compile_with_fallback, device_peak_flops,
+                     estimate_mfu, fail_together, keep_freed_memory, launcher_gone, out_of_memory_hook, pick_device,
+                     pick_dtype, setup_ddp, stop_at_once_on_signals, synchronize)
 from schedule import cooldown_start, get_lr, schedule_args
 from tokenizer import TokenizerUnavailable, get_encoding
 
