@@ -85,8 +85,8 @@ DEVIATIONS = [
     "- **Tokens per run: 122,880, not ≥1.5M**, and so no baseline below 6.0 in tables 1-2. Measured before "
     "planning: a 4 x 64 model trained at ~200 tokens/s per process on the shared 2-core machine (two at a time, "
     "1-minute load average 9-10 from other jobs; up to ~1,200 tokens/s when it was quiet). 1.5M tokens would "
-    "have been ~2 h per run; the whole design had ~65 min. Only the long check (table 3) runs 1.5M tokens: the "
-    "baseline and the best arm, one seed, at the lr tuned on the short runs.",
+    "have been ~2 h per run; the whole study had ~65 min of machine time. Only the long check (table 3) runs "
+    "1.5M tokens: the baseline and the best arm, one seed, at the lr tuned on the short runs.",
     "- **Width 64, not 128-256**: at these widths the 50,304-way output layer is most of the cost (19.3 of 20.9 "
     "MFLOPs/token at 64 wide, 38.6 of 44.9 at 128), so the narrowest sensible model buys the most tokens.",
     "- **Learning-rate grid: 3 values at a quarter of the horizon (30 iterations), seed 0 only.** Muon arms tune "
@@ -407,7 +407,7 @@ def write_report(args, command_wall):
     if missing:
         lines += ["", "Planned but not run (out of time): " + ", ".join(missing) + "."]
     lines += long_check_lines(args, scale, tokens_per_iter)
-    lines += ["", "## Deviations from issue 12's design, and why", "", *DEVIATIONS]
+    lines += ["", "## Deviations from the planned design, and why", "", *DEVIATIONS]
     timings = [t for _, _, t in runs.values()]
     run_seconds = sum(t["end"] - t["start"] for t in timings)
     span = max(t["end"] for t in timings) - min(t["start"] for t in timings)
