@@ -25,11 +25,11 @@ from types import SimpleNamespace
 import torch
 
 from configurator import config_globals, configure, fail
-from loader import TokenBatches
+from kit.loader import TokenBatches
 from model import GPT, GPTConfig
-from runtime import (autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu, keep_freed_memory,
+from kit.runtime import (autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu, keep_freed_memory,
                      pick_device, pick_dtype, synchronize)
-from tokenizer import VOCAB_SIZE
+from kit.tokenizer import VOCAB_SIZE
 
 # the bench's own keys, besides train.py's
 BENCH_DEFAULTS = dict(

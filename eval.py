@@ -1,5 +1,5 @@
 """
-How good is a model: val loss and bits per byte on val.bin, and HellaSwag accuracy (see evaluation.py
+How good is a model: val loss and bits per byte on val.bin, and HellaSwag accuracy (see kit/evaluation.py
 for what each figure means). Prints them and appends them as one JSON line to out_dir/evals.jsonl.
 
 $ python eval.py --out_dir=out-fineweb --ckpt=best
@@ -14,15 +14,15 @@ import time
 
 import numpy as np
 
-from checkpoint import check_model_fits, checkpoint_path, load_checkpoint, model_from_checkpoint
+from kit.checkpoint import check_model_fits, checkpoint_path, load_checkpoint, model_from_checkpoint
 from configurator import config_globals, configure, fail
-from evaluation import evaluate_hellaswag, evaluate_val, load_hellaswag, render_examples
-from hf import load_gpt2
-from loader import check_token_ids, num_tokens
+from kit.evaluation import evaluate_hellaswag, evaluate_val, load_hellaswag, render_examples
+from kit.hf import load_gpt2
+from kit.loader import check_token_ids, num_tokens
 from model import GPT, GPTConfig
-from runtime import (SurvivesClosedPipe, autocast_context, keep_freed_memory, out_of_memory_hook, pick_device,
+from kit.runtime import (SurvivesClosedPipe, autocast_context, keep_freed_memory, out_of_memory_hook, pick_device,
                      pick_dtype, synchronize)
-from tokenizer import EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE
+from kit.tokenizer import EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # where train.py wrote its checkpoints; evals.jsonl is appended here

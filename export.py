@@ -4,9 +4,9 @@ Export a checkpoint as a Hugging Face GPT-2 folder (config.json, model.safetenso
 $ python export.py --out_dir=out-fineweb --ckpt=best --to=hf_model
 $ python -c "from transformers import pipeline; print(pipeline('text-generation', 'hf_model')('Hello')[0])"
 
-Our documents start after <|endoftext|> (see tokenizer.py), so begin a prompt with it to start a
+Our documents start after <|endoftext|> (see kit/tokenizer.py), so begin a prompt with it to start a
 new document. The mapping and its choices (vocabulary trimmed to 50257, zero biases for bias=False)
-are in hf.py. Only safetensors is needed to export; transformers only to use the result.
+are in kit/hf.py. Only safetensors is needed to export; transformers only to use the result.
 """
 import glob
 import os
@@ -15,10 +15,10 @@ import sys
 
 import psutil
 
-from atomic import atomic_write
-from checkpoint import check_model_fits, checkpoint_model_args, checkpoint_path, clean_state_dict, load_checkpoint
+from kit.atomic import atomic_write
+from kit.checkpoint import check_model_fits, checkpoint_model_args, checkpoint_path, clean_state_dict, load_checkpoint
 from configurator import config_globals, configure, fail
-from hf import EXPORT_FILES, export_files
+from kit.hf import EXPORT_FILES, export_files
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # where train.py wrote its checkpoints

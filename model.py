@@ -1,6 +1,6 @@
 """
 The GPT-2 language model in one file, plus the one fact about its cost that everything else reuses:
-the FLOPs per token (the device's peak FLOPs, and MFU, are in runtime.py).
+the FLOPs per token (the device's peak FLOPs, and MFU, are in kit/runtime.py).
 
 With every switch at its default this is GPT-2 exactly: learned token and position embeddings,
 pre-LayerNorm blocks, causal self-attention, GELU MLP, final LayerNorm, lm_head tied to the token
@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tokenizer import VOCAB_SIZE
+from kit.tokenizer import VOCAB_SIZE
 
 
 OPTIMIZERS = ("adamw", "muon")  # train.py's optimizer=; see GPT.configure_optimizers
@@ -482,7 +482,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, vocab_siz
 
 
 # ----------------------------------------------------------------------------------------------
-# Cost: the one FLOPs formula, used by train.py, bench.py and the MFU figures (the peaks are in runtime.py).
+# Cost: the one FLOPs formula, used by train.py, bench.py and the MFU figures (the peaks are in kit/runtime.py).
 
 def flops_per_token(matmul_params, n_layer, n_embd, seq_len):
     """Training FLOPs per token, forward + backward: 6 per weight of every matmul (2 forward, 4

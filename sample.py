@@ -11,11 +11,11 @@ import time
 
 import torch
 
-from checkpoint import check_model_fits, checkpoint_path, load_checkpoint, model_from_checkpoint
+from kit.checkpoint import check_model_fits, checkpoint_path, load_checkpoint, model_from_checkpoint
 from configurator import config_globals, configure, fail
-from runtime import (autocast_context, keep_freed_memory, out_of_memory_hook, pick_device, pick_dtype, synchronize,
+from kit.runtime import (autocast_context, keep_freed_memory, out_of_memory_hook, pick_device, pick_dtype, synchronize,
                      to_devnull)
-from tokenizer import EOT_TOKEN, VOCAB_SIZE, TokenizerUnavailable, decode, encode_prompt, get_encoding
+from kit.tokenizer import EOT_TOKEN, VOCAB_SIZE, TokenizerUnavailable, decode, encode_prompt, get_encoding
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # where train.py wrote its checkpoints

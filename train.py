@@ -29,22 +29,22 @@ import torch  # noqa: E402
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from atomic import append_line
-from checkpoint import (build_checkpoint, changed_settings, check_model_fits, check_out_dir, check_resume_lr,
+from kit.atomic import append_line
+from kit.checkpoint import (build_checkpoint, changed_settings, check_model_fits, check_out_dir, check_resume_lr,
                         check_same_data, check_same_optimizer, checkpoint_path, gather_rank_states, load_checkpoint,
                         non_finite_part, restore_checkpoint, resume_model_args, rng_state, save_checkpoint,
                         saved_val_loss)
 from configurator import config_globals, configure, fail, first_line
-from evaluation import estimate_loss, evaluate_hellaswag, generate_samples, load_hellaswag, render_examples
-from hf import check_init_from, load_gpt2
-from loader import TokenBatches, check_data_order, dataset_changed, file_identity, open_dataset
+from kit.evaluation import estimate_loss, evaluate_hellaswag, generate_samples, load_hellaswag, render_examples
+from kit.hf import check_init_from, load_gpt2
+from kit.loader import TokenBatches, check_data_order, dataset_changed, file_identity, open_dataset
 from model import GPT, GPTConfig, check_optimizer
-from progress import Progress
-from runtime import (StopSignal, SurvivesClosedPipe, autocast_context, compile_with_fallback, device_peak_flops,
+from kit.progress import Progress
+from kit.runtime import (StopSignal, SurvivesClosedPipe, autocast_context, compile_with_fallback, device_peak_flops,
                      estimate_mfu, fail_together, keep_freed_memory, launcher_gone, out_of_memory_hook, pick_device,
                      pick_dtype, setup_ddp, stop_at_once_on_signals, synchronize)
-from schedule import cooldown_start, get_lr, schedule_args
-from tokenizer import TokenizerUnavailable, get_encoding
+from kit.schedule import cooldown_start, get_lr, schedule_args
+from kit.tokenizer import TokenizerUnavailable, get_encoding
 
 # -----------------------------------------------------------------------------
 # default config values, for a GPT-2 small (124M) on FineWeb; config/*.py and --key=value override
@@ -56,7 +56,7 @@ eval_iters = 200  # batches per loss estimate
 eval_only = False  # evaluate once and exit
 hellaswag_interval = 0  # also score HellaSwag at evaluation steps every this many iterations (and the last); 0 = off
 hellaswag_limit = 0  # the first this many HellaSwag examples (0 = all 10,042), split over the DDP ranks
-hellaswag_file = ""  # hellaswag_val.jsonl; '' = downloaded once into data/hellaswag/ (see evaluation.py)
+hellaswag_file = ""  # hellaswag_val.jsonl; '' = downloaded once into data/hellaswag/ (see kit/evaluation.py)
 sample_tokens = 0  # at each evaluation print (and record) two samples of this many tokens; 0 = off
 sample_prompt = ""  # the samples' prompt; '' = start a new document
 max_hours = 0.0  # time budget of this launch: save ckpt.pt and exit 0 before an iteration would pass it; 0 = off
@@ -102,7 +102,7 @@ weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip gradients at this norm, or 0.0 to disable
-# learning rate schedule, see schedule.py
+# learning rate schedule, see kit/schedule.py
 lr_schedule = "cosine"  # 'cosine', 'wsd' or 'constant'
 warmup_iters = 2000
 lr_decay_iters = 600000  # cosine: decay ends here (usually = max_iters)
@@ -203,7 +203,7 @@ if init_from == "resume":
         check_resume_lr(ckpt, config)
     except ValueError as e:
         fail(str(e))
-elif init_from != "scratch":  # GPT-2 weights, see hf.py; the model's shape comes from them
+elif init_from != "scratch":  # GPT-2 weights, see kit/hf.py; the model's shape comes from them
     try:
         hf_args, hf_state = load_gpt2(init_from, block_size)
     except ValueError as e:

@@ -17,9 +17,9 @@ import torch
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_DIR)
 from configurator import config_globals, configure, fail  # noqa: E402
-from evaluation import evaluate_hellaswag, read_hellaswag, render_examples  # noqa: E402
+from kit.evaluation import evaluate_hellaswag, read_hellaswag, render_examples  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from runtime import autocast_context, pick_device, pick_dtype, synchronize  # noqa: E402
+from kit.runtime import autocast_context, pick_device, pick_dtype, synchronize  # noqa: E402
 
 # -----------------------------------------------------------------------------
 n_layer = 12  # the 40M configuration

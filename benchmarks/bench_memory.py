@@ -34,8 +34,8 @@ sys.path.insert(0, REPO)
 from bench import train_defaults  # noqa: E402
 from configurator import configure, fail  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from runtime import autocast_context, keep_freed_memory, pick_device, pick_dtype, synchronize  # noqa: E402
-from tokenizer import VOCAB_SIZE  # noqa: E402
+from kit.runtime import autocast_context, keep_freed_memory, pick_device, pick_dtype, synchronize  # noqa: E402
+from kit.tokenizer import VOCAB_SIZE  # noqa: E402
 
 # -----------------------------------------------------------------------------
 n_layer = 12  # the seed shape (config/train_fineweb.py's model)

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO_ROOT))
 SHARED_TIKTOKEN = REPO_ROOT.parent / "shared" / "tiktoken_cache"
 if SHARED_TIKTOKEN.is_dir():  # offline machines: the GPT-2 BPE files from ../shared
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_TIKTOKEN))
-from tokenizer import get_encoding  # noqa: E402
+from kit.tokenizer import get_encoding  # noqa: E402
 
 PREPARE = REPO_ROOT / "data" / "fineweb" / "prepare.py"
 DEFAULT_INPUT = REPO_ROOT.parent / "shared" / "corpus" / "en_docs.parquet"

@@ -14,8 +14,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import config_globals, configure, fail  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from runtime import autocast_context, pick_device, pick_dtype, synchronize  # noqa: E402
-from tokenizer import VOCAB_SIZE  # noqa: E402
+from kit.runtime import autocast_context, pick_device, pick_dtype, synchronize  # noqa: E402
+from kit.tokenizer import VOCAB_SIZE  # noqa: E402
 
 # -----------------------------------------------------------------------------
 n_layer = 12  # the 40M configuration

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tokenizer import max_token_id  # noqa: E402
+from kit.tokenizer import max_token_id  # noqa: E402
 
 
 def write_random_bin(path, gib):

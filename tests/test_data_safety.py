@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 import pytest
 
-from loader import TokenBatches, open_dataset
+from kit.loader import TokenBatches, open_dataset
 from test_prepare import PREPARE, fails_with, prepare, synthetic_texts, write_parquet
 
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import runtime
+from kit import runtime
 from conftest import make_token_dataset, run_script, train_args
 from inprocess import run_inprocess
-from tokenizer import encode_prompt, get_encoding
+from kit.tokenizer import encode_prompt, get_encoding
 
 
 def expect_error(script, *args):
@@ -104,14 +104,14 @@ def test_meta_json_dtype_other_than_uint16(tmp_path):
     data = make_token_dataset(tmp_path / "data")
     rewrite_meta(data, dtype="uint32")
     line = expect_error("train.py", *train_args(data, tmp_path / "out"))
-    assert "meta.json: dtype is 'uint32' but tokenizer.py says 'uint16'" in line
+    assert "meta.json: dtype is 'uint32' but kit/tokenizer.py says 'uint16'" in line
 
 
 def test_meta_json_vocab_larger_than_the_model(tmp_path):
     data = make_token_dataset(tmp_path / "data")
     rewrite_meta(data, vocab_size=100277)
     line = expect_error("train.py", *train_args(data, tmp_path / "out"))
-    assert "meta.json: vocab_size is 100277 but tokenizer.py says 50257" in line
+    assert "meta.json: vocab_size is 100277 but kit/tokenizer.py says 50257" in line
 
 
 def test_token_ids_beyond_the_vocab(tmp_path):

@@ -1,4 +1,4 @@
-"""evaluation.py and eval.py: HellaSwag scoring against a one-row-at-a-time reference and a rigged model,
+"""kit/evaluation.py and eval.py: HellaSwag scoring against a one-row-at-a-time reference and a rigged model,
 bits per byte by hand, the download and its checks, a checkpoint against its Hugging Face export, and
 HellaSwag during training under DDP into metrics.jsonl and plot.py."""
 import hashlib
@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-import evaluation
-from checkpoint import save_checkpoint
+from kit import evaluation
+from kit.checkpoint import save_checkpoint
 from conftest import REPO_ROOT, make_token_dataset, random_model, train_args
 from inprocess import run_inprocess
 from model import GPT, GPTConfig
-from tokenizer import TOKEN_DTYPE, VOCAB_SIZE, encode_documents, get_encoding
+from kit.tokenizer import TOKEN_DTYPE, VOCAB_SIZE, encode_documents, get_encoding
 
 FIXTURE = Path(__file__).parent / "data" / "hellaswag_tiny.jsonl"  # 12 hand-written examples in HellaSwag's schema
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50304, bias=False)

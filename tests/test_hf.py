@@ -4,12 +4,12 @@ import json
 import pytest
 import torch
 
-from checkpoint import save_checkpoint
+from kit.checkpoint import save_checkpoint
 from conftest import TINY_TRAIN_ARGS, random_model, run_script
-from hf import load_gpt2
+from kit.hf import load_gpt2
 from inprocess import run_inprocess
 from model import PADDED_VOCAB_SIZE, GPT, GPTConfig
-from tokenizer import VOCAB_SIZE
+from kit.tokenizer import VOCAB_SIZE
 
 transformers = pytest.importorskip("transformers")
 
@@ -159,7 +159,7 @@ def test_export_then_import_round_trip(tmp_path):
 def test_train_init_from_local_folder_then_resume(tmp_path, token_dataset):
     """train.py evaluates the imported weights first (loss as transformers computes it on the same
     windows), takes the model's shape from them, and a run so started can be resumed."""
-    from loader import eval_batches
+    from kit.loader import eval_batches
     hf = save_random_hf_model(tmp_path / "gpt2-tiny", vocab_size=VOCAB_SIZE, n_positions=64)
     out_dir = tmp_path / "out"
     run = run_script("train.py", *TINY_TRAIN_ARGS, f"--data_dir={token_dataset}", f"--out_dir={out_dir}",
@@ -211,7 +211,7 @@ def test_export_force_killed_at_any_step_leaves_one_whole_export_and_the_next_ru
     these steps, one whole export is there (under its name, or aside until the next export.py puts it back),
     and the next run replaces it and leaves no `.tmp.<pid>` or `.old.<pid>` folder behind."""
     import shutil
-    from hf import EXPORT_FILES
+    from kit.hf import EXPORT_FILES
     hf, saved_old = tmp_path / "hf", tmp_path / "saved_old"
     for seed, out in ((0, tmp_path / "a"), (1, tmp_path / "b")):
         out.mkdir()

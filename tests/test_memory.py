@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import model as model_module
-import runtime
+from kit import runtime
 from bench import fit_report
 from conftest import REPO_ROOT, random_model, torchrun_train, train_args
 from inprocess import read_metrics, run_inprocess
-from tokenizer import VOCAB_SIZE
+from kit.tokenizer import VOCAB_SIZE
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50304, bias=True)
 EVERY_SWITCH = dict(rotary=True, qk_norm=True, mlp="relu2", norm="rmsnorm", tie_embeddings=False, zero_init_proj=True)
@@ -146,7 +146,7 @@ def test_compiled_model_with_both_levers_equals_the_full_logits(monkeypatch):
 
 def test_importing_the_model_does_not_load_torch_dynamo():
     """torch._dynamo costs every script ~1.5 s at start; only a compiled run needs it."""
-    code = "import sys, model, checkpoint, loader, runtime; print('torch._dynamo' in sys.modules)"
+    code = "import sys, model, kit.checkpoint, kit.loader, kit.runtime; print('torch._dynamo' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "False", proc.stdout + proc.stderr
 

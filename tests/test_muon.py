@@ -4,7 +4,7 @@ resume, and bench.py's count of its state. (Exact resume under DDP: test_resume.
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
+from kit.checkpoint import load_checkpoint
 from conftest import train_args
 from inprocess import read_metrics, run_inprocess
 from model import GPT, GPTConfig

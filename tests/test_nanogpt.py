@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, restore_checkpoint, save_checkpoint
+from kit.checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, restore_checkpoint, save_checkpoint
 from conftest import train_args
 from inprocess import read_metrics, run_inprocess
 from model import GPT, GPTConfig

@@ -11,7 +11,7 @@ import bench
 import plot
 from conftest import REPO_ROOT, TINY_TOKENS_PER_ITER, TINY_TRAIN_ARGS, run_script
 from model import GPT, GPTConfig
-from runtime import device_peak_flops, estimate_mfu, peak_flops
+from kit.runtime import device_peak_flops, estimate_mfu, peak_flops
 
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import plot
 from conftest import train_args
-from checkpoint import load_checkpoint
+from kit.checkpoint import load_checkpoint
 from inprocess import run_inprocess
 
 
@@ -65,7 +65,7 @@ def test_a_resume_applies_the_new_optimizer_settings_to_the_saved_moments():
     of optimizers built with the new values and given the saved moments by plain torch (not the saved values)."""
     import copy
     import torch
-    from checkpoint import build_checkpoint, load_optimizer_by_name
+    from kit.checkpoint import build_checkpoint, load_optimizer_by_name
     from conftest import random_model
     model = random_model(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64).train()
     x = torch.randint(64, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -153,7 +153,7 @@ def test_ctrl_c_during_the_compile_warm_up_stops_in_one_line(capsys, monkeypatch
     import os
     import signal
     import torch
-    import runtime
+    from kit import runtime
     monkeypatch.setattr(torch, "compile", lambda model: model)  # the signal handling is under test, not inductor
     monkeypatch.setattr(runtime.os, "_exit", exit_now)
     stepped_on = []
@@ -175,8 +175,8 @@ def test_ctrl_c_while_the_checkpoint_to_resume_loads_stops_in_one_line(data_dir,
     exit 130, the checkpoint as it was. (It was a KeyboardInterrupt's traceback.)"""
     import os
     import signal
-    import checkpoint
-    import runtime
+    from kit import checkpoint
+    from kit import runtime
     out = tmp_path / "out"
     shutil.copytree(cosine_run, out)
     before, real_load = (out / "ckpt.pt").read_bytes(), checkpoint.load_checkpoint
@@ -282,7 +282,7 @@ def test_train_py_out_of_memory_names_the_settings_to_lower(monkeypatch, capsys,
 
 def test_sample_and_eval_out_of_memory_name_their_setting(monkeypatch, capsys, cosine_run, data_dir):
     import torch
-    import evaluation
+    from kit import evaluation
     line = out_of_memory_line(monkeypatch, capsys, "sample.py", f"--out_dir={cosine_run}", "--device=cpu",
                               "--num_samples=1099511627776")
     assert line.startswith("error: out of memory (can't allocate memory") and line.endswith(
@@ -298,7 +298,7 @@ def test_sample_and_eval_out_of_memory_name_their_setting(monkeypatch, capsys, c
 
 
 def test_an_error_other_than_out_of_memory_keeps_its_traceback(capsys):
-    from runtime import out_of_memory_hook
+    from kit.runtime import out_of_memory_hook
     try:
         raise RuntimeError("shape mismatch")
     except RuntimeError as e:
@@ -310,7 +310,7 @@ def test_an_error_other_than_out_of_memory_keeps_its_traceback(capsys):
 def test_out_of_memory_in_the_compile_warm_up_is_no_compile_failure(monkeypatch, capsys):
     """Eager mode would run out as well: the error goes on to the one line, with no 'torch.compile failed'."""
     import torch
-    from runtime import compile_with_fallback
+    from kit.runtime import compile_with_fallback
     monkeypatch.setattr(torch, "compile", lambda model: model)
 
     def step(compiled):

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_script
-from tokenizer import read_dataset_meta
+from kit.tokenizer import read_dataset_meta
 
 DOCS = ["The quick brown fox jumps over the lazy dog. " * 40,
         "Une phrase en français, avec des accents: é à ç. " * 30,

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO_ROOT, run_script
-from tokenizer import EOT_TOKEN, encode_documents, encode_documents_flat, get_encoding
+from kit.tokenizer import EOT_TOKEN, encode_documents, encode_documents_flat, get_encoding
 
 sys.path.insert(0, str(REPO_ROOT / "data" / "fineweb"))
 import prepare  # noqa: E402

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO_ROOT
-from tokenizer import EOT_TOKEN
+from kit.tokenizer import EOT_TOKEN
 
 sys.path.insert(0, str(REPO_ROOT / "data" / "fineweb"))
 import prepare  # noqa: E402

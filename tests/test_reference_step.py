@@ -19,7 +19,7 @@ import torch
 
 from conftest import make_token_dataset
 from inprocess import read_metrics, run_inprocess
-from loader import TokenBatches
+from kit.loader import TokenBatches
 from model import PADDED_VOCAB_SIZE, GPT, GPTConfig
 
 SEED = 1337

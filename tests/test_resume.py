@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-import loader
-from checkpoint import lock_out_dir, load_checkpoint, save_checkpoint
+from kit import loader
+from kit.checkpoint import lock_out_dir, load_checkpoint, save_checkpoint
 from conftest import REPO_ROOT, make_token_dataset, torchrun_train, train_args
 from inprocess import read_metrics, run_inprocess
-from loader import TokenBatches
-from schedule import cooldown_start, get_lr, schedule_args
-from tokenizer import EOT_TOKEN
+from kit.loader import TokenBatches
+from kit.schedule import cooldown_start, get_lr, schedule_args
+from kit.tokenizer import EOT_TOKEN
 
 
 def losses_by_iter(out_dir):
@@ -274,7 +274,7 @@ def test_sample_picks_last_or_best(wsd_run):
 
 SAVE_FOREVER = """
 import sys, torch
-from checkpoint import save_checkpoint
+from kit.checkpoint import save_checkpoint
 path, version = sys.argv[1], 0
 while True:
     version += 1

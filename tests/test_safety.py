@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from checkpoint import save_checkpoint
+from kit.checkpoint import save_checkpoint
 from conftest import DiskFullAfter, train_args
 from inprocess import run_inprocess
 from model import GPT, GPTConfig
@@ -132,7 +132,7 @@ def test_damaged_or_mismatched_checkpoints_are_refused_in_one_line(tiny_ckpt, da
 @pytest.mark.parametrize("fails_in", ["write", "fsync"])
 def test_full_disk_during_a_save_keeps_every_checkpoint_and_leaves_no_tmp(cosine_run, data_dir, tmp_path,
                                                                          monkeypatch, fails_in):
-    import atomic  # where checkpoints are written
+    from kit import atomic  # where checkpoints are written
     out = shutil.copytree(cosine_run, tmp_path / "out")
     before = {name: sha(out / name) for name in ("ckpt.pt", "best.pt")}
     if fails_in == "write":
@@ -243,7 +243,7 @@ def test_sample_export_and_bench_check_their_settings_before_loading(tmp_path, m
 ])
 def test_a_hugging_face_folder_with_a_wrong_config_json(data_dir, tmp_path, change, fragment):
     import json
-    from hf import export_files
+    from kit.hf import export_files
     folder = tmp_path / "hf"
     folder.mkdir()
     for name, data in export_files(TINY, GPT(GPTConfig(**TINY)).state_dict()).items():
@@ -317,7 +317,7 @@ def test_the_readme_pipeline_line_works_on_the_quick_start_model(tmp_path, monke
 
 
 def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
-    from atomic import atomic_write
+    from kit.atomic import atomic_write
     path = tmp_path / "meta.json"
     path.write_text("old")
     with pytest.raises(RuntimeError):
@@ -331,7 +331,7 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
 
 
 def test_sample_without_the_tokenizer_files_names_the_way_out(tiny_ckpt, monkeypatch):
-    import tokenizer
+    from kit import tokenizer
 
     def offline(name):
         raise ConnectionError("no network")

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from checkpoint import save_checkpoint
+from kit.checkpoint import save_checkpoint
 from inprocess import run_inprocess
 from model import PADDED_VOCAB_SIZE, GPT, GPTConfig, KVCache, sample_next_token
-from tokenizer import EOT_TOKEN
+from kit.tokenizer import EOT_TOKEN
 
 SWITCHES = [dict(), dict(rotary=True),
             dict(qk_norm=True, mlp="relu2", norm="rmsnorm", tie_embeddings=False, bias=False, rotary=True)]

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from schedule import cooldown_start, get_lr
+from kit.schedule import cooldown_start, get_lr
 
 BASE = dict(learning_rate=5e-4, min_lr=5e-5, warmup_iters=200, lr_decay_iters=6000, max_iters=6000,
             cooldown_frac=0.2)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import checkpoint_model_args, load_checkpoint, model_from_checkpoint
+from kit.checkpoint import checkpoint_model_args, load_checkpoint, model_from_checkpoint
 from conftest import TINY_TRAIN_ARGS, run_script, train_args
 from inprocess import run_inprocess
 from model import PADDED_VOCAB_SIZE, GPT, GPTConfig, Norm, apply_rotary, rotary_tables

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import loader
-import tokenizer
+from kit import loader
+from kit import tokenizer
 from conftest import REPO_ROOT, make_token_dataset, train_args
 from inprocess import run_inprocess
 

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from checkpoint import clean_state_dict, load_checkpoint, model_from_checkpoint
+from kit.checkpoint import clean_state_dict, load_checkpoint, model_from_checkpoint
 from conftest import TINY_TOKENS_PER_ITER, TINY_TRAIN_ARGS, run_script
 from model import GPT, GPTConfig
-from runtime import compile_with_fallback
+from kit.runtime import compile_with_fallback
 
 NANOGPT_KEYS = {"model_args", "model", "optimizer", "iter_num", "best_val_loss", "config"}
 

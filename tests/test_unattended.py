@@ -12,14 +12,14 @@ import time
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, saved_val_loss
+from kit.checkpoint import load_checkpoint, saved_val_loss
 from conftest import REPO_ROOT, DiskFullAfter, make_token_dataset, run_script, train_args
 from inprocess import read_metrics, run_inprocess
 from test_safety import one_error_line, sha
 
 HOLD_LOCK = """
 import sys
-from atomic import lock_folder
+from kit.atomic import lock_folder
 lock = lock_folder(sys.argv[1], "train.lock")
 print("held", flush=True)
 sys.stdin.read()  # until the test kills us
@@ -120,7 +120,7 @@ def train_and_hang_up(data_dir, out, monkeypatch, handler, *args):
     """train.py in this process, with a real SIGHUP to this process at the first micro-batch of iteration 2
     (the 8th batch: open_dataset draws 1, the evaluation at 0 draws 4), handler installed at the start.
     (exit code, stdout, stderr, how many batches were drawn)."""
-    import loader
+    from kit import loader
     real_next_batch, calls = loader.TokenBatches.next_batch, []
 
     def next_batch_then_hang_up(self):
@@ -195,7 +195,7 @@ def test_bins_published_under_a_running_trainer_stop_it_after_saving(tmp_path, m
     batch: open_dataset draws 1, the evaluation at 0 draws 4):
     the run finishes that iteration on the bins it opened, saves and stops in one line naming the bins,
     instead of a traceback or a silent switch to other data."""
-    import loader
+    from kit import loader
     prepare = REPO_ROOT / "data" / "fineweb" / "prepare.py"
     data = make_token_dataset(tmp_path / "data")
     second = write_texts(tmp_path / "second.parquet", [f"another text number {i} " * 40 for i in range(12)])

@@ -1,4 +1,4 @@
-"""Planning and watching a long run: the time left (progress.py, on a fake clock), the max_hours budget,
+"""Planning and watching a long run: the time left (kit/progress.py, on a fake clock), the max_hours budget,
 samples printed at evaluations without disturbing training."""
 import socket
 import sys
@@ -6,10 +6,10 @@ import types
 
 import pytest
 
-from checkpoint import load_checkpoint
+from kit.checkpoint import load_checkpoint
 from conftest import torchrun_train, train_args
 from inprocess import read_metrics, run_inprocess
-from progress import Progress, duration, finish_time
+from kit.progress import Progress, duration, finish_time
 
 
 class FakeClock:
@@ -195,8 +195,8 @@ def test_bench_reports_peak_memory_on_windows_without_resource(monkeypatch):
 def test_torch_compile_is_tried_on_windows_and_falls_back_with_the_warning(monkeypatch, capsys):
     import torch
     from model import GPT, GPTConfig
-    import runtime
-    from runtime import compile_with_fallback
+    from kit import runtime
+    from kit.runtime import compile_with_fallback
     # runtime's view of the platform only: torch itself cannot compile under a faked sys.platform
     monkeypatch.setattr(runtime, "sys", types.SimpleNamespace(platform="win32", stderr=sys.stderr))
     monkeypatch.setattr(torch, "compile", lambda m: ("compiled", m))  # importing inductor costs ~10 s
@@ -238,13 +238,13 @@ REAL_DEVICE_NAMES = [
 
 @pytest.mark.parametrize("name, tflops", REAL_DEVICE_NAMES)
 def test_each_card_gets_its_own_peak(name, tflops):
-    from runtime import peak_flops
+    from kit.runtime import peak_flops
     assert peak_flops(name, "bfloat16") == (pytest.approx(tflops * 1e12) if tflops else None)
 
 
 def test_geforce_peaks_are_half_the_fp16_accumulate_rate_and_tf32_half_of_that():
     """A check on the table's arithmetic: GeForce fp32-accumulate bf16 = SMs x clock x 512, tf32 and fp32 half."""
-    from runtime import PEAK_TFLOPS
+    from kit.runtime import PEAK_TFLOPS
     for name in ("rtx 3090", "rtx 4090", "rtx 5090", "rtx 4060"):
         bf16, tf32, fp32 = PEAK_TFLOPS[name]
         assert tf32 == pytest.approx(bf16 / 2, abs=0.15) and fp32 == tf32  # 71 is the whitepaper's rounding of 71.2
@@ -252,7 +252,7 @@ def test_geforce_peaks_are_half_the_fp16_accumulate_rate_and_tf32_half_of_that()
 
 def test_an_unknown_card_says_once_how_to_pass_peak_flops(monkeypatch):
     import torch
-    from runtime import device_peak_flops
+    from kit.runtime import device_peak_flops
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3060 Laptop GPU")
     peak, description = device_peak_flops("cuda", "bfloat16")
     assert peak is None and "--peak_flops=" in description and "\n" not in description

@@ -1,7 +1,7 @@
 """
 Turn FineWeb parquet shards (or any Hugging Face text dataset) into train.bin / val.bin: raw uint16 GPT-2
 token streams that np.memmap reads (nanoGPT's format), plus meta.json describing them. The tokenizer and
-the EOT rule (one <|endoftext|> prepended to every document) come from tokenizer.py at the repo root.
+the EOT rule (one <|endoftext|> prepended to every document) come from kit/tokenizer.py at the repo root.
 
     python data/fineweb/prepare.py                                   # FineWeb, dump CC-MAIN-2013-20, its first file
     python data/fineweb/prepare.py --shards 0-9                      # its first ten files, one pair of bins
@@ -58,17 +58,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# tokenizer.py lives at the repo root, which is not on the path when this file runs as a script
+# kit/tokenizer.py lives at the repo root, which is not on the path when this file runs as a script
 # (sources.py, beside this file, is: a script's own folder comes first)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-from atomic import FolderInUse, atomic_write, check_writable, lock_folder, unlock_folder  # noqa: E402
+from kit.atomic import FolderInUse, atomic_write, check_writable, lock_folder, unlock_folder  # noqa: E402
 from configurator import STOP_SIGNALS, fail, first_line, handle_signals  # noqa: E402
 from sources import (DEFAULT_DUMP, HF_REPO, Prefetch, PrepareError, dataset_source,  # noqa: E402
                      delete_downloaded, describe_parquet, hub_sources, is_downloaded, local_source,
                      resolve_inputs, stream_batches)
-from tokenizer import (ENCODING_NAME, EOT_PLACEMENT, EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE,  # noqa: E402
+from kit.tokenizer import (ENCODING_NAME, EOT_PLACEMENT, EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE,  # noqa: E402
                        TokenizerUnavailable, encode_documents_flat, get_encoding, max_token_id, read_dataset_meta)
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent  # data/fineweb/, whatever the working directory

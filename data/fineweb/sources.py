@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from atomic import atomic_write  # the repo root is on the path: prepare.py puts it there
+from kit.atomic import atomic_write  # the repo root is on the path: prepare.py puts it there
 from configurator import first_line
 
 HF_REPO = "HuggingFaceFW/fineweb"

@@ -20,7 +20,7 @@ import os
 import numpy as np
 import torch
 
-from tokenizer import ENCODING_NAME, EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE, max_token_id, read_dataset_meta
+from kit.tokenizer import ENCODING_NAME, EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE, max_token_id, read_dataset_meta
 
 ORDERS = ("random", "shuffle", "document")
 SCAN_CHUNK = 1 << 26  # tokens per read when looking for document starts: 128 MiB of uint16 at a time

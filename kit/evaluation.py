@@ -15,7 +15,7 @@ Both score over the tokenizer's 50,257 ids only: the model's padded output rows 
 ids the tokenizer never produces, and leaving them out makes a checkpoint and its Hugging Face export
 (which drops them) evaluate the same.
 
-(Named evaluation.py, not evaluate.py: that would shadow Hugging Face's `evaluate` package, which
+(Named kit/evaluation.py, not evaluate.py: that would shadow Hugging Face's `evaluate` package, which
 lm-evaluation-harness imports, for anyone running it from this folder.)
 """
 import hashlib
@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from atomic import atomic_write
-from loader import eval_batches
-from tokenizer import EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE, decode, encode_prompt, get_encoding
+from kit.atomic import atomic_write
+from kit.loader import eval_batches
+from kit.tokenizer import EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE, decode, encode_prompt, get_encoding
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 # as recorded by Hugging Face datasets for this file (datasets/hellaswag/dataset_infos.json: 12,246,618

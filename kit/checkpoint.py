@@ -57,10 +57,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from atomic import FolderInUse, atomic_write, check_writable, lock_folder
+from kit.atomic import FolderInUse, atomic_write, check_writable, lock_folder
 from configurator import first_line
 from model import GPT, GPTConfig
-from schedule import get_lr, schedule_args
+from kit.schedule import get_lr, schedule_args
 
 CHECKPOINT_NAMES = {"last": "ckpt.pt", "best": "best.pt", "stable": "stable.pt"}
 LOCK_NAME = "train.lock"  # in out_dir, held by the run writing there (lock_out_dir)
@@ -112,7 +112,7 @@ def lock_out_dir(out_dir):
 
 
 def save_checkpoint(state, *paths):
-    """Write state to each path atomically (atomic.py): a crash, SIGKILL or full disk mid-write leaves the
+    """Write state to each path atomically (kit/atomic.py): a crash, SIGKILL or full disk mid-write leaves the
     previous file intact. The checksum is computed once for all the paths (ckpt.pt, best.pt, stable.pt)."""
     if isinstance(state, dict):  # a re-saved checkpoint gets a fresh checksum, not one over the old
         state = {k: v for k, v in state.items() if k != "checksum"}

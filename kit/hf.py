@@ -28,7 +28,7 @@ import torch
 
 from configurator import first_line
 from model import PADDED_VOCAB_SIZE
-from tokenizer import ENCODING_NAME, EOT_TOKEN, VOCAB_SIZE
+from kit.tokenizer import ENCODING_NAME, EOT_TOKEN, VOCAB_SIZE
 
 HUB_MODELS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
               "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}

@@ -93,7 +93,7 @@ def check_split_record(meta_path, split, info):
 
 
 def read_dataset_meta(data_dir):
-    """meta.json of a dataset prepare.py finished, checked against tokenizer.py and the bins beside
+    """meta.json of a dataset prepare.py finished, checked against kit/tokenizer.py and the bins beside
     it. prepare.py writes meta.json last, so bins without it are from an unfinished run.
     Raises FileNotFoundError (nothing prepared there) or ValueError (unfinished or inconsistent)."""
     meta_path = os.path.join(data_dir, "meta.json")
@@ -115,7 +115,7 @@ def read_dataset_meta(data_dir):
             del expected["eot_placement"]
         for key, value in expected.items():
             if meta.get(key) != value:
-                raise ValueError(f"{meta_path}: {key} is {meta.get(key)!r} but tokenizer.py says {value!r}; "
+                raise ValueError(f"{meta_path}: {key} is {meta.get(key)!r} but kit/tokenizer.py says {value!r}; "
                                  "rerun prepare.py --force")
         for split in ("train", "val"):
             info = meta["splits"][split]
