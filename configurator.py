@@ -4,8 +4,9 @@ Command-line configuration for train.py, sample.py and the other scripts:
     python train.py config/train_fineweb.py --batch_size=8 --compile=False --out_dir='out-x'
 
 Each script keeps its defaults as plain globals; `configure(defaults, argv)` applies config files
-(plain Python assignments, run in order) and then `--key=value` overrides, and returns the result.
-`--help` lists every setting with its value (a config file before it: that file's) and its comment.
+(plain Python assignments, run in order) and then the `--key=value` overrides, wherever they stand
+on the command line, and returns the result.
+`--help` lists every setting with its value (the config files' where they set it) and its comment.
 Values are Python literals checked against the default's type (an int is accepted for a float;
 a bare word is taken as a string where the default is a string; a None default accepts any literal).
 Every value is then checked against RULES, so a count of 0 or a negative learning rate stops the
@@ -58,7 +59,8 @@ RULES = {
     "muon_momentum": BELOW_1,
     "muon_weight_decay": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
                           "must be a number >= 0 (unset: weight_decay)"),
-    "logit_softcap": (lambda v: v >= 0, "must be >= 0 (0 = off)"),
+    # cap * tanh(logits / cap) in float32: a cap outside float32's comfortable range makes every loss NaN
+    "logit_softcap": (lambda v: v == 0 or 1e-30 <= v <= 1e30, "must be 0 (off) or in [1e-30, 1e30]"),
     "seed": AT_LEAST_0,
     "hellaswag_interval": AT_LEAST_0,  # 0 = off
     "hellaswag_limit": AT_LEAST_0,  # 0 = every example
@@ -138,13 +140,16 @@ def unknown_key_hint(key, config):
     return "known keys: " + ", ".join(sorted(config))
 
 
-def check_type(key, value, default):
-    """The value to store for key, or exit with a message when its type does not fit the default."""
+def check_type(key, value, default, current=None):
+    """The value to store for key, or exit with a message when its type does not fit the default's.
+    current: the value in force (a config file's), named in the message."""
     if default is None:
         return value
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+            value = int(value)  # --max_iters=1e3
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -155,8 +160,9 @@ def check_type(key, value, default):
     else:
         ok = isinstance(value, type(default))
     if not ok:
+        current = default if current is None else current
         fail(f"{key}={value!r} is a {type(value).__name__}, but {key} takes a {type(default).__name__} "
-             f"(default {default!r})")
+             f"(now {current!r})")
     # what torch takes, for every setting: a 64-bit integer (sizes, counts, seeds), a finite float (1e999 is inf)
     if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
         fail(f"{key}={value}: out of range, integers must be in [-2**63, 2**63) (torch's int64)")
@@ -166,6 +172,8 @@ def check_type(key, value, default):
 
 
 def parse_value(key, text, default):
+    if isinstance(default, bool) and text.lower() in ("true", "false"):
+        return text.lower() == "true"  # --compile=false, as a shell user writes it
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -188,28 +196,32 @@ def apply_config_file(config, path):
             continue
         if key not in config:
             fail(f"config file {path!r} sets unknown key {key!r}; {unknown_key_hint(key, config)}")
-        config[key] = check_type(key, value, config[key])
+        config[key] = check_type(key, value, config[key], config[key])
 
 
 def configure(defaults, argv):
-    """defaults: {name: default value}; argv: sys.argv[1:]. Returns the final config dict. --help prints
-    the settings with the values so far, commented as in the script's source (help_sources)."""
+    """defaults: {name: default value}; argv: sys.argv[1:]. Returns the final config dict. Config files
+    apply first, in their order, and --key=value overrides after them wherever they stand: an override
+    always wins. --help prints the settings with the values so far, commented as in the script's
+    source (help_sources)."""
     config = dict(defaults)
+    files = [arg for arg in argv if not arg.startswith("-")]
+    for arg in files:
+        if not arg.endswith(".py"):
+            fail(f"argument {arg!r}: expected a config file (*.py) or --key=value")
+        apply_config_file(config, arg)
     for arg in argv:
         if arg in ("--help", "-h"):
             print(settings_help(config, help_sources()))
             sys.exit(0)
-        if not arg.startswith("--"):
-            if not arg.endswith(".py"):
-                fail(f"argument {arg!r}: expected a config file (*.py) or --key=value")
-            apply_config_file(config, arg)
+        if arg in files:
             continue
-        if "=" not in arg:
+        if "=" not in arg or not arg.startswith("--"):
             fail(f"argument {arg!r}: expected --key=value")
         key, text = arg[2:].split("=", 1)  # only the first '=': values may contain '='
         if key not in config:
             fail(f"unknown config key {key!r}; {unknown_key_hint(key, config)}")
-        config[key] = check_type(key, parse_value(key, text, defaults[key]), defaults[key])
+        config[key] = check_type(key, parse_value(key, text, defaults[key]), defaults[key], config[key])
     check_rules(config)
     return config
 
@@ -252,7 +264,7 @@ def settings_help(config, sources):
     """Every key of config as --key=value with its comment, grouped under the comment lines above it,
     as the settings appear in the sources; keys no source comments on come last."""
     lines = [f"usage: python {os.path.basename(sources[-1])} [config.py ...] [--key=value ...]",
-             "(a config file given before --help: its values are the ones shown)"]
+             "(values as set by the config files given)"]
     listed = set()
     width = min(max(len(f"--{k}={v!r}") for k, v in config.items()) + 2, 40)
     for path in sources:

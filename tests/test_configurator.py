@@ -44,6 +44,27 @@ def test_config_file_then_overrides_in_order(tmp_path):
     assert config["batch_size"] == 16 and config["learning_rate"] == pytest.approx(1.2e-3)
 
 
+def test_a_config_file_after_an_override_does_not_replace_it(tmp_path):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("batch_size = 8\nout_dir = 'out-cfg'\n")
+    config = configure(DEFAULTS, ["--batch_size=16", str(cfg), "--learning_rate=1e-3"])
+    assert (config["batch_size"], config["out_dir"], config["learning_rate"]) == (16, "out-cfg", 1e-3)
+
+
+def test_a_type_error_names_the_value_in_force(capsys, tmp_path):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("batch_size = 8\n")
+    err = expect_error(capsys, [str(cfg), "--batch_size=2.5"], "batch_size=2.5 is a float")
+    assert "(now 8)" in err
+
+
+def test_shell_spellings_of_booleans_and_integral_floats():
+    assert configure(DEFAULTS, ["--compile=false"])["compile"] is False
+    assert configure(DEFAULTS, ["--compile=TRUE"])["compile"] is True
+    config = configure(DEFAULTS, ["--batch_size=1e3"])
+    assert config["batch_size"] == 1000 and isinstance(config["batch_size"], int)
+
+
 def test_the_shipped_configs_are_valid():
     defaults = train_defaults()
     assert "n_embd" in defaults and "learning_rate" in defaults and "VOCAB_SIZE" not in defaults
@@ -93,7 +114,9 @@ def test_train_py_reports_a_bad_key_and_exits_2():
     ("--muon_weight_decay=-0.1", "muon_weight_decay=-0.1: must be a number >= 0 (unset: weight_decay)"),
     ("--muon_weight_decay=True", "muon_weight_decay=True: must be a number >= 0 (unset: weight_decay)"),
     ("--muon_weight_decay='x'", "muon_weight_decay='x': must be a number >= 0 (unset: weight_decay)"),
-    ("--logit_softcap=-1", "logit_softcap=-1.0: must be >= 0 (0 = off)"),
+    ("--logit_softcap=-1", "logit_softcap=-1.0: must be 0 (off) or in [1e-30, 1e30]"),
+    ("--logit_softcap=1e39", "logit_softcap=1e+39: must be 0 (off) or in [1e-30, 1e30]"),
+    ("--logit_softcap=1e-50", "logit_softcap=1e-50: must be 0 (off) or in [1e-30, 1e30]"),
 ])
 def test_the_per_token_switches_are_checked(capsys, arg, message):
     defaults = train_defaults()
@@ -102,3 +125,15 @@ def test_the_per_token_switches_are_checked(capsys, arg, message):
     assert exit_info.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
     assert configure(defaults, ["--muon_weight_decay=0.4"])["muon_weight_decay"] == 0.4
     assert configure(defaults, [])["muon_weight_decay"] is None  # unset: Muon decays by weight_decay
+
+
+@pytest.mark.parametrize("cap", [1e-30, 1e30])
+def test_the_soft_cap_at_the_edges_of_its_range_trains_with_finite_losses(cap):
+    import torch
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, logit_softcap=cap))
+    x = torch.randint(0, 50257, (2, 8))
+    _, loss = model(x, x)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
