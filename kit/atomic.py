@@ -45,10 +45,14 @@ def check_writable(folder):
 
 def append_line(path, line):
     """Append line (a str ending in a newline) to path whole or not at all: a failed write (a full disk)
-    cuts the file back to where it was, so a reader never finds half a record. Raises the OSError."""
+    cuts the file back to where it was, so a reader never finds half a record. A last line that a crash
+    cut short is closed first, so that the new record starts a line of its own. Raises the OSError."""
     data = line.encode()
-    with open(path, "ab", buffering=0) as f:  # unbuffered: close() has nothing left to write
+    with open(path, "a+b", buffering=0) as f:  # unbuffered: close() has nothing left to write
         end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            data = data if f.read(1) == b"\n" else b"\n" + data
         try:
             written = 0
             while written < len(data):

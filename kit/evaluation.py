@@ -37,7 +37,8 @@ HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/
 # as recorded by Hugging Face datasets for this file (datasets/hellaswag/dataset_infos.json: 12,246,618
 # bytes); not verified by us, the machines that wrote this had no internet
 HELLASWAG_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
-HELLASWAG_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hellaswag", "hellaswag_val.jsonl")
+HELLASWAG_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "hellaswag",
+                               "hellaswag_val.jsonl")
 SCHEMA = "JSON lines with ctx (text), endings (4 texts) and label (0-3), as in hellaswag_val.jsonl"
 
 

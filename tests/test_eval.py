@@ -376,3 +376,8 @@ def test_train_refuses_a_bad_hellaswag_setting_before_training(token_dataset, tm
         code, _, err = run_inprocess("train.py", *args)
         assert code == 2 and err.count("\n") == 1 and message in err, err
         assert not list((tmp_path / "out").glob("*.pt"))
+
+
+def test_the_hellaswag_download_goes_to_the_git_ignored_data_folder():
+    from conftest import REPO_ROOT
+    assert Path(evaluation.HELLASWAG_CACHE) == REPO_ROOT / "data" / "hellaswag" / "hellaswag_val.jsonl"

@@ -339,3 +339,16 @@ def test_sample_without_the_tokenizer_files_names_the_way_out(tiny_ckpt, monkeyp
     code, _, stderr = run_inprocess("sample.py", f"--out_dir={tiny_ckpt}", "--device=cpu")
     line = one_error_line(code, stderr)
     assert "cannot load the gpt2 tokenizer" in line and "TIKTOKEN_CACHE_DIR" in line
+
+
+def test_a_record_after_a_line_cut_by_a_crash_starts_a_line_of_its_own(tmp_path):
+    import json
+    from kit.atomic import append_line
+    path = tmp_path / "metrics.jsonl"
+    append_line(path, json.dumps({"iter": 1}) + "\n")
+    append_line(path, json.dumps({"iter": 2}) + "\n")
+    path.write_bytes(path.read_bytes()[:-5])  # the crash: the last record cut short
+    append_line(path, json.dumps({"iter": 2, "resumed": True}) + "\n")
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[0]) == {"iter": 1} and json.loads(lines[-1]) == {"iter": 2, "resumed": True}
+    assert len(lines) == 3 and path.read_text().endswith("\n")
