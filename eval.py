@@ -1,6 +1,7 @@
 """
 How good is a model: val loss and bits per byte on val.bin, and HellaSwag accuracy (see kit/evaluation.py
 for what each figure means). Prints them and appends them as one JSON line to out_dir/evals.jsonl.
+Offline, with HellaSwag neither cached nor given (--hellaswag_file), it scores the val loss and says so.
 
 $ python eval.py --out_dir=out-fineweb --ckpt=best
 $ python eval.py --out_dir=out-fineweb --limit=500 --eval_val=False       # a quick look at HellaSwag
@@ -22,7 +23,7 @@ from kit.loader import check_token_ids, num_tokens
 from model import GPT, GPTConfig
 from kit.runtime import (SurvivesClosedPipe, autocast_context, keep_freed_memory, out_of_memory_hook, pick_device,
                      pick_dtype, synchronize)
-from kit.tokenizer import EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE
+from kit.tokenizer import EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE, read_dataset_meta
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # where train.py wrote its checkpoints; evals.jsonl is appended here
@@ -68,6 +69,11 @@ def val_path(train_config):
     dataset = train_config.get("dataset", "fineweb")
     folder = data_dir or train_config.get("data_dir") or os.path.join(REPO_DIR, "data", dataset)
     path = os.path.join(folder, "val.bin")
+    if os.path.exists(os.path.join(folder, "meta.json")):  # prepare.py's record: same tokenizer, whole bins
+        try:
+            read_dataset_meta(folder)
+        except (FileNotFoundError, ValueError) as e:
+            fail(str(e))
     if not os.path.isfile(path):
         fail(f"{path} not found: pass --data_dir=<folder holding val.bin>, or --eval_val=False for HellaSwag only")
     if num_tokens(path) < 2:
@@ -81,6 +87,20 @@ def val_path(train_config):
     except ValueError as e:
         fail(str(e))
     return path
+
+
+def hellaswag_examples(block_size, skippable):
+    """The rendered HellaSwag examples; None when off, or when the default file is neither cached nor
+    downloadable and the val loss still runs (skippable): offline, eval.py scores what it can."""
+    if not eval_hellaswag:
+        return None
+    try:
+        return render_examples(load_hellaswag(hellaswag_file), block_size, limit)
+    except ValueError as e:
+        if hellaswag_file or not skippable:
+            fail(f"{e}, or --eval_hellaswag=False to skip it")
+        print(f"hellaswag: skipped: {e} (--eval_hellaswag=False skips it quietly)", file=sys.stderr)
+        return None
 
 
 def append_result(record):
@@ -99,11 +119,10 @@ def main():
         dev = pick_device(device)
         dt = pick_dtype(dtype, dev)
         model, source, iter_num, train_config = load_model()
-        rendered = render_examples(load_hellaswag(hellaswag_file), model.config.block_size, limit) if eval_hellaswag \
-            else None
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     path = val_path(train_config) if eval_val else None
+    rendered = hellaswag_examples(model.config.block_size, skippable=eval_val)
     model.eval().to(dev)
     autocast = autocast_context(dev, dt)
     print(f"evaluating {source}" + (f" (iteration {iter_num})" if iter_num is not None else "")
@@ -114,11 +133,14 @@ def main():
               "hellaswag_acc": None, "hellaswag_acc_norm": None, "hellaswag_n": None, "hellaswag_cropped": None,
               "hellaswag_skipped": None}
     if eval_val:
+        windows = -(-(min(val_tokens or num_tokens(path), num_tokens(path)) - 1) // model.config.block_size)
+        print(f"val: scoring {windows:,} windows of {model.config.block_size} tokens of {path}"
+              + ("" if val_tokens else "; --val_tokens=N scores only the first N tokens") , file=sys.stderr)
         val = evaluate_val(model, path, dev, autocast, batch_size, val_tokens, progress=True)
         record.update(val_loss=val["val_loss"], val_bpb=val["val_bpb"], val_tokens=val["val_tokens"])
         print(f"val: {val['val_tokens']:,} tokens ({val['val_bytes']:,} bytes of text) of {path}: "
               f"loss {val['val_loss']:.4f} nats/token, {val['val_bpb']:.4f} bits/byte")
-    if eval_hellaswag:
+    if rendered is not None:
         t0 = time.time()
         record.update(evaluate_hellaswag(model, rendered, dev, autocast, batch_size, progress=True))
         synchronize(dev)

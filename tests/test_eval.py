@@ -6,6 +6,7 @@ import http.server
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -197,8 +198,24 @@ def test_offline_and_not_cached_names_hellaswag_file(tmp_path, monkeypatch, fini
     monkeypatch.setattr(evaluation, "HELLASWAG_CACHE", str(tmp_path / "cache" / "hellaswag_val.jsonl"))
     code, out, err = run_inprocess("eval.py", f"--out_dir={finished_checkpoint}", "--eval_val=False", *CPU_FP32)
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: HellaSwag is not cached at ")
-    assert "--hellaswag_file=PATH" in err and "refused" in err.lower()
+    assert "--hellaswag_file=PATH" in err and "refused" in err.lower() and "--eval_hellaswag=False" in err
     assert os.listdir(tmp_path / "cache") == [] and not (finished_checkpoint / "evals.jsonl").exists()
+    # the default command scores what it can offline: the val loss, with one line on what it skipped
+    code, out, err = run_inprocess("eval.py", f"--out_dir={finished_checkpoint}", "--val_tokens=200", *CPU_FP32)
+    assert code == 0, err
+    skipped = [line for line in err.splitlines() if line.startswith("hellaswag: skipped: HellaSwag is not cached")]
+    assert len(skipped) == 1 and "--hellaswag_file=PATH" in skipped[0] and "--eval_hellaswag=False" in skipped[0]
+    assert "val: scoring 4 windows of 64 tokens of " in err and "loss" in out, err  # 199 targets
+    (finished_checkpoint / "evals.jsonl").unlink()
+
+
+def test_eval_refuses_a_dataset_of_another_tokenizer_as_train_does(finished_checkpoint, data_dir, tmp_path):
+    other = shutil.copytree(data_dir, tmp_path / "other")
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps(dict(meta, tokenizer="cl100k_base")))
+    code, _, err = run_inprocess("eval.py", f"--out_dir={finished_checkpoint}", f"--data_dir={other}",
+                                 "--eval_hellaswag=False", *CPU_FP32)
+    assert code == 2 and err.count("\n") == 1 and "tokenizer is 'cl100k_base' but kit/tokenizer.py says 'gpt2'" in err
 
 
 # ---------------------------------------------------------------------------------------------
