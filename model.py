@@ -308,7 +308,8 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
                              muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=None):
-        """{checkpoint key: optimizer}. 'adamw': {'optimizer': AdamW} over every parameter.
+        """{checkpoint key: optimizer}, each param group with its peak rate as 'initial_lr'. 'adamw':
+        {'optimizer': AdamW} over every parameter.
         'muon': torch.optim.Muon over muon_params() under key 'muon', AdamW over the rest; Muon decays
         by muon_weight_decay (None: weight_decay, as AdamW). AdamW decays matrices only (not biases,
         norms) and is fused on CUDA."""
@@ -327,6 +328,8 @@ class GPT(nn.Module):
             muon_decay = weight_decay if muon_weight_decay is None else muon_weight_decay
             optimizers["muon"] = torch.optim.Muon(muon_params, lr=muon_lr, momentum=muon_momentum,
                                                   weight_decay=muon_decay)
+        for group in (g for opt in optimizers.values() for g in opt.param_groups):
+            group["initial_lr"] = group["lr"]  # each group's peak: the schedule scales it (kit/schedule.py)
         return optimizers
 
     def flops_per_token(self):

@@ -114,7 +114,7 @@ config = configure(config_globals(globals()), sys.argv[1:])
 globals().update(config)
 malloc_note = setup_process("lower batch_size (a larger gradient_accumulation_steps keeps the tokens per iteration) "
                             "or the model (n_embd, n_layer, block_size); on a GPU, python bench.py with the same "
-                            "settings and --fit_memory=free finds the batch_size that fits")
+                            "settings and --fit_memory=free finds the batch_size that fits", training=True)
 # -----------------------------------------------------------------------------
 
 # DDP: torchrun sets RANK; each process drives one GPU (or one CPU process with gloo)

@@ -229,15 +229,16 @@ def compile_with_fallback(model, example_step):
             signal.signal(s, handler)
 
 
-def setup_process(oom_advice, streams=True):
-    """What a long run needs of its process, before the first large allocation: output that survives its
-    reader going away (`| head`, a killed tee; streams), an out-of-memory error ending in one line that names
-    oom_advice, glibc malloc keeping freed memory, and Ctrl-C / SIGTERM / SIGHUP ending the process at once
-    until the training loop's Stopper takes over. Returns the malloc line to print ('' where it does not apply)."""
+def setup_process(oom_advice, streams=True, training=False):
+    """What a script needs of its process, before the first large allocation: output that survives its reader
+    going away (streams: `| head`, a killed tee), an out-of-memory error in one line that names oom_advice, and
+    glibc malloc keeping freed memory; training: Ctrl-C / SIGTERM / SIGHUP end the process at once until the
+    training loop's Stopper takes over. Returns the malloc line to print ('' where it does not apply)."""
     if streams:
         sys.stdout, sys.stderr = SurvivesClosedPipe(sys.stdout), SurvivesClosedPipe(sys.stderr)
     sys.excepthook = out_of_memory_hook(oom_advice)
-    stop_at_once_on_signals("while starting")
+    if training:
+        stop_at_once_on_signals("while starting")
     return keep_freed_memory()
 
 
