@@ -129,17 +129,22 @@ def load_weights(model, state_dict):
             from None
 
 
+def model_from_checkpoint(ckpt):
+    """The model a checkpoint dict describes, with its weights."""
+    model = GPT(GPTConfig.from_dict(model_args_of(ckpt)))
+    load_weights(model, ckpt["model"])
+    return model
+
+
 def load_model(out_dir, which="last"):
     """(model, checkpoint, path) for sample.py, eval.py and export.py: which is 'last', 'best', 'stable' or a
     path. ValueError (FileNotFoundError) in one line naming the file when it cannot be loaded."""
     path = checkpoint_path(out_dir, which, key="ckpt")
     ckpt = load_checkpoint(path)
     try:
-        model = GPT(GPTConfig.from_dict(model_args_of(ckpt)))
-        load_weights(model, ckpt["model"])
+        return model_from_checkpoint(ckpt), ckpt, path
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
-    return model, ckpt, path
 
 
 def saved_val_loss(path):

@@ -84,7 +84,7 @@ def test_a_resume_applies_the_new_optimizer_settings_to_the_saved_moments():
     resumed_model, reference_model = copy.deepcopy(model), copy.deepcopy(model)
     resumed = resumed_model.configure_optimizers(*new_settings)
     for key, optimizer in resumed.items():
-        load_optimizer_by_name(optimizer, copy.deepcopy(saved[key]), resumed_model, resumed_model.state_dict())
+        load_optimizer_by_name(optimizer, copy.deepcopy(saved[key]), resumed_model)
     reference = reference_model.configure_optimizers(*new_settings)
     for key, optimizer in reference.items():  # the same model and order: the saved state by position, new groups
         groups = [dict(saved_group, **{k: v for k, v in group.items() if k != "params"})
@@ -298,7 +298,7 @@ def test_sample_and_eval_out_of_memory_name_their_setting(monkeypatch, capsys, c
 
 
 def test_an_error_other_than_out_of_memory_keeps_its_traceback(capsys):
-    from kit.runtime import out_of_memory_hook
+    from kit.guard import out_of_memory_hook
     try:
         raise RuntimeError("shape mismatch")
     except RuntimeError as e:
