@@ -66,7 +66,7 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d):
-        """Build from a checkpoint's arguments (checkpoint.checkpoint_model_args) or a training config,
+        """Build from a checkpoint's arguments (kit/checkpoint.py's model_args_of) or a training config,
         ignoring keys that are not fields (a training config has no vocab_size: it gets PADDED_VOCAB_SIZE)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})

@@ -33,8 +33,8 @@ from kit.guard import Stopper, fail_together, resume_checkpoint, save_run, start
 from kit.hf import load_gpt2
 from kit.loader import TokenBatches, open_dataset
 from kit.progress import Metrics, Progress
-from kit.runtime import (autocast_context, compile_with_fallback, device_peak_flops, setup_device, setup_process,
-                         synchronize)
+from kit.runtime import (autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu, setup_device,
+                         setup_process, synchronize)
 from kit.schedule import lr_multiplier
 from model import GPT, GPTConfig
 
@@ -298,7 +298,7 @@ while True:
         synchronize(device)
         dt = time.time() - t0
         tokens_per_sec = tokens_since_log / dt
-        mfu = flops_per_token * tokens_per_sec / peak if peak else None
+        mfu = estimate_mfu(flops_per_token, tokens_per_sec, peak)
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None
         epoch = train_batches.epochs_done()
         ms_per_iter = dt * 1000 / (tokens_since_log / tokens_per_iter)

@@ -11,9 +11,7 @@ in nanoGPT's layout, so that nanoGPT's sample.py and train.py read ours and we r
   (torch.optim.Muon's state with optimizer='muon'), scaler (fp16's GradScaler), ranks (each DDP rank's
   RNG and data position: exact resume), lr, val_loss (None between evaluations), dataset_meta (to refuse
   other data), tokens_seen, progress (for the time left), checksum (CRC32 of every tensor: torch.load
-  does not check the zip's own CRCs).
-
-Files in out_dir: ckpt.pt (the latest), best.pt (lowest val loss), and for the wsd schedule stable.pt
+  does not check the zip's own CRCs). Files in out_dir: ckpt.pt (the latest), best.pt (lowest val loss), and for the wsd schedule stable.pt
 (the last evaluation before the cooldown, from which a run can be extended).
 """
 import io
@@ -28,7 +26,6 @@ from itertools import chain
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from configurator import first_line
 from kit.atomic import atomic_write
@@ -106,8 +103,8 @@ def load_checkpoint(path):
     return ckpt
 
 
-def model_args_of(ckpt):
-    """GPTConfig's arguments: nanoGPT's model_args plus our model_switches."""
+def model_args_of(ckpt):  # GPTConfig's arguments
+    """nanoGPT's model_args plus our model_switches."""
     return {**ckpt["model_args"], **(ckpt.get("model_switches") or {})}
 
 
@@ -233,17 +230,6 @@ def load_optimizer_by_name(optimizer, saved, model):
     groups = [dict(group, params=[position[n] for n in names], param_names=names)
               for group, names in zip(optimizer.param_groups, ours)]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def gather(state, world_size):
-    """Every rank's state, in rank order, on every rank (a collective under DDP). Sent as torch.save bytes:
-    all_gather_object's own pickling of tensors does not unpickle."""
-    if world_size == 1:
-        return [state]
-    buffer, gathered = io.BytesIO(), [None] * world_size
-    torch.save(state, buffer)
-    dist.all_gather_object(gathered, buffer.getvalue())
-    return [torch.load(io.BytesIO(b), weights_only=True) for b in gathered]
 
 
 def rng_state():

@@ -10,6 +10,7 @@ The edges of a training run that let it be left unattended, so that train.py's m
   out-of-memory error in one line, and Ctrl-C before the first step ending the process at once.
 """
 import glob
+import io
 import math
 import os
 import signal
@@ -22,8 +23,8 @@ import torch.distributed as dist
 
 from configurator import STOP_SIGNALS, fail, first_line, handle_signals, print_error
 from kit.atomic import FolderInUse, check_writable, lock_folder
-from kit.checkpoint import CHECKPOINT_NAMES, GPT2_DEFAULTS, build_checkpoint, checkpoint_path, gather, \
-    load_checkpoint, model_args_of, rng_state, save_checkpoint, saved_val_loss
+from kit.checkpoint import (CHECKPOINT_NAMES, GPT2_DEFAULTS, build_checkpoint, checkpoint_path, load_checkpoint,
+                            model_args_of, rng_state, save_checkpoint, saved_val_loss)
 from kit.evaluation import load_hellaswag, render_examples
 from kit.hf import check_init_from
 from kit.loader import check_data_order, dataset_changed, file_identity
@@ -161,6 +162,17 @@ def save_run(out_dir, names, model, optimizers, scaler, batches, world_size, **r
     except OSError as e:  # a full disk
         return str(e)
     return ""
+
+
+def gather(state, world_size):
+    """Every rank's state, in rank order, on every rank (a collective under DDP). Sent as torch.save bytes:
+    all_gather_object's own pickling of tensors does not unpickle."""
+    if world_size == 1:
+        return [state]
+    buffer, gathered = io.BytesIO(), [None] * world_size
+    torch.save(state, buffer)
+    dist.all_gather_object(gathered, buffer.getvalue())
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in gathered]
 
 
 def non_finite_message(what, last_checkpoint):

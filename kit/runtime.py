@@ -21,18 +21,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def pick_device(device):
     """'auto' -> cuda, then mps, then cpu; anything else is checked and returned."""
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     kind = device.split(":")[0]
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available here; use --device=cpu (or auto)")
     if kind not in ("cuda", "cpu", "mps"):
         raise ValueError(f"device={device!r}: allowed are auto, cpu, cuda, cuda:N, mps")
-    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if kind == "mps" and not mps:
         raise ValueError(f"device={device!r} but MPS (Apple GPU) is not available here; use --device=cpu (or auto)")
     return device
 
@@ -49,8 +46,7 @@ def cpu_has_bf16():
 
 
 def pick_dtype(dtype, device):
-    """'auto' -> bf16 where the device does it natively, fp16 on older GPUs, else fp32.
-    An explicit bf16 on a GPU without it is an error that suggests fp16."""
+    """'auto' -> bf16 where the device does it natively, fp16 on older GPUs, else fp32; anything else checked."""
     kind = device.split(":")[0]
     if dtype == "auto":
         if kind == "cuda":
@@ -79,17 +75,14 @@ def autocast_context(device, dtype):
 # memory off the heap's top, so each CPU training step page-faults its memory in again. The mmap threshold
 # fixed at its ceiling and trimming only above 1 GiB keep blocks up to 32 MiB (the chunked loss's included)
 # for reuse; larger ones (the output layer's gradient) still go back, which keeps the peak down.
-MMAP_THRESHOLD = 32 * 2**20  # bytes
-TRIM_THRESHOLD = 2**30
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 * 2**20, 2**30  # bytes
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
 
 
 def keep_freed_memory():
-    """Set glibc malloc's mmap and trim thresholds (above), before the first large allocation. Returns the
-    line to print at start, or '' where it does not apply: not Linux, not glibc (musl), or the user chose
-    the thresholds (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_)."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ \
-            or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+    """Set glibc malloc's mmap and trim thresholds (above). Returns the line to print at start, or '' where it
+    does not apply: not Linux, not glibc (musl), or the user chose them (MALLOC_MMAP_THRESHOLD_, ..._TRIM_...)."""
+    if not sys.platform.startswith("linux") or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
         return ""
     try:
         libc = ctypes.CDLL(None)
@@ -111,12 +104,10 @@ def synchronize(device):
         torch.mps.synchronize()
 
 
-# Dense peak TFLOP/s per GPU (no 2:4 sparsity): (bf16/fp16 on tensor cores with fp32 accumulate, tf32, fp32),
-# keyed by the name torch.cuda.get_device_name gives, normalised by card_name(). GeForce cards run fp32-accumulate
-# tensor math at half their headline fp16 rate; PyTorch accumulates in fp32, so that is the honest peak. A card
-# the vendor's whitepaper or datasheet does not list is derived as the whitepaper does it: SMs x boost clock x
-# 512 FLOP per clock per SM (Ampere, Ada and Blackwell GeForce, fp16 with fp32 accumulate; llm.c's llmc/mfu.h
-# scales the same way), SM count and boost clock from NVIDIA's product page; tf32 and fp32 are half of that.
+# Dense peak TFLOP/s per GPU (no 2:4 sparsity): (bf16/fp16 on tensor cores with fp32 accumulate, tf32, fp32), keyed
+# by card_name(). GeForce cards accumulate in fp32 at half their headline fp16 rate; PyTorch accumulates in fp32, so
+# that is the honest peak. A card its whitepaper or datasheet does not list is derived as the whitepaper does it:
+# SMs x boost clock x 512 FLOP per clock per SM (NVIDIA's product page), tf32 and fp32 half of that.
 PEAK_TFLOPS = {
     # "NVIDIA Ampere GA102 GPU Architecture" whitepaper v2, Appendix A (3090, 3080, 3070); others derived
     "rtx 3060": (25.5, 12.7, 12.7),  # derived: 28 SMs x 1.777 GHz
@@ -171,16 +162,14 @@ PEAK_COLUMN = {"bfloat16": 0, "float16": 0, "tf32": 1, "float32": 2}
 
 
 def card_name(device_name):
-    """'NVIDIA GeForce RTX 3080 Ti' -> 'rtx 3080 ti', 'Tesla V100-SXM2-16GB' -> 'v100 sxm2',
-    'NVIDIA A100 80GB PCIe' -> 'a100 pcie': the vendor words and the memory size go, every other word
-    stays, so a 3080 Ti is not a 3080 and a 'Laptop GPU' is no desktop card."""
+    """'NVIDIA GeForce RTX 3080 Ti' -> 'rtx 3080 ti', 'Tesla V100-SXM2-16GB' -> 'v100 sxm2': the vendor words and
+    the memory size go, every other word stays, so a 3080 Ti is not a 3080 and a 'Laptop GPU' is no desktop card."""
     words = device_name.lower().replace("-", " ").split()
     return " ".join(w for w in words if w not in ("nvidia", "geforce", "tesla") and not re.fullmatch(r"\d+gb", w))
 
 
 def peak_flops(device_name, dtype):
-    """Peak FLOP/s of a GPU by its name (torch.cuda.get_device_name) for a dtype ('bfloat16',
-    'float16', 'tf32', 'float32'); None when the device is not in the table."""
+    """Peak FLOP/s of a GPU by its name (torch.cuda.get_device_name) for a dtype (PEAK_COLUMN); None if unknown."""
     peaks = PEAK_TFLOPS.get(card_name(device_name))
     return None if peaks is None else peaks[PEAK_COLUMN[dtype]] * 1e12
 
@@ -200,17 +189,15 @@ def device_peak_flops(device, dtype, override=None):
     tensor_dtype = "tf32" if dtype == "float32" and torch.backends.cuda.matmul.allow_tf32 else dtype
     peak = peak_flops(name, tensor_dtype)
     if peak is None:
-        return None, (f"{name}: not in runtime.PEAK_TFLOPS, reporting tokens/s only; for MFU pass its dense "
+        return None, (f"{name}: not in kit/runtime.py's PEAK_TFLOPS, reporting tokens/s only; for MFU pass its dense "
                       f"{tensor_dtype} peak, e.g. --peak_flops=120e12 for 120 TFLOP/s")
     return peak, f"{name}: peak {peak / 1e12:.1f} TFLOP/s ({tensor_dtype})"
 
 
 def compile_with_fallback(model, example_step):
-    """torch.compile(model), tried on one real step (compilation is lazy, so failures show up on
-    first use: no C++ compiler, no Triton on Windows without triton-windows, an old GPU). On failure,
-    warn once and return the eager model, so a long run never dies for the sake of speed. Ctrl-C, SIGTERM
-    or SIGHUP while compiling ends the process at once: one line, exit 128 + signal."""
-
+    """torch.compile(model), tried on one real step (compilation is lazy: no C++ compiler, no Triton, an old GPU
+    show up on first use). On failure, warn once and return the eager model: a long run never dies for the sake
+    of speed. Ctrl-C, SIGTERM or SIGHUP while compiling ends the process at once: one line, exit 128 + signal."""
     previous = stop_at_once_on_signals("during torch.compile's warm-up")
     try:
         compiled = torch.compile(model)
@@ -243,9 +230,8 @@ def setup_process(oom_advice, streams=True, training=False):
 
 
 def setup_device(device, dtype, gradient_accumulation_steps):
-    """(device, dtype, ddp, rank, local_rank, world_size): 'auto' resolved, and under torchrun (RANK is set)
-    the process group started, each process driving one GPU or one gloo process on a CPU-only machine.
-    ValueError in one line before the ranks wait on each other."""
+    """(device, dtype, ddp, rank, local_rank, world_size), 'auto' resolved. Under torchrun (RANK is set) each
+    process drives one GPU, or is one gloo process on a CPU-only machine. ValueError before any rank waits."""
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
     if int(os.environ.get("RANK", -1)) == -1:
