@@ -180,7 +180,8 @@ if ckpt is not None:
     if master_process:
         print("\n".join(notes + [f"resuming from {resume_path} at iteration {iter_num}, lr {lr:.3g}, "
                                  f"best val loss {best_val_loss:.4f}"]))
-saved_progress, ckpt, hf_state = ckpt and ckpt.get("progress"), None, None  # free memory
+saved_progress = ckpt.get("progress") if ckpt else None  # elapsed time and rates, for the time left
+ckpt = hf_state = None  # free memory
 
 
 def train_step(m, x, y):

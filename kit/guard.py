@@ -89,6 +89,8 @@ def check_out_dir(out_dir, init_from, overwrite, lock=False):
                          "--resume_from=best or stable if it has no ckpt.pt), replace them with --overwrite=True, "
                          "or use another out_dir")
     return out_dir_lock
+
+
 def resume_checkpoint(out_dir, config, model_args, dataset_meta):
     """(checkpoint, path, model_args) to resume with config; model_args: the checkpoint's vocab_size, every other
     field as configured, which must be the checkpoint's (dropout aside). best_val_loss is the lower of its own
@@ -114,8 +116,9 @@ def resume_checkpoint(out_dir, config, model_args, dataset_meta):
         raise ValueError(f"{path} is at iteration {ckpt['iter_num']} and max_iters={config['max_iters']}: nothing "
                          "to train; pass a larger --max_iters to continue (see docs/training.md)")
     check_resume_lr(ckpt.get("config"), ckpt["iter_num"], config)
+    # resuming from stable.pt or another file: best.pt may hold a better model than the checkpoint knows of
     best = [float(ckpt.get("best_val_loss", math.inf)), saved_val_loss(checkpoint_path(out_dir, "best"))]
-    ckpt["best_val_loss"] = min(v for v in best if v is not None)  # nanoGPT stores a 0-dim tensor
+    ckpt["best_val_loss"] = min(v for v in best if v is not None)  # float(): nanoGPT stores a 0-dim tensor
     return ckpt, path, model_args
 
 

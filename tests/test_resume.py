@@ -236,6 +236,17 @@ def wsd_run(data_dir, tmp_path_factory):
 # best and last
 
 
+def test_a_save_serialises_once_and_writes_the_same_bytes_to_every_file(tmp_path, monkeypatch):
+    calls = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda *args, **kwargs: calls.append(1) or real_save(*args, **kwargs))
+    state = {"model_args": {}, "model": {"w": torch.arange(6.0)}, "iter_num": 3}
+    save_checkpoint(state, tmp_path / "best.pt", tmp_path / "stable.pt", tmp_path / "ckpt.pt")
+    assert len(calls) == 1
+    assert (tmp_path / "best.pt").read_bytes() == (tmp_path / "stable.pt").read_bytes() == (tmp_path / "ckpt.pt").read_bytes()
+    assert torch.equal(load_checkpoint(tmp_path / "ckpt.pt")["model"]["w"], torch.arange(6.0))  # checksum holds
+
+
 def test_ckpt_is_latest_and_best_is_lowest_val_loss(wsd_run):
     evals = read_metrics(wsd_run)[1]
     last, best, stable = (load_checkpoint(wsd_run / name) for name in ("ckpt.pt", "best.pt", "stable.pt"))
