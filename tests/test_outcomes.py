@@ -175,18 +175,17 @@ def test_ctrl_c_while_the_checkpoint_to_resume_loads_stops_in_one_line(data_dir,
     exit 130, the checkpoint as it was. (It was a KeyboardInterrupt's traceback.)"""
     import os
     import signal
-    from kit import checkpoint
-    from kit import runtime
+    from kit import guard  # where train.py's resume loads the checkpoint
     out = tmp_path / "out"
     shutil.copytree(cosine_run, out)
-    before, real_load = (out / "ckpt.pt").read_bytes(), checkpoint.load_checkpoint
+    before, real_load = (out / "ckpt.pt").read_bytes(), guard.load_checkpoint
 
     def load_interrupted(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "load_checkpoint", load_interrupted)
-    monkeypatch.setattr(runtime.os, "_exit", exit_now)
+    monkeypatch.setattr(guard, "load_checkpoint", load_interrupted)
+    monkeypatch.setattr(guard.os, "_exit", exit_now)
     code, stdout, stderr = run_inprocess("train.py", *train_args(data_dir, out, "--max_iters=4", "--lr_decay_iters=4",
                                                                  "--eval_interval=2", "--init_from=resume"))
     assert code == 130 and stderr == "error: SIGINT while starting: stopped before any training step, nothing saved\n"

@@ -120,7 +120,8 @@ def test_damaged_or_mismatched_checkpoints_are_refused_in_one_line(tiny_ckpt, da
         path = out / "ckpt.pt"
         runs = {"sample.py": (f"--out_dir={out}", "--device=cpu", "--num_samples=1", "--max_new_tokens=2"),
                 "export.py": (f"--out_dir={out}", f"--to={out / 'hf'}"),
-                "train.py": train_args(data_dir, out, "--init_from=resume", "--block_size=32")}
+                # the settings of the checkpoint's model_args: only the file is at fault
+                "train.py": train_args(data_dir, out, "--init_from=resume", "--block_size=32", "--bias=True")}
         for script, args in runs.items():
             code, _, stderr = run_inprocess(script, *args)
             line = one_error_line(code, stderr)
