@@ -40,8 +40,8 @@ def tiny_ckpt(tmp_path_factory):
 @pytest.mark.parametrize("to, present", [("", "notes.txt"), (".", "config.json")])
 def test_export_to_an_empty_value_or_the_current_folder_deletes_nothing(tiny_ckpt, tmp_path, monkeypatch, to,
                                                                         present):
-    """`--to=$UNSET` is `--to=`: it once removed every file of the current directory; so did `--to=.`
-    with --force where the folder held only files an export writes."""
+    """`--to=$UNSET` is `--to=`, which must not name the current directory and its files; nor may `--to=.`
+    with --force where the folder holds only files an export writes."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / present).write_text("a week of work")
     code, _, stderr = run_inprocess("export.py", f"--out_dir={tiny_ckpt}", f"--to={to}", "--force=True")
