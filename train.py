@@ -241,7 +241,8 @@ while True:
         if hellaswag_examples and (iter_num % hellaswag_interval == 0 or iter_num == max_iters):
             hellaswag = evaluate_hellaswag(raw_model, hellaswag_examples, device, ctx, batch_size, ddp_rank, world_size)
         # their own generator and eval mode: training's RNG and batches are as without them
-        samples = generate_samples(raw_model, encoding, sample_prompt, sample_tokens, device, ctx, seed) if encoding else None
+        samples = (generate_samples(raw_model, encoding, sample_prompt, sample_tokens, device, ctx, seed)
+                   if encoding else None)
         names = []
         if master_process:
             # the untrained model at iteration 0 is not saved, so it cannot be the best checkpoint
@@ -255,7 +256,8 @@ while True:
                 print(f"sample {i + 1}: {text!r}")
             if not eval_only:  # a look at a checkpoint (or GPT-2) is no part of the run's history: printed only
                 metrics.log({"iter": iter_num, "tokens": tokens_seen, "train_loss": last_eval["train"],
-                             "val_loss": last_eval["val"], "best_val_loss": best_val_loss if best_val_loss < float("inf") else None,
+                             "val_loss": last_eval["val"],
+                             "best_val_loss": best_val_loss if best_val_loss < float("inf") else None,
                              **(hellaswag or {}), **({"samples": samples} if samples else {})})
         if iter_num > 0 and not eval_only:
             save(last_eval["val"] if last_eval else None, names)
@@ -305,7 +307,8 @@ while True:
         ms_per_iter = dt * 1000 / (tokens_since_log / tokens_per_iter)
         print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {grad_norm_value:.3f}, "
               f"{ms_per_iter:.0f} ms/iter, {tokens_per_sec:,.0f} tok/s" + (f", MFU {mfu * 100:.1f}%" if mfu else "")
-              + (f", mem {mem:.2f} GiB" if mem is not None else "") + f", epoch {epoch:.3f}" + progress.log_text(iter_num))
+              + (f", mem {mem:.2f} GiB" if mem is not None else "") + f", epoch {epoch:.3f}"
+              + progress.log_text(iter_num))
         metrics.log({"iter": iter_num, "tokens": tokens_seen, "epoch": epoch, "loss": loss_value, "lr": lr,
                      "grad_norm": grad_norm_value, "ms_per_iter": ms_per_iter, "tokens_per_sec": tokens_per_sec,
                      "mfu": mfu, "peak_mem_gib": mem, "elapsed_s": progress.elapsed(), "eta_s": progress.eta(iter_num)})

@@ -11,8 +11,8 @@ in nanoGPT's layout, so that nanoGPT's sample.py and train.py read ours and we r
   (torch.optim.Muon's state with optimizer='muon'), scaler (fp16's GradScaler), ranks (each DDP rank's
   RNG and data position: exact resume), lr, val_loss (None between evaluations), dataset_meta (to refuse
   other data), tokens_seen, progress (for the time left), checksum (CRC32 of every tensor: torch.load
-  does not check the zip's own CRCs). Files in out_dir: ckpt.pt (the latest), best.pt (lowest val loss), and for the wsd schedule stable.pt
-(the last evaluation before the cooldown, from which a run can be extended).
+  does not check the zip's own CRCs). Files in out_dir: ckpt.pt (the latest), best.pt (lowest val loss), and
+  for the wsd schedule stable.pt (the last evaluation before the cooldown, from which a run can be extended).
 """
 import io
 import os

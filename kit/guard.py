@@ -309,7 +309,9 @@ class StopSignal:
 class Stopper:
     """Whether every rank stops at the end of an iteration, and why. A NaN/Inf loss or gradient norm means the
     weights are ruined: every rank exits 1 at once, nothing saved. A signal, max_hours, or a problem (a full
-    disk for metrics.jsonl, new bins under data_dir, the launcher gone) means save and stop. metrics: kit/progress.py's Metrics, whose failed append is a problem. Under DDP every rank decides together, else the others wait for it forever."""
+    disk for metrics.jsonl, new bins under data_dir, the launcher gone) means save and stop. metrics: kit/progress.py's
+    Metrics, whose failed append is such a problem. Under DDP every rank decides together, else the others wait
+    for it forever."""
 
     def __init__(self, config, ddp, device, master_process, watched_files, metrics, check_grad_norm=True):
         self.ddp, self.device, self.master_process = ddp, device, master_process

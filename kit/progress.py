@@ -1,7 +1,7 @@
 """
-What a training run records of itself: metrics.jsonl (Metrics), and how long the run has taken and how long it has left: train.py's log line (elapsed, left, the finish
-time of day), metrics.jsonl's elapsed_s / eta_s, the start banner's "the whole run will take", and the
-max_hours time budget.
+What a training run records of itself: metrics.jsonl (Metrics), and how long the run has taken and how long
+it has left (Progress): train.py's log line (elapsed, left, the finish time of day), metrics.jsonl's
+elapsed_s / eta_s, the start banner's "the whole run will take", and the max_hours time budget.
 
 Time left = iterations left x the recent seconds per iteration + evaluations left x the seconds an
 evaluation (with its checkpoint save) took. Only recent iterations count, so a card that warms up, throttles

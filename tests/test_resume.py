@@ -243,7 +243,8 @@ def test_a_save_serialises_once_and_writes_the_same_bytes_to_every_file(tmp_path
     state = {"model_args": {}, "model": {"w": torch.arange(6.0)}, "iter_num": 3}
     save_checkpoint(state, tmp_path / "best.pt", tmp_path / "stable.pt", tmp_path / "ckpt.pt")
     assert len(calls) == 1
-    assert (tmp_path / "best.pt").read_bytes() == (tmp_path / "stable.pt").read_bytes() == (tmp_path / "ckpt.pt").read_bytes()
+    files = [(tmp_path / name).read_bytes() for name in ("best.pt", "stable.pt", "ckpt.pt")]
+    assert files[0] == files[1] == files[2]
     assert torch.equal(load_checkpoint(tmp_path / "ckpt.pt")["model"]["w"], torch.arange(6.0))  # checksum holds
 
 
