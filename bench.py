@@ -10,7 +10,7 @@ $ python bench.py config/train_fineweb_124m.py --fit_memory=12GB   # largest mic
 $ python bench.py config/train_fineweb_124m.py --fit_memory=free   # ... in the GPU's free memory
 
 bench.py takes the same config files and --key=value as train.py: its defaults are train.py's own
-(train.py stops after its settings when bench.py runs it for them, so the list exists once) plus the bench keys below. Keys that only
+(read from its settings block, so the list exists once) plus the bench keys below. Keys that only
 matter to training (out_dir, the LR schedule, wandb, ...) are accepted and ignored.
 
 Peak memory is torch.cuda.max_memory_allocated on a GPU; on a CPU the process's peak resident set
@@ -24,12 +24,11 @@ from types import SimpleNamespace
 
 import torch
 
-from configurator import config_globals, configure, fail
+from configurator import configure, fail, script_defaults
 from kit.loader import TokenBatches
-from model import GPT, GPTConfig
 from kit.runtime import (autocast_context, compile_with_fallback, device_peak_flops, estimate_mfu, keep_freed_memory,
-                     pick_device, pick_dtype, synchronize)
-from kit.tokenizer import VOCAB_SIZE
+                         pick_device, pick_dtype, synchronize)
+from model import GPT, VOCAB_SIZE, GPTConfig
 
 # the bench's own keys, besides train.py's
 BENCH_DEFAULTS = dict(
@@ -50,14 +49,8 @@ SETTINGS_SOURCES = [TRAIN_PY, __file__]  # --help: train.py's settings and their
 
 
 def train_defaults(path=TRAIN_PY):
-    """train.py's settings and their defaults: train.py run under the name '__settings__' stops right
-    after its settings block (running it whole would train), and its plain globals are the settings."""
-    namespace = {"__name__": "__settings__", "__file__": path}
-    try:
-        exec(compile(open(path).read(), path, "exec"), namespace)
-    except SystemExit:
-        pass
-    return config_globals(namespace)
+    """train.py's settings and their defaults."""
+    return script_defaults(path)
 
 
 def parse_memory(text):

@@ -233,6 +233,24 @@ def config_globals(namespace):
             if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str, type(None)))}
 
 
+def script_defaults(path):
+    """A script's settings and their defaults, read from its source without running it: the first run of
+    `name = literal` lines at its top level (train.py's settings block, for bench.py)."""
+    with open(path, encoding="utf-8") as f:
+        statements = ast.parse(f.read(), path).body
+    defaults = {}
+    for statement in statements:
+        try:
+            name, = (target.id for target in statement.targets)
+            value = ast.literal_eval(statement.value)
+        except (AttributeError, ValueError, TypeError, SyntaxError):  # not a literal assignment to one name
+            if defaults:
+                break
+            continue
+        defaults[name] = value
+    return config_globals(defaults)
+
+
 def help_sources():
     """The files whose comments describe the running script's settings: its own, or the list it names in
     SETTINGS_SOURCES (bench.py: train.py's, then its own)."""

@@ -15,15 +15,14 @@ import time
 
 import numpy as np
 
-from kit.checkpoint import check_model_fits, checkpoint_path, load_checkpoint, model_from_checkpoint
 from configurator import config_globals, configure, fail
+from kit.checkpoint import load_model
 from kit.evaluation import evaluate_hellaswag, evaluate_val, load_hellaswag, render_examples
 from kit.hf import load_gpt2
 from kit.loader import check_token_ids, num_tokens
-from model import GPT, GPTConfig
-from kit.runtime import (SurvivesClosedPipe, autocast_context, keep_freed_memory, out_of_memory_hook, pick_device,
-                     pick_dtype, synchronize)
+from kit.runtime import autocast_context, pick_device, pick_dtype, setup_process, synchronize
 from kit.tokenizer import EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE, read_dataset_meta
+from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # where train.py wrote its checkpoints; evals.jsonl is appended here
@@ -41,8 +40,6 @@ dtype = "auto"
 # -----------------------------------------------------------------------------
 config = configure(config_globals(globals()), sys.argv[1:])
 globals().update(config)
-sys.stdout, sys.stderr = SurvivesClosedPipe(sys.stdout), SurvivesClosedPipe(sys.stderr)  # evals.jsonl gets it
-sys.excepthook = out_of_memory_hook("lower batch_size (val.bin windows or HellaSwag examples per forward pass)")
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -51,17 +48,15 @@ def check_options():
         fail("eval_val=False and eval_hellaswag=False: nothing to evaluate")
 
 
-def load_model():
+def load_evaluated_model():
     """(model, where it came from, its iteration or None, its training config or {})."""
     if init_from:
         model_args, state = load_gpt2(init_from)
         model = GPT(GPTConfig(**model_args))
         model.load_state_dict(state)
         return model, init_from, None, {}
-    path = checkpoint_path(out_dir, ckpt, key="ckpt")
-    checkpoint = load_checkpoint(path, map_location="cpu")
-    check_model_fits(checkpoint, path)  # one line, like sample.py and export.py, not a load_state_dict traceback
-    return model_from_checkpoint(checkpoint), path, checkpoint["iter_num"], checkpoint.get("config") or {}
+    model, checkpoint, path = load_model(out_dir, ckpt)
+    return model, path, checkpoint["iter_num"], checkpoint.get("config") or {}
 
 
 def val_path(train_config):
@@ -114,11 +109,12 @@ def append_result(record):
 
 def main():
     check_options()
-    malloc_note = keep_freed_memory()  # before the first large allocation
+    # a closed pipe must not cost the record: evals.jsonl still gets it
+    malloc_note = setup_process("lower batch_size (val.bin windows or HellaSwag examples per forward pass)")
     try:
         dev = pick_device(device)
         dt = pick_dtype(dtype, dev)
-        model, source, iter_num, train_config = load_model()
+        model, source, iter_num, train_config = load_evaluated_model()
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     path = val_path(train_config) if eval_val else None

@@ -16,7 +16,7 @@ import sys
 import psutil
 
 from kit.atomic import atomic_write
-from kit.checkpoint import check_model_fits, checkpoint_model_args, checkpoint_path, clean_state_dict, load_checkpoint
+from kit.checkpoint import load_model
 from configurator import config_globals, configure, fail
 from kit.hf import EXPORT_FILES, export_files
 
@@ -96,10 +96,8 @@ def finish_leftover(folder, kind, leftover):
 def main():
     check_destination(to)
     try:
-        path = checkpoint_path(out_dir, ckpt, key="ckpt")
-        checkpoint = load_checkpoint(path, map_location="cpu")
-        check_model_fits(checkpoint, path)  # a broken folder must never be written
-        files = export_files(checkpoint_model_args(checkpoint), clean_state_dict(checkpoint["model"]))
+        model, checkpoint, path = load_model(out_dir, ckpt)  # weights that fit: a broken folder is never written
+        files = export_files(vars(model.config), model.state_dict())
     except (FileNotFoundError, ValueError) as e:
         fail(f"cannot export: {e}")
     try:

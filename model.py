@@ -17,11 +17,11 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kit.tokenizer import VOCAB_SIZE
-
-
 OPTIMIZERS = ("adamw", "muon")  # train.py's optimizer=; see GPT.configure_optimizers
-PADDED_VOCAB_SIZE = 50304  # GPT-2's 50257 ids padded up to a multiple of 64: faster matmuls, rows never sampled
+# GPT-2's token ids (kit/tokenizer.py's encoding; tests/test_model.py checks the two agree): a literal here,
+# so that the model needs torch alone
+VOCAB_SIZE = 50257
+PADDED_VOCAB_SIZE = 50304  # VOCAB_SIZE padded up to a multiple of 64: faster matmuls, rows never sampled
 # positions per chunk of the chunked loss: the output layer holds one chunk's logits and their gradient at
 # a time instead of the whole micro-batch's. On a CPU, 128 rows (26 MB of fp32 logits) stay under glibc's
 # mmap threshold, so the memory is reused from chunk to chunk rather than mapped and page-faulted anew; on
@@ -66,21 +66,18 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d):
-        """Build from a checkpoint's arguments (checkpoint.checkpoint_model_args) or a training config,
+        """Build from a checkpoint's arguments (kit/checkpoint.py's model_args_of) or a training config,
         ignoring keys that are not fields (a training config has no vocab_size: it gets PADDED_VOCAB_SIZE)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def check_optimizer(optimizer, learning_rate):
+def check_optimizer(optimizer):
     """ValueError in one line for an optimizer setting that cannot run; train.py calls it before any work."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r}: allowed are {', '.join(map(repr, OPTIMIZERS))}")
     if optimizer == "muon" and not hasattr(torch.optim, "Muon"):
         raise ValueError(f"optimizer='muon' needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
-    if optimizer == "muon" and learning_rate <= 0:  # train.py runs Muon at muon_lr * lr / learning_rate
-        raise ValueError(f"learning_rate={learning_rate}: optimizer='muon' follows the schedule as a fraction "
-                         "of learning_rate, which must be > 0")
 
 
 class Norm(nn.Module):
@@ -289,11 +286,6 @@ class GPT(nn.Module):
         tokenizer never produces, so they enter neither the loss nor the evaluation."""
         return min(self.config.vocab_size, VOCAB_SIZE)
 
-    def all_logits(self, idx):
-        """Every position's logits (B, T, vocab), for comparisons with other implementations: training
-        and evaluation never need them whole."""
-        return self.output_logits(self.hidden_states(idx))
-
     @torch.no_grad()
     def target_logprobs(self, idx, targets):
         """log p(targets[b, t] | idx[b, :t+1]) over the scored outputs, (B, T); 0 where a target is -1.
@@ -308,16 +300,6 @@ class GPT(nn.Module):
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
-    def crop_block_size(self, block_size):
-        """Use a shorter context than the model was built for (e.g. a smaller model from a checkpoint)."""
-        if block_size > self.config.block_size:
-            raise ValueError(f"can only shrink block_size, {block_size} > {self.config.block_size}")
-        self.config.block_size = block_size
-        if self.config.rotary:
-            self.rotary_cos, self.rotary_sin = self.rotary_cos[:block_size], self.rotary_sin[:block_size]
-        else:
-            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-
     def muon_params(self):
         """The 2-D weight matrices inside the transformer blocks: the hidden layers Muon is made for.
         Embeddings, lm_head, norms and biases are not, and stay with AdamW. c_attn (q, k, v fused) is
@@ -326,11 +308,12 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
                              muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=None):
-        """{checkpoint key: optimizer}. 'adamw': {'optimizer': AdamW} over every parameter.
+        """{checkpoint key: optimizer}, each param group with its peak rate as 'initial_lr'. 'adamw':
+        {'optimizer': AdamW} over every parameter.
         'muon': torch.optim.Muon over muon_params() under key 'muon', AdamW over the rest; Muon decays
         by muon_weight_decay (None: weight_decay, as AdamW). AdamW decays matrices only (not biases,
         norms) and is fused on CUDA."""
-        check_optimizer(optimizer, learning_rate)
+        check_optimizer(optimizer)
         muon_params = self.muon_params() if optimizer == "muon" else []
         in_muon = {id(p) for p in muon_params}
         params = [p for p in self.parameters() if p.requires_grad and id(p) not in in_muon]
@@ -345,6 +328,8 @@ class GPT(nn.Module):
             muon_decay = weight_decay if muon_weight_decay is None else muon_weight_decay
             optimizers["muon"] = torch.optim.Muon(muon_params, lr=muon_lr, momentum=muon_momentum,
                                                   weight_decay=muon_decay)
+        for group in (g for opt in optimizers.values() for g in opt.param_groups):
+            group["initial_lr"] = group["lr"]  # each group's peak: the schedule scales it (kit/schedule.py)
         return optimizers
 
     def flops_per_token(self):

@@ -11,10 +11,10 @@ import time
 
 import torch
 
-from kit.checkpoint import check_model_fits, checkpoint_path, load_checkpoint, model_from_checkpoint
 from configurator import config_globals, configure, fail
-from kit.runtime import (autocast_context, keep_freed_memory, out_of_memory_hook, pick_device, pick_dtype, synchronize,
-                     to_devnull)
+from kit.checkpoint import load_model
+from kit.guard import to_devnull
+from kit.runtime import autocast_context, pick_device, pick_dtype, setup_process, synchronize
 from kit.tokenizer import EOT_TOKEN, VOCAB_SIZE, TokenizerUnavailable, decode, encode_prompt, get_encoding
 
 # -----------------------------------------------------------------------------
@@ -36,7 +36,6 @@ compile = False  # torch.compile the forward pass: pays off for long generations
 # -----------------------------------------------------------------------------
 config = configure(config_globals(globals()), sys.argv[1:])
 globals().update(config)
-sys.excepthook = out_of_memory_hook("lower num_samples (they are generated as one batch)")
 
 
 def read_prompt(start):
@@ -57,20 +56,18 @@ def main():
     # every value was checked by configure() (configurator.RULES); the rest before the checkpoint is read
     if stream and num_samples != 1:
         fail(f"stream=True prints one sample as it is generated; set --num_samples=1 (got {num_samples})")
-    malloc_note = keep_freed_memory()  # before the first large allocation
+    # its own BrokenPipeError handling below: sampling is not worth going on for with nobody reading
+    malloc_note = setup_process("lower num_samples (they are generated as one batch)", streams=False)
     try:
         dev = pick_device(device)
         dt = pick_dtype(dtype, dev)
-        path = checkpoint_path(out_dir, ckpt, key="ckpt")
         prompt_text = read_prompt(start)
         enc = get_encoding()
-        checkpoint = load_checkpoint(path, map_location="cpu")
-        check_model_fits(checkpoint, path)
+        model, checkpoint, path = load_model(out_dir, ckpt)
     except (FileNotFoundError, ValueError, TokenizerUnavailable) as e:
         fail(str(e))
     if malloc_note:
         print(malloc_note, file=sys.stderr)
-    model = model_from_checkpoint(checkpoint)
     model.eval().to(dev)
     if compile:
         # generate() calls forward once per token, so forward is what must be compiled (compiling the

@@ -76,7 +76,7 @@ def plain_forward(model, x, y):
     """nanoGPT's forward with targets: the logits of every position, one cross-entropy over them; the
     logits are returned (nanoGPT's loop, and train.py before the chunked loss, held them through the
     backward)."""
-    logits = model.all_logits(x)
+    logits = model.output_logits(model.hidden_states(x))
     return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
 
 

@@ -22,7 +22,7 @@ def atomic_write(path, mode="wb", per_process=False):
     The temporary name is fixed (<path>.tmp), so repeated crashes cannot pile up half-written files;
     per_process=True adds the pid, for files several processes may write at once (DDP ranks), or where a
     process killed mid-write must not be confused with a live one (checkpoints: the next run into out_dir
-    removes the leftovers once it holds the out_dir lock, checkpoint.lock_out_dir)."""
+    removes the leftovers once it holds the out_dir lock, kit/guard.py's check_out_dir)."""
     path = os.fspath(path)
     tmp = f"{path}.tmp.{os.getpid()}" if per_process else f"{path}.tmp"
     try:

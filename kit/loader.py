@@ -35,8 +35,8 @@ def check_token_ids(path, vocab_size, recorded_max=None):
     """Refuse a token file holding an id >= vocab_size anywhere (another tokenizer's output, bytes that
     are not uint16 tokens): such an id would crash training whenever a batch reached it. prepare.py
     re-reads each bin it writes and records its largest id in meta.json (whose sizes read_dataset_meta
-    ties to the bins), so the file itself is read only when no maximum is recorded: ~0.5 s per GB from
-    the page cache (docs/performance.md, "Data preparation")."""
+    ties to the bins), so the file itself is read only when no maximum is recorded (its time:
+    docs/performance.md, "Data preparation")."""
     largest = max_token_id(path) if recorded_max is None else recorded_max
     if largest >= vocab_size:
         raise ValueError(f"{path} holds token id {largest}, not below vocab_size {vocab_size}: "
@@ -63,7 +63,7 @@ def document_starts(path, block_size):
     """Positions of the <|endoftext|> tokens that begin each document and leave a whole row (block_size
     tokens and the next one, the last target) before the end of the file, as int64. Read in chunks, so
     a multi-GB bin needs little memory (8 bytes per document are kept). Computed at every start, not
-    cached: 19 s for a 3 GB bin (1.5B tokens, 1.2M documents) on 2 CPU cores shared at load 18, ~6 s per GB."""
+    cached (its time: docs/training.md, data_order='document')."""
     data = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
     last_start = len(data) - block_size - 1
     starts = [np.flatnonzero(data[a:min(a + SCAN_CHUNK, last_start + 1)] == EOT_TOKEN) + a

@@ -1,7 +1,7 @@
 """
-How long a training run has taken and how long it has left: train.py's log line (elapsed, left, the finish
-time of day), metrics.jsonl's elapsed_s / eta_s, the start banner's "the whole run will take", and the
-max_hours time budget.
+What a training run records of itself: metrics.jsonl (Metrics), and how long the run has taken and how long
+it has left (Progress): train.py's log line (elapsed, left, the finish time of day), metrics.jsonl's
+elapsed_s / eta_s, the start banner's "the whole run will take", and the max_hours time budget.
 
 Time left = iterations left x the recent seconds per iteration + evaluations left x the seconds an
 evaluation (with its checkpoint save) took. Only recent iterations count, so a card that warms up, throttles
@@ -9,8 +9,41 @@ or gets shared shows up in the estimate within a few log lines; the first iterat
 (compilation, allocator and cuBLAS warm-up make it slow). A checkpoint stores state_dict(), so a resumed run
 continues the elapsed time and starts from the rates it had.
 """
+import json
+import os
 import time
 from collections import deque
+
+from configurator import first_line
+from kit.atomic import append_line
+
+
+class Metrics:
+    """out_dir/metrics.jsonl, one JSON line per log step or evaluation (and wandb, if wandb_log), written by
+    rank 0. A failed append (a full disk) leaves the file whole and is kept in .problem: the run then saves
+    and stops at the next iteration (kit/guard.py's Stopper)."""
+
+    def __init__(self, out_dir, wandb_config=None):
+        """wandb_config: the run's config, to log to wandb too (its wandb_project and wandb_run_name)."""
+        self.path, self.wandb, self.problem = os.path.join(out_dir, "metrics.jsonl"), None, ""
+        if wandb_config:
+            import wandb  # start_checks made sure it imports, on every rank
+            wandb.init(project=wandb_config["wandb_project"], name=wandb_config["wandb_run_name"],
+                       config=wandb_config, resume="allow")
+            self.wandb = wandb
+
+    def log(self, record):
+        try:
+            append_line(self.path, json.dumps(record) + "\n")
+        except OSError as e:
+            self.problem = self.problem or f"cannot append to {self.path}: {e.strerror or first_line(e)}"
+        if self.wandb:  # wandb charts numbers; the samples go as a table, one row per sample
+            self.wandb.log({k: self.wandb.Table(columns=["sample"], data=[[t] for t in v]) if k == "samples" else v
+                            for k, v in record.items() if k != "iter" and v is not None}, step=record["iter"])
+
+    def close(self):
+        if self.wandb:
+            self.wandb.finish()
 
 
 class Progress:

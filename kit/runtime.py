@@ -1,46 +1,42 @@
 """
-Where and how the model runs: device and dtype choice, autocast, timing that can be trusted,
-torch.compile with a fallback, and the device's peak FLOP/s for MFU. Shared by train.py, sample.py and bench.py.
+Where and how the model runs: the process set-up, device and dtype choice (DDP included), autocast, timing
+that can be trusted, torch.compile with a fallback, and the device's peak FLOP/s for MFU. Shared by train.py,
+sample.py, eval.py and bench.py.
 """
 import ctypes
 import os
 import re
 import signal
 import sys
-import time
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
-from configurator import STOP_SIGNALS, fail, first_line, handle_signals, print_error
+from configurator import first_line
+from kit.guard import SurvivesClosedPipe, is_out_of_memory, out_of_memory_hook, stop_at_once_on_signals
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pick_device(device):
     """'auto' -> cuda, then mps, then cpu; anything else is checked and returned."""
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     kind = device.split(":")[0]
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available here; use --device=cpu (or auto)")
     if kind not in ("cuda", "cpu", "mps"):
         raise ValueError(f"device={device!r}: allowed are auto, cpu, cuda, cuda:N, mps")
-    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if kind == "mps" and not mps:
         raise ValueError(f"device={device!r} but MPS (Apple GPU) is not available here; use --device=cpu (or auto)")
     return device
 
 
 def cpu_has_bf16():
-    """True where the CPU has native bf16 matmuls (AVX512-BF16 or AMX): there bf16 autocast is faster
-    than fp32, by how much depends on the shape (in small models the 50,304-way output layer and the
-    dtype casts take much of the time; measure with bench.py --dtype=bfloat16 / float32); elsewhere bf16
-    is emulated and slower, so we stay in fp32."""
+    """True where the CPU has native bf16 matmuls (AVX512-BF16 or AMX): there bf16 autocast is faster than
+    fp32 (bench.py --dtype=bfloat16 / float32 measures by how much); elsewhere bf16 is emulated and slower."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -50,8 +46,7 @@ def cpu_has_bf16():
 
 
 def pick_dtype(dtype, device):
-    """'auto' -> bf16 where the device does it natively, fp16 on older GPUs, else fp32.
-    An explicit bf16 on a GPU without it is an error that suggests fp16."""
+    """'auto' -> bf16 where the device does it natively, fp16 on older GPUs, else fp32; anything else checked."""
     kind = device.split(":")[0]
     if dtype == "auto":
         if kind == "cuda":
@@ -76,23 +71,18 @@ def autocast_context(device, dtype):
     return torch.amp.autocast(device_type=device.split(":")[0], dtype=DTYPES[dtype])
 
 
-# glibc malloc hands every block above its mmap threshold (dynamic: 128 KiB at first, rising to at most 32 MiB)
-# back to the kernel when freed, and trims freed memory off the heap's top beyond 128 KiB, so each step
-# page-faults its memory in again: a CPU training step then spends a large share of its time in the kernel.
-# Fixing the mmap threshold at its ceiling from the start, and trimming only above 1 GiB, keeps blocks up to
-# 32 MiB (the chunked loss's included) in the process for reuse; larger ones (the output layer's gradient)
-# still go back to the kernel, which keeps the peak down (a higher threshold measured a higher peak RSS).
-MMAP_THRESHOLD = 32 * 2**20  # bytes
-TRIM_THRESHOLD = 2**30
+# glibc malloc hands every block above its mmap threshold back to the kernel when freed, and trims freed
+# memory off the heap's top, so each CPU training step page-faults its memory in again. The mmap threshold
+# fixed at its ceiling and trimming only above 1 GiB keep blocks up to 32 MiB (the chunked loss's included)
+# for reuse; larger ones (the output layer's gradient) still go back, which keeps the peak down.
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 * 2**20, 2**30  # bytes
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
 
 
 def keep_freed_memory():
-    """Set glibc malloc's mmap and trim thresholds (above), before the first large allocation. Returns the
-    line to print at start, or '' where it does not apply: not Linux, not glibc (musl), or the user chose
-    the thresholds (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_)."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ \
-            or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+    """Set glibc malloc's mmap and trim thresholds (above). Returns the line to print at start, or '' where it
+    does not apply: not Linux, not glibc (musl), or the user chose them (MALLOC_MMAP_THRESHOLD_, ..._TRIM_...)."""
+    if not sys.platform.startswith("linux") or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
         return ""
     try:
         libc = ctypes.CDLL(None)
@@ -114,12 +104,10 @@ def synchronize(device):
         torch.mps.synchronize()
 
 
-# Dense peak TFLOP/s per GPU (no 2:4 sparsity): (bf16/fp16 on tensor cores with fp32 accumulate, tf32, fp32),
-# keyed by the name torch.cuda.get_device_name gives, normalised by card_name(). GeForce cards run fp32-accumulate
-# tensor math at half their headline fp16 rate; PyTorch accumulates in fp32, so that is the honest peak. A card
-# the vendor's whitepaper or datasheet does not list is derived as the whitepaper does it: SMs x boost clock x
-# 512 FLOP per clock per SM (Ampere, Ada and Blackwell GeForce, fp16 with fp32 accumulate; llm.c's llmc/mfu.h
-# scales the same way), SM count and boost clock from NVIDIA's product page; tf32 and fp32 are half of that.
+# Dense peak TFLOP/s per GPU (no 2:4 sparsity): (bf16/fp16 on tensor cores with fp32 accumulate, tf32, fp32), keyed
+# by card_name(). GeForce cards accumulate in fp32 at half their headline fp16 rate; PyTorch accumulates in fp32, so
+# that is the honest peak. A card its whitepaper or datasheet does not list is derived as the whitepaper does it:
+# SMs x boost clock x 512 FLOP per clock per SM (NVIDIA's product page), tf32 and fp32 half of that.
 PEAK_TFLOPS = {
     # "NVIDIA Ampere GA102 GPU Architecture" whitepaper v2, Appendix A (3090, 3080, 3070); others derived
     "rtx 3060": (25.5, 12.7, 12.7),  # derived: 28 SMs x 1.777 GHz
@@ -174,16 +162,14 @@ PEAK_COLUMN = {"bfloat16": 0, "float16": 0, "tf32": 1, "float32": 2}
 
 
 def card_name(device_name):
-    """'NVIDIA GeForce RTX 3080 Ti' -> 'rtx 3080 ti', 'Tesla V100-SXM2-16GB' -> 'v100 sxm2',
-    'NVIDIA A100 80GB PCIe' -> 'a100 pcie': the vendor words and the memory size go, every other word
-    stays, so a 3080 Ti is not a 3080 and a 'Laptop GPU' is no desktop card."""
+    """'NVIDIA GeForce RTX 3080 Ti' -> 'rtx 3080 ti', 'Tesla V100-SXM2-16GB' -> 'v100 sxm2': the vendor words and
+    the memory size go, every other word stays, so a 3080 Ti is not a 3080 and a 'Laptop GPU' is no desktop card."""
     words = device_name.lower().replace("-", " ").split()
     return " ".join(w for w in words if w not in ("nvidia", "geforce", "tesla") and not re.fullmatch(r"\d+gb", w))
 
 
 def peak_flops(device_name, dtype):
-    """Peak FLOP/s of a GPU by its name (torch.cuda.get_device_name) for a dtype ('bfloat16',
-    'float16', 'tf32', 'float32'); None when the device is not in the table."""
+    """Peak FLOP/s of a GPU by its name (torch.cuda.get_device_name) for a dtype (PEAK_COLUMN); None if unknown."""
     peaks = PEAK_TFLOPS.get(card_name(device_name))
     return None if peaks is None else peaks[PEAK_COLUMN[dtype]] * 1e12
 
@@ -203,31 +189,15 @@ def device_peak_flops(device, dtype, override=None):
     tensor_dtype = "tf32" if dtype == "float32" and torch.backends.cuda.matmul.allow_tf32 else dtype
     peak = peak_flops(name, tensor_dtype)
     if peak is None:
-        return None, (f"{name}: not in runtime.PEAK_TFLOPS, reporting tokens/s only; for MFU pass its dense "
+        return None, (f"{name}: not in kit/runtime.py's PEAK_TFLOPS, reporting tokens/s only; for MFU pass its dense "
                       f"{tensor_dtype} peak, e.g. --peak_flops=120e12 for 120 TFLOP/s")
     return peak, f"{name}: peak {peak / 1e12:.1f} TFLOP/s ({tensor_dtype})"
 
 
-def stop_at_once_on_signals(stage):
-    """Ctrl-C, SIGTERM or SIGHUP end the process at once, in one line, exit 128 + signal: for a stretch where
-    nothing is trained or saved yet (the start, torch.compile's warm-up), until StopSignal takes over. The
-    previous handlers, to restore. No exception: raised in a handler, one may surface inside torch's C++
-    calling back into Python (dynamo's tracing does), which aborts the process."""
-
-    def stop(signum, frame):
-        name = signal.Signals(signum)
-        print_error(f"{name.name} {stage}: stopped before any training step, nothing saved")
-        os._exit(128 + name.value)
-
-    return handle_signals(STOP_SIGNALS, stop)
-
-
 def compile_with_fallback(model, example_step):
-    """torch.compile(model), tried on one real step (compilation is lazy, so failures show up on
-    first use: no C++ compiler, no Triton on Windows without triton-windows, an old GPU). On failure,
-    warn once and return the eager model, so a long run never dies for the sake of speed. Ctrl-C, SIGTERM
-    or SIGHUP while compiling ends the process at once: one line, exit 128 + signal."""
-
+    """torch.compile(model), tried on one real step (compilation is lazy: no C++ compiler, no Triton, an old GPU
+    show up on first use). On failure, warn once and return the eager model: a long run never dies for the sake
+    of speed. Ctrl-C, SIGTERM or SIGHUP while compiling ends the process at once: one line, exit 128 + signal."""
     previous = stop_at_once_on_signals("during torch.compile's warm-up")
     try:
         compiled = torch.compile(model)
@@ -246,11 +216,26 @@ def compile_with_fallback(model, example_step):
             signal.signal(s, handler)
 
 
-def setup_ddp(device, gradient_accumulation_steps):
-    """(ddp, rank, local_rank, world_size, device). Under torchrun (RANK is set) each process drives one
-    GPU, or is one gloo process on a CPU-only machine; ValueError before the ranks wait on each other."""
+def setup_process(oom_advice, streams=True, training=False):
+    """What a script needs of its process, before the first large allocation: output that survives its reader
+    going away (streams: `| head`, a killed tee), an out-of-memory error in one line that names oom_advice, and
+    glibc malloc keeping freed memory; training: Ctrl-C / SIGTERM / SIGHUP end the process at once until the
+    training loop's Stopper takes over. Returns the malloc line to print ('' where it does not apply)."""
+    if streams:
+        sys.stdout, sys.stderr = SurvivesClosedPipe(sys.stdout), SurvivesClosedPipe(sys.stderr)
+    sys.excepthook = out_of_memory_hook(oom_advice)
+    if training:
+        stop_at_once_on_signals("while starting")
+    return keep_freed_memory()
+
+
+def setup_device(device, dtype, gradient_accumulation_steps):
+    """(device, dtype, ddp, rank, local_rank, world_size), 'auto' resolved. Under torchrun (RANK is set) each
+    process drives one GPU, or is one gloo process on a CPU-only machine. ValueError before any rank waits."""
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device)
     if int(os.environ.get("RANK", -1)) == -1:
-        return False, 0, 0, 1, device
+        return device, dtype, False, 0, 0, 1
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if gradient_accumulation_steps % world_size != 0:
         raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the "
@@ -259,112 +244,6 @@ def setup_ddp(device, gradient_accumulation_steps):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return True, rank, local_rank, world_size, device
+    return device, dtype, True, rank, local_rank, world_size
 
 
-def fail_together(problem, ddp, device, elsewhere="rank 0 could not go on (see its message)", status=2):
-    """fail(problem) on every rank if any rank has one: a problem only one rank sees (rank 0's out_dir lock,
-    its save) must stop them all, or the others wait for it in their next collective forever. Every rank
-    calls this; without DDP it is fail(problem) when there is one."""
-    if ddp:
-        # torchrun SIGTERMs the other ranks as soon as one exits: a SIGTERM from here on ends this rank with the
-        # same status when there is a problem, and goes to the usual handler (a save) when there is none
-        decided, received = [False], []
-        previous = signal.signal(signal.SIGTERM, lambda *_: os._exit(status) if decided[0] else received.append(1))
-        flag = torch.tensor(float(bool(problem)), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        problem = problem or (elsewhere if flag.item() else "")
-        decided[0] = bool(problem)
-        if problem and received:
-            os._exit(status)
-        if problem:  # ignored in the C library too: a Python handler no longer runs once the interpreter exits
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        else:
-            signal.signal(signal.SIGTERM, previous)
-            if received:
-                os.kill(os.getpid(), signal.SIGTERM)
-    if problem:
-        fail(problem, status=status)
-
-
-def launcher_gone(launcher_pid):
-    """A message when the process that started this one (torchrun) is gone, else '': a SIGKILLed launcher
-    cannot stop its ranks, and they are re-parented (to init or a subreaper), which changes os.getppid()."""
-    if os.getppid() == launcher_pid:
-        return ""
-    return f"the launcher (torchrun, pid {launcher_pid}) is gone"
-
-
-def is_out_of_memory(error):
-    """CUDA's torch.OutOfMemoryError, the CPU allocator's and MPS's RuntimeError, numpy's MemoryError."""
-    text = str(error)
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))
-
-
-def out_of_memory_hook(advice):
-    """A sys.excepthook that ends an out-of-memory error in one line, 'error: out of memory (...): advice'
-    (advice names the settings to lower), exit status 1; any other error keeps its traceback. A hook, not a
-    try block, so that a flat script (train.py) needs one line for it. Only a failed allocation is caught:
-    where the kernel's OOM killer ends the process first, nothing can be printed."""
-    def hook(kind, error, traceback):
-        if not is_out_of_memory(error):
-            return sys.__excepthook__(kind, error, traceback)
-        what = first_line(error).split("DefaultCPUAllocator: ")[-1]  # past c10's "[enforce fail at ...]"
-        print(f"error: out of memory ({what}): {advice}", file=sys.stderr)  # every rank: it may be the only one
-    return hook
-
-
-def to_devnull(stream):
-    """Send what is left of stream's output to /dev/null: its reader went away (`| head`, a killed tee), and
-    Python's own flush at exit must not fail on it again (a second BrokenPipeError, printed)."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, stream.fileno())
-    os.close(devnull)
-
-
-class SurvivesClosedPipe:
-    """sys.stdout or sys.stderr for a script that must go on when the reader of its output goes away
-    (`python train.py ... | head`, a tee that was killed): from the first broken pipe on, that output goes to
-    /dev/null, instead of a BrokenPipeError at the next print that would end a run of hours unsaved."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text):
-        try:
-            return self.stream.write(text)
-        except BrokenPipeError:
-            to_devnull(self.stream)
-            return len(text)
-
-    def flush(self):
-        try:
-            self.stream.flush()
-        except BrokenPipeError:
-            to_devnull(self.stream)
-
-    def __getattr__(self, name):  # isatty, fileno, encoding...: the stream's own
-        return getattr(self.stream, name)
-
-
-class StopSignal:
-    """Ctrl-C, SIGTERM or SIGHUP sets .requested: the training loop finishes its iteration, saves and exits 0.
-    A second signal means now (KeyboardInterrupt), unless it comes within a second of the first: a
-    scheduler that signals every process while torchrun forwards the signal too delivers two at once."""
-
-    def __init__(self, announce=True):
-        self.requested, self.requested_at, self.announce = False, 0.0, announce
-        handle_signals(STOP_SIGNALS, self.handle)
-
-    def handle(self, signum, frame):
-        if self.requested:
-            if time.time() - self.requested_at > 1.0:
-                raise KeyboardInterrupt
-            return
-        self.requested, self.requested_at = True, time.time()
-        if self.announce:
-            try:  # after SIGHUP the terminal may be gone: the save matters, not this line
-                print(f"\n{signal.Signals(signum).name} received: finishing this iteration, then saving", flush=True)
-            except OSError:
-                pass

@@ -176,3 +176,9 @@ def random_model(seed=0, **args):
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return model.eval()
+
+
+def all_logits(model, idx):
+    """Every position's logits (B, T, vocab), for comparisons with other implementations: training and
+    evaluation never need them whole, so the model has no such method."""
+    return model.output_logits(model.hidden_states(idx))

@@ -3,7 +3,7 @@ import pytest
 
 from conftest import REPO_ROOT, run_script
 from bench import train_defaults
-from configurator import configure
+from configurator import configure, script_defaults
 
 DEFAULTS = dict(out_dir="out", batch_size=12, learning_rate=6e-4, compile=True, peak_flops=None, start="")
 
@@ -70,6 +70,18 @@ def test_the_shipped_configs_are_valid():
     assert "n_embd" in defaults and "learning_rate" in defaults and "VOCAB_SIZE" not in defaults
     for path in sorted((REPO_ROOT / "config").glob("train_*.py")):
         configure(defaults, [str(path)])  # exits on any unknown key or wrong type
+
+
+def test_script_defaults_reads_the_settings_block_without_running_the_script(tmp_path):
+    """bench.py takes train.py's settings this way: the first run of `name = literal` lines, nothing after."""
+    script = tmp_path / "script.py"
+    script.write_text('"""A script."""\nimport os\nos.environ.setdefault("X", "1")\n'
+                      'batch_size = 12  # a comment\nname = "gpt"\nweight_decay = None\nLIMIT = 3\n'
+                      'raise SystemExit("the script ran")\nlater = 5\n')
+    assert script_defaults(script) == {"batch_size": 12, "name": "gpt", "weight_decay": None}
+    settings = train_defaults()  # train.py's block, to its last setting and not a name of its body
+    assert {"out_dir", "muon_weight_decay", "seed"} <= set(settings)
+    assert not {"config", "master_process", "iter_num", "lr", "names"} & set(settings)
 
 
 def test_unknown_key(capsys):

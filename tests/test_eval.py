@@ -18,7 +18,7 @@ import torch
 
 from kit import evaluation
 from kit.checkpoint import save_checkpoint
-from conftest import REPO_ROOT, make_token_dataset, random_model, train_args
+from conftest import REPO_ROOT, all_logits, make_token_dataset, random_model, train_args
 from inprocess import run_inprocess
 from model import GPT, GPTConfig
 from kit.tokenizer import TOKEN_DTYPE, VOCAB_SIZE, encode_documents, get_encoding
@@ -33,7 +33,7 @@ def one_row_logprobs(model, row, n_scored):
     tokenizer's ids, the log-probabilities of its last n_scored tokens."""
     x = torch.tensor(row)[None]
     with torch.no_grad():
-        logits = model.all_logits(x)
+        logits = all_logits(model, x)
     logprobs = torch.log_softmax(logits[0, :-1, :VOCAB_SIZE].double(), dim=-1)
     picked = [logprobs[t, row[t + 1]].item() for t in range(len(row) - 1)]
     return picked[len(picked) - n_scored:]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kit.checkpoint import save_checkpoint
-from conftest import TINY_TRAIN_ARGS, random_model, run_script
+from conftest import TINY_TRAIN_ARGS, all_logits, random_model, run_script
 from kit.hf import load_gpt2
 from inprocess import run_inprocess
 from model import PADDED_VOCAB_SIZE, GPT, GPTConfig
@@ -35,7 +35,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, switches):
     assert hf.config.vocab_size == VOCAB_SIZE and hf.config.n_positions == 32
     x = torch.randint(0, VOCAB_SIZE, (2, 32))
     with torch.no_grad():
-        ours = model.all_logits(x)
+        ours = all_logits(model, x)
         theirs = hf.eval()(x).logits
     assert (ours[..., :VOCAB_SIZE] - theirs).abs().max().item() <= 1e-4
     assert ours.abs().max() > 1  # the comparison is not between near-zero numbers
@@ -107,7 +107,7 @@ def test_import_local_folder_gives_the_same_logits(tmp_path, tie):
     model.load_state_dict(state)
     x = torch.randint(0, 128, (2, 64))
     with torch.no_grad():
-        ours = model.eval().all_logits(x)
+        ours = all_logits(model.eval(), x)
         theirs = hf(x).logits
     assert (ours - theirs).abs().max().item() <= 1e-4
 
@@ -116,7 +116,7 @@ def test_import_local_folder_gives_the_same_logits(tmp_path, tie):
     model.load_state_dict(state)
     x = x[:, :16].contiguous()
     with torch.no_grad():
-        assert (model.eval().all_logits(x) - hf(x).logits).abs().max().item() <= 1e-4
+        assert (all_logits(model.eval(), x) - hf(x).logits).abs().max().item() <= 1e-4
     with pytest.raises(ValueError, match="exceeds the 64 positions"):
         load_gpt2(str(tmp_path / "gpt2-tiny"), block_size=128)
 
@@ -152,7 +152,7 @@ def test_export_then_import_round_trip(tmp_path):
     back.load_state_dict(state)
     x = torch.randint(0, VOCAB_SIZE, (1, 32))
     with torch.no_grad():
-        assert torch.allclose(back.eval().all_logits(x), model.all_logits(x)[..., :VOCAB_SIZE], atol=1e-5)
+        assert torch.allclose(all_logits(back.eval(), x), all_logits(model, x)[..., :VOCAB_SIZE], atol=1e-5)
 
 
 @pytest.mark.slow

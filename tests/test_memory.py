@@ -11,7 +11,7 @@ import torch
 import model as model_module
 from kit import runtime
 from bench import fit_report
-from conftest import REPO_ROOT, random_model, torchrun_train, train_args
+from conftest import REPO_ROOT, all_logits, random_model, torchrun_train, train_args
 from inprocess import read_metrics, run_inprocess
 from kit.tokenizer import VOCAB_SIZE
 
@@ -21,7 +21,7 @@ EVERY_SWITCH = dict(rotary=True, qk_norm=True, mlp="relu2", norm="rmsnorm", tie_
 
 def reference_loss(model, x, y):
     """The mean cross-entropy from the full logits, by hand: log-softmax over the real ids only."""
-    logits = model.all_logits(x)[..., :VOCAB_SIZE].double()
+    logits = all_logits(model, x)[..., :VOCAB_SIZE].double()
     logprobs = logits.log_softmax(-1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
     counted = y != -1
     return -(logprobs * counted).sum() / counted.sum()

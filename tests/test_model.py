@@ -93,14 +93,12 @@ def test_weight_decay_only_on_matrices():
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == n_params
 
 
-def test_crop_block_size():
-    torch.manual_seed(0)
-    model = GPT(tiny_config())
-    model.crop_block_size(8)
-    logits, _ = model(torch.randint(0, 64, (1, 8)))
-    assert logits.shape == (1, 1, 64)
-    with pytest.raises(ValueError, match="exceeds block_size"):
-        model(torch.randint(0, 64, (1, 9)))
+def test_the_vocabulary_size_is_the_tokenizers():
+    """model.py holds VOCAB_SIZE as a literal so that it needs torch alone; it must be the tokenizer's."""
+    from kit import tokenizer
+    import model
+    assert model.VOCAB_SIZE == tokenizer.VOCAB_SIZE == tokenizer.get_encoding().n_vocab
+    assert model.PADDED_VOCAB_SIZE >= model.VOCAB_SIZE and model.PADDED_VOCAB_SIZE % 64 == 0
 
 
 def test_bad_shapes_are_refused():

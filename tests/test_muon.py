@@ -53,9 +53,13 @@ def test_a_torch_without_muon_is_named(monkeypatch):
         tiny_model().configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "sgd")
 
 
-def test_muon_needs_a_positive_learning_rate_to_scale_its_schedule():
-    with pytest.raises(ValueError, match="learning_rate=0.0: optimizer='muon' follows the schedule as a fraction"):
-        tiny_model().configure_optimizers(0.1, 0.0, (0.9, 0.95), "cpu", "muon")
+def test_each_param_group_keeps_its_own_peak_for_the_schedule():
+    """train.py runs every group at initial_lr x the schedule's multiplier: Muon at muon_lr's share, AdamW at
+    learning_rate's, whatever learning_rate is (0 included)."""
+    for learning_rate in (1e-3, 0.0):
+        optimizers = tiny_model().configure_optimizers(0.1, learning_rate, (0.9, 0.95), "cpu", "muon", 0.02)
+        assert [g["initial_lr"] for g in optimizers["optimizer"].param_groups] == [learning_rate, learning_rate]
+        assert [g["initial_lr"] for g in optimizers["muon"].param_groups] == [0.02]
 
 
 MUON_RUN = ["--optimizer=muon", "--muon_lr=0.03", "--lr_schedule=wsd", "--max_iters=6", "--cooldown_frac=0.5",

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from kit.checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, restore_checkpoint, save_checkpoint
-from conftest import train_args
+from conftest import all_logits, train_args
 from inprocess import read_metrics, run_inprocess
 from model import GPT, GPTConfig
 
@@ -146,7 +146,7 @@ def test_nanogpt_samples_from_our_checkpoint(our_run):
     ours = model_from_checkpoint(checkpoint).eval()
     idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        their_logits, our_logits = nano(idx), ours.all_logits(idx)
+        their_logits, our_logits = nano(idx), all_logits(ours, idx)
         # nanoGPT's sampling loop: the next token from the last position's logits
         tokens = idx[:, :4]
         for _ in range(8):
@@ -199,8 +199,8 @@ def test_our_restore_matches_nanogpt_moments_by_name():
     checkpoint, nano, nano_optimizer = nanogpt_checkpoint()
     model = GPT(GPTConfig(**TINY))
     optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")["optimizer"]
-    warning = restore_checkpoint(checkpoint, model, {"optimizer": optimizer}, None, None, 0, 1)
-    assert "nanoGPT does not save them" in warning
+    notes = restore_checkpoint(checkpoint, checkpoint["config"], model, {"optimizer": optimizer}, None, None, 0, 1)
+    assert "nanoGPT does not save them" in "\n".join(notes)
     restored, expected = moments_by_name(model, optimizer), moments_by_name(nano, nano_optimizer)
     assert restored.keys() == expected.keys()
     assert all(torch.equal(restored[name], expected[name]) for name in expected)
@@ -246,38 +246,6 @@ def test_a_nanogpt_checkpoint_that_does_not_map_is_refused_in_one_line(token_dat
                              "parameters that do not map by name onto this model's groups of [10, 5]")
 
 
-def test_our_checkpoints_before_model_switches_still_resume(tmp_path):
-    """Before issue 16 the switches sat in model_args and the position table was registered last,
-    so the AdamW state was stored in the order wte, h..., ln_f, wpe."""
-    checkpoint, nano, nano_optimizer = nanogpt_checkpoint()
-    state = {k[len("_orig_mod."):]: v for k, v in checkpoint["model"].items()}
-    old_order = [k for k in state if k != "transformer.wpe.weight"]
-    old_order.insert(old_order.index("lm_head.weight"), "transformer.wpe.weight")
-    params = dict(nano.named_parameters())
-
-    def adamw_order(names):  # matrices (decayed), then the rest, each in the given order
-        return [[k for k in names if params[k].dim() >= 2], [k for k in names if params[k].dim() < 2]]
-
-    saved = checkpoint["optimizer"]
-    by_name = dict(zip(sum(adamw_order(params), []), (saved["state"][i] for g in saved["param_groups"]
-                                                       for i in g["params"])))
-    groups = adamw_order([k for k in old_order if k in params])
-    old_ids = {name: i for i, name in enumerate(groups[0] + groups[1])}
-    checkpoint = {"model_args": dict(TINY, rotary=False, qk_norm=False, mlp="gelu", norm="layernorm",
-                                     tie_embeddings=True, zero_init_proj=False),
-                  "model": {k: state[k] for k in old_order}, "iter_num": 3,
-                  "optimizer": {"state": {old_ids[n]: by_name[n] for n in params},
-                                "param_groups": [dict(g, params=[old_ids[n] for n in names])
-                                                 for g, names in zip(saved["param_groups"], groups)]}}
-    save_checkpoint(checkpoint, tmp_path / "old.pt")
-    checkpoint = load_checkpoint(tmp_path / "old.pt")
-    model = model_from_checkpoint(checkpoint)
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")["optimizer"]
-    restore_checkpoint(checkpoint, model, {"optimizer": optimizer}, None, None, 0, 1)
-    restored, expected = moments_by_name(model, optimizer), moments_by_name(nano, nano_optimizer)
-    assert all(torch.equal(restored[name], expected[name]) for name in expected)
-
-
 # ---------------------------------------------------------------------------------------------
 # the format carries a second optimizer (e.g. Muon for the hidden matrices) the same way
 
@@ -301,7 +269,7 @@ def test_a_second_optimizer_state_comes_back_by_name(tmp_path):
 
     fresh, fresh_adamw, fresh_hidden = tiny_run()
     fresh_second = torch.optim.SGD(fresh_hidden[::-1], lr=0.1, momentum=0.9)  # another order: names decide
-    restore_checkpoint(load_checkpoint(tmp_path / "ckpt.pt"), fresh, {"optimizer": fresh_adamw, "muon": fresh_second},
+    restore_checkpoint(load_checkpoint(tmp_path / "ckpt.pt"), {}, fresh, {"optimizer": fresh_adamw, "muon": fresh_second},
                        scaler, None, 0, 1)
     names, fresh_names = {id(p): n for n, p in model.named_parameters()}, dict(fresh.named_parameters())
     for p in hidden:

@@ -30,12 +30,18 @@ WEIGHT_DECAY, BETAS, EPS, GRAD_CLIP = 0.5, (0.9, 0.95), 1e-8, 0.05
 MUON_LR, MUON_MOMENTUM = 0.03, 0.9
 
 
-def reference_lr(it):
-    """Linear warmup over WARMUP iterations, then cosine from LR to MIN_LR at DECAY_ITERS."""
+def reference_multiplier(it):
+    """Linear warmup over WARMUP iterations, then cosine from 1 to MIN_LR / LR at DECAY_ITERS: the share of
+    its peak each optimizer runs at."""
     if it < WARMUP:
-        return LR * (it + 1) / (WARMUP + 1)
+        return (it + 1) / (WARMUP + 1)
     progress = (it - WARMUP) / (DECAY_ITERS - WARMUP)
-    return MIN_LR + 0.5 * (1 + math.cos(math.pi * progress)) * (LR - MIN_LR)
+    return MIN_LR / LR + 0.5 * (1 + math.cos(math.pi * progress)) * (1 - MIN_LR / LR)
+
+
+def reference_lr(it):
+    """AdamW's learning rate: LR x the multiplier."""
+    return LR * reference_multiplier(it)
 
 
 def reference_run(train_path, optimizer):
@@ -78,7 +84,7 @@ def reference_run(train_path, optimizer):
                 p.sub_(lr * m_hat / (v_hat.sqrt() + EPS))
         for opt, peak in library:
             for group in opt.param_groups:
-                group["lr"] = lr * peak / LR  # the same schedule, from each optimizer's own peak
+                group["lr"] = peak * reference_multiplier(it)  # the same schedule, from each optimizer's own peak
             opt.step()
     return model.state_dict(), losses, norms
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from kit import loader
-from kit.checkpoint import lock_out_dir, load_checkpoint, save_checkpoint
+from kit.checkpoint import load_checkpoint, save_checkpoint
+from kit.guard import check_out_dir
 from conftest import REPO_ROOT, make_token_dataset, torchrun_train, train_args
 from inprocess import read_metrics, run_inprocess
 from kit.loader import TokenBatches
-from kit.schedule import cooldown_start, get_lr, schedule_args
+from kit.schedule import cooldown_start, get_lr
 from kit.tokenizer import EOT_TOKEN
 
 
@@ -235,6 +236,18 @@ def wsd_run(data_dir, tmp_path_factory):
 # best and last
 
 
+def test_a_save_serialises_once_and_writes_the_same_bytes_to_every_file(tmp_path, monkeypatch):
+    calls = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda *args, **kwargs: calls.append(1) or real_save(*args, **kwargs))
+    state = {"model_args": {}, "model": {"w": torch.arange(6.0)}, "iter_num": 3}
+    save_checkpoint(state, tmp_path / "best.pt", tmp_path / "stable.pt", tmp_path / "ckpt.pt")
+    assert len(calls) == 1
+    files = [(tmp_path / name).read_bytes() for name in ("best.pt", "stable.pt", "ckpt.pt")]
+    assert files[0] == files[1] == files[2]
+    assert torch.equal(load_checkpoint(tmp_path / "ckpt.pt")["model"]["w"], torch.arange(6.0))  # checksum holds
+
+
 def test_ckpt_is_latest_and_best_is_lowest_val_loss(wsd_run):
     evals = read_metrics(wsd_run)[1]
     last, best, stable = (load_checkpoint(wsd_run / name) for name in ("ckpt.pt", "best.pt", "stable.pt"))
@@ -298,7 +311,7 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
     model = torch.load(path, weights_only=True)["model"]  # complete and readable
     assert model.numel() == 4_000_000 and bool((model == model[0]).all()) and model[0] >= 1
     assert os.path.exists(f"{path}.tmp.{proc.pid}")  # its half-written file: the next run into out_dir removes it
-    lock_out_dir(str(tmp_path))
+    check_out_dir(str(tmp_path), "resume", False, lock=True)
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "train.lock"]
 
 
@@ -309,32 +322,36 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
 LR = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=2)  # as in TINY_TRAIN_ARGS
 
 
+def lrs(config, iterations):
+    return [get_lr(it, config) for it in iterations]
+
+
 def test_cosine_past_the_plan_continues_at_min_lr():
-    planned = dict(schedule="cosine", **LR, lr_decay_iters=6000, max_iters=6000, cooldown_frac=0.2)
+    planned = dict(lr_schedule="cosine", **LR, lr_decay_iters=6000, max_iters=6000, cooldown_frac=0.2)
     extended = dict(planned, max_iters=12000)
-    assert [get_lr(it, **extended) for it in range(6000)] == [get_lr(it, **planned) for it in range(6000)]
-    assert {get_lr(it, **extended) for it in range(6000, 12000)} == {1e-4}
+    assert lrs(extended, range(6000)) == lrs(planned, range(6000))
+    assert set(lrs(extended, range(6000, 12000))) == {1e-4}
 
 
 def test_wsd_stable_phase_extends_on_resume_with_a_larger_max_iters():
-    planned = dict(schedule="wsd", **LR, lr_decay_iters=0, max_iters=6000, cooldown_frac=0.2)
+    planned = dict(lr_schedule="wsd", **LR, lr_decay_iters=0, max_iters=6000, cooldown_frac=0.2)
     extended = dict(planned, max_iters=12000)
     assert cooldown_start(6000, 0.2) == 4800 and cooldown_start(12000, 0.2) == 9600
     # identical up to the old cooldown: resuming from stable.pt (iteration <= 4800) changes nothing so far
-    assert [get_lr(it, **extended) for it in range(4801)] == [get_lr(it, **planned) for it in range(4801)]
-    assert {get_lr(it, **extended) for it in range(2, 9601)} == {1e-3}  # stable, now until 9600
-    cooldown = [get_lr(it, **extended) for it in range(9600, 12000)]
+    assert lrs(extended, range(4801)) == lrs(planned, range(4801))
+    assert set(lrs(extended, range(2, 9601))) == {1e-3}  # stable, now until 9600
+    cooldown = lrs(extended, range(9600, 12000))
     assert all(a > b for a, b in zip(cooldown, cooldown[1:]))  # linear decay...
     assert cooldown[-1] == pytest.approx(1e-4 + (1e-3 - 1e-4) / 2400)  # ...reaching min_lr at max_iters
-    assert get_lr(5999, **planned) == pytest.approx(1e-4 + (1e-3 - 1e-4) / 1200)  # the plan, cooled 1200
+    assert get_lr(5999, planned) == pytest.approx(1e-4 + (1e-3 - 1e-4) / 1200)  # the plan, cooled 1200
     with pytest.raises(ValueError, match="cooldown_frac=1.5"):
-        get_lr(0, **dict(planned, cooldown_frac=1.5))
+        get_lr(0, dict(planned, cooldown_frac=1.5))
 
 
-def test_schedule_args_reads_a_checkpoint_config(cosine_run):
+def test_the_schedule_reads_a_checkpoint_config(cosine_run):
     config = load_checkpoint(cosine_run / "ckpt.pt")["config"]
-    assert schedule_args(config) == dict(schedule="cosine", learning_rate=1e-3, min_lr=1e-4, warmup_iters=2,
-                                         lr_decay_iters=4, max_iters=4, cooldown_frac=0.2)
+    planned = dict(lr_schedule="cosine", **LR, lr_decay_iters=4, max_iters=4, cooldown_frac=0.2)
+    assert lrs(config, range(6)) == lrs(planned, range(6))
 
 
 def test_cosine_resume_with_larger_max_iters_runs_on_at_min_lr(cosine_run, data_dir, tmp_path):
@@ -365,10 +382,10 @@ def test_wsd_resume_from_stable_with_larger_max_iters_moves_the_cooldown(wsd_run
                                                                  "--init_from=resume", "--resume_from=stable"))
     assert code == 0, stdout + stderr
     assert "resuming from" in stdout and "at iteration 4, lr 0.001" in stdout
-    new = dict(schedule="wsd", **LR, lr_decay_iters=600000, max_iters=12, cooldown_frac=0.5)
+    new = dict(lr_schedule="wsd", **LR, lr_decay_iters=600000, max_iters=12, cooldown_frac=0.5)
     resumed = read_metrics(out)[0][8:]  # the first run logged iterations 1..8
     assert [r["iter"] for r in resumed] == list(range(5, 13))
-    assert [r["lr"] for r in resumed] == [get_lr(r["iter"] - 1, **new) for r in resumed]
+    assert [r["lr"] for r in resumed] == [get_lr(r["iter"] - 1, new) for r in resumed]
     assert [r["lr"] for r in resumed[:2]] == [1e-3, 1e-3]  # still stable: the cooldown now starts at 6
 
 

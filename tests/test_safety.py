@@ -40,8 +40,8 @@ def tiny_ckpt(tmp_path_factory):
 @pytest.mark.parametrize("to, present", [("", "notes.txt"), (".", "config.json")])
 def test_export_to_an_empty_value_or_the_current_folder_deletes_nothing(tiny_ckpt, tmp_path, monkeypatch, to,
                                                                         present):
-    """`--to=$UNSET` is `--to=`: it once removed every file of the current directory; so did `--to=.`
-    with --force where the folder held only files an export writes."""
+    """`--to=$UNSET` is `--to=`, which must not name the current directory and its files; nor may `--to=.`
+    with --force where the folder holds only files an export writes."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / present).write_text("a week of work")
     code, _, stderr = run_inprocess("export.py", f"--out_dir={tiny_ckpt}", f"--to={to}", "--force=True")
@@ -120,7 +120,8 @@ def test_damaged_or_mismatched_checkpoints_are_refused_in_one_line(tiny_ckpt, da
         path = out / "ckpt.pt"
         runs = {"sample.py": (f"--out_dir={out}", "--device=cpu", "--num_samples=1", "--max_new_tokens=2"),
                 "export.py": (f"--out_dir={out}", f"--to={out / 'hf'}"),
-                "train.py": train_args(data_dir, out, "--init_from=resume", "--block_size=32")}
+                # the settings of the checkpoint's model_args: only the file is at fault
+                "train.py": train_args(data_dir, out, "--init_from=resume", "--block_size=32", "--bias=True")}
         for script, args in runs.items():
             code, _, stderr = run_inprocess(script, *args)
             line = one_error_line(code, stderr)

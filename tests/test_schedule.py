@@ -1,16 +1,17 @@
-"""Learning-rate schedules: warmup, peak, decay, and what happens after the planned end."""
+"""Learning-rate schedules: warmup, peak, decay, and what happens after the planned end; each as a multiplier
+of a param group's own peak."""
 import math
 
 import pytest
 
-from kit.schedule import cooldown_start, get_lr
+from kit.schedule import cooldown_start, get_lr, lr_multiplier
 
 BASE = dict(learning_rate=5e-4, min_lr=5e-5, warmup_iters=200, lr_decay_iters=6000, max_iters=6000,
             cooldown_frac=0.2)
 
 
 def lr(it, schedule="cosine", **overrides):
-    return get_lr(it, schedule=schedule, **{**BASE, **overrides})
+    return get_lr(it, {**BASE, "lr_schedule": schedule, **overrides})
 
 
 def test_cosine_warmup_peak_decay_and_after():
@@ -50,3 +51,20 @@ def test_constant_and_unknown_schedule():
     assert lr(5000, "constant") == pytest.approx(5e-4)
     with pytest.raises(ValueError, match="lr_schedule='linear'"):
         lr(0, "linear")
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_the_multiplier_is_the_same_for_every_peak(schedule):
+    """Muon at muon_lr and AdamW at learning_rate follow one shape: the multiplier depends on min_lr's ratio
+    to learning_rate, not on the peak itself."""
+    config = {**BASE, "lr_schedule": schedule}
+    scaled = {**config, "learning_rate": 0.02, "min_lr": 0.002}  # the same ratio, another peak
+    for it in (0, 150, 200, 3000, 5400, 6000, 9000):
+        assert 0 < lr_multiplier(it, config) <= 1
+        assert lr_multiplier(it, config) == pytest.approx(lr_multiplier(it, scaled), rel=1e-12)
+        assert get_lr(it, config) == pytest.approx(5e-4 * lr_multiplier(it, config), rel=1e-12)
+
+
+def test_a_zero_learning_rate_decays_the_other_peaks_to_zero():
+    config = {**BASE, "lr_schedule": "cosine", "learning_rate": 0.0, "min_lr": 0.0}
+    assert lr_multiplier(200, config) == 1.0 and lr_multiplier(6000, config) == 0.0

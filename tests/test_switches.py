@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kit.checkpoint import checkpoint_model_args, load_checkpoint, model_from_checkpoint
-from conftest import TINY_TRAIN_ARGS, run_script, train_args
+from kit.checkpoint import load_checkpoint, model_args_of, model_from_checkpoint
+from conftest import TINY_TRAIN_ARGS, all_logits, run_script, train_args
 from inprocess import run_inprocess
 from model import PADDED_VOCAB_SIZE, GPT, GPTConfig, Norm, apply_rotary, rotary_tables
 
@@ -38,7 +38,7 @@ def test_shapes(name):
     idx = torch.randint(0, 64, (3, 16))
     logits, loss = model(idx, idx)  # the chunked loss: no logits
     assert logits is None and loss.shape == () and math.isfinite(loss.item())
-    assert model.all_logits(idx).shape == (3, 16, 64)
+    assert all_logits(model, idx).shape == (3, 16, 64)
     logits, loss = model(idx)
     assert logits.shape == (3, 1, 64) and loss is None
 
@@ -75,10 +75,10 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_q_and_k():
     for qk_norm, should_match in ((True, True), (False, False)):
         model = tiny(dict(qk_norm=qk_norm))
         with torch.no_grad():
-            before = model.all_logits(idx)
+            before = all_logits(model, idx)
             for block in model.transformer.h:
                 block.attn.c_attn.weight[:2 * 32] *= 10.0  # the q and k rows
-            after = model.all_logits(idx)
+            after = all_logits(model, idx)
         assert torch.allclose(before, after, atol=1e-4) == should_match
 
 
@@ -106,9 +106,9 @@ def test_zero_init_makes_every_block_the_identity():
     model = tiny(dict(zero_init_proj=True))
     idx = torch.randint(0, 64, (2, 16))
     with torch.no_grad():
-        full = model.all_logits(idx)
+        full = all_logits(model, idx)
         model.transformer.h = torch.nn.ModuleList()  # no blocks at all
-        skipped = model.all_logits(idx)
+        skipped = all_logits(model, idx)
     assert torch.equal(full, skipped)
 
 
@@ -119,13 +119,13 @@ def test_softcap_bounds_every_logit_and_is_cap_tanh():
         for model in (capped, plain):
             model.lm_head.weight.mul_(200.0)  # logits far beyond the cap (tanh saturates to exactly 1 in fp32)
         idx = torch.randint(0, 64, (2, 16))
-        uncapped = plain.all_logits(idx)
-        for logits in (capped.all_logits(idx), capped(idx)[0]):  # every position, and the sampling path
+        uncapped = all_logits(plain, idx)
+        for logits in (all_logits(capped, idx), capped(idx)[0]):  # every position, and the sampling path
             assert logits.abs().max() <= 2.0
         assert uncapped.abs().max() > 10.0
-        assert torch.allclose(capped.all_logits(idx), 2.0 * torch.tanh(uncapped / 2.0), atol=1e-5)
+        assert torch.allclose(all_logits(capped, idx), 2.0 * torch.tanh(uncapped / 2.0), atol=1e-5)
         # the training loss (a chunk of logits at a time) is the cross-entropy of the capped logits
-        expected = F.cross_entropy(capped.all_logits(idx).flatten(0, 1), idx.flatten())
+        expected = F.cross_entropy(all_logits(capped, idx).flatten(0, 1), idx.flatten())
         assert torch.allclose(capped(idx, idx)[1], expected, rtol=1e-6)
         assert torch.allclose(capped.output_logits(torch.zeros(1, 32)), torch.zeros(1, 64))
 
@@ -176,7 +176,7 @@ def test_train_resume_and_sample_with_every_switch(token_dataset, tmp_path):
     run_script("train.py", *common, "--max_iters=4")
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["model_switches"] == SWITCHES["all"]  # every switch differs from GPT-2 here
-    assert {k: checkpoint_model_args(ckpt)[k] for k in SWITCHES["all"]} == SWITCHES["all"]
+    assert {k: model_args_of(ckpt)[k] for k in SWITCHES["all"]} == SWITCHES["all"]
     model = model_from_checkpoint(ckpt)
     assert model.config.rotary and model.lm_head.weight is not model.transformer.wte.weight
 
