@@ -193,10 +193,8 @@ def train_step(m, x, y):
 
 
 if compile:
-    if master_process:
-        print("compiling the model... (takes a minute)")
     x0 = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
-    model = compile_with_fallback(model, lambda m: train_step(m, x0, x0))
+    model = compile_with_fallback(model, lambda m: train_step(m, x0, x0), announce=master_process)
     model.zero_grad(set_to_none=True)
 if ddp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
@@ -212,7 +210,9 @@ if master_process:
     if not eval_only:
         print(f"planned: {max_iters:,} iterations = {max_iters * tokens_per_iter:,} tokens "
               f"= {max_iters * tokens_per_iter / train_tokens:.2f} epochs of train.bin ({train_tokens:,} tokens)")
-    print(f"device {device}, dtype {dtype}, {peak_description}" + (f"\n{malloc_note}" if malloc_note else ""))
+    print(f"device {device}, dtype {dtype}, {peak_description}")
+    if malloc_note and device_type == "cpu":  # a CPU step's time depends on it; a GPU's does not
+        print(malloc_note)
 
 
 def save(val_loss, names):
@@ -313,7 +313,7 @@ while True:
                      "grad_norm": grad_norm_value, "ms_per_iter": ms_per_iter, "tokens_per_sec": tokens_per_sec,
                      "mfu": mfu, "peak_mem_gib": mem, "elapsed_s": progress.elapsed(), "eta_s": progress.eta(iter_num)})
         t0, tokens_since_log = time.time(), 0
-    if master_process and progress.plan_due():
+    if master_process and progress.plan_due() and iter_num < max_iters:
         print(f"plan: {progress.plan_text(iter_num)}")
     if stop:  # a signal, max_hours or a problem: save, then exit 0 (1 for a problem)
         save(None, ["last"])

@@ -13,6 +13,7 @@ import glob
 import io
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -113,8 +114,11 @@ def resume_checkpoint(out_dir, config, model_args, dataset_meta):
     if problem:
         raise ValueError(f"cannot resume {path}: {problem}")
     if ckpt["iter_num"] >= config["max_iters"] and not config["eval_only"]:
+        planned = saved_config.get("max_iters", 0)
+        advice = (f"its run was planned for {planned}: add --max_iters={planned}" if planned > ckpt["iter_num"]
+                  else "pass a larger --max_iters to extend it (see docs/training.md)")
         raise ValueError(f"{path} is at iteration {ckpt['iter_num']} and max_iters={config['max_iters']}: nothing "
-                         "to train; pass a larger --max_iters to continue (see docs/training.md)")
+                         f"to train; {advice}")
     check_resume_lr(ckpt.get("config"), ckpt["iter_num"], config)
     # resuming from stable.pt or another file: best.pt may hold a better model than the checkpoint knows of
     best = [float(ckpt.get("best_val_loss", math.inf)), saved_val_loss(checkpoint_path(out_dir, "best"))]
@@ -223,6 +227,15 @@ def fail_together(problem, ddp, device, elsewhere="rank 0 could not go on (see i
         fail(problem, status=status)
 
 
+def resume_command():
+    """The command line that continues this run: the same script and settings, with --init_from=resume."""
+    dropped = ("--init_from=", "--overwrite=", "--resume_from=")
+    args = [arg for arg in sys.argv[1:] if not arg.startswith(dropped)] + ["--init_from=resume"]
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = f"torchrun --standalone --nproc_per_node={world_size}" if world_size > 1 else "python"
+    return f"{launcher} {shlex.join([sys.argv[0], *args])}"
+
+
 def launcher_gone(launcher_pid):
     """A message when the process that started this one (torchrun) is gone, else '': a SIGKILLed launcher
     cannot stop its ranks, and they are re-parented (to init or a subreaper), which changes os.getppid()."""
@@ -315,7 +328,7 @@ class Stopper:
 
     def __init__(self, config, ddp, device, master_process, watched_files, metrics, check_grad_norm=True):
         self.ddp, self.device, self.master_process = ddp, device, master_process
-        self.max_seconds, self.out_dir = config["max_hours"] * 3600, config["out_dir"]
+        self.max_seconds, self.out_dir, self.max_iters = config["max_hours"] * 3600, config["out_dir"], config["max_iters"]
         self.check_grad_norm = check_grad_norm  # fp16: inf gradients are the GradScaler's (it skips the step)
         self.signal = StopSignal(announce=master_process)
         self.files = {path: file_identity(path) for path in watched_files} if master_process else {}
@@ -329,7 +342,9 @@ class Stopper:
                "gradient norm" if self.check_grad_norm and not math.isfinite(grad_norm) else "")
         problem = (self.metrics.problem or (dataset_changed(self.files) if self.master_process else "")
                    or (launcher_gone(self.launcher_pid) if self.ddp else ""))
-        stop = self.signal.requested or self.out_of_time  # a signal from here on is seen next iteration, by all
+        # a signal from here on is seen next iteration, by all; after the last one the run ends with its final
+        # evaluation anyway, so a stop there would only skip it and leave a resume with nothing to train
+        stop = (self.signal.requested or self.out_of_time) and iter_num < self.max_iters
         if self.ddp:
             flags = torch.tensor([float(bool(bad)), float(stop), float(bool(problem))], device=self.device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -348,8 +363,8 @@ class Stopper:
         last = checkpoint_path(self.out_dir, "last")
         if self.problem:
             fail(f"{self.problem}; stopped at iteration {iter_num}, checkpoint saved to {last}; fix that, then "
-                 "continue with --init_from=resume", status=1)
+                 f"continue with: {resume_command()}", status=1)
         if self.master_process:
             print((f"max_hours={self.max_seconds / 3600:g} would pass in the next iteration: " if self.out_of_time
-                   else "") + f"stopped at iteration {iter_num}; checkpoint saved to {last}; continue with "
-                  "--init_from=resume")
+                   else "") + f"stopped at iteration {iter_num}; checkpoint saved to {last}; continue with: "
+                  + resume_command())

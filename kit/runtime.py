@@ -194,11 +194,14 @@ def device_peak_flops(device, dtype, override=None):
     return peak, f"{name}: peak {peak / 1e12:.1f} TFLOP/s ({tensor_dtype})"
 
 
-def compile_with_fallback(model, example_step):
+def compile_with_fallback(model, example_step, announce=True):
     """torch.compile(model), tried on one real step (compilation is lazy: no C++ compiler, no Triton, an old GPU
     show up on first use). On failure, warn once and return the eager model: a long run never dies for the sake
-    of speed. Ctrl-C, SIGTERM or SIGHUP while compiling ends the process at once: one line, exit 128 + signal."""
+    of speed. Ctrl-C, SIGTERM or SIGHUP while compiling ends the process at once: one line, exit 128 + signal.
+    The 'compiling' line comes once that handler is in place, so a signal sent on seeing it meets the handler."""
     previous = stop_at_once_on_signals("during torch.compile's warm-up")
+    if announce:
+        print("compiling the model... (takes a minute)", flush=True)
     try:
         compiled = torch.compile(model)
         # the trial step must not advance the RNG (dropout), or a resumed run would diverge

@@ -194,12 +194,13 @@ def test_ctrl_c_while_the_checkpoint_to_resume_loads_stops_in_one_line(data_dir,
 
 @pytest.mark.slow
 def test_ctrl_c_while_train_py_compiles(data_dir, tmp_path):
-    """A real Ctrl-C from a terminal: SIGINT to the whole process group, the compiler's processes included."""
+    """A real Ctrl-C from a terminal: SIGINT to the whole process group, the compiler's processes included,
+    sent as soon as train.py says it compiles (the handler is in place by then). Where inside the warm-up it
+    lands (dynamo's tracing, inductor's workers) depends on the machine: the contract holds at any point."""
     import os
     import signal
     import subprocess
     import sys
-    import time
     from conftest import REPO_ROOT
     args = [a for a in train_args(data_dir, tmp_path / "out", "--max_iters=3") if a != "--compile=False"]
     proc = subprocess.Popen([sys.executable, "train.py", *args, "--compile=True"], cwd=REPO_ROOT, text=True,
@@ -207,7 +208,6 @@ def test_ctrl_c_while_train_py_compiles(data_dir, tmp_path):
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     for line in proc.stdout:
         if line.startswith("compiling the model"):
-            time.sleep(1)  # into the warm-up (seconds long), past the print's few lines before it
             os.killpg(proc.pid, signal.SIGINT)
             break
     stdout, stderr = proc.communicate(timeout=120)

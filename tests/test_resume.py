@@ -408,3 +408,54 @@ def test_non_finite_loss_stops_and_leaves_the_last_checkpoint_untouched(cosine_r
     assert {name: sha(out / name) for name in before} == before
     logged = [r for r in read_metrics(out)[0] if r["iter"] > 4]
     assert len(logged) == failed_at - 5 and all(math.isfinite(r["loss"]) for r in logged)
+
+
+# ---------------------------------------------------------------------------------------------
+# a stop's advice: the command it prints continues the run
+
+
+def signal_at_iteration(monkeypatch, n):
+    """Ctrl-C delivered inside iteration n (before the loop's stop check), as a terminal would."""
+    from kit.progress import Progress
+    done = Progress.iteration_done
+
+    def iteration_done(self, *args, **kwargs):
+        done(self, *args, **kwargs)
+        self.signalled = getattr(self, "signalled", 0) + 1
+        if self.signalled == n:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Progress, "iteration_done", iteration_done)
+
+
+def test_ctrl_c_in_the_last_iteration_finishes_the_run_with_its_final_evaluation(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    signal_at_iteration(monkeypatch, 3)
+    code, stdout, stderr = run_inprocess("train.py", *train_args(data_dir, out, "--max_iters=3", "--lr_decay_iters=3",
+                                                                 "--eval_interval=2"))
+    assert code == 0, stdout + stderr
+    assert "step 3: train loss" in stdout and "stopped at iteration" not in stdout and "done: 3 iterations" in stdout
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["iter_num"] == 3 and ckpt["val_loss"] == read_metrics(out)[1][-1]["val_loss"]
+
+
+def test_the_printed_continue_command_continues_an_extended_run(data_dir, tmp_path, monkeypatch):
+    """A run extended on the command line (--max_iters=6 over a config's 3) and stopped: the line names the
+    whole command, which resumes it to 6; a resume without the extension is told the planned max_iters."""
+    import shlex
+    config = tmp_path / "cfg.py"
+    config.write_text("max_iters = 3\nlr_decay_iters = 6\neval_interval = 2\n")
+    out = tmp_path / "out"
+    signal_at_iteration(monkeypatch, 3)
+    code, stdout, stderr = run_inprocess("train.py", str(config), *train_args(data_dir, out, "--max_iters=6"))
+    assert code == 0, stdout + stderr
+    line = next(line for line in stdout.splitlines() if line.startswith("stopped at iteration 3;"))
+    python, script, *args = shlex.split(line.split("continue with: ", 1)[1])
+    assert python == "python" and script.endswith("train.py") and args[-1] == "--init_from=resume"
+    monkeypatch.undo()
+    code, stdout, stderr = run_inprocess("train.py", str(config), *train_args(data_dir, out, "--init_from=resume"))
+    assert code == 2 and "is at iteration 3 and max_iters=3: nothing to train; its run was planned for 6: add " \
+                          "--max_iters=6" in stderr
+    code, stdout, stderr = run_inprocess("train.py", *args)
+    assert code == 0, stdout + stderr
+    assert "done: 3 iterations" in stdout and load_checkpoint(out / "ckpt.pt")["iter_num"] == 6

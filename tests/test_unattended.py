@@ -177,7 +177,9 @@ def test_a_full_disk_under_metrics_jsonl_saves_and_stops_in_one_line(data_dir, t
     # appends: step 0, iter 1, iter 2, step 2, iter 3 (the disk fills), iter 4 (fails again), stop
     assert one_error_line(code, stderr, status=1) == (
         f"error: cannot append to {out / 'metrics.jsonl'}: No space left on device; stopped at iteration 4, "
-        f"checkpoint saved to {out / 'ckpt.pt'}; fix that, then continue with --init_from=resume")
+        f"checkpoint saved to {out / 'ckpt.pt'}; fix that, then continue with: python {REPO_ROOT / 'train.py'} "
+        + " ".join(train_args(data_dir, out, "--max_iters=20", "--lr_decay_iters=20", "--eval_interval=2"))
+        + " --init_from=resume")
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 4
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in records] == [0, 1, 2, 2]
@@ -212,8 +214,8 @@ def test_bins_published_under_a_running_trainer_stop_it_after_saving(tmp_path, m
     code, stdout, stderr = run_inprocess("train.py", *train_args(data, out, "--max_iters=50", "--eval_interval=100"))
     line = one_error_line(code, stderr, status=1)
     assert line.startswith(f"error: {data / 'train.bin'} and {data / 'val.bin'} changed on disk during training")
-    assert line.endswith(f"stopped at iteration 1, checkpoint saved to {out / 'ckpt.pt'}; fix that, then continue "
-                         "with --init_from=resume")
+    assert f"stopped at iteration 1, checkpoint saved to {out / 'ckpt.pt'}; fix that, then continue with: " in line
+    assert line.endswith("--max_iters=50 --eval_interval=100 --init_from=resume")
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 1
 
 

@@ -260,3 +260,12 @@ def test_two_nodes_train_as_one_node_with_two_ranks_and_resume_exactly(ddp_run, 
     assert [r["iter"] for r in two] == [1, 2, 3, 4, 5]
     # rank 0's loss, and the gradient norm that both ranks' batches and dropout masks went into
     assert [(r["loss"], r["grad_norm"]) for r in two] == [(r["loss"], r["grad_norm"]) for r in one]
+
+
+def test_no_plan_line_once_the_run_has_ended(data_dir, tmp_path):
+    """The plan comes after 5 timed iterations: a 5-iteration run has nothing left to plan by then."""
+    from conftest import train_args
+    from inprocess import run_inprocess
+    code, stdout, stderr = run_inprocess("train.py", *train_args(data_dir, tmp_path / "out", "--max_iters=5",
+                                                                 "--lr_decay_iters=5", "--eval_interval=5"))
+    assert code == 0 and "iter 5:" in stdout and "plan:" not in stdout, stdout + stderr
