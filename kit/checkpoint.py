@@ -14,10 +14,12 @@ in nanoGPT's layout, so that nanoGPT's sample.py and train.py read ours and we r
   does not check the zip's own CRCs). Files in out_dir: ckpt.pt (the latest), best.pt (lowest val loss), and
   for the wsd schedule stable.pt (the last evaluation before the cooldown, from which a run can be extended).
 """
+import glob
 import io
 import os
 import pickle
 import random
+import re
 import shutil
 import zipfile
 import zlib
@@ -103,8 +105,7 @@ def load_checkpoint(path):
     return ckpt
 
 
-def model_args_of(ckpt):  # GPTConfig's arguments
-    """nanoGPT's model_args plus our model_switches."""
+def model_args_of(ckpt):  # GPTConfig's arguments: nanoGPT's model_args plus our model_switches
     return {**ckpt["model_args"], **(ckpt.get("model_switches") or {})}
 
 
@@ -112,13 +113,8 @@ def load_weights(model, state_dict):
     """model.load_state_dict without the prefixes torch.compile and DDP add ('_orig_mod.', 'module.', as in
     nanoGPT's files) and without nanoGPT's causal-mask buffers ('.attn.bias', no weight of ours); the one
     check that the weights fit the model, ValueError in one line."""
-    clean = {}
-    for k, v in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        if not k.endswith(".attn.bias"):
-            clean[k] = v
+    clean = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in state_dict.items()
+             if not k.endswith(".attn.bias")}
     try:
         model.load_state_dict(clean)
     except RuntimeError as e:
@@ -137,6 +133,10 @@ def load_model(out_dir, which="last"):
     """(model, checkpoint, path) for sample.py, eval.py and export.py: which is 'last', 'best', 'stable' or a
     path. ValueError (FileNotFoundError) in one line naming the file when it cannot be loaded."""
     path = checkpoint_path(out_dir, which, key="ckpt")
+    if not os.path.exists(path):  # the runs beside it: the out_dir the user most likely meant
+        runs = [os.path.dirname(r) for r in sorted(glob.glob(os.path.join(os.path.dirname(out_dir), "*", "ckpt.pt")))]
+        raise FileNotFoundError(f"no checkpoint at {path}; --out_dir names a training run's folder"
+                                + (f", e.g. {', '.join(runs[:3])}" if runs else ""))
     ckpt = load_checkpoint(path)
     try:
         return model_from_checkpoint(ckpt), ckpt, path

@@ -173,3 +173,13 @@ def test_compiled_forward_samples_the_same_tokens(checkpoints):
     code, compiled, err = run_sample(*args, "--compile=True")
     assert code == 0, err
     assert compiled == eager
+
+
+
+def test_sample_without_out_dir_names_the_runs_beside_it(tmp_path, monkeypatch):
+    (tmp_path / "out-mine").mkdir()
+    save_tiny_checkpoint(tmp_path / "out-mine" / "ckpt.pt", seed=1)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_sample("--num_samples=1", "--max_new_tokens=2")
+    assert code == 2 and err == ("error: no checkpoint at out/ckpt.pt; --out_dir names a training run's folder, "
+                                 "e.g. out-mine\n")
