@@ -34,7 +34,7 @@ import sys
 
 import numpy as np
 import torch
-from scipy.optimize import lsq_linear, minimize_scalar
+from scipy.optimize import minimize_scalar
 from scipy.signal import lfilter
 
 from bench import TRAIN_PY, train_defaults
@@ -82,21 +82,35 @@ def areas(lrs, warmup_iters, lam=LAM):
 
 
 def solve_linear(x, s2, loss, alpha):
-    """(L0, A, C) and the squared error of the best fit for this alpha; s2=None: the power law (no C)."""
-    columns = [np.ones_like(x), x ** -alpha] + ([-s2] if s2 is not None and np.ptp(s2) > 0 else [])
-    lower = [-np.inf] + [0.0] * (len(columns) - 1)
-    result = lsq_linear(np.column_stack(columns), loss, bounds=(lower, np.inf), method="bvls")
-    l0, a, c = (list(result.x) + [0.0])[:3]
-    return (l0, a, c), float(np.sum(result.fun ** 2))
+    """(L0, A, C) and the squared error of the best fit for this alpha with A, C >= 0; s2=None: the power law
+    (C = 0). With two bounded unknowns the bounded optimum is the best feasible one of the unbounded fits
+    with A, C each free or held at 0 (a face of the box), so four small least-squares solves find it."""
+    columns = {"a": x ** -alpha, "c": -s2 if s2 is not None and np.ptp(s2) > 0 else None}
+    best = None
+    for free in (("a", "c"), ("a",), ("c",), ()):
+        if any(columns[k] is None for k in free):
+            continue
+        design = np.column_stack([np.ones_like(x)] + [columns[k] for k in free])
+        solution = np.linalg.lstsq(design, loss, rcond=None)[0]
+        values = dict(zip(free, solution[1:]))
+        if any(v < 0 for v in values.values()):
+            continue
+        error = float(np.sum((design @ solution - loss) ** 2))
+        if best is None or error < best[1]:
+            best = ((solution[0], values.get("a", 0.0), values.get("c", 0.0)), error)
+    return best
 
 
-def fit(x, s2, loss):
+def fit(x, s2, loss, near=None):
     """Least-squares fit of L0 + A * x^(-alpha) - C * s2 (s2=None: no annealing term); returns
-    (L0, A, alpha, C). alpha: the best of a grid, refined by a bounded search around it."""
-    grid = np.geomspace(0.02, 3.0, 30)
-    errors = [solve_linear(x, s2, loss, alpha)[1] for alpha in grid]
-    i = int(np.argmin(errors))
-    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    (L0, A, alpha, C). alpha: the best of a grid, refined by a bounded search around it (near: a fit's alpha
+    to search around instead, for the refits of the interval)."""
+    if near is None:
+        grid = np.geomspace(0.02, 3.0, 30)
+        i = int(np.argmin([solve_linear(x, s2, loss, alpha)[1] for alpha in grid]))
+        lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    else:
+        lo, hi = near / 2, near * 2
     alpha = minimize_scalar(lambda a: solve_linear(x, s2, loss, a)[1], bounds=(lo, hi), method="bounded",
                             options={"xatol": 1e-4}).x
     (l0, a, c), _ = solve_linear(x, s2, loss, alpha)
@@ -154,7 +168,7 @@ def check_run(evaluations, logged_lrs, config, path):
              if a[1] is not None and b[1] is not None and b[0] > a[0]]
     for (it, _, _), before, after in zip(evaluations[1:], rates, rates[1:]):
         if abs(after - before) > 0.01 * before:
-            warnings.append(f"the tokens per iteration changed near iteration {it} ({before:,.0f} -> {after:,.0f}): "
+            warnings.append(f"the tokens per iteration changed near iteration {it:,} ({before:,.0f} -> {after:,.0f}): "
                             "the law counts iterations of one batch size, so the fit mixes two runs")
             break
     if config.get("allow_new_data"):
@@ -190,7 +204,8 @@ def forecast(observed_lrs, observed_warmup, points, path_lrs, path_warmup, targe
     values = law(params, p1[targets], p2[targets])
     residuals = loss - law(params, s1[its], s2[its])
     rng = np.random.default_rng(0)
-    refits = np.array([law(fit(s1[its], s2[its], law(params, s1[its], s2[its]) + rng.choice(residuals, len(its))),
+    fitted = law(params, s1[its], s2[its])
+    refits = np.array([law(fit(s1[its], s2[its], fitted + rng.choice(residuals, len(its)), near=params[2]),
                            p1[targets], p2[targets]) for _ in range(BOOTSTRAP)])
     noise = (np.percentile(refits, 95, axis=0) - np.percentile(refits, 5, axis=0)) / 2
     backtest = np.array([backtest_error(its, loss, s1, s2, t) for t in targets])
@@ -270,11 +285,10 @@ def main(argv):
     else:
         path_lrs = np.concatenate([observed_lrs[:resume_iter], schedule(plan, resume_iter, plan["max_iters"]) / peak])
         path_warmup = run_config["warmup_iters"]
-    if observed_lrs.min() > ANNEALED and path_lrs[-1] <= ANNEALED:
+    if observed_lrs[run_config['warmup_iters']:].min() > ANNEALED and path_lrs[-1] <= ANNEALED:
         warnings.append("no annealing seen yet (the rate never fell below its peak): the decay term is not "
                         "pinned down, so the forecast of the decayed end is a guess within a wide band")
-    targets = report_iterations(max(start, observed_end) if start < observed_end < plan["max_iters"] else start,
-                                plan["max_iters"])
+    targets = report_iterations(start, plan["max_iters"])
     values, low, high, params, residuals = forecast(observed_lrs, run_config["warmup_iters"], points, path_lrs,
                                                     path_warmup, targets)
     power = power_law_forecast(points, targets)
@@ -293,8 +307,9 @@ def main(argv):
     print(f"fit: {len(points)} evaluations (iterations {points[0][0]:,} to {points[-1][0]:,}), "
           f"L = {l0:.3f} + {a:.3f} * S1^-{alpha:.3f} - {c:.4f} * S2, rms residual {np.sqrt(np.mean(residuals ** 2)):.4f}")
     print(f"{'iteration':>10}  {'lr':>9}  {'val loss':>8}  {'interval':>15}  {'power law':>9}")
-    last_it, _, last_loss = evaluations[-1]
-    print(f"{last_it:>10,}  {'':>9}  {last_loss:>8.4f}  {'(observed)':>15}")
+    # the evaluation the plan starts from (the resumed checkpoint's), or the run's last
+    seen_it, _, seen_loss = ([e for e in evaluations if e[0] == start] or evaluations)[-1]
+    print(f"{seen_it:>10,}  {'':>9}  {seen_loss:>8.4f}  {'(observed)':>15}")
     for t, v, lo, hi, p in zip(targets, values, low, high, power):
         print(f"{t:>10,}  {path_lrs[t - 1] * peak:>9.3g}  {v:>8.4f}  {lo:>7.4f}-{hi:<7.4f}  {p:>9.4f}")
     for warning in warnings:

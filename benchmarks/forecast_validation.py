@@ -26,6 +26,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import forecast  # noqa: E402
 from configurator import configure, fail  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -33,6 +34,7 @@ SETTINGS = dict(
     data_dir="",  # prepared bins (prepare.py's out_dir)
     work_dir="out-forecast-validation",  # the runs go here, one folder each
     train=True,  # run the missing training runs first (False: only the forecasts, from the runs present)
+    llmc_log="",  # llm.c's GPT-2 124M log: modded-nanogpt's records/track_1_short/2024-10-13_llmc/main.log
 )
 # -----------------------------------------------------------------------------
 # A model small enough that 250 to 2,000 iterations of all runs fit in ~40 minutes of one core: the 50,304-way
@@ -79,13 +81,116 @@ def run_all(data_dir, work_dir):
               "--init_from=resume", "--resume_from=stable")
 
 
+class Curve:
+    """What a fit sees of a run: its evaluations (iteration, val loss) past the warmup, and the rate of each
+    update (in units of the peak) with the warmup's length."""
+
+    def __init__(self, points, lrs, warmup):
+        self.points, self.lrs, self.warmup = points, np.asarray(lrs, dtype=np.float64), warmup
+
+    def upto(self, last):
+        return Curve([p for p in self.points if p[0] <= last], self.lrs[:last], self.warmup)
+
+
+def read_run(out_dir):
+    """A train.py run as a Curve, and its last val loss."""
+    evaluations, _ = forecast.read_evaluations(os.path.join(out_dir, "metrics.jsonl"))
+    config, _ = forecast.load_config(os.path.join(out_dir, "ckpt.pt"))
+    lrs = forecast.schedule(config, 0, config["max_iters"]) / config["learning_rate"]
+    return Curve(forecast.fit_points(evaluations, config["warmup_iters"]), lrs, config["warmup_iters"]), evaluations[-1]
+
+
+def cases(work_dir):
+    """(what, fitted on, the Curves fitted, the target's schedule Curve, the target iteration, the actual loss)."""
+    runs = {n: read_run(os.path.join(work_dir, f"cosine-{n}")) for n in COSINE_LENGTHS}
+    out = []
+    for short, long in ((250, 1000), (500, 2000)):
+        out.append(("4x longer", f"cosine-{short}, completed", [runs[short][0]], runs[long][0], long, runs[long][1][2]))
+    out.append(("4x longer", "cosine-250 and -500", [runs[250][0], runs[500][0]], runs[2000][0], 2000,
+                runs[2000][1][2]))
+    out.append(("2x longer", "cosine-250, -500, -1000", [runs[n][0] for n in (250, 500, 1000)], runs[2000][0], 2000,
+                runs[2000][1][2]))
+    for n in COSINE_LENGTHS:
+        first = int(0.6 * n)
+        out.append(("from 60%", f"cosine-{n} up to {first}", [runs[n][0].upto(first)], runs[n][0], n, runs[n][1][2]))
+    planned, _ = read_run(os.path.join(work_dir, f"wsd-{WSD_PLANNED}"))
+    continued, last = read_run(os.path.join(work_dir, f"wsd-{WSD_CONTINUED}"))
+    # the continuation: wsd-1000's rates up to stable.pt's iteration (its cooldown start), then the new plan's
+    resume = WSD_PLANNED - int(0.2 * WSD_PLANNED)
+    path = Curve([], np.concatenate([planned.lrs[:resume], continued.lrs[resume:]]), planned.warmup)
+    out.append(("continued", f"wsd-{WSD_PLANNED}, completed", [planned], path, WSD_CONTINUED, last[2]))
+    return out
+
+
+def llmc_cases(path):
+    """llm.c's GPT-2 124M run (8x H100, 2024-10-13), from its log: 'tel' lines are val losses after that many
+    steps, 'trl' lines the rate of each step (logged to 6 decimals), warmup 700 steps."""
+    val, lrs = [], {}
+    with open(path) as f:
+        for line in f:
+            fields = dict(field.split(":", 1) for field in line.split())
+            if "tel" in fields:
+                val.append((int(fields["s"]), float(fields["tel"])))
+            if "lr" in fields:
+                lrs[int(fields["s"])] = float(fields["lr"])
+    steps = max(lrs) + 1
+    rates = np.array([lrs[k] for k in range(steps)])
+    warmup = 700
+    full = Curve([p for p in val if p[0] > warmup], rates / rates.max(), warmup)
+    end, actual = val[-1]
+    return [("llm.c 124M", f"its first {k // 1000}k steps", [full.upto(k)], full, end, actual) for k in (12000, 15000)]
+
+
+def evaluate(what, fitted_on, curves, target, target_iter, actual):
+    """One row: the law's forecast (and its interval, for one fitted run), the power law's, the actual loss."""
+    if len(curves) == 1:
+        c = curves[0]
+        value, low, high, _, _ = forecast.forecast(c.lrs, c.warmup, c.points, target.lrs, target.warmup, [target_iter])
+        value, interval = value[0], (low[0], high[0])
+    else:  # several runs: the law's areas of each run's own schedule, one set of parameters
+        s1, s2, loss = [], [], []
+        for c in curves:
+            a1, a2 = forecast.areas(c.lrs, c.warmup)
+            its = np.array([p[0] for p in c.points])
+            s1, s2, loss = s1 + list(a1[its]), s2 + list(a2[its]), loss + [p[1] for p in c.points]
+        params = forecast.fit(np.array(s1), np.array(s2), np.array(loss))
+        t1, t2 = forecast.areas(target.lrs, target.warmup)
+        value, interval = forecast.law(params, t1[target_iter], t2[target_iter]), None
+    points = [p for c in curves for p in c.points]
+    power = forecast.power_law_forecast(points, [target_iter])[0]
+    return dict(what=what, fitted_on=fitted_on, target=target_iter, actual=actual, law=float(value),
+                interval=interval, power=float(power))
+
+
+TARGETS = {"4x longer": 0.05, "2x longer": 0.05, "from 60%": 0.03, "continued": 0.05}
+
+
+def print_table(rows):
+    print("| forecast | fitted on | iteration | actual | annealing law (interval) | error | power law | error | "
+          "target |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        law_error, power_error = r["law"] - r["actual"], r["power"] - r["actual"]
+        interval = (f" ({r['interval'][0]:.3f}-{r['interval'][1]:.3f}"
+                    f"{', holds it' if r['interval'][0] <= r['actual'] <= r['interval'][1] else ', misses it'})"
+                    if r["interval"] else "")
+        goal = TARGETS.get(r["what"])
+        met = ("" if goal is None else
+               f"{goal} {'met' if abs(law_error) <= goal and abs(law_error) < abs(power_error) else 'not met'}")
+        print(f"| {r['what']} | {r['fitted_on']} | {r['target']:,} | {r['actual']:.4f} | {r['law']:.4f}{interval} | "
+              f"{law_error:+.4f} | {r['power']:.4f} | {power_error:+.4f} | {met} |")
+
+
 def main(argv):
     config = configure(SETTINGS, argv)
-    if not config["data_dir"]:
-        fail("data_dir is not set: pass --data_dir= with prepare.py's output (see the docstring)")
+    if config["train"] and not config["data_dir"]:
+        fail("data_dir is not set: pass --data_dir= with prepare.py's output (see the docstring), or --train=False")
     if config["train"]:
         run_all(config["data_dir"], config["work_dir"])
-    print("training done")
+    rows = [evaluate(*case) for case in cases(config["work_dir"])] if os.path.isdir(config["work_dir"]) else []
+    if config["llmc_log"]:
+        rows += [evaluate(*case) for case in llmc_cases(config["llmc_log"])]
+    print_table(rows)
 
 
 if __name__ == "__main__":
