@@ -19,11 +19,12 @@ The fitted law then gives the loss under the new plan: by default the run contin
 `train.py --init_from=resume` and the same settings (the rate follows the new schedule from the
 checkpoint's iteration on), with --from_scratch=True a run planned that way from iteration 0.
 
-The interval: at each forecast iteration t, low/high = the forecast -/+ the larger of (a) half the spread
+The interval: at each forecast iteration t, low/high = the forecast -/+ the largest of (a) half the spread
 (5th to 95th percentile) of the forecasts of 100 refits to the fitted curve plus resampled residuals (the
-noise of the evaluations), and (b) the back-test error: the law fitted to the evaluations up to T * T/t only
+noise of the evaluations), (b) the back-test error: the law fitted to the evaluations up to T * T/t only
 (T the last evaluated iteration), asked for the loss at T, which is known (the error of the same stretch of
-extrapolation, made on this run's own past). A plain power law in iterations, L0 + A * s^(-alpha), fitted to
+extrapolation, made on this run's own past), and (c) the drift: how far the forecast moves when the fit
+leaves out the last one, two or three evaluations (a fit that has not settled). A plain power law in iterations, L0 + A * s^(-alpha), fitted to
 the same evaluations, is printed beside it for comparison. How good both are on real runs:
 docs/training.md, "How good the forecast is".
 """
@@ -55,7 +56,7 @@ SCHEDULE_KEYS = ("max_iters", "lr_schedule", "learning_rate", "min_lr", "warmup_
                  "cooldown_frac")
 SETTINGS_SOURCES = [TRAIN_PY, __file__]
 LAM = 0.999  # the momentum of the annealing area (Tissue et al.'s choice)
-MIN_EVALUATIONS = 5  # evaluations past the warmup the fit needs: the law has 4 parameters
+MIN_EVALUATIONS = 5  # evaluations the fit needs (fit_points): the law has 4 parameters
 BOOTSTRAP = 100  # refits on resampled residuals, for the noise part of the interval
 ANNEALED = 0.9  # a run "has annealed" once its rate fell below this share of its peak
 
@@ -184,8 +185,10 @@ def check_run(evaluations, logged_lrs, config, path):
 
 
 def fit_points(evaluations, warmup_iters):
-    """The evaluations the law is fitted to: past the warmup (where the law does not hold)."""
-    return [(it, loss) for it, _, loss in evaluations if it > warmup_iters]
+    """The evaluations the law is fitted to: those past twice the warmup. Right after the warmup the loss still
+    falls by the fast first phase of training, which the law does not describe (on the validation runs of
+    docs/forecast.md the fits from there missed by more)."""
+    return [(it, loss) for it, _, loss in evaluations if it > 2 * warmup_iters]
 
 
 # --- the forecast
@@ -209,7 +212,7 @@ def forecast(observed_lrs, observed_warmup, points, path_lrs, path_warmup, targe
                            p1[targets], p2[targets]) for _ in range(BOOTSTRAP)])
     noise = (np.percentile(refits, 95, axis=0) - np.percentile(refits, 5, axis=0)) / 2
     backtest = np.array([backtest_error(its, loss, s1, s2, t) for t in targets])
-    half = np.maximum(noise, backtest)
+    half = np.maximum(np.maximum(noise, backtest), drift(its, loss, s1, s2, p1[targets], p2[targets], values))
     return values, values - half, values + half, params, residuals
 
 
@@ -225,6 +228,18 @@ def backtest_error(its, loss, s1, s2, target):
         return 0.0
     params = fit(s1[its[keep]], s2[its[keep]], loss[keep])
     return float(abs(law(params, s1[last], s2[last]) - loss[-1]))
+
+
+def drift(its, loss, s1, s2, target_s1, target_s2, values, leave_out=3):
+    """How far the forecasts move when the fit leaves out the last 1..leave_out evaluations (as far as the
+    fit keeps enough): a fit that has not settled yet moves with each new evaluation."""
+    moved = np.zeros_like(values)
+    for k in range(1, leave_out + 1):
+        if len(its) - k < MIN_EVALUATIONS:
+            break
+        params = fit(s1[its[:-k]], s2[its[:-k]], loss[:-k])
+        moved = np.maximum(moved, np.abs(law(params, target_s1, target_s2) - values))
+    return moved
 
 
 def power_law_forecast(points, targets):
@@ -277,7 +292,7 @@ def main(argv):
             fail(str(e))
     points = fit_points(evaluations, run_config["warmup_iters"])
     if len(points) < MIN_EVALUATIONS:
-        fail(f"{metrics}: {len(points)} evaluation(s) past the warmup, the fit needs at least {MIN_EVALUATIONS} "
+        fail(f"{metrics}: {len(points)} evaluation(s) past twice the warmup, the fit needs at least {MIN_EVALUATIONS} "
              "(lower eval_interval, or train longer first)")
     observed_lrs = schedule(run_config, 0, max(observed_end, resume_iter)) / peak
     if config["from_scratch"]:
@@ -308,7 +323,8 @@ def main(argv):
           f"L = {l0:.3f} + {a:.3f} * S1^-{alpha:.3f} - {c:.4f} * S2, rms residual {np.sqrt(np.mean(residuals ** 2)):.4f}")
     print(f"{'iteration':>10}  {'lr':>9}  {'val loss':>8}  {'interval':>15}  {'power law':>9}")
     # the evaluation the plan starts from (the resumed checkpoint's), or the run's last
-    seen_it, _, seen_loss = ([e for e in evaluations if e[0] == start] or evaluations)[-1]
+    seen_it, _, seen_loss = ([e for e in evaluations if e[0] == start and not config["from_scratch"]]
+                             or evaluations)[-1]
     print(f"{seen_it:>10,}  {'':>9}  {seen_loss:>8.4f}  {'(observed)':>15}")
     for t, v, lo, hi, p in zip(targets, values, low, high, power):
         print(f"{t:>10,}  {path_lrs[t - 1] * peak:>9.3g}  {v:>8.4f}  {lo:>7.4f}-{hi:<7.4f}  {p:>9.4f}")

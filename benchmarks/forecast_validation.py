@@ -136,7 +136,7 @@ def llmc_cases(path):
     steps = max(lrs) + 1
     rates = np.array([lrs[k] for k in range(steps)])
     warmup = 700
-    full = Curve([p for p in val if p[0] > warmup], rates / rates.max(), warmup)
+    full = Curve(forecast.fit_points([(step, None, loss) for step, loss in val], warmup), rates / rates.max(), warmup)
     end, actual = val[-1]
     return [("llm.c 124M", f"its first {k // 1000}k steps", [full.upto(k)], full, end, actual) for k in (12000, 15000)]
 
