@@ -51,10 +51,10 @@ SETTINGS = dict(
     json=False,  # print the forecast at max_iters as one JSON object (max_iters, val_loss, low, high, warnings)
     plot="",  # the PNG drawn (observed, fitted, forecast, the schedule under it); '' = out_dir/forecast.png
 )
-# the new plan: train.py's schedule settings (listed first by --help); any not given keeps the checkpoint's value
+# the new plan: train.py's schedule settings; any not given keeps the checkpoint's value
 SCHEDULE_KEYS = ("max_iters", "lr_schedule", "learning_rate", "min_lr", "warmup_iters", "lr_decay_iters",
                  "cooldown_frac")
-SETTINGS_SOURCES = [TRAIN_PY, __file__]
+SETTINGS_SOURCES = [__file__, TRAIN_PY, __file__]  # --help: ours, then train.py's schedule settings; usage names the last
 LAM = 0.999  # the momentum of the annealing area (Tissue et al.'s choice)
 MIN_EVALUATIONS = 5  # evaluations the fit needs (fit_points): the law has 4 parameters
 BOOTSTRAP = 100  # refits on resampled residuals, for the noise part of the interval
