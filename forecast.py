@@ -83,22 +83,23 @@ def areas(lrs, warmup_iters, lam=LAM):
 
 
 def solve_linear(x, s2, loss, alpha):
-    """(L0, A, C) and the squared error of the best fit for this alpha with A, C >= 0; s2=None: the power law
-    (C = 0). With two bounded unknowns the bounded optimum is the best feasible one of the unbounded fits
-    with A, C each free or held at 0 (a face of the box), so four small least-squares solves find it."""
-    columns = {"a": x ** -alpha, "c": -s2 if s2 is not None and np.ptp(s2) > 0 else None}
-    best = None
-    for free in (("a", "c"), ("a",), ("c",), ()):
-        if any(columns[k] is None for k in free):
-            continue
-        design = np.column_stack([np.ones_like(x)] + [columns[k] for k in free])
+    """(L0, A, C) and the squared error of the best fit for this alpha with L0, A, C >= 0 (a loss is never
+    negative, nor is the law's gain from training or from annealing); s2=None: the power law (C = 0). The
+    bounded optimum is the best feasible one of the unbounded fits with each unknown free or held at 0 (a face
+    of the box), so at most eight small least-squares solves find it."""
+    columns = {"l0": np.ones_like(x), "a": x ** -alpha, "c": -s2 if s2 is not None and np.ptp(s2) > 0 else None}
+    names = [k for k, v in columns.items() if v is not None]
+    best = ((0.0, 0.0, 0.0), float(np.sum(loss ** 2)))  # everything held at 0
+    for mask in range(1, 2 ** len(names)):
+        free = [k for i, k in enumerate(names) if mask >> i & 1]
+        design = np.column_stack([columns[k] for k in free])
         solution = np.linalg.lstsq(design, loss, rcond=None)[0]
-        values = dict(zip(free, solution[1:]))
-        if any(v < 0 for v in values.values()):
+        if (solution < 0).any():
             continue
         error = float(np.sum((design @ solution - loss) ** 2))
-        if best is None or error < best[1]:
-            best = ((solution[0], values.get("a", 0.0), values.get("c", 0.0)), error)
+        if error < best[1]:
+            values = dict(zip(free, solution))
+            best = ((values.get("l0", 0.0), values.get("a", 0.0), values.get("c", 0.0)), error)
     return best
 
 

