@@ -24,9 +24,9 @@ The interval: at each forecast iteration t, low/high = the forecast -/+ the larg
 noise of the evaluations), (b) the back-test error: the law fitted to the evaluations up to T * T/t only
 (T the last evaluated iteration), asked for the loss at T, which is known (the error of the same stretch of
 extrapolation, made on this run's own past), and (c) the drift: how far the forecast moves when the fit
-leaves out the last one, two or three evaluations (a fit that has not settled). A plain power law in iterations, L0 + A * s^(-alpha), fitted to
-the same evaluations, is printed beside it for comparison. How good both are on real runs:
-docs/training.md, "How good the forecast is".
+leaves out the last one, two or three evaluations (a fit that has not settled). A plain power law in
+iterations, L0 + A * s^(-alpha), fitted to the same evaluations, is printed beside it for comparison. How
+good both are on real runs: docs/forecast.md.
 """
 import json
 import math
@@ -45,7 +45,7 @@ from kit.schedule import get_lr, schedule_args
 
 SETTINGS = dict(
     out_dir="out",  # the run: its metrics.jsonl and its checkpoints
-    resume_from="last",  # the checkpoint the continuation resumes from, as train.py's: 'last', 'stable', 'best' or a path
+    resume_from="last",  # the checkpoint the plan resumes from, as train.py's: 'last', 'stable', 'best' or a path
     from_scratch=False,  # forecast a run planned with the new settings from iteration 0, not a resumed one
     allow_lr_increase=False,  # as train.py's: forecast a resume whose schedule raises the learning rate
     json=False,  # print the forecast at max_iters as one JSON object (max_iters, val_loss, low, high, warnings)
@@ -54,7 +54,7 @@ SETTINGS = dict(
 # the new plan: train.py's schedule settings; any not given keeps the checkpoint's value
 SCHEDULE_KEYS = ("max_iters", "lr_schedule", "learning_rate", "min_lr", "warmup_iters", "lr_decay_iters",
                  "cooldown_frac")
-SETTINGS_SOURCES = [__file__, TRAIN_PY, __file__]  # --help: ours, then train.py's schedule settings; usage names the last
+SETTINGS_SOURCES = [__file__, TRAIN_PY, __file__]  # --help: ours, then train.py's schedule settings; usage: ours
 LAM = 0.999  # the momentum of the annealing area (Tissue et al.'s choice)
 MIN_EVALUATIONS = 5  # evaluations the fit needs (fit_points): the law has 4 parameters
 BOOTSTRAP = 100  # refits on resampled residuals, for the noise part of the interval
@@ -256,7 +256,9 @@ def report_iterations(start, stop, n=5):
     return sorted({int(round(start + step * k)) for k in range(1, n)} | {stop})
 
 
-def main(argv):
+def read_run(argv):
+    """The settings, the new plan, and the run as forecast.py needs it: its evaluations, its training config,
+    the checkpoint the plan resumes from and its iteration, and one-line warnings. Fails on what it cannot use."""
     defaults = {**SETTINGS, **{k: v for k, v in train_defaults().items() if k in SCHEDULE_KEYS}}
     config = configure(defaults, argv)  # checks every value given; the plan's defaults come from the checkpoint
     out_dir = config["out_dir"]
@@ -264,23 +266,25 @@ def main(argv):
         resume_path = checkpoint_path(out_dir, config["resume_from"], key="resume_from")
     except ValueError as e:
         fail(str(e))
+    png = config["plot"] or os.path.join(out_dir, "forecast.png")
+    if not png.lower().endswith(".png") or not os.path.isdir(os.path.dirname(os.path.abspath(png))):
+        fail(f"plot={png!r}: give a path ending in .png in a folder that exists")
     metrics = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.isfile(metrics):
         fail(f"{metrics} not found: give the out_dir of a train.py run (--out_dir=)")
     evaluations, logged_lrs = read_evaluations(metrics)
     run_config, last_iter = load_config(checkpoint_path(out_dir, "last"))
-    _, resume_iter = load_config(resume_path) if resume_path != checkpoint_path(out_dir, "last") else (None, last_iter)
-    plan = configure({**defaults, **{k: run_config.get(k, defaults[k]) for k in SCHEDULE_KEYS}}, argv)
+    # nanoGPT's checkpoints have no lr_schedule or cooldown_frac: their schedule is the cosine, train.py's default
+    run_config = {**{k: defaults[k] for k in SCHEDULE_KEYS}, **run_config}
+    resume_iter = load_config(resume_path)[1] if resume_path != checkpoint_path(out_dir, "last") else last_iter
+    plan = configure({**defaults, **{k: run_config[k] for k in SCHEDULE_KEYS}}, argv)
     try:
         learning_rate_at(0, plan)
     except ValueError as e:
         fail(str(e))
     warnings = check_run(evaluations, logged_lrs, run_config, metrics)
-    peak = run_config["learning_rate"]
-    if peak <= 0:
-        fail(f"the run's learning_rate is {peak}: nothing was learned, nothing to forecast")
-
-    observed_end = evaluations[-1][0]
+    if run_config["learning_rate"] <= 0:
+        fail(f"the run's learning_rate is {run_config['learning_rate']}: nothing was learned, nothing to forecast")
     start = 0 if config["from_scratch"] else resume_iter
     if plan["max_iters"] <= start:
         fail(f"max_iters={plan['max_iters']}: the forecast needs a plan past iteration {start} "
@@ -291,37 +295,41 @@ def main(argv):
                             {**plan, "allow_lr_increase": config["allow_lr_increase"]})
         except ValueError as e:
             fail(str(e))
-    points = fit_points(evaluations, run_config["warmup_iters"])
-    if len(points) < MIN_EVALUATIONS:
-        fail(f"{metrics}: {len(points)} evaluation(s) past twice the warmup, the fit needs at least {MIN_EVALUATIONS} "
-             "(lower eval_interval, or train longer first)")
-    observed_lrs = schedule(run_config, 0, max(observed_end, resume_iter)) / peak
+    if len(fit_points(evaluations, run_config["warmup_iters"])) < MIN_EVALUATIONS:
+        fail(f"{metrics}: {len(fit_points(evaluations, run_config['warmup_iters']))} evaluation(s) past twice the "
+             f"warmup, the fit needs at least {MIN_EVALUATIONS} (lower eval_interval, or train longer first)")
+    return config, plan, run_config, evaluations, warnings, resume_path, start, png
+
+
+def main(argv):
+    config, plan, run_config, evaluations, warnings, resume_path, start, png = read_run(argv)
+    peak, warmup = run_config["learning_rate"], run_config["warmup_iters"]
+    points = fit_points(evaluations, warmup)
+    observed_lrs = schedule(run_config, 0, max(evaluations[-1][0], start)) / peak
     if config["from_scratch"]:
         path_lrs, path_warmup = schedule(plan, 0, plan["max_iters"]) / peak, plan["warmup_iters"]
-    else:
-        path_lrs = np.concatenate([observed_lrs[:resume_iter], schedule(plan, resume_iter, plan["max_iters"]) / peak])
-        path_warmup = run_config["warmup_iters"]
-    if observed_lrs[run_config['warmup_iters']:].min() > ANNEALED and path_lrs[-1] <= ANNEALED:
+    else:  # the iterations the checkpoint holds keep their rates; the rest follow the new schedule
+        path_lrs = np.concatenate([observed_lrs[:start], schedule(plan, start, plan["max_iters"]) / peak])
+        path_warmup = warmup
+    if observed_lrs[warmup:].min() > ANNEALED and path_lrs[-1] <= ANNEALED:
         warnings.append("no annealing seen yet (the rate never fell below its peak): the decay term is not "
                         "pinned down, so the forecast of the decayed end is a guess within a wide band")
     targets = report_iterations(start, plan["max_iters"])
-    values, low, high, params, residuals = forecast(observed_lrs, run_config["warmup_iters"], points, path_lrs,
-                                                    path_warmup, targets)
+    values, low, high, params, residuals = forecast(observed_lrs, warmup, points, path_lrs, path_warmup, targets)
     power = power_law_forecast(points, targets)
-    png = config["plot"] or os.path.join(out_dir, "forecast.png")
-    draw(png, evaluations, points, params, observed_lrs, run_config["warmup_iters"], path_lrs, path_warmup, targets,
-         values, low, high, peak, start)
-
+    draw(png, evaluations, points, params, observed_lrs, warmup, path_lrs, path_warmup, targets, values, low, high,
+         peak, start)
     if config["json"]:
         print(json.dumps({"max_iters": plan["max_iters"], "val_loss": round(float(values[-1]), 4),
                           "low": round(float(low[-1]), 4), "high": round(float(high[-1]), 4), "warnings": warnings}))
         return
     how = ("planned so from iteration 0" if config["from_scratch"] else
-           f"resumed from {resume_path} at iteration {resume_iter:,}")
-    print(f"forecast for {out_dir}: {plan['lr_schedule']} to max_iters={plan['max_iters']:,}, {how}")
+           f"resumed from {resume_path} at iteration {start:,}")
+    print(f"forecast for {config['out_dir']}: {plan['lr_schedule']} to max_iters={plan['max_iters']:,}, {how}")
     l0, a, alpha, c = params
     print(f"fit: {len(points)} evaluations (iterations {points[0][0]:,} to {points[-1][0]:,}), "
-          f"L = {l0:.3f} + {a:.3f} * S1^-{alpha:.3f} - {c:.4f} * S2, rms residual {np.sqrt(np.mean(residuals ** 2)):.4f}")
+          f"L = {l0:.3f} + {a:.3f} * S1^-{alpha:.3f} - {c:.4f} * S2, "
+          f"rms residual {np.sqrt(np.mean(residuals ** 2)):.4f}")
     print(f"{'iteration':>10}  {'lr':>9}  {'val loss':>8}  {'interval':>15}  {'power law':>9}")
     # the evaluation the plan starts from (the resumed checkpoint's), or the run's last
     seen_it, _, seen_loss = ([e for e in evaluations if e[0] == start and not config["from_scratch"]]
