@@ -146,6 +146,7 @@ def test_a_real_runs_held_out_tail_is_within_the_interval():
     ("no checkpoint", "no checkpoint at"),
     ("nothing past", "max_iters=1500: the forecast needs a plan past iteration 2000"),
     ("lr increase", "would raise the learning rate"),
+    ("plot folder", "give a path ending in .png in a folder that exists"),
 ])
 def test_what_the_forecast_cannot_use_ends_in_one_line(tmp_path, case, message):
     out = write_run(tmp_path / "out", CONFIG)
@@ -164,6 +165,8 @@ def test_what_the_forecast_cannot_use_ends_in_one_line(tmp_path, case, message):
         args = [f"--out_dir={out}", "--max_iters=1500"]
     elif case == "lr increase":
         args += ["--lr_decay_iters=4000"]  # back up the cosine: train.py refuses it too
+    elif case == "plot folder":
+        args += [f"--plot={tmp_path / 'missing' / 'f.png'}"]
     code, stdout, stderr = run_forecast(*args)
     assert code == 2 and stdout == ""
     assert len(stderr.splitlines()) == 1 and stderr.startswith("error: ") and message in stderr, stderr
