@@ -357,7 +357,9 @@ def draw(png, evaluations, points, params, observed_lrs, observed_warmup, path_l
     ax.plot(fitted, law(params, s1[fitted], s2[fitted]), color="tab:blue", label="fitted law")
     ahead = np.arange(max(start, first), len(path_lrs) + 1)
     ax.plot(ahead, law(params, p1[ahead], p2[ahead]), color="tab:orange", linestyle="--", label="forecast")
-    ax.fill_between(targets, low, high, color="tab:orange", alpha=0.2, label="interval")
+    begin = law(params, p1[ahead[0]], p2[ahead[0]])  # the band opens from the forecast's start
+    ax.fill_between([ahead[0], *targets], [begin, *low], [begin, *high], color="tab:orange", alpha=0.2,
+                    label="interval")
     ax.plot([targets[-1]], [values[-1]], "*", color="tab:orange", markersize=14, markeredgecolor="black")
     ax.set_ylabel("val loss")
     ax.grid(True, alpha=0.3)
