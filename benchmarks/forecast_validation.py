@@ -1,18 +1,24 @@
 """
 How well does forecast.py predict a run's final val loss? Real train.py runs of a tiny model on the CPU,
 then every forecast the docs promise, each set beside a plain power law in steps fitted to the same
-evaluations. Prints the table of docs/training.md ("How good the forecast is").
+evaluations. Prints the table of docs/forecast.md ("How good the forecast is").
 
 $ python data/fineweb/prepare.py --input=../shared/corpus/en_docs.parquet --out_dir=data/en_docs
 $ OMP_NUM_THREADS=1 python benchmarks/forecast_validation.py --data_dir=data/en_docs    # ~40 min on one core
-$ python benchmarks/forecast_validation.py --data_dir=data/en_docs --train=False       # the table again, seconds
+$ python benchmarks/forecast_validation.py --train=False --llmc_log=main.log          # the table again, seconds
+
+--llmc_log adds llm.c's GPT-2 124M run (8x H100, 2024-10-13) from its published log, main.log in modded-nanogpt's
+records/track_1_short/2024-10-13_llmc/ (val losses every 250 steps, the rate of every step), fitted on its
+first 12k and 15k steps.
 
 The runs (into --work_dir, each skipped when it finished before):
   cosine-250, -500, -1000, -2000   cosine schedules planned to that many iterations (lr_decay_iters = max_iters)
   wsd-1000                         wsd planned to 1,000 (cooldown over the last 20%), completed
   wsd-2000                         wsd-1000 continued from its stable.pt to 2,000 (--init_from=resume)
 The forecasts:
-  4x longer    cosine-1000's and -2000's ends from the completed cosine-250 and -500 (forecast.py --from_scratch)
+  4x longer    cosine-1000's and -2000's ends from the completed cosine-250 and -500 (forecast.py --from_scratch),
+               and -2000's from -250 and -500 fitted together
+  2x longer    cosine-2000's end from the completed cosine-1000, and from -250, -500 and -1000 together
   from 60%     each cosine run's end from its evaluations up to 60% of it
   continued    wsd-2000's end from the completed wsd-1000 (forecast.py's default: a resume from stable.pt)
 """
