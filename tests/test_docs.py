@@ -17,7 +17,8 @@ import configurator
 from conftest import REPO_ROOT
 
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
-PROJECT_SCRIPTS = {"train.py", "sample.py", "eval.py", "export.py", "bench.py", "plot.py", "data/fineweb/prepare.py"}
+PROJECT_SCRIPTS = {"train.py", "sample.py", "eval.py", "export.py", "bench.py", "plot.py", "forecast.py",
+                   "data/fineweb/prepare.py"}
 
 
 def is_project_script(path):
