@@ -38,10 +38,9 @@ import torch
 from scipy.optimize import minimize_scalar
 from scipy.signal import lfilter
 
-from bench import TRAIN_PY, train_defaults
-from configurator import configure, fail, first_line
-from kit.checkpoint import check_resume_lr, checkpoint_path
-from kit.schedule import get_lr, schedule_args
+from configurator import configure, fail, first_line, script_defaults
+from kit.checkpoint import checkpoint_path
+from kit.schedule import check_resume_lr, get_lr
 
 SETTINGS = dict(
     out_dir="out",  # the run: its metrics.jsonl and its checkpoints
@@ -54,6 +53,7 @@ SETTINGS = dict(
 # the new plan: train.py's schedule settings; any not given keeps the checkpoint's value
 SCHEDULE_KEYS = ("max_iters", "lr_schedule", "learning_rate", "min_lr", "warmup_iters", "lr_decay_iters",
                  "cooldown_frac")
+TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 SETTINGS_SOURCES = [__file__, TRAIN_PY, __file__]  # --help: ours, then train.py's schedule settings; usage: ours
 LAM = 0.999  # the momentum of the annealing area (Tissue et al.'s choice)
 MIN_EVALUATIONS = 5  # evaluations the fit needs (fit_points): the law has 4 parameters
@@ -63,7 +63,7 @@ ANNEALED = 0.9  # a run "has annealed" once its rate fell below this share of it
 
 def learning_rate_at(it, config):
     """The learning rate of the update from iteration it to it + 1 under config's schedule, as train.py sets it."""
-    return get_lr(it, **schedule_args(config))
+    return get_lr(it, config)
 
 
 def schedule(config, start, stop):
@@ -259,7 +259,7 @@ def report_iterations(start, stop, n=5):
 def read_run(argv):
     """The settings, the new plan, and the run as forecast.py needs it: its evaluations, its training config,
     the checkpoint the plan resumes from and its iteration, and one-line warnings. Fails on what it cannot use."""
-    defaults = {**SETTINGS, **{k: v for k, v in train_defaults().items() if k in SCHEDULE_KEYS}}
+    defaults = {**SETTINGS, **{k: v for k, v in script_defaults(TRAIN_PY).items() if k in SCHEDULE_KEYS}}
     config = configure(defaults, argv)  # checks every value given; the plan's defaults come from the checkpoint
     out_dir = config["out_dir"]
     try:
@@ -291,8 +291,7 @@ def read_run(argv):
              f"({'--from_scratch' if config['from_scratch'] else resume_path})")
     if not config["from_scratch"]:
         try:
-            check_resume_lr({"iter_num": resume_iter, "config": run_config},
-                            {**plan, "allow_lr_increase": config["allow_lr_increase"]})
+            check_resume_lr(run_config, resume_iter, {**plan, "allow_lr_increase": config["allow_lr_increase"]})
         except ValueError as e:
             fail(str(e))
     if len(fit_points(evaluations, run_config["warmup_iters"])) < MIN_EVALUATIONS:

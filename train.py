@@ -332,6 +332,9 @@ if master_process:
         best_path = checkpoint_path(out_dir, "best")
         print(f"checkpoints: {checkpoint_path(out_dir, 'last')} (latest)"
               + (f", {best_path} (best val)" if os.path.exists(best_path) else ""))
+    if iter_num >= max_iters and not eval_only:  # the next question: is a longer run worth its hours?
+        print(f"what training on would buy: python forecast.py --out_dir={out_dir} --max_iters={2 * max_iters}"
+              + (" --resume_from=stable" if lr_schedule == "wsd" else "") + " (docs/forecast.md)")
     metrics.close()
 if ddp:  # leave together: a rank tearing gloo down while rank 0 still writes can abort at exit
     dist.barrier()

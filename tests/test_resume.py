@@ -435,6 +435,7 @@ def test_ctrl_c_in_the_last_iteration_finishes_the_run_with_its_final_evaluation
                                                                  "--eval_interval=2"))
     assert code == 0, stdout + stderr
     assert "step 3: train loss" in stdout and "stopped at iteration" not in stdout and "done: 3 iterations" in stdout
+    assert f"what training on would buy: python forecast.py --out_dir={out} --max_iters=6 (docs/forecast.md)" in stdout
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["iter_num"] == 3 and ckpt["val_loss"] == read_metrics(out)[1][-1]["val_loss"]
 
