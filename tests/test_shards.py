@@ -193,15 +193,11 @@ def test_a_missing_shard_is_named_in_one_line(tmp_path, fake_hub, capsys):
     assert "--input does not go with --pretokenized" in line
 
 
-def test_offline_and_not_cached_says_so_in_one_line(tmp_path, capsys):
+def test_offline_and_not_cached_says_so_in_one_line(tmp_path, capsys, monkeypatch):
     # the real huggingface_hub, offline (conftest sets HF_HUB_OFFLINE=1), with an empty cache
     from huggingface_hub import constants
-    cache = constants.HF_HUB_CACHE
-    try:
-        constants.HF_HUB_CACHE = str(tmp_path / "empty")
-        line = fails_with(capsys, "--pretokenized", REPO, "--out_dir", tmp_path / "out")
-    finally:
-        constants.HF_HUB_CACHE = cache
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    line = fails_with(capsys, "--pretokenized", REPO, "--out_dir", tmp_path / "out")
     assert f"cannot download fineweb_val_000000.bin from {REPO}: the network is unreachable" in line
 
 
