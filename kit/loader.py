@@ -107,7 +107,7 @@ class TokenBatches:
         # batches come from the file as opened here, even once prepare.py publishes new bins under this path
         # (by rename: this inode lives on while open); train.py stops when it sees that (dataset_changed)
         self.file = open(path, "rb")
-        self.offset, self.n_tokens = token_span(path)  # past an llm.c shard's header
+        self.offset, self.n_tokens = token_span(path, self.file)  # past an llm.c shard's header
         if self.n_tokens < block_size + 1:
             raise ValueError(f"{path} has {self.n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}; "
                              "use a smaller block_size or more data")

@@ -37,25 +37,19 @@ class ShardError(ValueError):
     """A file that is not a usable llm.c GPT-2 shard; the message is one line naming the file."""
 
 
-def first_int32(path):
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return int(np.frombuffer(head, dtype="<i4")[0]) if len(head) == 4 else None
-
-
-def is_shard(path):
-    """Whether the file starts with one of llm.c's magics (and must then pass read_header)."""
-    return first_int32(path) in (MAGIC, LLAMA3_MAGIC)
-
-
-def read_header(path):
-    """The token count of an llm.c GPT-2 shard, after checking its header against the file; else ShardError."""
-    size = os.path.getsize(path)
-    if size < HEADER_BYTES:
+def read_header(path, file=None):
+    """The token count of an llm.c GPT-2 shard, after checking its header against the file's size; else
+    ShardError. file: the file already open at path, whose own bytes are read."""
+    if file is None:
+        with open(path, "rb") as file:
+            return read_header(path, file)
+    size = os.fstat(file.fileno()).st_size
+    file.seek(0)
+    head = file.read(HEADER_BYTES)
+    if len(head) < HEADER_BYTES:
         raise ShardError(f"{path}: {size:,} bytes, shorter than llm.c's {HEADER_BYTES:,}-byte header: "
                          f"truncated (an interrupted download or copy?) or not a token shard")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    magic, version, count = (int(v) for v in header[:3])
+    magic, version, count = (int(v) for v in np.frombuffer(head, dtype="<i4")[:3])
     if magic == LLAMA3_MAGIC:
         raise ShardError(f"{path}: magic {LLAMA3_MAGIC}, version {version}: an llm.c shard of Llama 3 tokens (uint32); "
                          f"this kit reads {ENCODING_NAME} shards (magic {MAGIC}, version {VERSION}, uint16 tokens)")
@@ -72,11 +66,17 @@ def read_header(path):
     return count
 
 
-def token_span(path):
-    """(byte offset of the first token, number of tokens) of a token file in either format."""
-    if is_shard(path):
-        return HEADER_BYTES, read_header(path)
-    return 0, os.path.getsize(path) // TOKEN_BYTES
+def token_span(path, file=None):
+    """(byte offset of the first token, number of tokens) of a token file in either format: an llm.c shard
+    if it starts with one of llm.c's magics (its header then checked), else ours. file: as in read_header."""
+    if file is None:
+        with open(path, "rb") as file:
+            return token_span(path, file)
+    file.seek(0)
+    head = file.read(4)
+    if len(head) == 4 and int(np.frombuffer(head, dtype="<i4")[0]) in (MAGIC, LLAMA3_MAGIC):
+        return HEADER_BYTES, read_header(path, file)
+    return 0, os.fstat(file.fileno()).st_size // TOKEN_BYTES
 
 
 def open_tokens(path):
