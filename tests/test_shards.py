@@ -185,8 +185,13 @@ def test_a_killed_download_continues_with_the_shard_it_was_in(tmp_path, fake_hub
 
 def test_a_missing_shard_is_named_in_one_line(tmp_path, fake_hub, capsys):
     line = fails_with(capsys, "--pretokenized", REPO, "--shards", "3-5", "--out_dir", tmp_path / "out")
-    assert line == f"error: {REPO} has no file fineweb_train_000005.bin"
+    assert line == (f"error: {REPO} has no file fineweb_train_000005.bin; the 3 shard(s) before it are kept in "
+                    f"{tmp_path / 'out' / pretokenized.WORK_NAME}, for a command that takes them again")
     assert not (tmp_path / "out" / "meta.json").exists()
+    fake_hub.downloads = []
+    prepare.main(["--pretokenized", REPO, "--shards", "3-4", "--out_dir", str(tmp_path / "out")])
+    assert fake_hub.downloads == []  # the shards before the missing one were kept
+    assert_bins_hold(tmp_path / "out", fake_hub, [3, 4])
     line = fails_with(capsys, "--pretokenized", REPO, "--shards", "0-2", "--out_dir", tmp_path / "out")
     assert "train shards are numbered from 1" in line
     line = fails_with(capsys, "--pretokenized", REPO, "--input", "x.parquet")
@@ -217,6 +222,9 @@ def test_ours_to_llmc_and_back_gives_identical_tokens(tmp_path, monkeypatch):
         assert (tmp_path / "back" / f"{split}.bin").read_bytes() == (data / f"{split}.bin").read_bytes()
     with pytest.raises(SystemExit):  # llm.c reads every shard its pattern matches: no mixing with old ones
         prepare.main(["--out_dir", str(data), "--to_llmc", str(tmp_path / "llmc")])
+    with pytest.raises(SystemExit):  # a shard missing from a folder is named before anything is copied
+        prepare.main(["--pretokenized", str(tmp_path / "llmc"), "--shards", "2-4", "--out_dir", str(tmp_path / "b2")])
+    assert not (tmp_path / "b2" / pretokenized.WORK_NAME).exists()
 
 
 # -----------------------------------------------------------------------------

@@ -103,8 +103,8 @@ def local_shard(source, filename, first, last):
     path = Path(source) / filename
     if not path.is_file():
         held = sorted(p.name for p in Path(source).glob("*_train_*.bin"))
-        raise ShardError(f"{path}: no such shard (--shards {first}-{last}); the folder holds "
-                         f"{len(held)} train shard(s)" + (f", {held[0]} to {held[-1]}" if held else ""))
+        raise ShardError(f"{path}: no such shard (--shards {first}-{last}); the folder holds {len(held)} train "
+                         f"shard(s)" + (f": {held[0]}" if held else "") + (f" to {held[-1]}" if len(held) > 1 else ""))
     return path
 
 
@@ -172,10 +172,17 @@ def fetch(args):
             print(f"{out_dir}: train.bin and val.bin already hold these shards ({meta['splits']['train']['tokens']:,}"
                   f" + {meta['splits']['val']['tokens']:,} tokens); nothing to do (--force redoes it)")
             return meta
+        if os.path.isdir(source):  # a shard missing from a folder is named before any work
+            for _, name in names:
+                local_shard(source, name, first, last)
         work_dir = out_dir / WORK_NAME
         manifest = open_work(work_dir, request, args.force)
         try:
             copy_shards(names, manifest, work_dir, source, (first, last))
+        except ShardError as e:
+            kept = len(manifest["done"])
+            raise ShardError(f"{e}; the {kept} shard(s) before it are kept in {work_dir}, for a command that takes "
+                             f"them again" if kept else str(e)) from None
         except KeyboardInterrupt as e:
             name = e.args[0] if e.args else "SIGINT"
             fail(f"interrupted{'' if name == 'SIGINT' else ' by ' + name}; {len(manifest['done'])} of {len(names)} "
