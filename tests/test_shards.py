@@ -194,6 +194,7 @@ def test_a_missing_shard_is_named_in_one_line(tmp_path, fake_hub, capsys):
     assert_bins_hold(tmp_path / "out", fake_hub, [3, 4])
     line = fails_with(capsys, "--pretokenized", REPO, "--shards", "0-2", "--out_dir", tmp_path / "out")
     assert "train shards are numbered from 1" in line
+    assert "train shards are numbered from 1" in fails_with(capsys, "--pretokenized", REPO, "--shard", "0")
     line = fails_with(capsys, "--pretokenized", REPO, "--input", "x.parquet")
     assert "--input does not go with --pretokenized" in line
 

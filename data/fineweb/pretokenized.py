@@ -44,6 +44,11 @@ CHUNK_TOKENS = 1 << 24  # tokens per read while copying: 32 MiB at a time
 LLMC_SHARD_TOKENS = 10**8  # --to_llmc's shard size, llm.c's own
 
 
+def train_range(args):
+    """(first, last) train shard: --shards A-B, --shard N, or shard 1."""
+    return args.shards or (1 if args.shard is None else args.shard,) * 2
+
+
 def check_args(args, error):
     """prepare.py's options that mean nothing here are refused, in prepare.py's one-line way (error)."""
     if args.pretokenized and args.to_llmc:
@@ -53,11 +58,11 @@ def check_args(args, error):
     if given:
         error(f"{given[0]} does not go with {'--to_llmc' if args.to_llmc else '--pretokenized'}: the tokens are "
               f"taken as they are")
-    first, last = args.shards or (args.shard or 1,) * 2
+    first, last = train_range(args)
     if args.to_llmc and (args.shards or args.shard is not None):
         error("--shard/--shards go with --pretokenized (which train shards to take)")
     if args.pretokenized and first < 1:
-        error(f"--shards {first}-{last}: train shards are numbered from 1 ({{prefix}}_train_000001.bin); "
+        error(f"--shards {first}-{last}: train shards are numbered from 1 (<prefix>_train_000001.bin); "
               f"shard 0 is the val shard, which is always taken")
 
 
@@ -156,7 +161,7 @@ def fetch(args):
     """Download (or read) the val shard and the train shards, check them, and publish train.bin, val.bin and
     meta.json in --out_dir."""
     t0 = time.time()
-    first, last = args.shards or (args.shard or 1,) * 2
+    first, last = train_range(args)
     source = args.pretokenized
     names = shard_names(source, first, last)
     out_dir = Path(args.out_dir).resolve()
