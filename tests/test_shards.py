@@ -210,7 +210,7 @@ def test_offline_and_not_cached_says_so_in_one_line(tmp_path, capsys, monkeypatc
 # -----------------------------------------------------------------------------
 # the other direction, and back
 
-def test_ours_to_llmc_and_back_gives_identical_tokens(tmp_path, monkeypatch):
+def test_ours_to_llmc_and_back_gives_identical_tokens(tmp_path, monkeypatch, capsys):
     data = make_token_dataset(tmp_path / "fineweb", n_train=25_000, n_val=4_000)
     monkeypatch.setattr(pretokenized, "LLMC_SHARD_TOKENS", 10_000)  # llm.c's 100M, in miniature: 3 train shards
     prepare.main(["--out_dir", str(data), "--to_llmc", str(tmp_path / "llmc")])
@@ -226,6 +226,9 @@ def test_ours_to_llmc_and_back_gives_identical_tokens(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):  # a shard missing from a folder is named before anything is copied
         prepare.main(["--pretokenized", str(tmp_path / "llmc"), "--shards", "2-4", "--out_dir", str(tmp_path / "b2")])
     assert not (tmp_path / "b2" / pretokenized.WORK_NAME).exists()
+    capsys.readouterr()
+    line = fails_with(capsys, "--out_dir", tmp_path / "nothing", "--to_llmc", tmp_path / "llmc2")
+    assert "meta.json not found" in line and not (tmp_path / "llmc2").exists()
 
 
 # -----------------------------------------------------------------------------

@@ -263,8 +263,8 @@ def to_llmc(data_dir, dest):
     <name>_val_000000.bin, <name>_train_000001.bin, ..., name being data_dir's, so that llm.c's trainer reads
     them with -i 'dest/<name>_train_*.bin' -j 'dest/<name>_val_*.bin'."""
     try:
-        read_dataset_meta(data_dir)
-    except FileNotFoundError as e:
+        meta = read_dataset_meta(data_dir)
+    except (FileNotFoundError, ValueError) as e:
         raise ShardError(str(e)) from None
     if dest.exists() and any(dest.glob("*.bin")):
         raise ShardError(f"{dest} holds .bin files already; --to_llmc writes into an empty or new folder (llm.c "
@@ -273,9 +273,11 @@ def to_llmc(data_dir, dest):
     for split, number in (("val", 0), ("train", 1)):
         path = data_dir / f"{split}.bin"
         offset, count = token_span(path)
-        largest = max_token_id(path, offset=offset)
+        largest = meta["splits"][split].get("max_token_id")  # prepare.py records it; --adopt too
+        largest = max_token_id(path, offset=offset) if largest is None else largest
         if largest >= VOCAB_SIZE:
-            raise ShardError(f"{path} holds token id {largest}, not below {ENCODING_NAME}'s vocabulary of {VOCAB_SIZE:,}")
+            raise ShardError(f"{path} holds token id {largest}, not below {ENCODING_NAME}'s vocabulary of "
+                             f"{VOCAB_SIZE:,}")
         shard_tokens = min(LLMC_SHARD_TOKENS, MAX_SHARD_TOKENS)
         for start in range(0, count, shard_tokens):
             tokens = np.fromfile(path, dtype=TOKEN_DTYPE, count=min(shard_tokens, count - start),
