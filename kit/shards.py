@@ -127,7 +127,8 @@ def download(repo, filename):
         return hf_hub_download(repo_id=repo, repo_type="dataset", filename=filename)
     except LocalEntryNotFoundError:  # offline, or could not connect
         raise ShardError(f"cannot download {filename} from {repo}: the network is unreachable (or HF_HUB_OFFLINE "
-                         f"is set) and it is not in the Hugging Face cache; fetch it elsewhere, pass its path") from None
+                         f"is set) and it is not in the Hugging Face cache; fetch it elsewhere and pass its "
+                         f"path") from None
     except EntryNotFoundError:
         raise ShardError(f"{repo} has no file {filename}") from None
     except RepositoryNotFoundError:

@@ -197,7 +197,7 @@ def fetch(args):
     finally:
         unlock_folder(lock)
     for split, info in meta["splits"].items():
-        print(f"{split:>5}: {info['documents']:>11,} documents {info['tokens']:>15,} tokens -> {out_dir / info['file']}")
+        print(f"{split:>5}: {info['documents']:>11,} docs {info['tokens']:>15,} tokens -> {out_dir / info['file']}")
     print(f"done in {meta['seconds']:.1f} s; meta: {out_dir / 'meta.json'}")
     return meta
 
