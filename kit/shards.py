@@ -119,7 +119,7 @@ def standard_val_file():
 
 
 def download(repo, filename):
-    """A file of a Hub dataset, through huggingface_hub's cache (which resumes a partial download); one-line
+    """A file of a Hub dataset, through huggingface_hub's cache (which resumes an interrupted download); one-line
     ShardError when it cannot be had."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError

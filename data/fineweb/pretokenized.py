@@ -18,8 +18,9 @@ ended in, and in train.bin every document is whole but the first.
 Resumable per shard: the shards are appended in out_dir/pretokenized.work/ and counted in its manifest, and
 each downloaded train shard is then removed from the Hugging Face cache (its tokens are in train.bin; the val
 shard stays, eval.py --val_file=standard reads it there). A killed run continues with the shard it was in
-(its bins cut back to what the manifest counts); a download killed midway continues from huggingface_hub's
-partial file. When all are in, the bins are renamed into out_dir and meta.json written last, as prepare.py does.
+(its bins cut back to what the manifest counts); within a shard, huggingface_hub resumes an interrupted
+download where it can. When all are in, the bins are renamed into out_dir and meta.json written last, as
+prepare.py does.
 """
 import json
 import os
