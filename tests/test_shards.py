@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, make_token_dataset, random_model
-from inprocess import run_inprocess
+from conftest import REPO_ROOT, make_token_dataset, random_model, train_args
+from inprocess import read_metrics, run_inprocess
 from kit import shards
 from kit.checkpoint import save_checkpoint
 from kit.loader import TokenBatches, open_dataset
@@ -265,3 +265,19 @@ def test_training_reads_an_llmc_val_file_as_its_val_set(tmp_path):
     for _ in range(3):
         (x1, y1), (x2, y2) = ours.next_batch(), theirs.next_batch()
         assert (x1 == x2).all() and (y1 == y2).all()
+
+
+def test_train_py_takes_its_val_set_from_a_val_file_in_either_format(tmp_path):
+    data = make_token_dataset(tmp_path / "data", n_train=2000, n_val=500)
+    other = documents_stream(600, seed=5)  # a val set other than val.bin
+    other.tofile(tmp_path / "other.bin")
+    shards.write_shard(tmp_path / "other_shard.bin", other)
+    runs = {"val.bin": [], "ours": [f"--val_file={tmp_path / 'other.bin'}"],
+            "llmc": [f"--val_file={tmp_path / 'other_shard.bin'}"]}
+    val_losses = {}
+    for name, extra in runs.items():
+        code, _, err = run_inprocess("train.py", *train_args(data, tmp_path / name, "--max_iters=2", "--eval_interval=2",
+                                                             *extra))
+        assert code == 0, err
+        val_losses[name] = [r["val_loss"] for r in read_metrics(tmp_path / name)[1]]
+    assert val_losses["ours"] == val_losses["llmc"] != val_losses["val.bin"] and len(val_losses["ours"]) == 2
