@@ -6,6 +6,7 @@ Offline, with HellaSwag neither cached nor given (--hellaswag_file), it scores t
 $ python eval.py --out_dir=out-fineweb --ckpt=best
 $ python eval.py --out_dir=out-fineweb --limit=500 --eval_val=False       # a quick look at HellaSwag
 $ python eval.py --init_from=gpt2 --data_dir=data/fineweb                  # GPT-2 from the hub, for comparison
+$ python eval.py --out_dir=out-fineweb --val_file=standard --eval_hellaswag=False  # the val set llm.c reports on
 $ python eval.py --init_from=hf_model --hellaswag_file=hellaswag_val.jsonl # a Hugging Face folder, offline
 """
 import json
@@ -13,15 +14,14 @@ import os
 import sys
 import time
 
-import numpy as np
-
 from configurator import config_globals, configure, fail
 from kit.checkpoint import load_model
 from kit.evaluation import evaluate_hellaswag, evaluate_val, load_hellaswag, render_examples
 from kit.hf import load_gpt2
 from kit.loader import check_token_ids, num_tokens
 from kit.runtime import autocast_context, pick_device, pick_dtype, setup_process, synchronize
-from kit.tokenizer import EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE, read_dataset_meta
+from kit.shards import STANDARD_VAL_NAME, STANDARD_VAL_TOKENS, open_tokens, standard_val_file
+from kit.tokenizer import EOT_TOKEN, VOCAB_SIZE, read_dataset_meta
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -30,7 +30,8 @@ ckpt = "last"  # 'last' (ckpt.pt), 'best' (best.pt), 'stable' or a path to a .pt
 init_from = ""  # evaluate 'gpt2'...'gpt2-xl' or a Hugging Face GPT-2 folder instead of a checkpoint
 data_dir = ""  # the folder holding val.bin; '' = the checkpoint's own dataset (data/fineweb for GPT-2 weights)
 eval_val = True  # val loss and bits per byte
-val_tokens = 0  # score the first this many tokens of val.bin; 0 = all of it
+val_file = ""  # a token file to score instead (ours or an llm.c shard); 'standard' = the standard FineWeb val set
+val_tokens = 0  # score the first this many tokens of val.bin; 0 = all of it (of a val_file: the standard 10,485,760)
 eval_hellaswag = True
 hellaswag_file = ""  # hellaswag_val.jsonl; '' = downloaded once into data/hellaswag/
 limit = 0  # score the first this many HellaSwag examples; 0 = all 10,042
@@ -59,21 +60,32 @@ def load_evaluated_model():
     return model, path, checkpoint["iter_num"], checkpoint.get("config") or {}
 
 
+def tokens_to_read():
+    """val_tokens; for a val_file 0 means the standard count: inputs at tokens 0 .. 10,485,759, each predicting
+    the next, as llm.c and modded-nanogpt score it (10,485,761 tokens read, 10,485,760 scored)."""
+    return val_tokens or (STANDARD_VAL_TOKENS + 1 if val_file else 0)
+
+
 def val_path(train_config):
-    """val.bin of --data_dir, else of the dataset the checkpoint was trained on."""
+    """--val_file, else val.bin of --data_dir, else of the dataset the checkpoint was trained on."""
     dataset = train_config.get("dataset", "fineweb")
     folder = data_dir or train_config.get("data_dir") or os.path.join(REPO_DIR, "data", dataset)
     path = os.path.join(folder, "val.bin")
-    if os.path.exists(os.path.join(folder, "meta.json")):  # prepare.py's record: same tokenizer, whole bins
+    if os.path.exists(os.path.join(folder, "meta.json")) and not val_file:  # prepare.py's record: same tokenizer
         try:
             read_dataset_meta(folder)
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
-    if not os.path.isfile(path):
-        fail(f"{path} not found: pass --data_dir=<folder holding val.bin>, or --eval_val=False for HellaSwag only")
-    if num_tokens(path) < 2:
-        fail(f"{path} holds fewer than 2 tokens: nothing to predict")
-    targets = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")[1:val_tokens or None]  # what evaluate_val scores
+    try:
+        path = (standard_val_file() if val_file == STANDARD_VAL_NAME else val_file) or path
+        if not os.path.isfile(path):
+            fail(f"{path} not found: pass --data_dir=<folder holding val.bin> or --val_file=PATH, or "
+                 f"--eval_val=False for HellaSwag only")
+        if num_tokens(path) < 2:
+            fail(f"{path} holds fewer than 2 tokens: nothing to predict")
+    except ValueError as e:  # an llm.c shard whose header is wrong, a val set that cannot be downloaded
+        fail(str(e))
+    targets = open_tokens(path)[1:tokens_to_read() or None]  # what evaluate_val scores
     if not (targets != EOT_TOKEN).any():  # bits per byte would divide by 0 bytes of text
         fail(f"{path}: every token to be scored is <|endoftext|> (no text, 0 bytes), so bits per byte is undefined; "
              f"score more of it (val_tokens) or another val.bin")
@@ -129,10 +141,10 @@ def main():
               "hellaswag_acc": None, "hellaswag_acc_norm": None, "hellaswag_n": None, "hellaswag_cropped": None,
               "hellaswag_skipped": None}
     if eval_val:
-        windows = -(-(min(val_tokens or num_tokens(path), num_tokens(path)) - 1) // model.config.block_size)
+        windows = -(-(min(tokens_to_read() or num_tokens(path), num_tokens(path)) - 1) // model.config.block_size)
         print(f"val: scoring {windows:,} windows of {model.config.block_size} tokens of {path}"
-              + ("" if val_tokens else "; --val_tokens=N scores only the first N tokens") , file=sys.stderr)
-        val = evaluate_val(model, path, dev, autocast, batch_size, val_tokens, progress=True)
+              + ("" if val_tokens else "; --val_tokens=N scores only the first N tokens"), file=sys.stderr)
+        val = evaluate_val(model, path, dev, autocast, batch_size, tokens_to_read(), progress=True)
         record.update(val_loss=val["val_loss"], val_bpb=val["val_bpb"], val_tokens=val["val_tokens"])
         print(f"val: {val['val_tokens']:,} tokens ({val['val_bytes']:,} bytes of text) of {path}: "
               f"loss {val['val_loss']:.4f} nats/token, {val['val_bpb']:.4f} bits/byte")

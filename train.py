@@ -64,6 +64,7 @@ wandb_run_name = "gpt2"
 # data
 dataset = "fineweb"  # reads data/<dataset>/train.bin and val.bin
 data_dir = ""  # if set, read the bins from here instead
+val_file = ""  # val set instead of val.bin: a token file (ours or an llm.c shard) or 'standard' (kit/shards.py)
 data_order = "random"  # 'random' windows (nanoGPT), 'shuffle' (every window once per epoch), 'document' (rows start at a document's start)
 gradient_accumulation_steps = 40  # micro-steps per iteration, summed over all DDP ranks
 batch_size = 12  # micro-batch size per rank
@@ -136,7 +137,7 @@ ctx = autocast_context(device, dtype)
 # data: uint16 token files written by data/<dataset>/prepare.py
 data_dir = data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
 try:
-    dataset_meta, train_path, val_path = open_dataset(data_dir, block_size)
+    dataset_meta, train_path, val_path = open_dataset(data_dir, block_size, val_file)
     train_batches = TokenBatches(train_path, block_size, batch_size, data_order, seed, ddp_rank, world_size)
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))

@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from kit.atomic import atomic_write
 from kit.loader import eval_batches
-from kit.tokenizer import EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE, decode, encode_prompt, get_encoding
+from kit.shards import open_tokens
+from kit.tokenizer import EOT_TOKEN, VOCAB_SIZE, decode, encode_prompt, get_encoding
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 # as recorded by Hugging Face datasets for this file (datasets/hellaswag/dataset_infos.json: 12,246,618
@@ -245,7 +246,7 @@ def token_byte_lengths(enc):
 def val_windows(path, block_size, batch_size, max_tokens=0):
     """(x, y) batches covering the first max_tokens tokens of path (0 = all) in consecutive windows of
     block_size targets; the last, shorter window comes alone. Every target token is scored once."""
-    data = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    data = open_tokens(path)  # ours or an llm.c shard
     n = min(len(data), max_tokens) if max_tokens else len(data)
     starts = list(range(0, n - 1, block_size))
     full = [s for s in starts if s + block_size + 1 <= n]

@@ -1,7 +1,7 @@
 """
 Training batches from a token file (train.bin / val.bin: raw uint16 GPT-2 ids, as prepare.py writes
-them), with a state that a checkpoint can hold, so a resumed run sees exactly the batches the
-uninterrupted run would have seen.
+them; or an llm.c shard, the same ids behind a header, see kit/shards.py), with a state that a checkpoint
+can hold, so a resumed run sees exactly the batches the uninterrupted run would have seen.
 
 Two orders:
 - 'random' (nanoGPT): each row is a window starting at a uniformly random position. Simple and
@@ -20,6 +20,7 @@ import os
 import numpy as np
 import torch
 
+from kit.shards import STANDARD_VAL_NAME, open_tokens, standard_val_file, token_span
 from kit.tokenizer import ENCODING_NAME, EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE, max_token_id, read_dataset_meta
 
 ORDERS = ("random", "shuffle", "document")
@@ -37,26 +38,30 @@ def check_token_ids(path, vocab_size, recorded_max=None):
     re-reads each bin it writes and records its largest id in meta.json (whose sizes read_dataset_meta
     ties to the bins), so the file itself is read only when no maximum is recorded (its time:
     docs/performance.md, "Data preparation")."""
-    largest = max_token_id(path) if recorded_max is None else recorded_max
+    largest = max_token_id(path, offset=token_span(path)[0]) if recorded_max is None else recorded_max
     if largest >= vocab_size:
         raise ValueError(f"{path} holds token id {largest}, not below vocab_size {vocab_size}: "
                          f"not {ENCODING_NAME} tokens in {np.dtype(TOKEN_DTYPE).name}; re-run prepare.py")
 
 
-def open_dataset(data_dir, block_size):
-    """(meta.json, train.bin path, val.bin path) of a prepared dataset, every check made before training:
-    meta.json matches the bins, val.bin holds a window, no token id is beyond the vocabulary."""
+def open_dataset(data_dir, block_size, val_file=""):
+    """(meta.json, train.bin path, val path) of a prepared dataset, every check made before training:
+    meta.json matches the bins, the val file holds a window, no token id is beyond the vocabulary. The val
+    file is val.bin, or val_file: a token file in either format, or 'standard' (kit/shards.py)."""
     meta = read_dataset_meta(data_dir)
     paths = {split: os.path.join(data_dir, f"{split}.bin") for split in ("train", "val")}
+    if val_file:
+        paths["val"] = standard_val_file() if val_file == STANDARD_VAL_NAME else val_file
     for _ in eval_batches(paths["val"], block_size, 1, 1):
-        pass  # a clear message if val.bin is shorter than one window
+        pass  # a clear message if the val file is shorter than one window
     for split, path in paths.items():
-        check_token_ids(path, VOCAB_SIZE, meta["splits"][split].get("max_token_id"))
+        recorded = None if split == "val" and val_file else meta["splits"][split].get("max_token_id")
+        check_token_ids(path, VOCAB_SIZE, recorded)
     return meta, paths["train"], paths["val"]
 
 
 def num_tokens(path):
-    return os.path.getsize(path) // np.dtype(TOKEN_DTYPE).itemsize
+    return token_span(path)[1]
 
 
 def document_starts(path, block_size):
@@ -64,7 +69,7 @@ def document_starts(path, block_size):
     tokens and the next one, the last target) before the end of the file, as int64. Read in chunks, so
     a multi-GB bin needs little memory (8 bytes per document are kept). Computed at every start, not
     cached (its time: docs/training.md, data_order='document')."""
-    data = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    data = open_tokens(path)
     last_start = len(data) - block_size - 1
     starts = [np.flatnonzero(data[a:min(a + SCAN_CHUNK, last_start + 1)] == EOT_TOKEN) + a
               for a in range(0, last_start + 1, SCAN_CHUNK)]
@@ -102,7 +107,7 @@ class TokenBatches:
         # batches come from the file as opened here, even once prepare.py publishes new bins under this path
         # (by rename: this inode lives on while open); train.py stops when it sees that (dataset_changed)
         self.file = open(path, "rb")
-        self.n_tokens = os.fstat(self.file.fileno()).st_size // np.dtype(TOKEN_DTYPE).itemsize
+        self.offset, self.n_tokens = token_span(path, self.file)  # past an llm.c shard's header
         if self.n_tokens < block_size + 1:
             raise ValueError(f"{path} has {self.n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}; "
                              "use a smaller block_size or more data")
@@ -147,7 +152,7 @@ class TokenBatches:
     def next_batch(self):
         # re-open the memmap every batch: a long-lived np.memmap keeps every page it touched
         # resident, and RSS grows with the file over a long run
-        data = np.memmap(self.file, dtype=TOKEN_DTYPE, mode="r")
+        data = np.memmap(self.file, dtype=TOKEN_DTYPE, mode="r", offset=self.offset, shape=(self.n_tokens,))
         starts = self._starts().tolist()
         x = torch.from_numpy(np.stack([data[i:i + self.block_size] for i in starts]).astype(np.int64))
         y = torch.from_numpy(np.stack([data[i + 1:i + 1 + self.block_size] for i in starts]).astype(np.int64))

@@ -65,11 +65,13 @@ def decode(enc, ids):
     return enc.decode(list(ids))
 
 
-def max_token_id(path, chunk_tokens=1 << 24):
-    """The largest id in a token file (-1 if empty), read in 32 MiB chunks: memory stays flat whatever
-    the file's size, and np.fromfile leaves no mapped pages behind to count against RSS."""
+def max_token_id(path, chunk_tokens=1 << 24, offset=0):
+    """The largest id in a token file (-1 if empty) from byte `offset` on (past a header), read in 32 MiB
+    chunks: memory stays flat whatever the file's size, and np.fromfile leaves no mapped pages behind to
+    count against RSS."""
     largest = -1
     with open(path, "rb") as f:
+        f.seek(offset)
         while (ids := np.fromfile(f, dtype=TOKEN_DTYPE, count=chunk_tokens)).size:
             largest = max(largest, int(ids.max()))
     return largest

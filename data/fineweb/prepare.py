@@ -11,6 +11,7 @@ the EOT rule (one <|endoftext|> prepended to every document) come from kit/token
     python data/fineweb/prepare.py --input shard.parquet             # a file, a glob or a folder of .parquet files
     python data/fineweb/prepare.py --hf_dataset roneneldan/TinyStories --max_tokens 100000000
     python data/fineweb/prepare.py --adopt ../nanoGPT/data/openwebtext  # bins from another tool: write meta.json
+    python data/fineweb/prepare.py --pretokenized kjj0/fineweb10B-gpt2 --shards 1-8  # llm.c shards (pretokenized.py)
 
 Shards are found by listing the Hub folder (data/<dump> or sample/<size>) and sorting the names, so
 --shard N is the N-th file; the listing is cached under HF_HOME, so the same command works offline later.
@@ -63,6 +64,7 @@ import pyarrow.parquet as pq
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+import pretokenized  # noqa: E402
 from kit.atomic import FolderInUse, atomic_write, check_writable, lock_folder, unlock_folder  # noqa: E402
 from configurator import STOP_SIGNALS, fail, first_line, handle_signals  # noqa: E402
 from sources import (DEFAULT_DUMP, HF_REPO, Prefetch, PrepareError, dataset_source,  # noqa: E402
@@ -580,6 +582,9 @@ def parse_args(argv):
     parser.add_argument("--max_tokens", type=int, help="stop after the batch that reaches this many tokens")
     parser.add_argument("--adopt", type=Path, metavar="DIR",
                         help="train.bin/val.bin written by another tool: check them and write their meta.json")
+    parser.add_argument("--pretokenized", metavar="REPO|DIR", help="llm.c token shards, e.g. kjj0/fineweb10B-gpt2: "
+                        "the val shard and train shards --shards A-B (default 1), no tokenizing (pretokenized.py)")
+    parser.add_argument("--to_llmc", type=Path, metavar="DIR", help="write the dataset in --out_dir as llm.c shards")
     parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT_DIR,
                         help="where the bins go (default: this folder)")
     val_size = parser.add_mutually_exclusive_group()
@@ -590,6 +595,9 @@ def parse_args(argv):
                         else os.cpu_count(), help="tokenizer processes (default: every core)")
     parser.add_argument("--force", action="store_true", help="redo even if the outputs match the inputs")
     args = parser.parse_args(argv)
+    if args.pretokenized or args.to_llmc:
+        pretokenized.check_args(args, parser.error)
+        return args
     hub_options = [f"--{k}" for k in ("dump", "subset", "shard", "shards") if getattr(args, k) is not None]
     hub_options += ["--repo"] if args.repo != HF_REPO else []
     chosen = [name for name, given in (("--input", args.input), (" ".join(hub_options), hub_options),
@@ -789,6 +797,8 @@ def main(argv=None):
     args = parse_args(argv)
     previous = handle_signals(STOP_SIGNALS[1:], stop_like_ctrl_c)  # SIGINT is Python's KeyboardInterrupt already
     try:
+        if args.pretokenized or args.to_llmc:
+            return pretokenized.run(args)
         if args.adopt:
             data_dir = resolve_folder(args.adopt)
             check_out_dir_writable(data_dir)
