@@ -204,11 +204,13 @@ def dataset_source(args):
 
 
 def stream_batches(args):
-    """Lists of up to STREAM_BATCH texts from --hf_dataset, streamed: nothing is downloaded in full."""
+    """(index of the first, texts) for batches of up to STREAM_BATCH documents of --hf_dataset, streamed:
+    nothing is downloaded in full."""
     try:
         import datasets
     except ImportError:
         raise PrepareError("--hf_dataset needs the `datasets` package: pip install datasets")
+    first_doc = 0
     try:
         dataset = datasets.load_dataset(args.hf_dataset, args.hf_config, split=args.hf_split, streaming=True,
                                         data_files=args.hf_data_files)
@@ -219,7 +221,8 @@ def stream_batches(args):
             texts = batch[args.text_column]
             if not all(text is None or isinstance(text, str) for text in texts):
                 raise PrepareError(f"--hf_dataset {args.hf_dataset}: column {args.text_column!r} does not hold strings")
-            yield texts
+            yield first_doc, texts
+            first_doc += len(texts)
     except PrepareError:
         raise
     except Exception as e:  # a download/parsing boundary: one line with what datasets said
