@@ -1,19 +1,15 @@
 """
-Turn FineWeb parquet shards (or any Hugging Face text dataset) into train.bin / val.bin: raw uint16 GPT-2
-token streams that np.memmap reads (nanoGPT's format), plus meta.json describing them. kit/tokenizer.py
-decides the tokenizer and the EOT rule (one <|endoftext|> prepended to every document).
+FineWeb parquet shards (or any Hugging Face text dataset) -> train.bin / val.bin, raw uint16 GPT-2 token
+streams that np.memmap reads (nanoGPT's format), and meta.json describing them. kit/tokenizer.py decides
+the tokenizer and the EOT rule; sources.py, beside this file, finds, checks and downloads the inputs.
 
-    python data/fineweb/prepare.py                                   # FineWeb, dump CC-MAIN-2013-20, its first file
-    python data/fineweb/prepare.py --shards 0-9 --keep_parquet False # its first ten files, one pair of bins
-    python data/fineweb/prepare.py --input shard.parquet             # a file, a glob or a folder of .parquet files
-    python data/fineweb/prepare.py --hf_dataset roneneldan/TinyStories --max_tokens 100000000
-    python data/fineweb/prepare.py --adopt ../nanoGPT/data/openwebtext  # bins from another tool: write meta.json
+    python data/fineweb/prepare.py                        # FineWeb, dump CC-MAIN-2013-20, its first file
+    python data/fineweb/prepare.py --input shard.parquet  # a file, a glob or a folder of .parquet files
 
-sources.py, beside this file, finds, checks and downloads the inputs. Here: row groups (or batches of
-streamed documents) go to --workers tokenizer processes and come back in input order; the bins grow in
-out_dir/prepare.work/ with a manifest rewritten after each finished source, so a killed run continues from
-the source it was in; at the end the bins are checked and renamed over the dataset already in out_dir,
-meta.json last. docs/data.md describes every behaviour, with the validation split's rule.
+Row groups (or batches of streamed documents) go to --workers tokenizer processes and come back in input
+order; the bins grow in out_dir/prepare.work/ with a manifest rewritten after each source, so a killed run
+continues from the source it was in; at the end they are checked and renamed over the dataset in out_dir,
+meta.json last. docs/data.md describes every option and behaviour.
 """
 import argparse
 import json
@@ -53,7 +49,7 @@ SPLITS = ("train", "val")
 TOKEN_BYTES = np.dtype(TOKEN_DTYPE).itemsize
 LOCK_NAME = "prepare.lock"
 WORK_NAME = "prepare.work"  # the unfinished run: bins so far and manifest.json
-BIN_BYTES_PER_PARQUET_BYTE = 1.0  # the free-space estimate; docs/performance.md has measured ratios
+BIN_BYTES_PER_PARQUET_BYTE = 1.0  # the free-space estimate (docs/data.md: bins are about the parquet's size)
 VAL_RULE = ("document i of each source (0-based within its file or stream; skipped null texts keep their index) "
             "goes to val iff (splitmix64(splitmix64(seed) ^ i) >> 11) / 2**53 < threshold; if none does, the last "
             "document of the last source goes to val (see prepare.val_scores)")
@@ -114,27 +110,21 @@ def open_parquet(path):
     return pq.ParquetFile(path)  # kept open per worker: a big shard's footer is worth parsing once
 
 
-def read_task_texts(task):
-    """A task's texts, and FineWeb's token_count summed over the non-null ones (None without that column)."""
-    if "texts" in task:
-        return task["texts"], None
-    columns = ["text", "token_count"] if task["has_token_count"] else ["text"]
-    try:
-        table = open_parquet(task["path"]).read_row_group(task["row_group"], columns=columns)
-    except (pa.ArrowException, OSError) as e:
-        raise PrepareError(f"{task['path']}: cannot read row group {task['row_group']} ({first_line(e)})")
-    texts = table.column("text").to_pylist()
-    if not task["has_token_count"]:
-        return texts, None
-    counts = table.column("token_count").to_pylist()
-    return texts, sum(count or 0 for count, text in zip(counts, texts) if text is not None)
-
-
 def tokenize_task(task):
-    """One batch of documents in; their tokens out, already split into train and val. Null texts are
-    skipped and counted, keeping their index: one bad row should not sink a run over a 2 GB shard."""
+    """One batch of documents in; their tokens out, already split into train and val, and FineWeb's
+    token_count summed over them (None without that column). Null texts are skipped and counted, keeping
+    their index: one bad row should not sink a run over a 2 GB shard."""
     pause_at("tokenizing")
-    texts, token_count = read_task_texts(task)
+    texts, token_count = task.get("texts"), None
+    if texts is None:
+        try:
+            table = open_parquet(task["path"]).read_row_group(task["row_group"], columns=task["columns"])
+        except (pa.ArrowException, OSError) as e:
+            raise PrepareError(f"{task['path']}: cannot read row group {task['row_group']} ({first_line(e)})")
+        texts = table.column("text").to_pylist()
+        if "token_count" in task["columns"]:
+            counts = table.column("token_count").to_pylist()
+            token_count = sum(n or 0 for n, text in zip(counts, texts) if text is not None)
     doc_index = task["first_doc"] + np.arange(len(texts))
     is_val = (val_scores(task["seed"], doc_index) < task["threshold"]) | (doc_index == task["forced_val_doc"])
     result = {"rows": len(texts), "null_texts": texts.count(None), "token_count": token_count}
@@ -144,8 +134,7 @@ def tokenize_task(task):
         if ids.size and ids.max() >= VOCAB_SIZE:  # the one check of the ids: the uint16 cast would wrap them
             raise PrepareError(f"token id {ids.max()} >= vocab size {VOCAB_SIZE}: tokenizer bug")
         result[split] = ids.astype(TOKEN_DTYPE)
-        result[f"{split}_documents"] = len(kept)
-        result[f"{split}_text_tokens"] = len(ids) - len(kept)  # without the EOTs
+        result[f"{split}_documents"], result[f"{split}_text_tokens"] = len(kept), len(ids) - len(kept)  # no EOTs
     return result
 
 
@@ -158,8 +147,8 @@ def source_tasks(source, path, manifest, args, is_last):
     described = describe_parquet(path, source["name"])
     rows = [entry["rows"] for entry in manifest["done"]] + [described["documents"]]
     forced = is_last and no_document_qualifies(rows, args.seed, manifest["threshold"])
-    common.update(path=described["path"], has_token_count=described["has_token_count"],
-                  forced_val_doc=rows[-1] - 1 if forced else -1)
+    common.update(path=described["path"], forced_val_doc=rows[-1] - 1 if forced else -1,
+                  columns=["text", "token_count"] if described["has_token_count"] else ["text"])
     starts = np.cumsum([0] + described["row_group_rows"][:-1])
     return (dict(common, row_group=k, first_doc=int(start)) for k, start in enumerate(starts)), forced
 
@@ -169,40 +158,32 @@ class WorkerDied(Exception):
 
 
 class Workers:
-    """--workers tokenizer processes, fed in turn with at most two tasks each, their results read back in
-    input order: memory stays bounded however long the input is. Each runs serve() and talks through its
-    stdin and stdout, one pickled message after its length. Plain pipes rather than multiprocessing: a
-    worker that dies shows at once as a closed pipe, even halfway through a message, and there are no
-    semaphores for multiprocessing's resource tracker to report, nor a tracker process to outlive us."""
+    """--workers tokenizer processes running serve(), fed in turn with at most two tasks each and read back
+    in input order, so memory stays bounded however long the input is. One pickled message after its length
+    on plain pipes, not multiprocessing: a worker that dies shows at once as a closed pipe, even halfway
+    through a message, and there is no resource tracker to outlive us or report semaphores."""
 
     def __init__(self, count):
-        command = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(HERE)!r}); import prepare; "
-                                         f"prepare.serve({os.getpid()})"]
+        code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import prepare; prepare.serve({os.getpid()})"
         # a session of their own: Ctrl-C and a closed terminal reach this process alone, which stops them
-        self.procs = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        self.procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        start_new_session=True) for _ in range(count)]
 
     def tokenize_in_order(self, tasks):
         in_flight = deque()
         try:
             for k, task in enumerate(tasks):
-                send(self.procs[k % len(self.procs)].stdin.fileno(), task)
                 in_flight.append(self.procs[k % len(self.procs)])
+                send(in_flight[-1].stdin.fileno(), task)
                 if len(in_flight) == 2 * len(self.procs):
-                    yield self.result(in_flight.popleft())
+                    yield receive(in_flight.popleft().stdout)
             while in_flight:
-                yield self.result(in_flight.popleft())
+                yield receive(in_flight.popleft().stdout)
         except (BrokenPipeError, EOFError):
             raise WorkerDied from None
 
-    def result(self, proc):
-        result = receive(proc.stdout)
-        if isinstance(result, Exception):  # the worker's PrepareError or TokenizerUnavailable
-            raise result
-        return result
-
     def stop(self):
-        """Kill them, busy or idle: they hold no files, and the run no longer needs what they hold."""
+        """Kill them, busy or idle: they hold no files, and nothing they hold is needed any more."""
         for proc in self.procs:
             proc.kill()
             proc.wait()
@@ -218,26 +199,38 @@ def send(fd, message):
 
 
 def receive(stream):
-    """The next message of a pipe; EOFError when its writer is gone, even halfway through a message."""
+    """The next message of a pipe, raised if it is an exception; EOFError when the writer is gone, even
+    halfway through a message."""
     header = stream.read(8)
     size = int.from_bytes(header, "little")
     data = stream.read(size) if len(header) == 8 else b""
     if len(header) < 8 or len(data) < size:
         raise EOFError
-    return pickle.loads(data)
+    message = pickle.loads(data)
+    if isinstance(message, Exception):  # a worker's PrepareError or TokenizerUnavailable
+        raise message
+    return message
 
 
 def serve(parent):
     """A tokenizer process: tasks from stdin until it closes, each result (or the error it raised) to
     stdout. It ends with its parent, however that dies: at once on Linux, where the kernel sends it
-    SIGKILL (PR_SET_PDEATHSIG); elsewhere after its current task, when the closed pipes tell it."""
+    SIGKILL (PR_SET_PDEATHSIG), elsewhere after its current task, when the closed pipes tell it."""
     if sys.platform == "linux":
         import ctypes
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before that call
         return
-    tasks = queue.Queue()  # read ahead by a thread: the parent never blocks handing over a task while this
-    threading.Thread(target=read_tasks, args=(tasks,), daemon=True).start()  # process blocks sending a result
+    tasks = queue.Queue()
+
+    def read_ahead():  # the parent never blocks handing over a task while this process blocks sending a result
+        try:
+            while True:
+                tasks.put(receive(sys.stdin.buffer))
+        except EOFError:
+            tasks.put(None)
+
+    threading.Thread(target=read_ahead, daemon=True).start()
     while (task := tasks.get()) is not None:
         try:
             result = tokenize_task(task)
@@ -249,56 +242,38 @@ def serve(parent):
             return
 
 
-def read_tasks(tasks):
-    while True:
-        try:
-            tasks.put(receive(sys.stdin.buffer))
-        except EOFError:
-            tasks.put(None)
-            return
-
-
 def pause_at(point):
-    """A hook for the tests, off unless FINEWEB_GPT_TEST_PAUSE_AT is "<point>:<file>": the first process to
-    reach the point creates the file, writes its pid into it and waits while the file exists, so that a
-    test acts (a signal, a kill) at that very moment rather than after a sleep that may be too short."""
+    """For the tests, off unless FINEWEB_GPT_TEST_PAUSE_AT is "<point>:<file>": the first process to reach
+    the point writes its pid into that new file and waits while the file exists, so that a test acts (a
+    signal, a kill) at that very moment rather than after a sleep that may be too short."""
     name, _, path = PAUSE_AT.partition(":")
-    if name != point:
-        return
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        if name == point:
+            with open(path, "x") as f:
+                f.write(f"{os.getpid()}\n")
+            while os.path.exists(path):
+                time.sleep(0.01)
     except FileExistsError:  # another process waits there
-        return
-    os.write(fd, f"{os.getpid()}\n".encode())
-    os.close(fd)
-    while os.path.exists(path):
-        time.sleep(0.01)
+        pass
 
 
 # -----------------------------------------------------------------------------
 # writing: the work folder, its manifest, one source after another
 
-def new_counts():
-    counts = {"rows": 0, "null_texts": 0, "token_count": 0}
-    for split in SPLITS:
-        counts.update({f"{split}_documents": 0, f"{split}_text_tokens": 0})
-    return counts
+COUNTS = ("rows", "null_texts", "token_count", "train_documents", "train_text_tokens", "val_documents",
+          "val_text_tokens")
 
 
-def add_counts(total, more):
-    for key in total:  # token_count stays None once one batch had no such column
-        total[key] = None if None in (total[key], more[key]) else total[key] + more[key]
+def summed(entries):
+    """The counts of several batches or sources; token_count stays None once one of them had no such column."""
+    total = dict.fromkeys(COUNTS, 0)
+    for entry in entries:
+        total = {k: None if None in (total[k], entry[k]) else total[k] + entry[k] for k in COUNTS}
+    return total
 
 
 def split_tokens(counts, split):
     return counts[f"{split}_text_tokens"] + counts[f"{split}_documents"]  # one EOT per document
-
-
-def summed(entries):
-    total = new_counts()
-    for entry in entries:
-        add_counts(total, entry)
-    return total
 
 
 def open_work(work_dir, request, force):
@@ -311,10 +286,10 @@ def open_work(work_dir, request, force):
     except (OSError, ValueError):
         manifest = None
     if manifest and not force and manifest.get("request") == request:
-        done = summed(manifest["done"])
-        if all(sizes[split] >= split_tokens(done, split) * TOKEN_BYTES for split in SPLITS):
+        done = {split: split_tokens(summed(manifest["done"]), split) * TOKEN_BYTES for split in SPLITS}
+        if all(sizes[split] >= done[split] for split in SPLITS):
             for split in SPLITS:
-                os.truncate(work_dir / f"{split}.bin", split_tokens(done, split) * TOKEN_BYTES)
+                os.truncate(work_dir / f"{split}.bin", done[split])
             if manifest["done"]:
                 print(f"continuing an unfinished run: {len(manifest['done'])} of {len(request['sources'])} "
                       f"source(s) already done ({work_dir})")
@@ -334,8 +309,8 @@ def tokenize_sources(sources, manifest, work_dir, args):
     """Tokenize the sources the manifest does not list as done, appending to the work bins. The manifest
     is rewritten after each source (bins fsynced first), so a killed run continues with the source it was in."""
     from tqdm import tqdm
-    first, total = len(manifest["done"]), summed(manifest["done"])
-    tokens = tokens_before = sum(split_tokens(total, split) for split in SPLITS)  # the speed counts this run's
+    first = len(manifest["done"])
+    tokens = tokens_before = sum(split_tokens(summed(manifest["done"]), split) for split in SPLITS)
     prefetch = Prefetch(sources[first])
     prefetch.wait()  # the first download in the foreground, with huggingface_hub's own progress bar
     if any(source.get("remote") for source in sources):
@@ -350,18 +325,18 @@ def tokenize_sources(sources, manifest, work_dir, args):
                 path, source = prefetch.wait(), sources[k]
                 prefetch = Prefetch(sources[k + 1]) if k + 1 < len(sources) else None
                 tasks, manifest["forced_last_doc"] = source_tasks(source, path, manifest, args, k == len(sources) - 1)
-                counts = new_counts()
+                counts = summed([])
                 for result in workers.tokenize_in_order(tasks) if workers else map(tokenize_task, tasks):
                     for split in SPLITS:
                         files[split].write(result[split].data)
+                    counts = summed([counts, result])
                     tokens += sum(split_tokens(result, split) for split in SPLITS)
-                    add_counts(counts, result)
-                    status = f"{(tokens - tokens_before) / max(time.time() - started, 1e-9) / 1e6:.2f}M tok/s"
-                    status += f", source {k + 1}/{len(sources)}" if len(sources) > 1 else ""
-                    if prefetch is not None and prefetch.thread is not None:
-                        status += ", next shard: " + ("downloaded" if prefetch.done() else "downloading")
+                    status = [f"{(tokens - tokens_before) / max(time.time() - started, 1e-9) / 1e6:.2f}M tok/s"]
+                    status += [f"source {k + 1}/{len(sources)}"] if len(sources) > 1 else []
+                    if prefetch is not None and prefetch.is_download:
+                        status.append("next shard: " + ("downloading" if prefetch.is_alive() else "downloaded"))
                     bar.update(result["rows"])
-                    bar.set_postfix_str(status, refresh=False)
+                    bar.set_postfix_str(", ".join(status), refresh=False)
                     pause_at("batch_written")
                     if args.max_tokens and tokens >= args.max_tokens:
                         break
@@ -417,10 +392,9 @@ def check_both_splits_filled(total, names):
 
 def publish(out_dir, work_dir, manifest, sources, args, seconds):
     """Check the finished work bins, then move them into out_dir; until then the dataset already there is
-    untouched. Each file is renamed over the old one (os.replace, never delete-then-write), so a reader
-    holding an old bin open (a running train.py's memmap) keeps reading the old bytes. The old meta.json
-    goes first and the new one comes last: in between a reader finds bins without meta.json and refuses
-    them, and it never pairs new bins with an old meta.json."""
+    untouched. Each file is renamed over the old one (never delete-then-write), so a reader holding an old
+    bin open (a running train.py's memmap) keeps reading the old bytes. The old meta.json goes first and the
+    new one comes last: in between a reader finds bins without meta.json and refuses them."""
     total = summed(manifest["done"])
     try:
         check_both_splits_filled(total, ", ".join(source["name"] for source in sources))
@@ -429,19 +403,17 @@ def publish(out_dir, work_dir, manifest, sources, args, seconds):
         raise
     splits = {split: {"documents": total[f"{split}_documents"], "tokens": split_tokens(total, split),
                       "file": f"{split}.bin"} for split in SPLITS}
-    for split in SPLITS:
-        splits[split]["max_token_id"] = verify_split_file(work_dir / f"{split}.bin", splits[split]["documents"],
-                                                          splits[split]["tokens"])
+    for split, info in splits.items():
+        info["max_token_id"] = verify_split_file(work_dir / info["file"], info["documents"], info["tokens"])
     text_tokens = total["train_text_tokens"] + total["val_text_tokens"]
-    recorded = ("name", "path", "size", "mtime", "blob_id", "data_files")
-    request = manifest["request"]
+    described = [{**{k: v for k, v in source.items() if k in ("name", "path", "size", "mtime", "blob_id",
+                                                              "data_files")}, "documents": entry["rows"]}
+                 for source, entry in zip(sources, manifest["done"])]
     meta = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
             "eot_placement": EOT_PLACEMENT, "dtype": np.dtype(TOKEN_DTYPE).name, "splits": splits,
-            "sources": [{**{k: v for k, v in source.items() if k in recorded}, "documents": entry["rows"]}
-                        for source, entry in zip(sources, manifest["done"])],
-            "val_split": {"rule": VAL_RULE, **{k: request[k] for k in ("seed", "val_fraction", "val_tokens")
-                                               if k in request},
-                          "threshold": manifest["threshold"], "forced_last_doc": manifest["forced_last_doc"]},
+            "sources": described, "val_split": {"rule": VAL_RULE, **val_request(args),
+                                                "threshold": manifest["threshold"],
+                                                "forced_last_doc": manifest["forced_last_doc"]},
             "null_texts_skipped": total["null_texts"],
             "token_count_diff": None if total["token_count"] is None else text_tokens - total["token_count"],
             "workers": args.workers, "seconds": round(seconds, 2)}
@@ -465,6 +437,7 @@ def write_json_atomically(path, data):
 # before any work: the output folder, its lock, the free space
 
 def resolve_folder(path):
+    """The output folder (--out_dir, or --adopt's), resolved and proven writable."""
     try:
         path = path.resolve()
     except (OSError, RuntimeError) as e:  # a symlink loop: RuntimeError before Python 3.13
@@ -473,20 +446,20 @@ def resolve_folder(path):
         raise PrepareError(f"{path}: not a folder; --out_dir names the folder for train.bin, val.bin and meta.json")
     try:
         check_writable(path)
-    except OSError as e:  # also a disk with no room left
+    except OSError as e:  # also a disk without room for one byte
         raise PrepareError(f"{path}: the output folder is not writable ({e.strerror or e})")
     return path
 
 
 def lock_out_dir(out_dir):
-    """Hold out_dir/prepare.lock (kit/atomic.py's lock_folder, released by the kernel even on SIGKILL) while
-    this run writes: a second prepare.py into the same folder is refused instead of deleting our files."""
+    """Hold out_dir/prepare.lock (released by the kernel even on SIGKILL) while this run writes: a second
+    prepare.py into the same folder is refused instead of deleting this run's files."""
     try:
         return lock_folder(out_dir, LOCK_NAME)
     except FolderInUse as e:
         raise PrepareError(f"{out_dir}: another prepare.py ({e.holder}) is writing to this folder; wait for it "
                            f"to finish or choose another --out_dir") from None
-    except OSError as e:  # the disk filled up since check_writable
+    except OSError as e:  # the disk filled up since resolve_folder
         raise PrepareError(f"{out_dir}: cannot write {LOCK_NAME} ({e.strerror or e})") from None
 
 
@@ -509,8 +482,7 @@ def check_free_space(out_dir, sources, keep_parquet):
         disk["what"].append(what)
         disk["bytes"] += size
     for disk in by_disk.values():
-        free = shutil.disk_usage(disk["folder"]).free
-        if disk["bytes"] > free:
+        if disk["bytes"] > (free := shutil.disk_usage(disk["folder"]).free):
             hint = "; --keep_parquet False keeps two shards at a time" if downloads and keep_parquet else ""
             raise PrepareError(f"{disk['folder']}: {' and '.join(disk['what'])} need about "
                                f"{disk['bytes'] / 1e9:.1f} GB and its disk has {free / 1e9:.1f} GB free; "
@@ -536,25 +508,26 @@ def parse_args(argv):
         return text.lower() in ("true", "1", "yes")
 
     parser = OneLineErrors(description="FineWeb parquet -> train.bin, val.bin (uint16 GPT-2 tokens), meta.json")
-    parser.add_argument("--input", nargs="+", metavar="PATH",
+    source = parser.add_mutually_exclusive_group()  # where the documents come from: one of these
+    source.add_argument("--input", nargs="+", metavar="PATH",
                         help="local parquet: a file, a glob or a folder (several: processed in order into one pair)")
+    source.add_argument("--dump", help=f"a dump of --repo, i.e. its folder data/<dump> (default {DEFAULT_DUMP})")
+    source.add_argument("--subset", help="a sample folder of --repo instead, e.g. sample-10BT (sample/10BT)")
+    source.add_argument("--hf_dataset", metavar="NAME", help="any Hugging Face text dataset, streamed by `datasets`")
+    source.add_argument("--adopt", type=Path, metavar="DIR",
+                        help="train.bin/val.bin written by another tool: check them and write their meta.json")
     parser.add_argument("--repo", default=HF_REPO, help=f"Hub dataset to download from (default {HF_REPO})")
-    parser.add_argument("--dump", help=f"a dump of --repo, i.e. its folder data/<dump> (default {DEFAULT_DUMP})")
-    parser.add_argument("--subset", help="a sample folder of --repo instead, e.g. sample-10BT (sample/10BT)")
-    parser.add_argument("--shard", type=int, help="the N-th file of the folder, sorted by name (default 0)")
-    parser.add_argument("--shards", type=shard_range, metavar="A-B", help="files A to B of the folder, inclusive")
+    shards = parser.add_mutually_exclusive_group()
+    shards.add_argument("--shard", type=int, help="the N-th file of the folder, sorted by name (default 0)")
+    shards.add_argument("--shards", type=shard_range, metavar="A-B", help="files A to B of the folder, inclusive")
     parser.add_argument("--keep_parquet", type=yes_no, default=True, metavar="True|False",
                         help="keep downloaded shards in the Hugging Face cache (False: delete each once tokenized)")
-    parser.add_argument("--hf_dataset", metavar="NAME", help="any Hugging Face text dataset, streamed by `datasets`")
     parser.add_argument("--hf_config", help="its configuration (datasets' `name`)")
     parser.add_argument("--hf_split", default="train", help="its split to read (default train)")
     parser.add_argument("--hf_data_files", nargs="+", metavar="PATH", help="data_files passed to datasets.load_dataset")
     parser.add_argument("--text_column", default="text", help="the column holding the text (default text)")
     parser.add_argument("--max_tokens", type=int, help="stop after the batch that reaches this many tokens")
-    parser.add_argument("--adopt", type=Path, metavar="DIR",
-                        help="train.bin/val.bin written by another tool: check them and write their meta.json")
-    parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT_DIR,
-                        help="where the bins go (default: this folder)")
+    parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT_DIR, help="where the bins go (default: here)")
     val_size = parser.add_mutually_exclusive_group()
     val_size.add_argument("--val_fraction", type=float, help="expected fraction of documents in val (default 0.005)")
     val_size.add_argument("--val_tokens", type=int, help="val size in tokens instead (needs FineWeb's token_count)")
@@ -563,29 +536,23 @@ def parse_args(argv):
                         else os.cpu_count(), help="tokenizer processes (default: every core)")
     parser.add_argument("--force", action="store_true", help="redo even if the outputs match the inputs")
     args = parser.parse_args(argv)
-    hub_options = [f"--{k}" for k in ("dump", "subset", "shard", "shards") if getattr(args, k) is not None]
-    hub_options += ["--repo"] if args.repo != HF_REPO else []
-    chosen = [name for name, given in (("--input", args.input), (" ".join(hub_options), hub_options),
-                                       ("--hf_dataset", args.hf_dataset), ("--adopt", args.adopt)) if given]
-    problems = [
-        (len(chosen) > 1, f"{' and '.join(chosen)} are alternatives: give one"),
-        (args.dump is not None and args.subset is not None,
-         "--dump and --subset are alternatives: a dump's files or a sample's"),
-        (args.shard is not None and args.shards is not None, "--shard and --shards are alternatives: give one"),
-        (args.hf_dataset is None and bool(args.hf_config or args.hf_data_files or args.hf_split != "train"
-                                          or args.text_column != "text"),
-         "--hf_config, --hf_split, --hf_data_files and --text_column go with --hf_dataset"),
-        (args.hf_dataset and args.val_tokens is not None,
-         "--val_tokens needs FineWeb's token_count column, which a stream does not give; use --val_fraction"),
-        (args.val_fraction is not None and not 0 < args.val_fraction < 1,
-         f"--val_fraction {args.val_fraction}: must be between 0 and 1 (exclusive)"),
-        (args.val_tokens is not None and args.val_tokens < 1, f"--val_tokens {args.val_tokens}: must be at least 1"),
-        (args.max_tokens is not None and args.max_tokens < 1, f"--max_tokens {args.max_tokens}: must be at least 1"),
-        (not 0 <= args.seed < 2**64, f"--seed {args.seed}: must be between 0 and 2**64 - 1"),
-        (args.workers < 1, f"--workers {args.workers}: must be at least 1"),
-        (args.shard is not None and args.shard < 0, f"--shard {args.shard}: must be 0 or more"),
-    ]
-    for problem, message in problems:
+    hub_only = [f"--{k}" for k in ("shard", "shards") if getattr(args, k) is not None]
+    hub_only += ["--repo"] if args.repo != HF_REPO else []
+    other = next((f"--{k}" for k in ("input", "hf_dataset", "adopt") if getattr(args, k)), None)
+    hf_only = args.hf_config or args.hf_data_files or args.hf_split != "train" or args.text_column != "text"
+    for problem, message in [
+            (hub_only and other, f"{' '.join(hub_only)} and {other} are alternatives: give one"),
+            (hf_only and not args.hf_dataset,
+             "--hf_config, --hf_split, --hf_data_files and --text_column go with --hf_dataset"),
+            (args.hf_dataset and args.val_tokens is not None,
+             "--val_tokens needs FineWeb's token_count column, which a stream does not give; use --val_fraction"),
+            (args.val_fraction is not None and not 0 < args.val_fraction < 1,
+             f"--val_fraction {args.val_fraction}: must be between 0 and 1 (exclusive)"),
+            (args.val_tokens is not None and args.val_tokens < 1, f"--val_tokens {args.val_tokens}: must be at least 1"),
+            (args.max_tokens is not None and args.max_tokens < 1, f"--max_tokens {args.max_tokens}: must be at least 1"),
+            (not 0 <= args.seed < 2**64, f"--seed {args.seed}: must be between 0 and 2**64 - 1"),
+            (args.workers < 1, f"--workers {args.workers}: must be at least 1"),
+            (args.shard is not None and args.shard < 0, f"--shard {args.shard}: must be 0 or more")]:
         if problem:
             parser.error(message)
     if args.val_fraction is None and args.val_tokens is None:
@@ -599,8 +566,8 @@ def identity(source):
 
 
 def val_request(args):
-    size = {"val_tokens": args.val_tokens} if args.val_tokens else {"val_fraction": args.val_fraction}
-    return {"seed": args.seed, **size}
+    return {"seed": args.seed, **({"val_tokens": args.val_tokens} if args.val_tokens else
+                                  {"val_fraction": args.val_fraction})}
 
 
 def already_done(out_dir, sources, args):
@@ -611,9 +578,8 @@ def already_done(out_dir, sources, args):
         same_split = all((meta.get("val_split") or {}).get(k) == v for k, v in val_request(args).items())
     except (FileNotFoundError, ValueError, AttributeError, TypeError):  # a hand-edited meta.json is no match
         return None
-    if same_sources and same_split and meta.get("max_tokens") == args.max_tokens and not args.hf_dataset:
-        return meta
-    return None
+    return meta if same_sources and same_split and meta.get("max_tokens") == args.max_tokens \
+        and not args.hf_dataset else None
 
 
 def prepare(args, out_dir):
@@ -658,41 +624,34 @@ def prepare(args, out_dir):
 
 def give_up(out_dir, work_dir, manifest):
     """After an error: keep the finished sources for the next run to continue from, or remove the work;
-    and say whether the dataset already in out_dir is untouched (it is while its meta.json is there:
-    publish() removes that first)."""
+    and say whether the dataset in out_dir is untouched (it is while its meta.json is there: publish()
+    removes that first)."""
     if manifest and manifest["done"]:
-        outcome = (f"the {len(manifest['done'])} finished source(s) are kept in {work_dir}: the same command "
-                   f"continues from there")
+        outcome = f"the {len(manifest['done'])} finished source(s) are kept in {work_dir}: the same command continues " \
+                  f"from there"
     else:
         shutil.rmtree(work_dir, ignore_errors=True)
         outcome = "nothing was published"
-    if (out_dir / "meta.json").exists():
-        outcome += f"; the dataset already in {out_dir} is unchanged"
-    return outcome
+    unchanged = f"; the dataset already in {out_dir} is unchanged" if (out_dir / "meta.json").exists() else ""
+    return outcome + unchanged
 
 
 def print_summary(meta, out_dir):
-    total_tokens = sum(info["tokens"] for info in meta["splits"].values())
+    total = sum(info["tokens"] for info in meta["splits"].values())
     for split, info in meta["splits"].items():
         print(f"{split:>5}: {info['documents']:>11,} docs {info['tokens']:>15,} tokens "
-              f"({info['tokens'] / total_tokens:7.2%}) -> {out_dir / info['file']}")
+              f"({info['tokens'] / total:7.2%}) -> {out_dir / info['file']}")
     if meta["null_texts_skipped"]:
         print(f"warning: skipped {meta['null_texts_skipped']:,} documents with a null text")
     if meta["token_count_diff"] is not None:
         print(f"tokens written minus FineWeb's token_count column: {meta['token_count_diff']:+,}")
     for source in meta["sources"]:
         if source["name"].startswith("hf-datasets://"):  # a stream: say how much of it was fetched
-            stopped = meta.get("max_tokens") and total_tokens >= meta["max_tokens"]
-            print(f"streamed {source['documents']:,} documents ({total_tokens:,} tokens) from {source['name']}"
+            stopped = meta.get("max_tokens") and total >= meta["max_tokens"]
+            print(f"streamed {source['documents']:,} documents ({total:,} tokens) from {source['name']}"
                   + (f", stopped at --max_tokens {meta['max_tokens']:,}" if stopped else ", all of it"))
-    print(f"done in {meta['seconds']:.1f} s ({total_tokens / max(meta['seconds'], 1e-6) / 1e6:.2f}M tokens/s); "
+    print(f"done in {meta['seconds']:.1f} s ({total / max(meta['seconds'], 1e-6) / 1e6:.2f}M tokens/s); "
           f"meta: {out_dir / 'meta.json'}")
-
-
-ADOPTED_NOTE = ("train.bin and val.bin were written by another tool; prepare.py --adopt checked that they are "
-                "uint16 ids all below GPT-2's vocabulary. Not known, so not recorded: the document count, the split "
-                "rule, where EOT tokens go, and whether the ids are really GPT-2's (another tokenizer with a "
-                "vocabulary this small would pass)")
 
 
 def adopt(data_dir):
@@ -708,17 +667,18 @@ def adopt(data_dir):
             raise PrepareError(f"{path}: no such file; --adopt needs train.bin and val.bin")
         if not path.is_file():
             raise PrepareError(f"{path}: not a regular file (a pipe, a device, a folder); --adopt needs token files")
-        size = path.stat().st_size
-        if size == 0 or size % TOKEN_BYTES:
+        if (size := path.stat().st_size) == 0 or size % TOKEN_BYTES:
             raise PrepareError(f"{path}: {size} bytes, not a non-empty file of uint16 tokens")
-        largest = max_token_id(path)
-        if largest >= VOCAB_SIZE:
+        if (largest := max_token_id(path)) >= VOCAB_SIZE:
             raise PrepareError(f"{path} holds token id {largest}, not below GPT-2's vocabulary of {VOCAB_SIZE}: "
                                f"not GPT-2 tokens in uint16; cannot adopt it")
         splits[split] = {"documents": None, "tokens": size // TOKEN_BYTES, "file": path.name, "max_token_id": largest}
     meta = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN, "eot_placement": "unknown",
             "dtype": np.dtype(TOKEN_DTYPE).name, "splits": splits, "sources": [], "val_split": None,
-            "adopted": ADOPTED_NOTE}
+            "adopted": "train.bin and val.bin were written by another tool; prepare.py --adopt checked that they "
+                       "are uint16 ids all below GPT-2's vocabulary. Not known, so not recorded: the document count, "
+                       "the split rule, where EOT tokens go, and whether the ids are really GPT-2's (another "
+                       "tokenizer with a vocabulary this small would pass)"}
     write_json_atomically(data_dir / "meta.json", meta)
     print(f"{data_dir / 'meta.json'}: train {splits['train']['tokens']:,} tokens, val {splits['val']['tokens']:,} "
           f"tokens, every id below {VOCAB_SIZE}; not known (not recorded): document count, split rule, EOT placement")
