@@ -32,9 +32,8 @@ import pyarrow.parquet as pq
 
 # the repo root is not on the path when this file runs as a script (sources.py, beside it, is)
 HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+if str(HERE.parents[1]) not in sys.path:
+    sys.path.insert(0, str(HERE.parents[1]))
 from kit.atomic import FolderInUse, atomic_write, check_writable, lock_folder, unlock_folder  # noqa: E402
 from configurator import STOP_SIGNALS, fail, first_line, handle_signals  # noqa: E402
 from sources import (DEFAULT_DUMP, HF_REPO, Prefetch, PrepareError, dataset_source,  # noqa: E402
@@ -47,14 +46,14 @@ from kit.tokenizer import (ENCODING_NAME, EOT_PLACEMENT, EOT_TOKEN, TOKEN_DTYPE,
 DEFAULT_OUT_DIR = HERE  # data/fineweb/, whatever the working directory
 SPLITS = ("train", "val")
 TOKEN_BYTES = np.dtype(TOKEN_DTYPE).itemsize
-LOCK_NAME = "prepare.lock"
-WORK_NAME = "prepare.work"  # the unfinished run: bins so far and manifest.json
-BIN_BYTES_PER_PARQUET_BYTE = 1.0  # the free-space estimate (docs/data.md: bins are about the parquet's size)
+LOCK_NAME, WORK_NAME = "prepare.lock", "prepare.work"  # the work folder: the unfinished run's bins and manifest
+BIN_BYTES_PER_PARQUET_BYTE = 1.0  # the free-space estimate (docs/data.md: bins about the parquet's size)
+COUNTS = ("rows", "null_texts", "token_count", "train_documents", "train_text_tokens", "val_documents",
+          "val_text_tokens")  # per batch, per source (the manifest) and per run; text tokens: without the EOTs
 VAL_RULE = ("document i of each source (0-based within its file or stream; skipped null texts keep their index) "
             "goes to val iff (splitmix64(splitmix64(seed) ^ i) >> 11) / 2**53 < threshold; if none does, the last "
             "document of the last source goes to val (see prepare.val_scores)")
-# for the tests: "<point>:<file>" makes the first process to reach pause_at(point) wait there (see pause_at)
-PAUSE_AT = os.environ.get("FINEWEB_GPT_TEST_PAUSE_AT", "")
+PAUSE_AT = os.environ.get("FINEWEB_GPT_TEST_PAUSE_AT", "")  # for the tests: see pause_at
 
 
 # -----------------------------------------------------------------------------
@@ -71,8 +70,7 @@ def splitmix64(x):
 
 def val_scores(seed, doc_indices):
     """A score in [0, 1) per document that depends only on (seed, document index in its source)."""
-    key = splitmix64(np.array([seed], dtype=np.uint64))
-    mixed = splitmix64(np.asarray(doc_indices, dtype=np.uint64) ^ key)
+    mixed = splitmix64(np.asarray(doc_indices, dtype=np.uint64) ^ splitmix64(np.array([seed], dtype=np.uint64)))
     return (mixed >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
@@ -103,7 +101,7 @@ def no_document_qualifies(documents_per_source, seed, threshold):
 
 
 # -----------------------------------------------------------------------------
-# tokenizing: one task is a parquet row group or a batch of streamed documents
+# tokenizing: a task is a parquet row group or a batch of streamed documents
 
 @lru_cache(maxsize=4)
 def open_parquet(path):
@@ -111,9 +109,8 @@ def open_parquet(path):
 
 
 def tokenize_task(task):
-    """One batch of documents in; their tokens out, already split into train and val, and FineWeb's
-    token_count summed over them (None without that column). Null texts are skipped and counted, keeping
-    their index: one bad row should not sink a run over a 2 GB shard."""
+    """One batch of documents in; their tokens out, already split into train and val, with their COUNTS.
+    Null texts are skipped and counted, keeping their index: one bad row should not sink a 2 GB shard."""
     pause_at("tokenizing")
     texts, token_count = task.get("texts"), None
     if texts is None:
@@ -134,7 +131,7 @@ def tokenize_task(task):
         if ids.size and ids.max() >= VOCAB_SIZE:  # the one check of the ids: the uint16 cast would wrap them
             raise PrepareError(f"token id {ids.max()} >= vocab size {VOCAB_SIZE}: tokenizer bug")
         result[split] = ids.astype(TOKEN_DTYPE)
-        result[f"{split}_documents"], result[f"{split}_text_tokens"] = len(kept), len(ids) - len(kept)  # no EOTs
+        result[f"{split}_documents"], result[f"{split}_text_tokens"] = len(kept), len(ids) - len(kept)
     return result
 
 
@@ -183,8 +180,7 @@ class Workers:
             raise WorkerDied from None
 
     def stop(self):
-        """Kill them, busy or idle: they hold no files, and nothing they hold is needed any more."""
-        for proc in self.procs:
+        for proc in self.procs:  # busy or idle: they hold no files, and nothing they hold is needed any more
             proc.kill()
             proc.wait()
             proc.stdin.close()
@@ -201,13 +197,11 @@ def send(fd, message):
 def receive(stream):
     """The next message of a pipe, raised if it is an exception; EOFError when the writer is gone, even
     halfway through a message."""
-    header = stream.read(8)
-    size = int.from_bytes(header, "little")
+    size = int.from_bytes(header := stream.read(8), "little")
     data = stream.read(size) if len(header) == 8 else b""
     if len(header) < 8 or len(data) < size:
         raise EOFError
-    message = pickle.loads(data)
-    if isinstance(message, Exception):  # a worker's PrepareError or TokenizerUnavailable
+    if isinstance(message := pickle.loads(data), Exception):  # a worker's PrepareError or TokenizerUnavailable
         raise message
     return message
 
@@ -260,12 +254,8 @@ def pause_at(point):
 # -----------------------------------------------------------------------------
 # writing: the work folder, its manifest, one source after another
 
-COUNTS = ("rows", "null_texts", "token_count", "train_documents", "train_text_tokens", "val_documents",
-          "val_text_tokens")
-
-
 def summed(entries):
-    """The counts of several batches or sources; token_count stays None once one of them had no such column."""
+    """The COUNTS of several batches or sources; token_count stays None once one of them had no such column."""
     total = dict.fromkeys(COUNTS, 0)
     for entry in entries:
         total = {k: None if None in (total[k], entry[k]) else total[k] + entry[k] for k in COUNTS}
@@ -279,9 +269,8 @@ def split_tokens(counts, split):
 def open_work(work_dir, request, force):
     """The manifest of the unfinished run in work_dir if it was for this very request (then its bins are
     cut back to what the manifest counts: a killed run may have written past it), else a fresh one."""
-    manifest_path = work_dir / "manifest.json"
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads((work_dir / "manifest.json").read_text())
         sizes = {split: (work_dir / f"{split}.bin").stat().st_size for split in SPLITS}
     except (OSError, ValueError):
         manifest = None
@@ -301,7 +290,7 @@ def open_work(work_dir, request, force):
     for split in SPLITS:
         (work_dir / f"{split}.bin").touch()
     manifest = {"request": request, "done": [], "threshold": None, "forced_last_doc": False}
-    write_json_atomically(manifest_path, manifest)
+    write_json_atomically(work_dir / "manifest.json", manifest)
     return manifest
 
 
@@ -403,22 +392,20 @@ def publish(out_dir, work_dir, manifest, sources, args, seconds):
         raise
     splits = {split: {"documents": total[f"{split}_documents"], "tokens": split_tokens(total, split),
                       "file": f"{split}.bin"} for split in SPLITS}
-    for split, info in splits.items():
+    for info in splits.values():
         info["max_token_id"] = verify_split_file(work_dir / info["file"], info["documents"], info["tokens"])
+    recorded = ("name", "path", "size", "mtime", "blob_id", "data_files")
     text_tokens = total["train_text_tokens"] + total["val_text_tokens"]
-    described = [{**{k: v for k, v in source.items() if k in ("name", "path", "size", "mtime", "blob_id",
-                                                              "data_files")}, "documents": entry["rows"]}
-                 for source, entry in zip(sources, manifest["done"])]
     meta = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
             "eot_placement": EOT_PLACEMENT, "dtype": np.dtype(TOKEN_DTYPE).name, "splits": splits,
-            "sources": described, "val_split": {"rule": VAL_RULE, **val_request(args),
-                                                "threshold": manifest["threshold"],
-                                                "forced_last_doc": manifest["forced_last_doc"]},
+            "sources": [{**{k: v for k, v in source.items() if k in recorded}, "documents": entry["rows"]}
+                        for source, entry in zip(sources, manifest["done"])],
+            "val_split": {"rule": VAL_RULE, **val_request(args), "threshold": manifest["threshold"],
+                          "forced_last_doc": manifest["forced_last_doc"]},
             "null_texts_skipped": total["null_texts"],
             "token_count_diff": None if total["token_count"] is None else text_tokens - total["token_count"],
-            "workers": args.workers, "seconds": round(seconds, 2)}
-    if args.max_tokens:
-        meta["max_tokens"] = args.max_tokens
+            "workers": args.workers, "seconds": round(seconds, 2), **({"max_tokens": args.max_tokens}
+                                                                       if args.max_tokens else {})}
     write_json_atomically(work_dir / "meta.json", meta)  # before any move: a full disk fails here, work intact
     (out_dir / "meta.json").unlink(missing_ok=True)
     for split in SPLITS:
@@ -574,12 +561,11 @@ def already_done(out_dir, sources, args):
     """meta.json of an earlier run from these very sources and settings, else None (a stream is never the same)."""
     try:
         meta = read_dataset_meta(out_dir)
-        same_sources = [identity(s) for s in meta.get("sources", [])] == [identity(s) for s in sources]
-        same_split = all((meta.get("val_split") or {}).get(k) == v for k, v in val_request(args).items())
+        same = [identity(s) for s in meta.get("sources", [])] == [identity(s) for s in sources] and \
+            all((meta.get("val_split") or {}).get(k) == v for k, v in val_request(args).items())
     except (FileNotFoundError, ValueError, AttributeError, TypeError):  # a hand-edited meta.json is no match
         return None
-    return meta if same_sources and same_split and meta.get("max_tokens") == args.max_tokens \
-        and not args.hf_dataset else None
+    return meta if same and meta.get("max_tokens") == args.max_tokens and not args.hf_dataset else None
 
 
 def prepare(args, out_dir):
@@ -590,8 +576,7 @@ def prepare(args, out_dir):
             describe_parquet(Path(source["path"]), source["name"])  # a bad input fails before any work
     else:
         sources = [dataset_source(args)] if args.hf_dataset else hub_sources(args)
-    meta = None if args.force else already_done(out_dir, sources, args)
-    if meta:
+    if meta := None if args.force else already_done(out_dir, sources, args):
         print(f"{out_dir}: train.bin and val.bin already hold these inputs ({meta['splits']['train']['tokens']:,} + "
               f"{meta['splits']['val']['tokens']:,} tokens); nothing to do (--force redoes it)")
         return meta
@@ -627,13 +612,12 @@ def give_up(out_dir, work_dir, manifest):
     and say whether the dataset in out_dir is untouched (it is while its meta.json is there: publish()
     removes that first)."""
     if manifest and manifest["done"]:
-        outcome = f"the {len(manifest['done'])} finished source(s) are kept in {work_dir}: the same command continues " \
-                  f"from there"
+        outcome = (f"the {len(manifest['done'])} finished source(s) are kept in {work_dir}: the same command "
+                   f"continues from there")
     else:
         shutil.rmtree(work_dir, ignore_errors=True)
         outcome = "nothing was published"
-    unchanged = f"; the dataset already in {out_dir} is unchanged" if (out_dir / "meta.json").exists() else ""
-    return outcome + unchanged
+    return outcome + (f"; the dataset already in {out_dir} is unchanged" if (out_dir / "meta.json").exists() else "")
 
 
 def print_summary(meta, out_dir):
