@@ -298,6 +298,7 @@ def tokenize_sources(sources, manifest, work_dir, args):
     """Tokenize the sources the manifest does not list as done, appending to the work bins. The manifest
     is rewritten after each source (bins fsynced first), so a killed run continues with the source it was in."""
     from tqdm import tqdm
+    tqdm.set_lock(threading.RLock())  # not its multiprocessing lock, which can start the resource tracker
     first = len(manifest["done"])
     tokens = tokens_before = sum(split_tokens(summed(manifest["done"]), split) for split in SPLITS)
     prefetch = Prefetch(sources[first])
