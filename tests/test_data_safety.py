@@ -172,7 +172,7 @@ def test_prepare_killed_outright_takes_its_workers_with_it(tmp_path):
 
 def test_a_message_cut_halfway_is_a_dead_worker_not_a_hang():
     """A worker killed while sending its result leaves half a message in its pipe: the reader gets EOFError
-    (then prepare.py says the worker died), where a pool's reader thread once waited for the rest forever."""
+    (then prepare.py says the worker died) instead of waiting forever for the rest."""
     read_end, write_end = os.pipe()
     with open(read_end, "rb") as reader:
         with open(write_end, "wb") as writer:
