@@ -14,8 +14,8 @@ import pytest
 from kit import atomic
 from conftest import DiskFullAfter
 from kit.loader import TokenBatches, open_dataset
-from test_prepare import (PREPARE, bins_on_a_small_disk, fails_with, on_each_task, prepare, start_paused,
-                          still_running, synthetic_texts, write_parquet)
+from test_prepare import (bins_on_a_small_disk, fails_with, on_each_task, prepare, start_paused, still_running,
+                          synthetic_texts, write_parquet)
 
 
 def dataset_bytes(folder):
