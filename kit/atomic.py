@@ -38,9 +38,12 @@ def atomic_write(path, mode="wb", per_process=False):
 
 def check_writable(folder):
     """Create folder if needed and prove a file can be written in it (OSError if not): before long work
-    whose results would otherwise be lost at the end (train.py's out_dir, prepare.py's)."""
+    whose results would otherwise be lost at the end (train.py's out_dir, prepare.py's). One byte is
+    written: a full disk still creates an empty file."""
     os.makedirs(folder, exist_ok=True)
-    tempfile.TemporaryFile(dir=folder).close()
+    with tempfile.TemporaryFile(dir=folder) as f:
+        f.write(b"\0")
+        f.flush()
 
 
 def append_line(path, line):
@@ -89,7 +92,11 @@ def lock_folder(folder, name):
             raise _Unlinked
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, holder.encode())
+        try:
+            os.write(fd, holder.encode())
+        except OSError:  # a full disk: no empty lock left behind, removed while held as unlock_folder does
+            os.remove(path)
+            raise
 
     while True:
         lock = FileLock(path, timeout=0, on_acquired=write_holder)

@@ -1,20 +1,21 @@
 """Nothing lost around the data: a prepare.py run that is refused, fails or is interrupted leaves the finished
-dataset as it was; publishing never pulls a file from under a reader; a dead tokenizer worker or Ctrl-C ends
-the run in one line, keeping the finished sources."""
+dataset as it was; publishing never pulls a file from under a reader; a dead tokenizer worker, Ctrl-C, SIGTERM
+or SIGHUP ends the run in one line, keeping the finished sources; killed outright, prepare.py takes its workers
+with it."""
 import errno
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import psutil
 import pytest
 
+from kit import atomic
+from conftest import DiskFullAfter
 from kit.loader import TokenBatches, open_dataset
-from test_prepare import PREPARE, fails_with, prepare, synthetic_texts, write_parquet
+from test_prepare import (bins_on_a_small_disk, fails_with, on_each_task, prepare, start_paused, still_running,
+                          synthetic_texts, write_parquet)
 
 
 def dataset_bytes(folder):
@@ -55,7 +56,7 @@ def test_a_refused_or_failed_run_leaves_the_finished_dataset_byte_identical(tmp_
     if failure == "corrupt row group":
         corrupt_second_row_group(new)
     if failure == "disk full":
-        monkeypatch.setattr(prepare, "append_tokens", disk_full)
+        bins_on_a_small_disk(monkeypatch, room=0)
     if failure == "Ctrl-C":
         monkeypatch.setattr(prepare, "verify_split_file", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(SystemExit) as exit_info:
@@ -74,13 +75,8 @@ def test_while_a_new_dataset_is_written_the_old_one_stays_readable(tmp_path, fin
     out_dir, before = finished_dataset
     new = write_parquet(tmp_path / "new.parquet", synthetic_texts(60, seed=8), row_group_size=20)
     seen_during_the_run = []
-    real_append_tokens = prepare.append_tokens
-
-    def append_and_look(file, tokens):
-        seen_during_the_run.append((dataset_bytes(out_dir), open_dataset(out_dir, 4)[0]["sources"][0]["name"]))
-        real_append_tokens(file, tokens)
-
-    monkeypatch.setattr(prepare, "append_tokens", append_and_look)
+    on_each_task(monkeypatch, lambda task: seen_during_the_run.append(
+        (dataset_bytes(out_dir), open_dataset(out_dir, 4)[0]["sources"][0]["name"])))
     prepare.main(["--input", str(new), "--out_dir", str(out_dir), "--workers", "1", "--val_fraction", "0.2"])
     assert seen_during_the_run and all(files == before and name.endswith("old.parquet")
                                        for files, name in seen_during_the_run)
@@ -90,17 +86,21 @@ def test_while_a_new_dataset_is_written_the_old_one_stays_readable(tmp_path, fin
 def test_publishing_renames_over_the_old_files_and_never_pairs_new_bins_with_old_meta(tmp_path, finished_dataset,
                                                                                      monkeypatch):
     """A reader holding an old bin open (a memmap, a file) reads the old bytes after the new dataset is in;
+    a reader that opens the bins by path batch after batch (as train.py does) finds them at each rename;
     while the bins are being replaced there is no meta.json, so no reader can take new bins for old ones."""
     out_dir, before = finished_dataset
     old_memmap = np.memmap(out_dir / "train.bin", dtype=np.uint16, mode="r")
     old_file = open(out_dir / "val.bin", "rb")
+    batches = TokenBatches(open_dataset(out_dir, 8)[1], 8, 4)
     meta_at_each_bin_rename = []
     real_replace = os.replace
 
     def replace_and_look(source, target):
         if str(target).endswith(".bin") and os.path.dirname(target) == str(out_dir):
             meta_at_each_bin_rename.append((out_dir / "meta.json").exists())
+            batches.next_batch()  # FileNotFoundError if a bin were deleted before its new one is in
         real_replace(source, target)
+        batches.next_batch()
 
     monkeypatch.setattr(os, "replace", replace_and_look)
     new = write_parquet(tmp_path / "new.parquet", synthetic_texts(60, seed=8))
@@ -111,99 +111,93 @@ def test_publishing_renames_over_the_old_files_and_never_pairs_new_bins_with_old
     old_file.close()
 
 
-@pytest.mark.slow
-def test_a_reader_of_the_bins_never_finds_them_missing_while_another_prepare_publishes(tmp_path, finished_dataset):
-    """A real prepare.py process republishes into the folder a loader reads batch after batch, by path (as
-    train.py does): every batch opens, the old dataset until the publish, the new one after."""
-    out_dir, before = finished_dataset
-    new = write_parquet(tmp_path / "new.parquet", synthetic_texts(1000, words_per_doc=100, seed=8),
-                        row_group_size=100, token_count=False)
-    meta, train_path, _ = open_dataset(out_dir, 8)
-    batches = TokenBatches(train_path, 8, 4)
-    writer = subprocess.Popen([sys.executable, str(PREPARE), "--input", str(new), "--out_dir", str(out_dir),
-                               "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    reads = 0
-    while writer.poll() is None:
-        batches.next_batch()  # FileNotFoundError if the bins were deleted before the new ones are in
-        reads += 1
-    assert writer.returncode == 0, writer.stderr.read()
-    assert reads > 10
-    assert prepare.read_dataset_meta(out_dir)["sources"][0]["name"].endswith("new.parquet")
-
-
 def as_in_a_terminal():
     """SIGHUP at its default in the child even when the suite runs under nohup, which ignores it."""
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
-def tokenizer_workers(proc):
-    return [child for child in psutil.Process(proc.pid).children()
-            if "spawn_main" in " ".join(child.cmdline())]  # not multiprocessing's resource tracker
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["a worker is SIGKILLed", "Ctrl-C", "SIGTERM", "the terminal is closed"])
+def test_a_dead_worker_or_a_stop_signal_ends_the_run_in_one_line_and_keeps_the_finished_sources(tmp_path, capsys,
+                                                                                              stop):
+    """With its first source done: a tokenizer worker killed (the out-of-memory killer's SIGKILL), Ctrl-C in
+    the terminal (SIGINT to the whole process group), a scheduler's SIGTERM, a closed terminal (SIGHUP to the
+    group). prepare.py stops its workers, its output ends with its one line and nothing else (no warning from
+    a pool or multiprocessing's resource tracker), and the same command continues from the finished source."""
+    sources = [write_parquet(tmp_path / f"{k}.parquet", synthetic_texts(40, seed=k), row_group_size=10)
+               for k in range(2)]
+    args = ["--input", *sources, "--out_dir", tmp_path / "out", "--workers", 2]
+    pause = tmp_path / "pause"
+    proc, _ = start_paused(args, "source_done", pause, preexec_fn=as_in_a_terminal)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert len(workers) == 2
+    if stop == "a worker is SIGKILLed":
+        workers[0].kill()
+        assert not still_running(workers[:1])
+        pause.unlink()  # the run goes on, into the dead worker
+    elif stop == "SIGTERM":
+        os.kill(proc.pid, signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT if stop == "Ctrl-C" else signal.SIGHUP)
+    stdout, stderr = proc.communicate(timeout=60)
+    kept = f"the 1 finished source(s) are kept in {tmp_path / 'out' / 'prepare.work'}: the same command continues from there"
+    status, line = {
+        "a worker is SIGKILLed": (1, f"error: a tokenizer worker process died (killed, e.g. by the out-of-memory "
+                                     f"killer, or crashed); {kept}; fewer --workers need less memory"),
+        "Ctrl-C": (130, f"error: interrupted; {kept}"),
+        "SIGTERM": (143, f"error: interrupted by SIGTERM; {kept}"),
+        "the terminal is closed": (129, f"error: interrupted by SIGHUP; {kept}")}[stop]
+    assert (proc.returncode, stdout.splitlines(), stderr.splitlines()) == (
+        status, [f"tokenizing 2 source(s) with 2 worker(s) -> {tmp_path / 'out'}"], [line])
+    assert not still_running(workers)
+    prepare.main(list(map(str, [*args[:-1], 1])))  # the same command (one worker here: no processes to start)
+    assert "continuing an unfinished run: 1 of 2 source(s) already done" in capsys.readouterr().out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", ["a worker is SIGKILLed", "Ctrl-C", "the terminal is closed"])
-def test_a_dead_worker_or_ctrl_c_ends_the_run_in_one_line_and_keeps_the_finished_sources(tmp_path, capsys, stop):
-    """A tokenizer worker killed (the out-of-memory killer's SIGKILL), Ctrl-C in the terminal (SIGINT to the
-    whole process group) or a closed terminal (SIGHUP to it): prepare.py notices within seconds, stops its
-    pool, says in one line what it kept, and the same command continues from there."""
-    sources = [write_parquet(tmp_path / f"{k}.parquet", synthetic_texts(200, words_per_doc=200, seed=k),
-                             row_group_size=50, token_count=False) for k in range(16)]
-    args = [str(PREPARE), "--input", *map(str, sources), "--out_dir", str(tmp_path / "out"), "--workers", "2"]
-    manifest = tmp_path / "out" / "prepare.work" / "manifest.json"
-    proc = subprocess.Popen([sys.executable, *args], start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=as_in_a_terminal)
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline and not (manifest.exists() and json.loads(manifest.read_text() or "{}")["done"]):
-            time.sleep(0.005)
-        assert proc.poll() is None, "prepare.py finished before it could be stopped: make the input bigger"
-        if stop != "a worker is SIGKILLed":
-            os.killpg(proc.pid, signal.SIGINT if stop == "Ctrl-C" else signal.SIGHUP)
-        else:
-            os.kill(tokenizer_workers(proc)[0].pid, signal.SIGKILL)
-        stopped = time.time()
-        stderr = proc.communicate(timeout=20)[1]  # the hang: today prepare.py waits forever for the dead worker
-        assert time.time() - stopped < 10
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    lines = stderr.strip().splitlines()
-    status, start = {"Ctrl-C": (130, "error: interrupted; "), "the terminal is closed": (129, "error: interrupted by "
-                     "SIGHUP; ")}.get(stop, (1, "error: a tokenizer worker process died"))
-    assert proc.returncode == status and len(lines) == 1, stderr
-    assert lines[0].startswith(start)
-    kept = len(json.loads(manifest.read_text())["done"])
-    assert kept >= 1 and f"the {kept} finished source(s) are kept in {manifest.parent}" in lines[0]
-    prepare.main([*args[1:-1], "1"])  # the same command (one worker here: no pool start-up) continues
-    assert f"continuing an unfinished run: {kept} of {len(sources)} source(s) already done" in capsys.readouterr().out
-
-STOP_A_BUSY_POOL = """
-import sys, time
-sys.path.insert(0, {folder!r})
-import prepare
-
-def batch(_):
-    return b"x" * (16 << 20)  # far bigger than a pipe's buffer: a worker spends a while sending it
-
-if __name__ == "__main__":
-    pool = prepare.start_pool(2)
-    batches = [pool.submit(batch, k) for k in range(40)]
-    batches[0].result()
-    time.sleep({delay})  # the other worker is in the middle of sending its batch
-    prepare.stop_pool(pool)
-    sys.exit(3)
-"""
+def test_prepare_killed_outright_takes_its_workers_with_it(tmp_path):
+    """SIGKILL to prepare.py's main process alone (what the out-of-memory killer does) while a worker is in the
+    middle of a task: every process prepare.py started ends within seconds, the busy worker included. On Linux
+    the kernel ends them (their parent-death signal); the fallback elsewhere, a worker ending after its task
+    when it finds the pipes closed, is not what this test sees."""
+    source = write_parquet(tmp_path / "docs.parquet", synthetic_texts(40), row_group_size=10)
+    proc, waiting = start_paused(["--input", source, "--out_dir", tmp_path / "out", "--workers", 2], "tokenizing",
+                                 tmp_path / "pause")
+    started = psutil.Process(proc.pid).children(recursive=True)
+    assert len(started) == 2 and waiting in [p.pid for p in started]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not still_running(started)
 
 
-@pytest.mark.slow
-def test_stopping_the_pool_while_workers_send_their_batches_lets_the_process_exit(tmp_path):
-    """Stopping the pool (Ctrl-C, an error) while a worker is sending its batch must not leave the process
-    waiting forever at exit (it did when the workers were terminated: half a message in the result pipe)."""
-    script = tmp_path / "stop.py"
-    script.write_text(STOP_A_BUSY_POOL.format(folder=str(PREPARE.parent), delay=0.01))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 3, proc.stderr
+def test_a_message_cut_halfway_is_a_dead_worker_not_a_hang():
+    """A worker killed while sending its result leaves half a message in its pipe: the reader gets EOFError
+    (then prepare.py says the worker died) instead of waiting forever for the rest."""
+    read_end, write_end = os.pipe()
+    with open(read_end, "rb") as reader:
+        with open(write_end, "wb") as writer:
+            writer.write((1000).to_bytes(8, "little") + b"x" * 10)
+        with pytest.raises(EOFError):
+            prepare.receive(reader)
+
+
+def test_a_full_disk_at_start_is_one_line_and_leaves_no_lock(tmp_path, monkeypatch, capsys):
+    """An out_dir on a disk with no room left: creating a file still works there, writing a byte does not.
+    One line, exit status 2, and no empty prepare.lock left behind (the lock's holder line cannot be written
+    either: lock_folder removes the file it could not fill)."""
+    source = write_parquet(tmp_path / "docs.parquet", synthetic_texts(10))
+    real_temporary_file = atomic.tempfile.TemporaryFile
+    monkeypatch.setattr(atomic.tempfile, "TemporaryFile", lambda **kw: DiskFullAfter(real_temporary_file(**kw), 0))
+    line = fails_with(capsys, "--input", source, "--out_dir", tmp_path / "out", "--workers", 1)
+    assert line == f"error: {tmp_path / 'out'}: the output folder is not writable (No space left on device)"
+    monkeypatch.undo()
+    (tmp_path / "out").mkdir(exist_ok=True)
+    monkeypatch.setattr(atomic.os, "write", disk_full)  # the disk fills up between the check and the lock
+    with pytest.raises(OSError):
+        atomic.lock_folder(tmp_path / "out", prepare.LOCK_NAME)
+    monkeypatch.undo()
+    assert list((tmp_path / "out").iterdir()) == []
+    atomic.unlock_folder(atomic.lock_folder(tmp_path / "out", prepare.LOCK_NAME))  # and the folder is free
 
 
 # -----------------------------------------------------------------------------

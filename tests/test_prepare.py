@@ -8,11 +8,12 @@ import sys
 import time
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO_ROOT, run_script
+from conftest import REPO_ROOT, DiskFullAfter, run_script
 from kit.tokenizer import EOT_TOKEN, encode_documents, encode_documents_flat, get_encoding
 
 sys.path.insert(0, str(REPO_ROOT / "data" / "fineweb"))
@@ -49,6 +50,34 @@ def synthetic_texts(n_docs, words_per_doc=60, seed=0):
 def run(tmp_path, *args):
     """prepare.py in-process (one worker: no pool start-up), outputs in tmp_path/out."""
     return prepare.main(["--out_dir", str(tmp_path / "out"), "--workers", "1", *map(str, args)])
+
+
+def bins_on_a_small_disk(monkeypatch, room):
+    """prepare.py's bins written through conftest's DiskFullAfter: `room` more bytes each, then ENOSPC.
+    Returns the files as they are opened, so that a test can take their room away later."""
+    files, real_open = [], open
+
+    def open_bin(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if str(path).endswith(".bin") and mode == "ab":
+            files.append(DiskFullAfter(f, room))
+            return files[-1]
+        return f
+
+    monkeypatch.setattr(prepare, "open", open_bin, raising=False)  # shadows the builtin in prepare.py only
+    return files
+
+
+def on_each_task(monkeypatch, action):
+    """action(number of the task, from 1) before prepare.py tokenizes each task (in-process: --workers 1)."""
+    real_tokenize, calls = prepare.tokenize_task, []
+
+    def tokenize(task):
+        calls.append(task)
+        action(len(calls))
+        return real_tokenize(task)
+
+    monkeypatch.setattr(prepare, "tokenize_task", tokenize)
 
 
 def fails_with(capsys, *args):
@@ -304,20 +333,20 @@ def test_the_listing_is_cached_for_offline_runs(tmp_path, fake_hub, monkeypatch,
 def test_the_next_shard_downloads_while_this_one_is_tokenized(tmp_path, fake_hub, monkeypatch):
     import threading
     next_shard_asked = threading.Event()
-    real_download, real_append_tokens = fake_hub.hf_hub_download, prepare.append_tokens
+    real_download = fake_hub.hf_hub_download
 
     def download(repo_id, repo_type, filename):
         if filename.endswith("000_00001.parquet"):
             next_shard_asked.set()
         return real_download(repo_id, repo_type, filename)
 
-    def append_tokens(file, tokens):  # shard 0's first write waits for shard 1's download to start: it must
-        assert next_shard_asked.wait(timeout=10), "shard 1 was not asked for while shard 0 was written"
-        real_append_tokens(file, tokens)
+    def wait_for_shard_1(task):  # shard 0's first task waits for shard 1's download to start: it must
+        if task == 1:
+            assert next_shard_asked.wait(timeout=10), "shard 1 was not asked for while shard 0 was tokenized"
 
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
-    monkeypatch.setattr(prepare, "append_tokens", append_tokens)
+    on_each_task(monkeypatch, wait_for_shard_1)
     run(tmp_path, "--shards", "0-1", "--val_fraction", 0.2)
     assert_bins_hold(tmp_path / "out", fake_hub.texts["a"], fake_hub.texts["b"])
 
@@ -403,39 +432,59 @@ def test_rerun_is_a_no_op_and_force_redoes(tmp_path, capsys):
     assert "nothing to do" not in capsys.readouterr().out
 
 
+def start_paused(args, point, pause, **popen_args):
+    """prepare.py started as a user starts it (its own process group), told by FINEWEB_GPT_TEST_PAUSE_AT to
+    wait at `point` (prepare.pause_at); returns the process once it waits there, and the pid that waits."""
+    env = dict(os.environ, FINEWEB_GPT_TEST_PAUSE_AT=f"{point}:{pause}")
+    proc = subprocess.Popen([sys.executable, str(PREPARE), *map(str, args)], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_args)
+    deadline = time.time() + 60
+    while not (pause.exists() and pause.read_text().endswith("\n")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    return proc, int(pause.read_text())
+
+
+def still_running(processes, seconds=5):
+    """Those of processes still running after up to `seconds` (a zombie, dead but not reaped, is not)."""
+    def running(p):
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    deadline = time.time() + seconds
+    while any(map(running, processes)) and time.time() < deadline:
+        time.sleep(0.01)
+    return [p for p in processes if running(p)]
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_leaves_nothing_accepted_and_rerun_continues(tmp_path):
-    """Killed at several points of a four-source run (while the first source is written, after one and after
-    two finished sources): nothing train.py accepts; each next run continues where the manifest says and the
-    end result is byte for byte that of an uninterrupted run."""
-    texts = [synthetic_texts(700, words_per_doc=300, seed=k) for k in range(4)]
-    sources = [write_parquet(tmp_path / f"{k}.parquet", texts[k], row_group_size=100, token_count=False)
-               for k in range(4)]
-    out_dir, work = tmp_path / "out", tmp_path / "out" / "prepare.work"
-    args = [sys.executable, str(PREPARE), "--input", *map(str, sources), "--out_dir", str(out_dir), "--workers", "2"]
-    done_at_kill = 0
-    for finished_sources in (0, 1, 2):
-        proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline and not (
-                (work / "train.bin").exists() and (work / "train.bin").stat().st_size > 0 and
-                len(json.loads((work / "manifest.json").read_text() or "{}").get("done", [])) >= finished_sources):
-            time.sleep(0.01)
-        assert proc.poll() is None, "prepare.py finished before it could be killed: make the input bigger"
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the worker processes too
+    """prepare.py's main process SIGKILLed (as the out-of-memory killer does) at three points of a four-source
+    run: after its first batch is written (the bins then hold more than the manifest counts), after one and
+    after two finished sources. Each time its workers end with it and nothing train.py accepts is left; each
+    next run continues where the manifest says, and the end result is byte for byte an uninterrupted run's."""
+    texts = [synthetic_texts(200, seed=k) for k in range(4)]
+    sources = [write_parquet(tmp_path / f"{k}.parquet", texts[k], row_group_size=100) for k in range(4)]
+    out_dir, work, pause = tmp_path / "out", tmp_path / "out" / "prepare.work", tmp_path / "pause"
+    args = ["--input", *sources, "--out_dir", out_dir, "--workers", 2]
+    for point, done_before, done_after in (("batch_written", 0, 0), ("source_done", 0, 1), ("source_done", 1, 2)):
+        proc, _ = start_paused(args, point, pause)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert len(workers) == 2 and (work / "train.bin").stat().st_size > 0
+        os.kill(proc.pid, signal.SIGKILL)
         output = proc.communicate()[0]
-        assert ("continuing an unfinished run" in output) == (done_at_kill > 0)  # the previous kill's work
-        assert f"{done_at_kill} of 4 source(s) already done" in output or done_at_kill == 0
-        done_at_kill = len(json.loads((work / "manifest.json").read_text())["done"])
+        assert not still_running(workers)
+        assert ("continuing an unfinished run: 1 of 4 source(s) already done" in output) == (done_before == 1)
+        assert len(json.loads((work / "manifest.json").read_text())["done"]) == done_after
         with pytest.raises(FileNotFoundError):
             prepare.read_dataset_meta(out_dir)
-    assert done_at_kill >= 2
-    finished = run_script(*args[1:]).stdout
-    assert f"continuing an unfinished run: {done_at_kill} of 4 source(s) already done" in finished
+        pause.unlink()
+    finished = run_script(PREPARE, *args).stdout
+    assert "continuing an unfinished run: 2 of 4 source(s) already done" in finished
     assert_bins_hold(out_dir, *texts)
     assert sorted(p.name for p in out_dir.iterdir()) == ["meta.json", "train.bin", "val.bin"]
-    run_script(*args[1:-4], "--out_dir", tmp_path / "uninterrupted", "--workers", "2")
+    prepare.main(list(map(str, [*args[:-4], "--out_dir", tmp_path / "uninterrupted", "--workers", 1])))
     for name in ("train.bin", "val.bin"):
         assert (out_dir / name).read_bytes() == (tmp_path / "uninterrupted" / name).read_bytes()
 
@@ -446,13 +495,14 @@ def test_a_failed_run_keeps_its_finished_sources_and_the_same_command_continues(
     texts = [synthetic_texts(30, seed=k) for k in range(3)]
     sources = [write_parquet(tmp_path / f"{k}.parquet", texts[k], row_group_size=10) for k in range(3)]
     args = ["--input", *sources, "--out_dir", tmp_path / "out", "--workers", 1, "--val_fraction", 0.2]
-    calls = []
+    bins = bins_on_a_small_disk(monkeypatch, room=10**9)
 
-    def append_then_fail(file, tokens):
-        calls.append(1)
-        if len(calls) == 2 * 3 * 2 + 1:  # train and val of 3 row groups per source: the third source's first write
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if failure.startswith("disk") else KeyboardInterrupt
-        file.write(tokens.data)
+    def fail_in_the_third_source(task):
+        if task == 3 * 2 + 1:  # 3 row groups per source: the third source's first task
+            if failure.startswith("Ctrl-C"):
+                raise KeyboardInterrupt
+            for file in bins:  # the disk fills up: the task's tokens do not fit
+                file.room = 0
 
     def interrupt(*args):
         raise KeyboardInterrupt
@@ -460,7 +510,7 @@ def test_a_failed_run_keeps_its_finished_sources_and_the_same_command_continues(
     if failure.endswith("publishing"):
         monkeypatch.setattr(prepare, "verify_split_file", interrupt)
     else:
-        monkeypatch.setattr(prepare, "append_tokens", append_then_fail)
+        on_each_task(monkeypatch, fail_in_the_third_source)
     if failure.startswith("disk"):
         line = fails_with(capsys, *args)
         assert line.endswith("writing failed (No space left on device); the 2 finished source(s) are kept in "
@@ -570,10 +620,13 @@ def disk_full(*args):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-@pytest.mark.parametrize("failing_step", ["append_tokens", "write_json_atomically"])
+@pytest.mark.parametrize("failing_step", ["the bins", "write_json_atomically"])
 def test_disk_full_leaves_no_outputs(tmp_path, monkeypatch, capsys, failing_step):
     source = write_parquet(tmp_path / "docs.parquet", synthetic_texts(100), row_group_size=20)
-    monkeypatch.setattr(prepare, failing_step, disk_full)  # the bins' writes, or meta.json after the bins' rename
+    if failing_step == "the bins":
+        bins_on_a_small_disk(monkeypatch, room=1000)
+    else:  # meta.json, once the bins are complete
+        monkeypatch.setattr(prepare, failing_step, disk_full)
     assert "out: writing failed (No space left on device); nothing was published" in fails_with(
         capsys, "--input", source, "--out_dir", tmp_path / "out", "--workers", 1)
     assert not list((tmp_path / "out").iterdir())
@@ -601,21 +654,19 @@ def test_second_run_into_the_same_folder_is_refused_and_the_first_stays_intact(t
     first = write_parquet(tmp_path / "first.parquet", first_texts, row_group_size=20)
     second = write_parquet(tmp_path / "second.parquet", second_texts)
     second_run = []
-    real_append_tokens = prepare.append_tokens
 
-    def append_and_start_a_second_run(file, tokens):
-        if not second_run:  # the first run is writing its bins: a second one starts into the same folder
+    def start_a_second_run(task):
+        if task == 2:  # the first run is writing its bins: a second one starts into the same folder
             second_run.append(run_script(PREPARE, "--input", second, "--out_dir", tmp_path / "out", "--workers", 1,
                                          check=False))
-        real_append_tokens(file, tokens)
 
-    monkeypatch.setattr(prepare, "append_tokens", append_and_start_a_second_run)
+    on_each_task(monkeypatch, start_a_second_run)
     run(tmp_path, "--input", first, "--val_fraction", 0.2)
     refused = second_run[0]
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert "another prepare.py" in refused.stderr and "--out_dir" in refused.stderr
     assert_bins_hold(tmp_path / "out", first_texts)
-    monkeypatch.setattr(prepare, "append_tokens", real_append_tokens)
+    monkeypatch.undo()
     run(tmp_path, "--input", second, "--val_fraction", 0.2)
     assert_bins_hold(tmp_path / "out", second_texts)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", "train.bin", "val.bin"]

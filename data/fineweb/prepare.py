@@ -1,57 +1,29 @@
 """
-Turn FineWeb parquet shards (or any Hugging Face text dataset) into train.bin / val.bin: raw uint16 GPT-2
-token streams that np.memmap reads (nanoGPT's format), plus meta.json describing them. The tokenizer and
-the EOT rule (one <|endoftext|> prepended to every document) come from kit/tokenizer.py at the repo root.
+FineWeb parquet shards (or any Hugging Face text dataset) -> train.bin / val.bin, raw uint16 GPT-2 token
+streams that np.memmap reads (nanoGPT's format), and meta.json describing them. kit/tokenizer.py decides
+the tokenizer and the EOT rule; sources.py, beside this file, finds, checks and downloads the inputs.
 
-    python data/fineweb/prepare.py                                   # FineWeb, dump CC-MAIN-2013-20, its first file
-    python data/fineweb/prepare.py --shards 0-9                      # its first ten files, one pair of bins
-    python data/fineweb/prepare.py --dump CC-MAIN-2024-10 --shard 3  # the 4th file (by name) of another dump
-    python data/fineweb/prepare.py --subset sample-10BT --shards 0-4 --keep_parquet False
-    python data/fineweb/prepare.py --repo HuggingFaceFW/fineweb-edu --subset sample-10BT
-    python data/fineweb/prepare.py --input shard.parquet             # a file, a glob or a folder of .parquet files
-    python data/fineweb/prepare.py --hf_dataset roneneldan/TinyStories --max_tokens 100000000
-    python data/fineweb/prepare.py --adopt ../nanoGPT/data/openwebtext  # bins from another tool: write meta.json
+    python data/fineweb/prepare.py                        # FineWeb, dump CC-MAIN-2013-20, its first file
+    python data/fineweb/prepare.py --input shard.parquet  # a file, a glob or a folder of .parquet files
     python data/fineweb/prepare.py --pretokenized kjj0/fineweb10B-gpt2 --shards 1-8  # llm.c shards (pretokenized.py)
 
-Shards are found by listing the Hub folder (data/<dump> or sample/<size>) and sorting the names, so
---shard N is the N-th file; the listing is cached under HF_HOME, so the same command works offline later.
-Shard k+1 downloads while shard k is tokenized; --keep_parquet False deletes each one once tokenized.
-(Finding, checking and downloading the inputs is sources.py, beside this file.)
-
-How it runs: row groups (or batches of 1024 streamed documents) are tokenized and split by --workers
-processes and written in input order by this process, at most 2 * workers batches in flight, so memory
-does not grow with the input. Everything is written into out_dir/prepare.work/ with a manifest updated
-after each finished source, so a killed run continues from the source it was in and produces the same
-bytes. The dataset already in out_dir stays untouched until the end: then the bins are re-read and checked
-and renamed over the old ones (a reader holding an old file open keeps reading it), meta.json last: bins
-without a matching meta.json are not a finished run. A failed, refused or interrupted run (Ctrl-C: exit
-130; a tokenizer worker that dies: exit 1) says in one line what it kept. Running again on the same inputs
-and settings does nothing (--force redoes it). A lock on out_dir refuses a second run into the same folder.
-
-Validation split, by whole documents: document i of a source (0-based within its file or stream) goes to
-val iff val_scores(seed, i) < threshold, a hash of (seed, i) alone, so the split does not depend on
---workers, row-group sizes or the other sources, and a multi-source run is the concatenation of
-single-source runs. threshold is --val_fraction, or, with --val_tokens, the smallest one whose documents
-reach that many tokens (by FineWeb's token_count column). If no document qualifies, the last document of
-the last source goes to val, so val is never empty.
-
-Null texts are skipped and counted (reported, and in meta.json): one bad row should not sink a run over
-a 2 GB shard. They keep their index, so the other documents' split does not change. A `text` column
-that is not strings is refused.
+Row groups (or batches of streamed documents) go to --workers tokenizer processes and come back in input
+order; the bins grow in out_dir/prepare.work/ with a manifest rewritten after each source, so a killed run
+continues from the source it was in; at the end they are checked and renamed over the dataset in out_dir,
+meta.json last. docs/data.md describes every option and behaviour.
 """
 import argparse
 import json
-import multiprocessing as mp
-from multiprocessing import resource_tracker
 import os
+import pickle
+import queue
 import shutil
 import signal
+import subprocess
 import sys
+import threading
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures import TimeoutError as NotYet  # the builtin TimeoutError from Python 3.11 on
-from concurrent.futures.process import BrokenProcessPool
 from functools import lru_cache
 from pathlib import Path
 
@@ -59,11 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# kit/tokenizer.py lives at the repo root, which is not on the path when this file runs as a script
-# (sources.py, beside this file, is: a script's own folder comes first)
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+# the repo root is not on the path when this file runs as a script (sources.py, beside it, is)
+HERE = Path(__file__).resolve().parent
+if str(HERE.parents[1]) not in sys.path:
+    sys.path.insert(0, str(HERE.parents[1]))
 import pretokenized  # noqa: E402
 from kit.atomic import FolderInUse, atomic_write, check_writable, lock_folder, unlock_folder  # noqa: E402
 from configurator import STOP_SIGNALS, fail, first_line, handle_signals  # noqa: E402
@@ -71,22 +42,25 @@ from sources import (DEFAULT_DUMP, HF_REPO, Prefetch, PrepareError, dataset_sour
                      delete_downloaded, describe_parquet, hub_sources, is_downloaded, local_source,
                      resolve_inputs, stream_batches)
 from kit.tokenizer import (ENCODING_NAME, EOT_PLACEMENT, EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE,  # noqa: E402
-                       TokenizerUnavailable, encode_documents_flat, get_encoding, max_token_id, read_dataset_meta)
+                           TokenizerUnavailable, encode_documents_flat, get_encoding, max_token_id,
+                           read_dataset_meta)
 
-DEFAULT_OUT_DIR = Path(__file__).resolve().parent  # data/fineweb/, whatever the working directory
+DEFAULT_OUT_DIR = HERE  # data/fineweb/, whatever the working directory
 SPLITS = ("train", "val")
 TOKEN_BYTES = np.dtype(TOKEN_DTYPE).itemsize
-LOCK_NAME = "prepare.lock"
-WORK_NAME = "prepare.work"  # the unfinished run: bins so far and manifest.json
-# the free-space check's estimate: bins of about the parquet's size (0.97x on en_docs, ~0.7x on FineWeb shards)
-BIN_BYTES_PER_PARQUET_BYTE = 1.0
+LOCK_NAME, WORK_NAME = "prepare.lock", "prepare.work"  # the work folder: the unfinished run's bins and manifest
+BIN_BYTES_PER_PARQUET_BYTE = 1.0  # the free-space estimate (docs/data.md: bins about the parquet's size)
+COUNTS = ("rows", "null_texts", "token_count", "train_documents", "train_text_tokens", "val_documents",
+          "val_text_tokens")  # per batch, per source (the manifest) and per run; text tokens: without the EOTs
 VAL_RULE = ("document i of each source (0-based within its file or stream; skipped null texts keep their index) "
             "goes to val iff (splitmix64(splitmix64(seed) ^ i) >> 11) / 2**53 < threshold; if none does, the last "
             "document of the last source goes to val (see prepare.val_scores)")
+PAUSE_AT = os.environ.get("FINEWEB_GPT_TEST_PAUSE_AT", "")  # for the tests: see pause_at
 
 
 # -----------------------------------------------------------------------------
-# the validation split
+# the validation split: a hash of (seed, document index within its source), so it does not depend on
+# --workers, row-group sizes or the other sources
 
 def splitmix64(x):
     """The splitmix64 mixer on a uint64 array (numpy wraps uint64 arithmetic, as the algorithm needs)."""
@@ -98,8 +72,7 @@ def splitmix64(x):
 
 def val_scores(seed, doc_indices):
     """A score in [0, 1) per document that depends only on (seed, document index in its source)."""
-    key = splitmix64(np.array([seed], dtype=np.uint64))
-    mixed = splitmix64(np.asarray(doc_indices, dtype=np.uint64) ^ key)
+    mixed = splitmix64(np.asarray(doc_indices, dtype=np.uint64) ^ splitmix64(np.array([seed], dtype=np.uint64)))
     return (mixed >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
@@ -130,187 +103,184 @@ def no_document_qualifies(documents_per_source, seed, threshold):
 
 
 # -----------------------------------------------------------------------------
-# tokenizing, in worker processes
+# tokenizing: a task is a parquet row group or a batch of streamed documents
 
 @lru_cache(maxsize=4)
 def open_parquet(path):
     return pq.ParquetFile(path)  # kept open per worker: a big shard's footer is worth parsing once
 
 
-def to_uint16(ids):
-    """The ids as uint16, checked first: a cast would wrap an id >= 2**16 silently."""
-    if ids.size and ids.max() >= VOCAB_SIZE:
-        raise PrepareError(f"token id {ids.max()} >= vocab size {VOCAB_SIZE} ({2**16} fits uint16): tokenizer bug")
-    return ids.astype(TOKEN_DTYPE)
-
-
-def read_task_texts(task):
-    """A task's texts (a parquet row group, or a batch from a stream) and FineWeb's token_count summed
-    over the non-null ones (None without that column)."""
-    if "texts" in task:
-        return task["texts"], None
-    columns = ["text", "token_count"] if task["has_token_count"] else ["text"]
-    try:
-        table = open_parquet(task["path"]).read_row_group(task["row_group"], columns=columns)
-    except (pa.ArrowException, OSError) as e:
-        raise PrepareError(f"{task['path']}: cannot read row group {task['row_group']} ({first_line(e)})")
-    texts = table.column("text").to_pylist()
-    if not task["has_token_count"]:
-        return texts, None
-    counts = table.column("token_count").to_pylist()
-    return texts, sum(count or 0 for count, text in zip(counts, texts) if text is not None)
-
-
 def tokenize_task(task):
-    """One batch of documents in; their tokens out, already split into train and val."""
-    texts, token_count = read_task_texts(task)
+    """One batch of documents in; their tokens out, already split into train and val, with their COUNTS.
+    Null texts are skipped and counted, keeping their index: one bad row should not sink a 2 GB shard."""
+    pause_at("tokenizing")
+    texts, token_count = task.get("texts"), None
+    if texts is None:
+        try:
+            table = open_parquet(task["path"]).read_row_group(task["row_group"], columns=task["columns"])
+        except (pa.ArrowException, OSError) as e:
+            raise PrepareError(f"{task['path']}: cannot read row group {task['row_group']} ({first_line(e)})")
+        texts = table.column("text").to_pylist()
+        if "token_count" in task["columns"]:
+            counts = table.column("token_count").to_pylist()
+            token_count = sum(n or 0 for n, text in zip(counts, texts) if text is not None)
     doc_index = task["first_doc"] + np.arange(len(texts))
     is_val = (val_scores(task["seed"], doc_index) < task["threshold"]) | (doc_index == task["forced_val_doc"])
-    split_texts = {"train": [], "val": []}
-    for text, to_val in zip(texts, is_val):
-        if text is not None:
-            split_texts["val" if to_val else "train"].append(text)
     result = {"rows": len(texts), "null_texts": texts.count(None), "token_count": token_count}
-    for split, texts_of_split in split_texts.items():
-        result[split] = to_uint16(encode_documents_flat(get_encoding(), texts_of_split))
-        result[f"{split}_documents"] = len(texts_of_split)
-        result[f"{split}_text_tokens"] = len(result[split]) - len(texts_of_split)  # without the EOTs
+    for split, to_val in (("train", False), ("val", True)):
+        kept = [text for text, v in zip(texts, is_val) if v == to_val and text is not None]
+        ids = encode_documents_flat(get_encoding(), kept)
+        if ids.size and ids.max() >= VOCAB_SIZE:  # the one check of the ids: the uint16 cast would wrap them
+            raise PrepareError(f"token id {ids.max()} >= vocab size {VOCAB_SIZE}: tokenizer bug")
+        result[split] = ids.astype(TOKEN_DTYPE)
+        result[f"{split}_documents"], result[f"{split}_text_tokens"] = len(kept), len(ids) - len(kept)
     return result
 
 
-def tokenize_in_order(tasks, pool, workers):
-    """Each task's result in input order, `workers` processes tokenizing ahead of the writer.
+def source_tasks(source, path, manifest, args, is_last):
+    """One source's tasks, and whether its last document goes to val because the rule sends no document of
+    the whole run there (decided with the last parquet source, when every length is known)."""
+    common = {"seed": args.seed, "threshold": manifest["threshold"], "forced_val_doc": -1}
+    if source.get("stream"):
+        return (dict(common, texts=texts, first_doc=first) for first, texts in stream_batches(args)), False
+    described = describe_parquet(path, source["name"])
+    rows = [entry["rows"] for entry in manifest["done"]] + [described["documents"]]
+    forced = is_last and no_document_qualifies(rows, args.seed, manifest["threshold"])
+    common.update(path=described["path"], forced_val_doc=rows[-1] - 1 if forced else -1,
+                  columns=["text", "token_count"] if described["has_token_count"] else ["text"])
+    starts = np.cumsum([0] + described["row_group_rows"][:-1])
+    return (dict(common, row_group=k, first_doc=int(start)) for k, start in enumerate(starts)), forced
 
-    At most 2 * workers tasks are in flight, so memory stays bounded however long the input is."""
-    if pool is None:  # one worker: no pool, one core gains nothing from it and tests run faster in-process
-        yield from map(tokenize_task, tasks)
+
+class WorkerDied(Exception):
+    pass
+
+
+class Workers:
+    """--workers tokenizer processes running serve(), fed in turn with at most two tasks each and read back
+    in input order, so memory stays bounded however long the input is. One pickled message after its length
+    on plain pipes, not multiprocessing: a worker that dies shows at once as a closed pipe, even halfway
+    through a message, and there is no resource tracker to outlive us or report semaphores."""
+
+    def __init__(self, count):
+        code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import prepare; prepare.serve({os.getpid()})"
+        # a session of their own: Ctrl-C and a closed terminal reach this process alone, which stops them
+        self.procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       start_new_session=True) for _ in range(count)]
+
+    def tokenize_in_order(self, tasks):
+        in_flight = deque()
+        try:
+            for k, task in enumerate(tasks):
+                in_flight.append(self.procs[k % len(self.procs)])
+                send(in_flight[-1].stdin.fileno(), task)
+                if len(in_flight) == 2 * len(self.procs):
+                    yield receive(in_flight.popleft().stdout)
+            while in_flight:
+                yield receive(in_flight.popleft().stdout)
+        except (BrokenPipeError, EOFError):
+            raise WorkerDied from None
+
+    def stop(self):
+        for proc in self.procs:  # busy or idle: they hold no files, and nothing they hold is needed any more
+            proc.kill()
+            proc.wait()
+            proc.stdin.close()
+            proc.stdout.close()
+
+
+def send(fd, message):
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(len(data).to_bytes(8, "little") + data)
+    while view:  # os.write, not a buffered file: nothing is left to flush into a closed pipe at exit
+        view = view[os.write(fd, view):]
+
+
+def receive(stream):
+    """The next message of a pipe, raised if it is an exception; EOFError when the writer is gone, even
+    halfway through a message."""
+    size = int.from_bytes(header := stream.read(8), "little")
+    data = stream.read(size) if len(header) == 8 else b""
+    if len(header) < 8 or len(data) < size:
+        raise EOFError
+    if isinstance(message := pickle.loads(data), Exception):  # a worker's PrepareError or TokenizerUnavailable
+        raise message
+    return message
+
+
+def serve(parent):
+    """A tokenizer process: tasks from stdin until it closes, each result (or the error it raised) to
+    stdout. It ends with its parent, however that dies: at once on Linux, where the kernel sends it
+    SIGKILL (PR_SET_PDEATHSIG), elsewhere after its current task, when the closed pipes tell it."""
+    if sys.platform == "linux":
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before that call
         return
-    in_flight = deque()
-    for task in tasks:
-        in_flight.append(pool.submit(tokenize_task, task))
-        if len(in_flight) >= 2 * workers:
-            yield result_of(in_flight.popleft(), pool)
-    while in_flight:
-        yield result_of(in_flight.popleft(), pool)
+    tasks = queue.Queue()
 
-
-def result_of(future, pool):
-    """future.result(), or BrokenProcessPool within a second of a worker's death. The pool says so itself
-    only when its reader thread sees the death; a worker killed while sending its batch leaves that thread
-    waiting for the rest of the batch forever."""
-    while True:
+    def read_ahead():  # the parent never blocks handing over a task while this process blocks sending a result
         try:
-            return future.result(timeout=1)
-        except NotYet:
-            workers = list((pool._processes or {}).values())
-            if any(p.exitcode is not None for p in workers):
-                global POOL_THREAD_STUCK
-                POOL_THREAD_STUCK = True
-                for p in workers:  # the pool is given up: end the others now, whatever they are doing
-                    p.terminate()
-                raise BrokenProcessPool("a worker process died") from None
+            while True:
+                tasks.put(receive(sys.stdin.buffer))
+        except EOFError:
+            tasks.put(None)
 
-
-POOL_THREAD_STUCK = False  # then the process exits without waiting for the pool's thread (see the end)
-
-
-def start_pool(workers):
-    """The tokenizer processes. concurrent.futures, not multiprocessing.Pool: when a worker dies (the
-    out-of-memory killer, a crash) its futures raise BrokenProcessPool at once, where Pool waits forever.
-    spawn: the same on every OS."""
-    if hasattr(signal, "SIGHUP"):  # multiprocessing's resource tracker, a process of its own, would die of a
-        previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # closed terminal: it inherits this instead
+    threading.Thread(target=read_ahead, daemon=True).start()
+    while (task := tasks.get()) is not None:
         try:
-            resource_tracker.ensure_running()
-        finally:
-            signal.signal(signal.SIGHUP, previous)
-    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=ignore_ctrl_c)
+            result = tokenize_task(task)
+        except Exception as e:  # raised again in the parent, which says it in one line
+            result = e
+        try:
+            send(sys.stdout.fileno(), result)
+        except BrokenPipeError:
+            return
 
 
-def ignore_ctrl_c():
-    """In each worker: Ctrl-C, and a closed terminal's SIGHUP, reach the whole process group, and only the
-    main process answers them (it stops the workers and says what was kept), instead of one traceback per
-    worker, or a dead worker reported as the cause. (SIGTERM is how the pool itself ends a worker.)"""
-    for stop in TERMINAL_SIGNALS:
-        signal.signal(stop, signal.SIG_IGN)
-
-
-TERMINAL_SIGNALS = [s for s in STOP_SIGNALS if s != signal.SIGTERM]  # what a terminal sends its process group
-
-
-def stop_like_ctrl_c(signum, frame):
-    """SIGTERM and SIGHUP end the run as Ctrl-C does: one line, the finished sources kept."""
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-def interrupted(error):
-    """The start of the one line and the exit status for a KeyboardInterrupt: Ctrl-C's, or a signal's."""
-    name = error.args[0] if error.args else "SIGINT"
-    return ("interrupted" if name == "SIGINT" else f"interrupted by {name}"), 128 + signal.Signals[name].value
-
-
-def stop_pool(pool):
-    """Drop the queued tasks; each worker finishes the batch it holds (a second or so) and exits. Not
-    terminate(): a worker killed while sending its batch leaves half a message in the result pipe, and the
-    pool's reader thread then waits for the rest forever, so the process never exits."""
-    pool.shutdown(wait=False, cancel_futures=True)
-
-
-def row_group_tasks(described, seed, threshold, forced_val_doc):
-    first_doc = 0
-    for row_group, rows in enumerate(described["row_group_rows"]):
-        yield {"path": described["path"], "row_group": row_group, "first_doc": first_doc, "seed": seed,
-               "threshold": threshold, "forced_val_doc": forced_val_doc,
-               "has_token_count": described["has_token_count"]}
-        first_doc += rows
-
-
-def stream_tasks(args, threshold):
-    first_doc = 0
-    for texts in stream_batches(args):
-        yield {"texts": texts, "first_doc": first_doc, "seed": args.seed, "threshold": threshold, "forced_val_doc": -1}
-        first_doc += len(texts)
+def pause_at(point):
+    """For the tests, off unless FINEWEB_GPT_TEST_PAUSE_AT is "<point>:<file>": the first process to reach
+    the point writes its pid into that new file and waits while the file exists, so that a test acts (a
+    signal, a kill) at that very moment rather than after a sleep that may be too short."""
+    name, _, path = PAUSE_AT.partition(":")
+    try:
+        if name == point:
+            with open(path, "x") as f:
+                f.write(f"{os.getpid()}\n")
+            while os.path.exists(path):
+                time.sleep(0.01)
+    except FileExistsError:  # another process waits there
+        pass
 
 
 # -----------------------------------------------------------------------------
 # writing: the work folder, its manifest, one source after another
 
-def new_counts():
-    counts = {"rows": 0, "null_texts": 0, "token_count": 0}
-    for split in SPLITS:
-        counts.update({f"{split}_documents": 0, f"{split}_text_tokens": 0})
-    return counts
-
-
-def add_counts(total, more):
-    for key in total:  # token_count stays None once one batch had no such column
-        total[key] = None if None in (total[key], more[key]) else total[key] + more[key]
+def summed(entries):
+    """The COUNTS of several batches or sources; token_count stays None once one of them had no such column."""
+    total = dict.fromkeys(COUNTS, 0)
+    for entry in entries:
+        total = {k: None if None in (total[k], entry[k]) else total[k] + entry[k] for k in COUNTS}
+    return total
 
 
 def split_tokens(counts, split):
     return counts[f"{split}_text_tokens"] + counts[f"{split}_documents"]  # one EOT per document
 
 
-def append_tokens(file, tokens):
-    file.write(tokens.data)
-
-
 def open_work(work_dir, request, force):
     """The manifest of the unfinished run in work_dir if it was for this very request (then its bins are
     cut back to what the manifest counts: a killed run may have written past it), else a fresh one."""
-    manifest_path = work_dir / "manifest.json"
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads((work_dir / "manifest.json").read_text())
         sizes = {split: (work_dir / f"{split}.bin").stat().st_size for split in SPLITS}
     except (OSError, ValueError):
         manifest = None
     if manifest and not force and manifest.get("request") == request:
-        done = new_counts()
-        for entry in manifest["done"]:
-            add_counts(done, entry)
-        if all(sizes[split] >= split_tokens(done, split) * TOKEN_BYTES for split in SPLITS):
+        done = {split: split_tokens(summed(manifest["done"]), split) * TOKEN_BYTES for split in SPLITS}
+        if all(sizes[split] >= done[split] for split in SPLITS):
             for split in SPLITS:
-                os.truncate(work_dir / f"{split}.bin", split_tokens(done, split) * TOKEN_BYTES)
+                os.truncate(work_dir / f"{split}.bin", done[split])
             if manifest["done"]:
                 print(f"continuing an unfinished run: {len(manifest['done'])} of {len(request['sources'])} "
                       f"source(s) already done ({work_dir})")
@@ -322,7 +292,7 @@ def open_work(work_dir, request, force):
     for split in SPLITS:
         (work_dir / f"{split}.bin").touch()
     manifest = {"request": request, "done": [], "threshold": None, "forced_last_doc": False}
-    write_json_atomically(manifest_path, manifest)
+    write_json_atomically(work_dir / "manifest.json", manifest)
     return manifest
 
 
@@ -330,85 +300,61 @@ def tokenize_sources(sources, manifest, work_dir, args):
     """Tokenize the sources the manifest does not list as done, appending to the work bins. The manifest
     is rewritten after each source (bins fsynced first), so a killed run continues with the source it was in."""
     from tqdm import tqdm
-    first, total = len(manifest["done"]), new_counts()
-    for entry in manifest["done"]:
-        add_counts(total, entry)
-    tokens_before = sum(split_tokens(total, split) for split in SPLITS)  # a continued run's speed counts its own
+    tqdm.set_lock(threading.RLock())  # not its multiprocessing lock, which can start the resource tracker
+    first = len(manifest["done"])
+    tokens = tokens_before = sum(split_tokens(summed(manifest["done"]), split) for split in SPLITS)
     prefetch = Prefetch(sources[first])
     prefetch.wait()  # the first download in the foreground, with huggingface_hub's own progress bar
     if any(source.get("remote") for source in sources):
         from huggingface_hub.utils import disable_progress_bars
         disable_progress_bars()  # later downloads run behind our bar, which shows their state
-    pool = start_pool(args.workers) if args.workers > 1 else None
+    workers = Workers(args.workers) if args.workers > 1 else None  # one core gains nothing from a process
     try:
         with open(work_dir / "train.bin", "ab") as train_file, open(work_dir / "val.bin", "ab") as val_file, \
                 tqdm(unit="doc", unit_scale=True, disable=None, smoothing=0.1) as bar:
             files, started = {"train": train_file, "val": val_file}, time.time()
-
-            def report(rows, tokens):  # on the bar: speed, which source, whether the next shard has arrived
-                status = f"{(tokens - tokens_before) / max(time.time() - started, 1e-9) / 1e6:.2f}M tok/s"
-                status += f", source {k + 1}/{len(sources)}" if len(sources) > 1 else ""
-                if prefetch is not None and prefetch.thread is not None:
-                    status += ", next shard: " + ("downloaded" if prefetch.done() else "downloading")
-                bar.update(rows)
-                bar.set_postfix_str(status, refresh=False)
-
             for k in range(first, len(sources)):
                 path, source = prefetch.wait(), sources[k]
                 prefetch = Prefetch(sources[k + 1]) if k + 1 < len(sources) else None
                 tasks, manifest["forced_last_doc"] = source_tasks(source, path, manifest, args, k == len(sources) - 1)
-                tokens_so_far = sum(split_tokens(total, split) for split in SPLITS)
-                counts, reached_max = write_tasks(tasks, files, pool, args, tokens_so_far, report)
+                counts = summed([])
+                for result in workers.tokenize_in_order(tasks) if workers else map(tokenize_task, tasks):
+                    for split in SPLITS:
+                        files[split].write(result[split].data)
+                    counts = summed([counts, result])
+                    tokens += sum(split_tokens(result, split) for split in SPLITS)
+                    status = [f"{(tokens - tokens_before) / max(time.time() - started, 1e-9) / 1e6:.2f}M tok/s"]
+                    status += [f"source {k + 1}/{len(sources)}"] if len(sources) > 1 else []
+                    if prefetch is not None and prefetch.is_download:
+                        status.append("next shard: " + ("downloading" if prefetch.is_alive() else "downloaded"))
+                    bar.update(result["rows"])
+                    bar.set_postfix_str(", ".join(status), refresh=False)
+                    pause_at("batch_written")
+                    if args.max_tokens and tokens >= args.max_tokens:
+                        break
                 for file in files.values():
                     file.flush()
                     os.fsync(file.fileno())  # the manifest must not count data still only in the page cache
+                reached_max = bool(args.max_tokens) and tokens >= args.max_tokens
                 manifest["done"].append({"name": source["name"], **counts})
                 manifest["complete"] = reached_max or k == len(sources) - 1  # in the same write: no gap to fall into
-                add_counts(total, counts)
                 write_json_atomically(work_dir / "manifest.json", manifest)
                 if source.get("remote") and not args.keep_parquet:
                     delete_downloaded(path)
+                pause_at("source_done")
                 if reached_max:
                     break
     finally:
-        if pool is not None:
-            stop_pool(pool)
-
-
-def source_tasks(source, path, manifest, args, is_last):
-    """One source's tokenizer tasks, and whether its last document is sent to val because the rule sends
-    no document of the whole run there (decided with the last parquet source, when every length is known)."""
-    threshold = manifest["threshold"]
-    if source.get("stream"):
-        return stream_tasks(args, threshold), False
-    described = describe_parquet(path, source["name"])
-    rows = [entry["rows"] for entry in manifest["done"]] + [described["documents"]]
-    forced = is_last and no_document_qualifies(rows, args.seed, threshold)
-    return row_group_tasks(described, args.seed, threshold, rows[-1] - 1 if forced else -1), forced
-
-
-def write_tasks(tasks, files, pool, args, tokens_so_far, report):
-    """Append the tasks' tokens to the bins, in order; stop after the task that reaches --max_tokens.
-    Returns the counts and whether --max_tokens was reached."""
-    counts = new_counts()
-    for result in tokenize_in_order(tasks, pool, args.workers):
-        for split in SPLITS:
-            append_tokens(files[split], result[split])
-        add_counts(counts, result)
-        tokens = tokens_so_far + sum(split_tokens(counts, split) for split in SPLITS)
-        report(result["rows"], tokens)
-        if args.max_tokens and tokens >= args.max_tokens:
-            return counts, True
-    return counts, False
+        if workers:
+            workers.stop()
 
 
 # -----------------------------------------------------------------------------
 # checking and publishing
 
 def verify_split_file(path, documents, tokens):
-    """Re-read a written bin: its size, exactly one EOT per document (encode_ordinary never emits EOT),
-    every id below the vocabulary. Returns its largest id, which meta.json records so that train.py
-    need not read the whole file again."""
+    """Re-read a written bin: its size and exactly one EOT per document, each first (encode_ordinary never
+    emits EOT). Returns its largest id, which meta.json records so that train.py need not read it again."""
     if path.stat().st_size != tokens * TOKEN_BYTES:
         raise PrepareError(f"verification failed: {path} holds {path.stat().st_size} bytes, expected {tokens} tokens")
     eots, first, largest = 0, None, -1
@@ -419,8 +365,6 @@ def verify_split_file(path, documents, tokens):
             largest = max(largest, int(ids.max()))
     if eots != documents or (documents and first != EOT_TOKEN):
         raise PrepareError(f"verification failed: {path} holds {eots} EOT tokens for {documents} documents")
-    if largest >= VOCAB_SIZE:
-        raise PrepareError(f"verification failed: {path} holds token id {largest} >= vocab size {VOCAB_SIZE}")
     return largest
 
 
@@ -440,13 +384,10 @@ def check_both_splits_filled(total, names):
 
 def publish(out_dir, work_dir, manifest, sources, args, seconds):
     """Check the finished work bins, then move them into out_dir; until then the dataset already there is
-    untouched. Each file is renamed over the old one (os.replace, never delete-then-write), so a reader
-    holding an old bin open (a running train.py's memmap) keeps reading the old bytes. The old meta.json
-    goes first and the new one comes last: in between a reader finds bins without meta.json and refuses
-    them, and it never pairs new bins with an old meta.json."""
-    total = new_counts()
-    for entry in manifest["done"]:
-        add_counts(total, entry)
+    untouched. Each file is renamed over the old one (never delete-then-write), so a reader holding an old
+    bin open (a running train.py's memmap) keeps reading the old bytes. The old meta.json goes first and the
+    new one comes last: in between a reader finds bins without meta.json and refuses them."""
+    total = summed(manifest["done"])
     try:
         check_both_splits_filled(total, ", ".join(source["name"] for source in sources))
     except PrepareError:
@@ -454,36 +395,26 @@ def publish(out_dir, work_dir, manifest, sources, args, seconds):
         raise
     splits = {split: {"documents": total[f"{split}_documents"], "tokens": split_tokens(total, split),
                       "file": f"{split}.bin"} for split in SPLITS}
-    for split in SPLITS:
-        splits[split]["max_token_id"] = verify_split_file(work_dir / f"{split}.bin", splits[split]["documents"],
-                                                          splits[split]["tokens"])
-    meta = make_meta(sources, manifest, splits, total, args, seconds)
+    for info in splits.values():
+        info["max_token_id"] = verify_split_file(work_dir / info["file"], info["documents"], info["tokens"])
+    recorded = ("name", "path", "size", "mtime", "blob_id", "data_files")
+    text_tokens = total["train_text_tokens"] + total["val_text_tokens"]
+    meta = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
+            "eot_placement": EOT_PLACEMENT, "dtype": np.dtype(TOKEN_DTYPE).name, "splits": splits,
+            "sources": [{**{k: v for k, v in source.items() if k in recorded}, "documents": entry["rows"]}
+                        for source, entry in zip(sources, manifest["done"])],
+            "val_split": {"rule": VAL_RULE, **val_request(args), "threshold": manifest["threshold"],
+                          "forced_last_doc": manifest["forced_last_doc"]},
+            "null_texts_skipped": total["null_texts"],
+            "token_count_diff": None if total["token_count"] is None else text_tokens - total["token_count"],
+            "workers": args.workers, "seconds": round(seconds, 2), **({"max_tokens": args.max_tokens}
+                                                                       if args.max_tokens else {})}
     write_json_atomically(work_dir / "meta.json", meta)  # before any move: a full disk fails here, work intact
     (out_dir / "meta.json").unlink(missing_ok=True)
     for split in SPLITS:
         os.replace(work_dir / f"{split}.bin", out_dir / f"{split}.bin")
     os.replace(work_dir / "meta.json", out_dir / "meta.json")
     shutil.rmtree(work_dir, ignore_errors=True)  # published: a leftover manifest is harmless
-    return meta
-
-
-def make_meta(sources, manifest, splits, total, args, seconds):
-    text_tokens = total["train_text_tokens"] + total["val_text_tokens"]
-    recorded = ("name", "path", "size", "mtime", "blob_id", "data_files")
-    described = [{**{k: v for k, v in source.items() if k in recorded}, "documents": entry["rows"]}
-                 for source, entry in zip(sources, manifest["done"])]
-    request = manifest["request"]
-    val_request = {k: request[k] for k in ("seed", "val_fraction", "val_tokens") if k in request}
-    meta = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
-            "eot_placement": EOT_PLACEMENT, "dtype": np.dtype(TOKEN_DTYPE).name, "splits": splits,
-            "sources": described,
-            "val_split": {"rule": VAL_RULE, **val_request, "threshold": manifest["threshold"],
-                          "forced_last_doc": manifest["forced_last_doc"]},
-            "null_texts_skipped": total["null_texts"],
-            "token_count_diff": None if total["token_count"] is None else text_tokens - total["token_count"],
-            "workers": args.workers, "seconds": round(seconds, 2)}
-    if args.max_tokens:
-        meta["max_tokens"] = args.max_tokens
     return meta
 
 
@@ -495,51 +426,53 @@ def write_json_atomically(path, data):
 # -----------------------------------------------------------------------------
 # before any work: the output folder, its lock, the free space
 
-def check_out_dir_writable(out_dir):
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PrepareError(f"{out_dir}: not a folder; --out_dir names the folder for train.bin, val.bin and meta.json")
+def resolve_folder(path):
+    """The output folder (--out_dir, or --adopt's), resolved and proven writable."""
     try:
-        check_writable(out_dir)
-    except OSError as e:
-        raise PrepareError(f"{out_dir}: the output folder is not writable ({e.strerror or e})")
+        path = path.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop: RuntimeError before Python 3.13
+        raise PrepareError(f"{path}: cannot resolve the folder ({first_line(e)})")
+    if path.exists() and not path.is_dir():
+        raise PrepareError(f"{path}: not a folder; --out_dir names the folder for train.bin, val.bin and meta.json")
+    try:
+        check_writable(path)
+    except OSError as e:  # also a disk without room for one byte
+        raise PrepareError(f"{path}: the output folder is not writable ({e.strerror or e})")
+    return path
 
 
 def lock_out_dir(out_dir):
-    """Hold out_dir/prepare.lock (atomic.lock_folder, released by the kernel even on SIGKILL) while this run
-    writes: a second prepare.py into the same folder is refused instead of deleting this run's files."""
+    """Hold out_dir/prepare.lock (released by the kernel even on SIGKILL) while this run writes: a second
+    prepare.py into the same folder is refused instead of deleting this run's files."""
     try:
         return lock_folder(out_dir, LOCK_NAME)
     except FolderInUse as e:
         raise PrepareError(f"{out_dir}: another prepare.py ({e.holder}) is writing to this folder; wait for it "
                            f"to finish or choose another --out_dir") from None
+    except OSError as e:  # the disk filled up since resolve_folder
+        raise PrepareError(f"{out_dir}: cannot write {LOCK_NAME} ({e.strerror or e})") from None
 
 
-def existing_parent(path):
-    while not path.exists():
-        path = path.parent
-    return path
-
-
-def check_free_space(out_dir, sources, first_todo, keep_parquet):
-    """Refuse before any work when the bins, and the shards still to download, will not fit on their disks."""
-    todo = sources[first_todo:]
-    if any(source["size"] is None for source in todo):
+def check_free_space(out_dir, sources, keep_parquet):
+    """Refuse before any work when the bins, and the shards still to download, will not fit on their disks.
+    A dataset already in out_dir stays until the new one is published: both need room."""
+    if any(source["size"] is None for source in sources):
         return  # a stream: its size is unknown until it is read
-    needs = [(out_dir, "train.bin/val.bin", sum(source["size"] for source in todo) * BIN_BYTES_PER_PARQUET_BYTE)]
-    downloads = [source["size"] for source in todo if source.get("remote") and not is_downloaded(source)]
+    needs = [(out_dir, "train.bin/val.bin", sum(source["size"] for source in sources) * BIN_BYTES_PER_PARQUET_BYTE)]
+    downloads = [source["size"] for source in sources if source.get("remote") and not is_downloaded(source)]
     if downloads:
         from huggingface_hub import constants
         needs.append((Path(constants.HF_HUB_CACHE), "the parquet downloads",
                       sum(downloads) if keep_parquet else sum(sorted(downloads)[-2:])))  # without: two at a time
-    by_disk = {}  # the bins already in out_dir stay until the new ones are published: both need room
+    by_disk = {}
     for folder, what, size in needs:
-        folder = existing_parent(folder)
+        while not folder.exists():
+            folder = folder.parent
         disk = by_disk.setdefault(folder.stat().st_dev, {"folder": folder, "what": [], "bytes": 0})
         disk["what"].append(what)
         disk["bytes"] += size
     for disk in by_disk.values():
-        free = shutil.disk_usage(disk["folder"]).free
-        if disk["bytes"] > free:
+        if disk["bytes"] > (free := shutil.disk_usage(disk["folder"]).free):
             hint = "; --keep_parquet False keeps two shards at a time" if downloads and keep_parquet else ""
             raise PrepareError(f"{disk['folder']}: {' and '.join(disk['what'])} need about "
                                f"{disk['bytes'] / 1e9:.1f} GB and its disk has {free / 1e9:.1f} GB free; "
@@ -565,28 +498,29 @@ def parse_args(argv):
         return text.lower() in ("true", "1", "yes")
 
     parser = OneLineErrors(description="FineWeb parquet -> train.bin, val.bin (uint16 GPT-2 tokens), meta.json")
-    parser.add_argument("--input", nargs="+", metavar="PATH",
+    source = parser.add_mutually_exclusive_group()  # where the documents come from: one of these
+    source.add_argument("--input", nargs="+", metavar="PATH",
                         help="local parquet: a file, a glob or a folder (several: processed in order into one pair)")
+    source.add_argument("--dump", help=f"a dump of --repo, i.e. its folder data/<dump> (default {DEFAULT_DUMP})")
+    source.add_argument("--subset", help="a sample folder of --repo instead, e.g. sample-10BT (sample/10BT)")
+    source.add_argument("--hf_dataset", metavar="NAME", help="any Hugging Face text dataset, streamed by `datasets`")
+    source.add_argument("--adopt", type=Path, metavar="DIR",
+                        help="train.bin/val.bin written by another tool: check them and write their meta.json")
     parser.add_argument("--repo", default=HF_REPO, help=f"Hub dataset to download from (default {HF_REPO})")
-    parser.add_argument("--dump", help=f"a dump of --repo, i.e. its folder data/<dump> (default {DEFAULT_DUMP})")
-    parser.add_argument("--subset", help="a sample folder of --repo instead, e.g. sample-10BT (sample/10BT)")
-    parser.add_argument("--shard", type=int, help="the N-th file of the folder, sorted by name (default 0)")
-    parser.add_argument("--shards", type=shard_range, metavar="A-B", help="files A to B of the folder, inclusive")
+    shards = parser.add_mutually_exclusive_group()
+    shards.add_argument("--shard", type=int, help="the N-th file of the folder, sorted by name (default 0)")
+    shards.add_argument("--shards", type=shard_range, metavar="A-B", help="files A to B of the folder, inclusive")
     parser.add_argument("--keep_parquet", type=yes_no, default=True, metavar="True|False",
                         help="keep downloaded shards in the Hugging Face cache (False: delete each once tokenized)")
-    parser.add_argument("--hf_dataset", metavar="NAME", help="any Hugging Face text dataset, streamed by `datasets`")
     parser.add_argument("--hf_config", help="its configuration (datasets' `name`)")
     parser.add_argument("--hf_split", default="train", help="its split to read (default train)")
     parser.add_argument("--hf_data_files", nargs="+", metavar="PATH", help="data_files passed to datasets.load_dataset")
     parser.add_argument("--text_column", default="text", help="the column holding the text (default text)")
     parser.add_argument("--max_tokens", type=int, help="stop after the batch that reaches this many tokens")
-    parser.add_argument("--adopt", type=Path, metavar="DIR",
-                        help="train.bin/val.bin written by another tool: check them and write their meta.json")
     parser.add_argument("--pretokenized", metavar="REPO|DIR", help="llm.c token shards, e.g. kjj0/fineweb10B-gpt2: "
                         "the val shard and train shards --shards A-B (default 1), no tokenizing (pretokenized.py)")
     parser.add_argument("--to_llmc", type=Path, metavar="DIR", help="write the dataset in --out_dir as llm.c shards")
-    parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT_DIR,
-                        help="where the bins go (default: this folder)")
+    parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT_DIR, help="where the bins go (default: here)")
     val_size = parser.add_mutually_exclusive_group()
     val_size.add_argument("--val_fraction", type=float, help="expected fraction of documents in val (default 0.005)")
     val_size.add_argument("--val_tokens", type=int, help="val size in tokens instead (needs FineWeb's token_count)")
@@ -598,47 +532,28 @@ def parse_args(argv):
     if args.pretokenized or args.to_llmc:
         pretokenized.check_args(args, parser.error)
         return args
-    hub_options = [f"--{k}" for k in ("dump", "subset", "shard", "shards") if getattr(args, k) is not None]
-    hub_options += ["--repo"] if args.repo != HF_REPO else []
-    chosen = [name for name, given in (("--input", args.input), (" ".join(hub_options), hub_options),
-                                       ("--hf_dataset", args.hf_dataset), ("--adopt", args.adopt)) if given]
-    if len(chosen) > 1:
-        parser.error(f"{' and '.join(chosen)} are alternatives: give one")
-    if args.dump is not None and args.subset is not None:
-        parser.error("--dump and --subset are alternatives: a dump's files or a sample's")
-    if args.shard is not None and args.shards is not None:
-        parser.error("--shard and --shards are alternatives: give one")
-    if args.hf_dataset is None and (args.hf_config or args.hf_data_files or args.hf_split != "train"
-                                    or args.text_column != "text"):
-        parser.error("--hf_config, --hf_split, --hf_data_files and --text_column go with --hf_dataset")
-    if args.hf_dataset and args.val_tokens is not None:
-        parser.error("--val_tokens needs FineWeb's token_count column, which a stream does not give; "
-                     "use --val_fraction")
-    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
-        parser.error(f"--val_fraction {args.val_fraction}: must be between 0 and 1 (exclusive)")
-    if args.val_tokens is not None and args.val_tokens < 1:
-        parser.error(f"--val_tokens {args.val_tokens}: must be at least 1")
-    if args.max_tokens is not None and args.max_tokens < 1:
-        parser.error(f"--max_tokens {args.max_tokens}: must be at least 1")
-    if not 0 <= args.seed < 2**64:
-        parser.error(f"--seed {args.seed}: must be between 0 and 2**64 - 1")
-    if args.workers < 1:
-        parser.error(f"--workers {args.workers}: must be at least 1")
-    if args.shard is not None and args.shard < 0:
-        parser.error(f"--shard {args.shard}: must be 0 or more")
+    hub_only = [f"--{k}" for k in ("shard", "shards") if getattr(args, k) is not None]
+    hub_only += ["--repo"] if args.repo != HF_REPO else []
+    other = next((f"--{k}" for k in ("input", "hf_dataset", "adopt") if getattr(args, k)), None)
+    hf_only = args.hf_config or args.hf_data_files or args.hf_split != "train" or args.text_column != "text"
+    for problem, message in [
+            (hub_only and other, f"{' '.join(hub_only)} and {other} are alternatives: give one"),
+            (hf_only and not args.hf_dataset,
+             "--hf_config, --hf_split, --hf_data_files and --text_column go with --hf_dataset"),
+            (args.hf_dataset and args.val_tokens is not None,
+             "--val_tokens needs FineWeb's token_count column, which a stream does not give; use --val_fraction"),
+            (args.val_fraction is not None and not 0 < args.val_fraction < 1,
+             f"--val_fraction {args.val_fraction}: must be between 0 and 1 (exclusive)"),
+            (args.val_tokens is not None and args.val_tokens < 1, f"--val_tokens {args.val_tokens}: must be at least 1"),
+            (args.max_tokens is not None and args.max_tokens < 1, f"--max_tokens {args.max_tokens}: must be at least 1"),
+            (not 0 <= args.seed < 2**64, f"--seed {args.seed}: must be between 0 and 2**64 - 1"),
+            (args.workers < 1, f"--workers {args.workers}: must be at least 1"),
+            (args.shard is not None and args.shard < 0, f"--shard {args.shard}: must be 0 or more")]:
+        if problem:
+            parser.error(message)
     if args.val_fraction is None and args.val_tokens is None:
         args.val_fraction = 0.005
     return args
-
-
-def find_sources(args):
-    """What to read, before any work: local files (checked now), Hub shards (listed now, downloaded as
-    they come), or a `datasets` stream."""
-    if args.input:
-        return [local_source(path) for path in resolve_inputs(args.input)]
-    if args.hf_dataset:
-        return [dataset_source(args)]
-    return hub_sources(args)
 
 
 def identity(source):
@@ -647,60 +562,40 @@ def identity(source):
 
 
 def val_request(args):
-    size = {"val_tokens": args.val_tokens} if args.val_tokens else {"val_fraction": args.val_fraction}
-    return {"seed": args.seed, **size}
+    return {"seed": args.seed, **({"val_tokens": args.val_tokens} if args.val_tokens else
+                                  {"val_fraction": args.val_fraction})}
 
 
 def already_done(out_dir, sources, args):
     """meta.json of an earlier run from these very sources and settings, else None (a stream is never the same)."""
     try:
         meta = read_dataset_meta(out_dir)
-        same_sources = [identity(s) for s in meta.get("sources", [])] == [identity(s) for s in sources]
-        same_split = all((meta.get("val_split") or {}).get(k) == v for k, v in val_request(args).items())
+        same = [identity(s) for s in meta.get("sources", [])] == [identity(s) for s in sources] and \
+            all((meta.get("val_split") or {}).get(k) == v for k, v in val_request(args).items())
     except (FileNotFoundError, ValueError, AttributeError, TypeError):  # a hand-edited meta.json is no match
         return None
-    if same_sources and same_split and meta.get("max_tokens") == args.max_tokens and not args.hf_dataset:
-        return meta
-    return None
+    return meta if same and meta.get("max_tokens") == args.max_tokens and not args.hf_dataset else None
 
 
-def resolve_folder(path):
-    try:
-        return path.resolve()
-    except (OSError, RuntimeError) as e:  # a symlink loop: RuntimeError before Python 3.13
-        raise PrepareError(f"{path}: cannot resolve the folder ({first_line(e)})")
-
-
-def prepare(args):
-    out_dir = resolve_folder(args.out_dir)
-    check_out_dir_writable(out_dir)
-    lock = lock_out_dir(out_dir)
-    try:
-        return prepare_locked(args, out_dir)
-    finally:
-        unlock_folder(lock)
-
-
-def prepare_locked(args, out_dir):
+def prepare(args, out_dir):
     t0 = time.time()
-    sources = find_sources(args)
-    for source in sources:
-        if "path" in source:
-            describe_parquet(Path(source["path"]), source["name"])  # a bad local input fails before any work
-    meta = None if args.force else already_done(out_dir, sources, args)
-    if meta:
+    if args.input:  # local files are checked now, Hub shards listed now and downloaded as they come
+        sources = [local_source(path) for path in resolve_inputs(args.input)]
+        for source in sources:
+            describe_parquet(Path(source["path"]), source["name"])  # a bad input fails before any work
+    else:
+        sources = [dataset_source(args)] if args.hf_dataset else hub_sources(args)
+    if meta := None if args.force else already_done(out_dir, sources, args):
         print(f"{out_dir}: train.bin and val.bin already hold these inputs ({meta['splits']['train']['tokens']:,} + "
               f"{meta['splits']['val']['tokens']:,} tokens); nothing to do (--force redoes it)")
         return meta
-
     request = json.loads(json.dumps({"sources": [identity(s) for s in sources], **val_request(args),
                                      "max_tokens": args.max_tokens}))  # as it reads back from the manifest
     work_dir, manifest = out_dir / WORK_NAME, None
     try:
         manifest = open_work(work_dir, request, args.force)
         if not manifest.get("complete"):
-            check_free_space(out_dir, sources, len(manifest["done"]), args.keep_parquet)
-        if not manifest.get("complete"):
+            check_free_space(out_dir, sources[len(manifest["done"]):], args.keep_parquet)
             if manifest["threshold"] is None:
                 manifest["threshold"] = args.val_fraction or threshold_for_val_tokens(
                     [describe_parquet(Prefetch(s).wait(), s["name"]) for s in sources], args.seed, args.val_tokens)
@@ -709,9 +604,9 @@ def prepare_locked(args, out_dir):
         meta = publish(out_dir, work_dir, manifest, sources, args, time.time() - t0)
     except OSError as e:
         raise PrepareError(f"{out_dir}: writing failed ({e.strerror or e}); {give_up(out_dir, work_dir, manifest)}")
-    except (PrepareError, TokenizerUnavailable) as e:  # the latter from the first batch, in whichever process
+    except (PrepareError, TokenizerUnavailable) as e:
         raise PrepareError(f"{e}; {give_up(out_dir, work_dir, manifest)}")
-    except BrokenProcessPool:
+    except WorkerDied:
         fail(f"a tokenizer worker process died (killed, e.g. by the out-of-memory killer, or crashed); "
              f"{give_up(out_dir, work_dir, manifest)}; fewer --workers need less memory", status=1)
     except KeyboardInterrupt as e:
@@ -723,44 +618,33 @@ def prepare_locked(args, out_dir):
 
 def give_up(out_dir, work_dir, manifest):
     """After an error: keep the finished sources for the next run to continue from, or remove the work;
-    and say whether the dataset already in out_dir is untouched (it is while its meta.json is there:
-    publish() removes that first)."""
+    and say whether the dataset in out_dir is untouched (it is while its meta.json is there: publish()
+    removes that first)."""
     if manifest and manifest["done"]:
         outcome = (f"the {len(manifest['done'])} finished source(s) are kept in {work_dir}: the same command "
                    f"continues from there")
     else:
         shutil.rmtree(work_dir, ignore_errors=True)
         outcome = "nothing was published"
-    if (out_dir / "meta.json").exists():
-        outcome += f"; the dataset already in {out_dir} is unchanged"
-    return outcome
+    return outcome + (f"; the dataset already in {out_dir} is unchanged" if (out_dir / "meta.json").exists() else "")
 
 
 def print_summary(meta, out_dir):
-    total_tokens = sum(info["tokens"] for info in meta["splits"].values())
+    total = sum(info["tokens"] for info in meta["splits"].values())
     for split, info in meta["splits"].items():
         print(f"{split:>5}: {info['documents']:>11,} docs {info['tokens']:>15,} tokens "
-              f"({info['tokens'] / total_tokens:7.2%}) -> {out_dir / info['file']}")
+              f"({info['tokens'] / total:7.2%}) -> {out_dir / info['file']}")
     if meta["null_texts_skipped"]:
         print(f"warning: skipped {meta['null_texts_skipped']:,} documents with a null text")
     if meta["token_count_diff"] is not None:
         print(f"tokens written minus FineWeb's token_count column: {meta['token_count_diff']:+,}")
     for source in meta["sources"]:
         if source["name"].startswith("hf-datasets://"):  # a stream: say how much of it was fetched
-            stopped = meta.get("max_tokens") and total_tokens >= meta["max_tokens"]
-            print(f"streamed {source['documents']:,} documents ({total_tokens:,} tokens) from {source['name']}"
+            stopped = meta.get("max_tokens") and total >= meta["max_tokens"]
+            print(f"streamed {source['documents']:,} documents ({total:,} tokens) from {source['name']}"
                   + (f", stopped at --max_tokens {meta['max_tokens']:,}" if stopped else ", all of it"))
-    print(f"done in {meta['seconds']:.1f} s ({total_tokens / max(meta['seconds'], 1e-6) / 1e6:.2f}M tokens/s); "
+    print(f"done in {meta['seconds']:.1f} s ({total / max(meta['seconds'], 1e-6) / 1e6:.2f}M tokens/s); "
           f"meta: {out_dir / 'meta.json'}")
-
-
-# -----------------------------------------------------------------------------
-# bins from another tool
-
-ADOPTED_NOTE = ("train.bin and val.bin were written by another tool; prepare.py --adopt checked that they are "
-                "uint16 ids all below GPT-2's vocabulary. Not known, so not recorded: the document count, the split "
-                "rule, where EOT tokens go, and whether the ids are really GPT-2's (another tokenizer with a "
-                "vocabulary this small would pass)")
 
 
 def adopt(data_dir):
@@ -776,21 +660,33 @@ def adopt(data_dir):
             raise PrepareError(f"{path}: no such file; --adopt needs train.bin and val.bin")
         if not path.is_file():
             raise PrepareError(f"{path}: not a regular file (a pipe, a device, a folder); --adopt needs token files")
-        size = path.stat().st_size
-        if size == 0 or size % TOKEN_BYTES:
+        if (size := path.stat().st_size) == 0 or size % TOKEN_BYTES:
             raise PrepareError(f"{path}: {size} bytes, not a non-empty file of uint16 tokens")
-        largest = max_token_id(path)
-        if largest >= VOCAB_SIZE:
+        if (largest := max_token_id(path)) >= VOCAB_SIZE:
             raise PrepareError(f"{path} holds token id {largest}, not below GPT-2's vocabulary of {VOCAB_SIZE}: "
                                f"not GPT-2 tokens in uint16; cannot adopt it")
         splits[split] = {"documents": None, "tokens": size // TOKEN_BYTES, "file": path.name, "max_token_id": largest}
     meta = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN, "eot_placement": "unknown",
             "dtype": np.dtype(TOKEN_DTYPE).name, "splits": splits, "sources": [], "val_split": None,
-            "adopted": ADOPTED_NOTE}
+            "adopted": "train.bin and val.bin were written by another tool; prepare.py --adopt checked that they "
+                       "are uint16 ids all below GPT-2's vocabulary. Not known, so not recorded: the document count, "
+                       "the split rule, where EOT tokens go, and whether the ids are really GPT-2's (another "
+                       "tokenizer with a vocabulary this small would pass)"}
     write_json_atomically(data_dir / "meta.json", meta)
     print(f"{data_dir / 'meta.json'}: train {splits['train']['tokens']:,} tokens, val {splits['val']['tokens']:,} "
           f"tokens, every id below {VOCAB_SIZE}; not known (not recorded): document count, split rule, EOT placement")
     return meta
+
+
+def stop_like_ctrl_c(signum, frame):
+    """SIGTERM and SIGHUP end the run as Ctrl-C does: one line, the finished sources kept."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def interrupted(error):
+    """The start of the one line and the exit status for a KeyboardInterrupt: Ctrl-C's, or a signal's."""
+    name = error.args[0] if error.args else "SIGINT"
+    return ("interrupted" if name == "SIGINT" else f"interrupted by {name}"), 128 + signal.Signals[name].value
 
 
 def main(argv=None):
@@ -799,15 +695,12 @@ def main(argv=None):
     try:
         if args.pretokenized or args.to_llmc:
             return pretokenized.run(args)
-        if args.adopt:
-            data_dir = resolve_folder(args.adopt)
-            check_out_dir_writable(data_dir)
-            lock = lock_out_dir(data_dir)
-            try:
-                return adopt(data_dir)
-            finally:
-                unlock_folder(lock)
-        return prepare(args)
+        out_dir = resolve_folder(args.adopt or args.out_dir)
+        lock = lock_out_dir(out_dir)
+        try:
+            return adopt(out_dir) if args.adopt else prepare(args, out_dir)
+        finally:
+            unlock_folder(lock)
     except PrepareError as e:
         fail(str(e))
     except KeyboardInterrupt as e:  # before any work (listing, checking the inputs): nothing was written
@@ -819,11 +712,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SystemExit as e:
-        if not POOL_THREAD_STUCK:
-            raise
-        sys.stdout.flush()  # the message is out and every file closed: nothing left that the stuck thread guards
-        sys.stderr.flush()
-        os._exit(e.code if isinstance(e.code, int) else 1)
+    main()

@@ -37,17 +37,14 @@ def resolve_inputs(patterns):
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            found = sorted(path.glob("*.parquet"))
-            if not found:
-                raise PrepareError(f"{path}: the folder holds no .parquet files")
-        elif any(char in pattern for char in "*?["):
-            found = sorted(Path(p) for p in glob.glob(pattern) if not Path(p).is_dir())
-            if not found:
-                raise PrepareError(f"--input {pattern!r} matches no files")
-        elif path.exists():
-            found = [path]
+            found, nothing = sorted(path.glob("*.parquet")), f"{path}: the folder holds no .parquet files"
+        elif glob.has_magic(pattern):
+            found, nothing = sorted(Path(p) for p in glob.glob(pattern) if not Path(p).is_dir()), \
+                f"--input {pattern!r} matches no files"
         else:
-            raise PrepareError(f"{path}: no such file")
+            found, nothing = [path] if path.exists() else [], f"{path}: no such file"
+        if not found:
+            raise PrepareError(nothing)
         for p in found:
             if not p.is_file():
                 raise PrepareError(f"{p}: not a regular file (a pipe, a device or a socket); prepare.py reads "
@@ -106,17 +103,12 @@ def hub_folder(args):
     return "sample/" + args.subset.removeprefix("sample-")
 
 
-def listing_cache_file(repo, folder):
-    from huggingface_hub import constants
-    return Path(constants.HF_HOME) / "fineweb-gpt" / "listings" / (f"{repo}/{folder}".replace("/", "--") + ".json")
-
-
 def list_shards(repo, folder):
     """The .parquet files of one folder of a Hub dataset, sorted by name: [{path, size, blob_id}]. From
     the Hub's listing API, kept in a cache so that the same command works offline later."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
     from huggingface_hub.utils import EntryNotFoundError, RepositoryNotFoundError
-    cache = listing_cache_file(repo, folder)
+    cache = Path(constants.HF_HOME) / "fineweb-gpt" / "listings" / (f"{repo}/{folder}".replace("/", "--") + ".json")
     try:
         entries = list(HfApi().list_repo_tree(repo, path_in_repo=folder, repo_type="dataset"))
     except RepositoryNotFoundError:
@@ -157,19 +149,15 @@ def some_valid_names(repo, folder):
     return f"; valid {option} values ({len(names)}) include: {', '.join(shown)}"
 
 
-def select_shards(shards, first, last, where):
-    if last >= len(shards):
-        raise PrepareError(f"{where} has {len(shards)} files (shards 0-{len(shards) - 1}); "
-                           f"--shard/--shards asks for {first}-{last}")
-    return shards[first:last + 1]
-
-
 def hub_sources(args):
     repo, folder = args.repo, hub_folder(args)
     first, last = args.shards or (args.shard or 0, args.shard or 0)
-    shards = select_shards(list_shards(repo, folder), first, last, f"{repo}/{folder}")
+    shards = list_shards(repo, folder)
+    if last >= len(shards):
+        raise PrepareError(f"{repo}/{folder} has {len(shards)} files (shards 0-{len(shards) - 1}); "
+                           f"--shard/--shards asks for {first}-{last}")
     return [{"name": f"hf://datasets/{repo}/{shard['path']}", "repo": repo, "remote": shard["path"],
-             "size": shard["size"], "blob_id": shard["blob_id"]} for shard in shards]
+             "size": shard["size"], "blob_id": shard["blob_id"]} for shard in shards[first:last + 1]]
 
 
 def download_shard(source):
@@ -204,11 +192,13 @@ def dataset_source(args):
 
 
 def stream_batches(args):
-    """Lists of up to STREAM_BATCH texts from --hf_dataset, streamed: nothing is downloaded in full."""
+    """(index of the first, texts) for batches of up to STREAM_BATCH documents of --hf_dataset, streamed:
+    nothing is downloaded in full."""
     try:
         import datasets
     except ImportError:
         raise PrepareError("--hf_dataset needs the `datasets` package: pip install datasets")
+    first_doc = 0
     try:
         dataset = datasets.load_dataset(args.hf_dataset, args.hf_config, split=args.hf_split, streaming=True,
                                         data_files=args.hf_data_files)
@@ -219,37 +209,34 @@ def stream_batches(args):
             texts = batch[args.text_column]
             if not all(text is None or isinstance(text, str) for text in texts):
                 raise PrepareError(f"--hf_dataset {args.hf_dataset}: column {args.text_column!r} does not hold strings")
-            yield texts
+            yield first_doc, texts
+            first_doc += len(texts)
     except PrepareError:
         raise
     except Exception as e:  # a download/parsing boundary: one line with what datasets said
         raise PrepareError(f"--hf_dataset {args.hf_dataset}: cannot read it ({type(e).__name__}: {first_line(e)})")
 
 
-class Prefetch:
-    """One source's file made local in a background thread, so the next shard downloads while this one
-    is tokenized. A daemon thread: an error or Ctrl-C does not wait for a download to end."""
+class Prefetch(threading.Thread):
+    """A source's file made local: a Hub shard downloads in this thread while the one before is tokenized.
+    A daemon thread: an error or Ctrl-C does not wait for a download to end."""
 
     def __init__(self, source):
-        self.path, self.error, self.thread = None, None, None
-        if source.get("remote"):
-            self.thread = threading.Thread(target=self.download, args=(source,), daemon=True)
-            self.thread.start()
-        elif not source.get("stream"):
-            self.path = Path(source["path"])
+        super().__init__(daemon=True)
+        self.source, self.error, self.is_download = source, None, bool(source.get("remote"))
+        self.path = Path(source["path"]) if "path" in source else None
+        if self.is_download:
+            self.start()
 
-    def download(self, source):
+    def run(self):
         try:
-            self.path = download_shard(source)
+            self.path = download_shard(self.source)
         except Exception as e:  # raised in the main thread by wait()
             self.error = e
 
-    def done(self):
-        return self.thread is None or not self.thread.is_alive()
-
     def wait(self):
-        if self.thread is not None:
-            self.thread.join()
+        if self.is_download:
+            self.join()
         if self.error is not None:
             raise self.error
         return self.path
