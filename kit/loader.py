@@ -52,6 +52,9 @@ def open_dataset(data_dir, block_size, val_file=""):
     paths = {split: os.path.join(data_dir, f"{split}.bin") for split in ("train", "val")}
     if val_file:
         paths["val"] = standard_val_file() if val_file == STANDARD_VAL_NAME else val_file
+        if not os.path.isfile(paths["val"]):
+            raise FileNotFoundError(f"val_file={val_file!r} not found: a token file (ours or an llm.c shard) or "
+                                    f"{STANDARD_VAL_NAME!r}")
     for _ in eval_batches(paths["val"], block_size, 1, 1):
         pass  # a clear message if the val file is shorter than one window
     for split, path in paths.items():

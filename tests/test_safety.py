@@ -182,7 +182,8 @@ INVALID_TRAIN_VALUES = {
 ANY_VALUE = {"eval_only", "allow_lr_increase", "overwrite", "wandb_log", "wandb_project", "wandb_run_name", "bias",
              "rotary", "qk_norm", "tie_embeddings", "zero_init_proj", "compile", "allow_new_data", "chunked_loss",
              "activation_checkpointing",
-             "hellaswag_file", "sample_prompt"}  # read only when hellaswag_interval > 0: test_eval checks it then
+             "hellaswag_file", "sample_prompt",  # read only when hellaswag_interval > 0: test_eval checks it then
+             "val_file"}  # checked with the data it replaces part of: test_a_missing_val_file_is_one_line
 
 
 def test_every_train_key_is_swept():
@@ -353,3 +354,9 @@ def test_a_record_after_a_line_cut_by_a_crash_starts_a_line_of_its_own(tmp_path)
     lines = path.read_text().splitlines()
     assert json.loads(lines[0]) == {"iter": 1} and json.loads(lines[-1]) == {"iter": 2, "resumed": True}
     assert len(lines) == 3 and path.read_text().endswith("\n")
+
+
+def test_a_missing_val_file_is_one_line(data_dir, tmp_path):
+    code, stdout, stderr = run_inprocess("train.py", *train_args(data_dir, tmp_path / "out", "--val_file=nope.bin"))
+    assert one_error_line(code, stderr) == ("error: val_file='nope.bin' not found: a token file (ours or an llm.c "
+                                            "shard) or 'standard'") and "model:" not in stdout
