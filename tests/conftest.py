@@ -182,3 +182,10 @@ def all_logits(model, idx):
     """Every position's logits (B, T, vocab), for comparisons with other implementations: training and
     evaluation never need them whole, so the model has no such method."""
     return model.output_logits(model.hidden_states(idx))
+
+
+def pytest_report_header(config):
+    """Which CPU path dtype='auto' takes here: the tests pin float32 where a figure depends on it, and pass on both."""
+    from kit.runtime import cpu_has_bf16
+    return "dtype='auto' on this CPU: " + ("bfloat16 (AVX512-BF16 or AMX)" if cpu_has_bf16() else
+                                           "float32 (no AVX512-BF16 or AMX)")
