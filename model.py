@@ -453,24 +453,24 @@ def chunked_loss_and_grads(h, weight, targets, cap, n_outputs, need_grad_h=False
         if cap > 0:
             capped = torch.tanh(z / cap)
             z = cap * capped
-        lse = torch.logsumexp(z, dim=1)
-        counted = t != -1
-        t = t.clamp(min=0)
-        total = total + ((lse - z.gather(1, t[:, None])[:, 0]) * counted).sum()
+        logprobs = torch.log_softmax(z, dim=1)
+        counted = (t != -1)[:, None]
+        t = t.clamp(min=0)[:, None]
+        total = total - (logprobs.gather(1, t) * counted).sum()
         if not (need_grad_h or need_grad_weight):
             continue
-        g = (z - lse[:, None]).exp()  # the softmax
-        g = g.scatter_add(1, t[:, None], -counted[:, None].to(g.dtype)) * counted[:, None]
+        g = logprobs.exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=z.dtype))  # softmax - one-hot
         if cap > 0:
             g = g * (1 - capped * capped)  # d(cap tanh(z / cap)) / dz
         g = g.to(weight.dtype if fused_add else torch.get_autocast_dtype(device_type))
+        # the rows of uncounted targets (-1) are zeroed in x and in g W, (chunk, n_embd), not in g itself
         if need_grad_h:
-            grad_rows.append(g @ scored)
+            grad_rows.append((g @ scored) * counted)
         if need_grad_weight:
             if fused_add:
-                grad_weight[:n_outputs].addmm_(g.t(), x.to(g.dtype))
+                grad_weight[:n_outputs].addmm_(g.t(), x.to(g.dtype) * counted)
             else:
-                grad_weight[:n_outputs] += g.t() @ x
+                grad_weight[:n_outputs] += g.t() @ (x * counted)
     grad_h = torch.cat(grad_rows).to(h.dtype).view_as(h) if need_grad_h else h.new_empty(0)
     return total, grad_h, grad_weight
 
