@@ -300,7 +300,8 @@ class GPT(nn.Module):
 
     def output_logits(self, h):
         """Logits of the final hidden states h (..., n_embd): lm_head, then the soft cap if on. Every path
-        that makes logits goes through here, so training, evaluation and sampling see the same model."""
+        that makes logits goes through here, so training, evaluation and sampling see the same model; the
+        chunked loss applies the same cap with its derivative written out (chunked_loss_and_grads)."""
         logits = self.lm_head(h)
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
