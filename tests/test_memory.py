@@ -153,11 +153,15 @@ def test_importing_the_model_does_not_load_torch_dynamo():
 def test_ddp_with_both_levers_equals_the_plain_step(ddp_run, tmp_path):
     """torchrun with 2 gloo ranks: the gradients of the chunked loss (on in the reference run) and of the
     recomputed blocks (on here, with the full logits) reach DDP's all-reduce like any others (the grad
-    norm is taken after it), and the per-rank dropout masks are the same in the recompute."""
+    norm is taken after it), and the per-rank dropout masks are the same in the recompute. The chunked
+    loss equals the full logits to float rounding (~1e-7), not bit for bit, and Muon's steps amplify that
+    from step to step: the first step, where a missed all-reduce would show, is held to 1e-5, the later
+    ones to 1e-3."""
     data_dir, reference, _ = ddp_run
     torchrun_train(data_dir, tmp_path / "levers", "--chunked_loss=False", "--activation_checkpointing=True")
     runs = [[(r["loss"], r["grad_norm"]) for r in read_metrics(out)[0]] for out in (reference, tmp_path / "levers")]
-    assert len(runs[1]) == 5 and [pytest.approx(pair, rel=1e-5) for pair in runs[1]] == runs[0]
+    assert len(runs[1]) == 5 and runs[1][0] == pytest.approx(runs[0][0], rel=1e-5)
+    assert [pytest.approx(pair, rel=1e-3) for pair in runs[1]] == runs[0]
 
 
 def test_glibc_allocator_thresholds_only_where_they_apply(monkeypatch):
