@@ -251,11 +251,8 @@ class GPT(nn.Module):
         if targets is None:
             return self.output_logits(h[:, [-1], :]), None
         if self.chunked_loss:
-            # a loop of small autograd calls: a compiled model runs it eagerly. Wrapped here, not decorated:
-            # torch.compiler.disable loads torch._dynamo, ~1.5 s at every start of every script
-            loss = torch.compiler.disable(chunked_cross_entropy) if torch.compiler.is_compiling() \
-                else chunked_cross_entropy
-            return None, loss(self.output_logits, h, targets, self.scored_outputs(), self.lm_head.parameters())
+            return None, chunked_cross_entropy(h, self.lm_head.weight, targets, self.config.logit_softcap,
+                                               self.scored_outputs())
         logits = self.output_logits(h)
         return logits, target_losses(logits.flatten(0, 1), targets.flatten(), self.scored_outputs(), "mean")
 
@@ -295,7 +292,8 @@ class GPT(nn.Module):
 
     def output_logits(self, h):
         """Logits of the final hidden states h (..., n_embd): lm_head, then the soft cap if on. Every path
-        that makes logits goes through here, so training, evaluation and sampling see the same model."""
+        that makes logits goes through here, so training, evaluation and sampling see the same model; the
+        chunked loss applies the same cap with its derivative written out (chunked_loss_and_grads)."""
         logits = self.lm_head(h)
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
@@ -399,45 +397,77 @@ def chunked_target_losses(output_logits, h, targets, n_outputs):
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """The mean cross-entropy of output_logits(h) and its gradients, with one chunk's logits in memory
-    at a time. The forward differentiates each chunk as soon as its loss is known (through
-    output_logits, whatever that applies) and keeps only the gradients of h and of the output layer's
-    parameters, which are small; the backward scales them. So the logits are computed once, as in the
-    plain path, and neither they, their fp32 copy nor their gradient ever exist for the whole batch."""
+    """The summed cross-entropy of the output layer over hidden states h and its gradients, with one
+    chunk of positions' logits in memory at a time. The forward writes out each chunk's gradient as soon
+    as its loss is known (softmax minus one-hot, through the soft cap's derivative) and keeps only the
+    gradients of h and of the weight, which are small; the backward scales them. So the logits are
+    computed once, as in the plain path, and neither they, their fp32 copy nor their gradient ever exist
+    for the whole batch. Plain tensor ops only: torch.compile traces the forward and the backward, so
+    the compiled training step stays one graph."""
 
     @staticmethod
-    def forward(ctx, h, targets, output_logits, n_outputs, *params):
-        rows, targets, size = h.reshape(-1, h.size(-1)), targets.reshape(-1), chunk_rows(h)
-        grad_rows, grad_params = torch.empty_like(rows), [torch.zeros_like(p) for p in params]
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for i in range(0, len(targets), size):
-            chunk = rows[i:i + size].detach().requires_grad_()
-            with torch.enable_grad():
-                loss = target_losses(output_logits(chunk), targets[i:i + size], n_outputs, "sum")
-            grads = torch.autograd.grad(loss, [chunk, *params])
-            total += loss.detach()
-            grad_rows[i:i + size] = grads[0]
-            for grad_param, grad in zip(grad_params, grads[1:]):
-                grad_param += grad
-        count = (targets != -1).sum()  # the mean is over counted targets, as F.cross_entropy's
-        ctx.save_for_backward(grad_rows.view_as(h), count, *grad_params)
-        return total / count
+    def forward(ctx, h, weight, targets, cap, n_outputs):
+        loss, grad_h, grad_weight = chunked_loss_and_grads(h, weight, targets, cap, n_outputs,
+                                                           ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        ctx.save_for_backward(grad_h, grad_weight)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, count, *grad_params = ctx.saved_tensors
-        scale = grad_loss / count
-        return grad_h * scale, None, None, None, *[grad * scale for grad in grad_params]
+        grad_h, grad_weight = ctx.saved_tensors
+        return (grad_h * grad_loss if ctx.needs_input_grad[0] else None,
+                grad_weight * grad_loss if ctx.needs_input_grad[1] else None, None, None, None)
 
 
-def chunked_cross_entropy(output_logits, h, targets, n_outputs, params):
-    """The mean cross-entropy of output_logits(h) against targets (-1 not counted) over the first
-    n_outputs columns, the same value and gradients as computing it over the full logits."""
-    params = [p for p in params if p.requires_grad]
-    if not (torch.is_grad_enabled() and (h.requires_grad or params)):  # evaluation: nothing to differentiate
-        losses = chunked_target_losses(output_logits, h, targets, n_outputs)
-        return losses.sum() / (targets != -1).sum()
-    return ChunkedCrossEntropy.apply(h, targets, output_logits, n_outputs, *params)
+def chunked_loss_and_grads(h, weight, targets, cap, n_outputs, need_grad_h=False, need_grad_weight=False):
+    """(summed loss in fp32, its gradient for h, for weight) of the logits h weightᵀ, soft-capped if
+    cap > 0 (as GPT.output_logits), over the first n_outputs rows of weight, targets of -1 not counted.
+    A gradient not asked for is an empty tensor. Per chunk: z = h Wᵀ, log-softmax in fp32, and
+    g = softmax - one-hot (times 1 - tanh² under the cap), then grad_h = g W and grad_W += gᵀ h."""
+    rows, targets, size = h.reshape(-1, h.size(-1)), targets.reshape(-1), chunk_rows(h)
+    scored = weight[:n_outputs]  # the padding rows never enter the softmax, so their gradient stays 0
+    # under autocast the matmuls run in its dtype and gᵀ h is added into an fp32 gradient; otherwise the
+    # accumulation is fused into the matmul (addmm_), saving a pass over the (vocab, n_embd) gradient
+    device_type = h.device.type
+    fused_add = not torch.is_autocast_enabled(device_type)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    grad_rows = []
+    grad_weight = torch.zeros_like(weight) if need_grad_weight else weight.new_empty(0)
+    for i in range(0, rows.size(0), size):
+        x, t = rows[i:i + size], targets[i:i + size]
+        z = (x @ scored.t()).float()
+        if cap > 0:
+            capped = torch.tanh(z / cap)
+            z = cap * capped
+        logprobs = torch.log_softmax(z, dim=1)
+        counted = (t != -1)[:, None]
+        t = t.clamp(min=0)[:, None]
+        total = total - (logprobs.gather(1, t) * counted).sum()
+        if not (need_grad_h or need_grad_weight):
+            continue
+        g = logprobs.exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=z.dtype))  # softmax - one-hot
+        if cap > 0:
+            g = g * (1 - capped * capped)  # d(cap tanh(z / cap)) / dz
+        g = g.to(weight.dtype if fused_add else torch.get_autocast_dtype(device_type))
+        # the rows of uncounted targets (-1) are zeroed in x and in g W, (chunk, n_embd), not in g itself
+        if need_grad_h:
+            grad_rows.append((g @ scored) * counted)
+        if need_grad_weight:
+            if fused_add:
+                grad_weight[:n_outputs].addmm_(g.t(), x.to(g.dtype) * counted)
+            else:
+                grad_weight[:n_outputs] += g.t() @ (x * counted)
+    grad_h = torch.cat(grad_rows).to(h.dtype).view_as(h) if need_grad_h else h.new_empty(0)
+    return total, grad_h, grad_weight
+
+
+def chunked_cross_entropy(h, weight, targets, cap, n_outputs):
+    """The mean cross-entropy of the output layer (weight, soft cap) over hidden states h against targets
+    (-1 not counted) over the first n_outputs outputs: the same value and gradients as the full logits."""
+    count = (targets != -1).sum()  # the mean is over counted targets, as F.cross_entropy's
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return ChunkedCrossEntropy.apply(h, weight, targets, cap, n_outputs) / count
+    return chunked_loss_and_grads(h, weight, targets, cap, n_outputs)[0] / count  # evaluation: no gradients
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, vocab_size=None, generator=None):

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The GPU proof, in one call on one CUDA GPU (about 6-8 minutes on an H200 with RECIPE=0, plus ~7 min
-# estimated for the recipe comparison; never run by CI, it needs CUDA). For the ~40M
+# The GPU proof, in one call on one CUDA GPU (about 6-8 minutes on an H200 with RECIPE=0 measured without the
+# two full-logits bench.py runs, which add about a minute each, estimated; plus ~7 min estimated for the recipe
+# comparison; never run by CI, it needs CUDA). For the ~40M
 # (config/train_fineweb.py) and 124M (config/train_fineweb_124m.py) models with bf16 + torch.compile +
 # fused AdamW + fused (flash) attention it records:
-#   - bench.py: ms/iter, tokens/s, MFU against this GPU's peak (runtime.PEAK_TFLOPS), peak memory,
-#     and which attention kernel the profiler saw;
+#   - bench.py: ms/iter, tokens/s, MFU against this GPU's peak (runtime.PEAK_TFLOPS), peak memory
+#     (torch.cuda.max_memory_allocated) with the chunked loss (the default) and with the full logits
+#     (--chunked_loss=False), at each config's micro-batch (40M: 16 x 1024, the seed shape; 124M: 8 x 1024),
+#     any graph break dynamo reports (TORCH_LOGS=graph_breaks), and which attention kernel the profiler saw;
 #   - bench.py --fit_memory=11GiB for the 124M model (the reference user's 12 GB card);
 #   - a short real training run of the 40M model: its val loss must go down; plot.py draws it;
 #   - the per-token recipe at 40M: AdamW vs Muon vs Muon + the per-token switches, 32.8M tokens each
@@ -58,14 +61,16 @@ attention_kernels() {  # which fused attention kernels a trace shows (flash, cuD
 }
 
 for cfg in train_fineweb train_fineweb_124m; do
-  echo
-  echo "== bench.py config/$cfg.py: bf16, compile, fused AdamW, synthetic tokens"
-  trace="$RESULTS/trace_$cfg.json"
-  $PY bench.py "config/$cfg.py" --dtype=bfloat16 --compile=True --bench_warmup=5 --bench_iters=20 \
-    --profile=True --profile_file="$trace" | grep -v "^USDT"
-  echo "attention kernels in the profile:"
-  attention_kernels "$trace"
-  gzip -f "$trace"
+  for chunked in True False; do  # the default loss, then the full logits: tokens/s, MFU and memory side by side
+    echo
+    echo "== bench.py config/$cfg.py --chunked_loss=$chunked: bf16, compile, fused AdamW, synthetic tokens"
+    trace="$RESULTS/trace_${cfg}_chunked_$chunked.json"
+    TORCH_LOGS=graph_breaks $PY bench.py "config/$cfg.py" --dtype=bfloat16 --compile=True --chunked_loss=$chunked \
+      --bench_warmup=5 --bench_iters=20 --profile=True --profile_file="$trace" | grep -v "^USDT"
+    echo "attention kernels in the profile:"
+    attention_kernels "$trace"
+    gzip -f "$trace"
+  done
 done
 
 echo

@@ -29,4 +29,5 @@ sample_tokens = 32  # two short samples at each evaluation: watch it learn to wr
 
 device = "cpu"
 dtype = "auto"  # bf16 where the CPU has native bf16 matmuls (AVX512-BF16/AMX), else fp32
-compile = False  # compiling costs about a minute, more than it saves on a run this short
+compile = False  # measured: over 150 iterations compiling costs more time than the faster steps save
+# (docs/performance.md, "The CPU quick start"; bench_memory.py --study=quickstart measures it on yours)

@@ -57,12 +57,26 @@ def assert_same(losses, grads, ref_losses, ref_grads, loss_rel=1e-6, grad_rel=1e
         assert (grads[name] - grad).abs().max().item() <= grad_rel * scale, name
 
 
-@pytest.mark.parametrize("switches", [{}, EVERY_SWITCH, dict(dropout=0.1)], ids=["gpt2", "every-switch", "dropout"])
+SWITCH_SETS = {"gpt2": {}, "every-switch": EVERY_SWITCH, "dropout": dict(dropout=0.1),
+               "softcap": dict(logit_softcap=1.0),  # logits of random_model are ~0.6: the cap bends them
+               "untied-softcap": dict(tie_embeddings=False, logit_softcap=1.0),
+               "zero-head": dict(tie_embeddings=False, zero_init_head=True)}
+
+
+def switched_model(name, **extra):
+    model = random_model(**TINY, **SWITCH_SETS[name], **extra).train()
+    if model.config.zero_init_head:  # random_model perturbs every weight: put the zero head back
+        with torch.no_grad():
+            model.lm_head.weight.zero_()
+    return model
+
+
+@pytest.mark.parametrize("switches", list(SWITCH_SETS))
 def test_chunked_loss_equals_the_full_logits(switches, monkeypatch):
     """7 rows a chunk: 48 rows per micro-batch end in a short chunk. Two micro-batches accumulated;
     the padding rows of the output layer are random (random_model), so they would show in the loss."""
     monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", 7)
-    model = random_model(**TINY, **switches).train()
+    model = switched_model(switches)
     batches = batches_with_ignored_targets()
     ref_losses, ref_grads = loss_and_grads(model, batches, lambda m, x, y: reference_loss(m, x, y).float())
     assert model.chunked_loss  # the default
@@ -72,8 +86,9 @@ def test_chunked_loss_equals_the_full_logits(switches, monkeypatch):
     assert_same(*loss_and_grads(model, batches, lambda m, x, y: m(x, y)[1]), ref_losses, ref_grads)
 
 
-def test_chunked_loss_in_bf16_is_within_bf16_noise():
-    model = random_model(**TINY).train()
+@pytest.mark.parametrize("switches", ["gpt2", "untied-softcap"])
+def test_chunked_loss_in_bf16_is_within_bf16_noise(switches):
+    model = switched_model(switches)
     batches = batches_with_ignored_targets(n=1)
     results = []
     for chunked in (True, False):
@@ -127,23 +142,6 @@ def test_train_py_passes_both_settings_to_the_model(data_dir, tmp_path, monkeypa
     assert [pytest.approx(pair, rel=1e-5) for pair in runs["levers"]] == runs["plain"]
 
 
-@pytest.mark.slow
-def test_compiled_model_with_both_levers_equals_the_full_logits(monkeypatch):
-    """torch.compile traces the blocks under checkpointing and runs the chunked loss eagerly (through
-    torch.compiler.disable). aot_eager: dynamo and AOT autograd, without the C++ code generation
-    that takes a minute on a CPU."""
-    model = random_model(**TINY).train()
-    batches = batches_with_ignored_targets()
-    ref = loss_and_grads(model, batches, lambda m, x, y: reference_loss(m, x, y).float())
-    traced, forward = [], model_module.ChunkedCrossEntropy.forward
-    monkeypatch.setattr(model_module.ChunkedCrossEntropy, "forward",
-                        staticmethod(lambda *a: traced.append(torch.compiler.is_compiling()) or forward(*a)))
-    model.activation_checkpointing = True
-    compiled = torch.compile(model, backend="aot_eager")
-    assert_same(*loss_and_grads(model, batches, lambda m, x, y: compiled(x, y)[1]), *ref)
-    assert traced and not any(traced)  # ran, and never inside dynamo's trace
-
-
 def test_importing_the_model_does_not_load_torch_dynamo():
     """torch._dynamo costs every script ~1.5 s at start; only a compiled run needs it."""
     code = "import sys, model, kit.checkpoint, kit.loader, kit.runtime; print('torch._dynamo' in sys.modules)"
@@ -155,11 +153,15 @@ def test_importing_the_model_does_not_load_torch_dynamo():
 def test_ddp_with_both_levers_equals_the_plain_step(ddp_run, tmp_path):
     """torchrun with 2 gloo ranks: the gradients of the chunked loss (on in the reference run) and of the
     recomputed blocks (on here, with the full logits) reach DDP's all-reduce like any others (the grad
-    norm is taken after it), and the per-rank dropout masks are the same in the recompute."""
+    norm is taken after it), and the per-rank dropout masks are the same in the recompute. The chunked
+    loss equals the full logits to float rounding (~1e-7), not bit for bit, and Muon's steps amplify that
+    from step to step: the first step, where a missed all-reduce would show, is held to 1e-5, the later
+    ones to 1e-3."""
     data_dir, reference, _ = ddp_run
     torchrun_train(data_dir, tmp_path / "levers", "--chunked_loss=False", "--activation_checkpointing=True")
     runs = [[(r["loss"], r["grad_norm"]) for r in read_metrics(out)[0]] for out in (reference, tmp_path / "levers")]
-    assert len(runs[1]) == 5 and [pytest.approx(pair, rel=1e-5) for pair in runs[1]] == runs[0]
+    assert len(runs[1]) == 5 and runs[1][0] == pytest.approx(runs[0][0], rel=1e-5)
+    assert [pytest.approx(pair, rel=1e-3) for pair in runs[1]] == runs[0]
 
 
 def test_glibc_allocator_thresholds_only_where_they_apply(monkeypatch):
