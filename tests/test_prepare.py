@@ -361,18 +361,6 @@ def test_keep_parquet_false_deletes_each_shard_once_tokenized(tmp_path, fake_hub
     assert len(fake_hub.downloads) == 5
 
 
-def test_not_enough_disk_space_is_refused_before_any_download(tmp_path, fake_hub, monkeypatch, capsys):
-    from collections import namedtuple
-    usage = namedtuple("usage", "total used free")
-    run(tmp_path, "--val_fraction", 0.2)
-    fake_hub.downloads.clear()
-    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 5000, 5000))
-    line = fails_with(capsys, "--out_dir", tmp_path / "out", "--shards", "0-2")
-    assert "train.bin/val.bin and the parquet downloads need about 0.0 GB and its disk has 0.0 GB free" in line
-    assert fake_hub.downloads == []
-    assert_bins_hold(tmp_path / "out", fake_hub.texts["a"])  # the earlier run's bins, untouched
-
-
 def test_unreachable_network_points_to_input(tmp_path):
     # the real huggingface_hub, offline (conftest sets HF_HUB_OFFLINE=1) with an empty cache
     proc = run_script(PREPARE, "--out_dir", tmp_path / "out", check=False, env={"HF_HOME": str(tmp_path / "hf")})

@@ -39,7 +39,7 @@ import pretokenized  # noqa: E402
 from kit.atomic import FolderInUse, atomic_write, check_writable, lock_folder, unlock_folder  # noqa: E402
 from configurator import STOP_SIGNALS, fail, first_line, handle_signals  # noqa: E402
 from sources import (DEFAULT_DUMP, HF_REPO, Prefetch, PrepareError, dataset_source,  # noqa: E402
-                     delete_downloaded, describe_parquet, hub_sources, is_downloaded, local_source,
+                     delete_downloaded, describe_parquet, hub_sources, local_source,
                      resolve_inputs, stream_batches)
 from kit.tokenizer import (ENCODING_NAME, EOT_PLACEMENT, EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE,  # noqa: E402
                            TokenizerUnavailable, encode_documents_flat, get_encoding, max_token_id,
@@ -49,7 +49,6 @@ DEFAULT_OUT_DIR = HERE  # data/fineweb/, whatever the working directory
 SPLITS = ("train", "val")
 TOKEN_BYTES = np.dtype(TOKEN_DTYPE).itemsize
 LOCK_NAME, WORK_NAME = "prepare.lock", "prepare.work"  # the work folder: the unfinished run's bins and manifest
-BIN_BYTES_PER_PARQUET_BYTE = 1.0  # the free-space estimate (docs/data.md: bins about the parquet's size)
 COUNTS = ("rows", "null_texts", "token_count", "train_documents", "train_text_tokens", "val_documents",
           "val_text_tokens")  # per batch, per source (the manifest) and per run; text tokens: without the EOTs
 VAL_RULE = ("document i of each source (0-based within its file or stream; skipped null texts keep their index) "
@@ -424,7 +423,7 @@ def write_json_atomically(path, data):
 
 
 # -----------------------------------------------------------------------------
-# before any work: the output folder, its lock, the free space
+# before any work: the output folder and its lock
 
 def resolve_folder(path):
     """The output folder (--out_dir, or --adopt's), resolved and proven writable."""
@@ -451,32 +450,6 @@ def lock_out_dir(out_dir):
                            f"to finish or choose another --out_dir") from None
     except OSError as e:  # the disk filled up since resolve_folder
         raise PrepareError(f"{out_dir}: cannot write {LOCK_NAME} ({e.strerror or e})") from None
-
-
-def check_free_space(out_dir, sources, keep_parquet):
-    """Refuse before any work when the bins, and the shards still to download, will not fit on their disks.
-    A dataset already in out_dir stays until the new one is published: both need room."""
-    if any(source["size"] is None for source in sources):
-        return  # a stream: its size is unknown until it is read
-    needs = [(out_dir, "train.bin/val.bin", sum(source["size"] for source in sources) * BIN_BYTES_PER_PARQUET_BYTE)]
-    downloads = [source["size"] for source in sources if source.get("remote") and not is_downloaded(source)]
-    if downloads:
-        from huggingface_hub import constants
-        needs.append((Path(constants.HF_HUB_CACHE), "the parquet downloads",
-                      sum(downloads) if keep_parquet else sum(sorted(downloads)[-2:])))  # without: two at a time
-    by_disk = {}
-    for folder, what, size in needs:
-        while not folder.exists():
-            folder = folder.parent
-        disk = by_disk.setdefault(folder.stat().st_dev, {"folder": folder, "what": [], "bytes": 0})
-        disk["what"].append(what)
-        disk["bytes"] += size
-    for disk in by_disk.values():
-        if disk["bytes"] > (free := shutil.disk_usage(disk["folder"]).free):
-            hint = "; --keep_parquet False keeps two shards at a time" if downloads and keep_parquet else ""
-            raise PrepareError(f"{disk['folder']}: {' and '.join(disk['what'])} need about "
-                               f"{disk['bytes'] / 1e9:.1f} GB and its disk has {free / 1e9:.1f} GB free; "
-                               f"free some space or choose another --out_dir{hint}")
 
 
 # -----------------------------------------------------------------------------
@@ -595,7 +568,6 @@ def prepare(args, out_dir):
     try:
         manifest = open_work(work_dir, request, args.force)
         if not manifest.get("complete"):
-            check_free_space(out_dir, sources[len(manifest["done"]):], args.keep_parquet)
             if manifest["threshold"] is None:
                 manifest["threshold"] = args.val_fraction or threshold_for_val_tokens(
                     [describe_parquet(Prefetch(s).wait(), s["name"]) for s in sources], args.seed, args.val_tokens)

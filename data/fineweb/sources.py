@@ -241,7 +241,3 @@ class Prefetch(threading.Thread):
             raise self.error
         return self.path
 
-
-def is_downloaded(source):
-    from huggingface_hub import try_to_load_from_cache
-    return isinstance(try_to_load_from_cache(source["repo"], source["remote"], repo_type="dataset"), str)
