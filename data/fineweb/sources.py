@@ -114,7 +114,8 @@ def list_shards(repo, folder):
     except RepositoryNotFoundError:
         raise PrepareError(f"--repo {repo}: no such dataset on the Hugging Face Hub (or it needs a login)")
     except EntryNotFoundError:  # the folder is not in the repo (404)
-        raise PrepareError(f"{repo} has no folder {folder}{some_valid_names(repo, folder)}")
+        raise PrepareError(f"{repo} has no folder {folder}; the valid names are the folders at "
+                           f"https://huggingface.co/datasets/{repo}/tree/main/{folder.rsplit('/', 1)[0]}")
     except Exception as e:  # offline, unreachable, ...: a listing from an earlier run will do
         if cache.exists():
             return json.loads(cache.read_text())
@@ -131,22 +132,6 @@ def list_shards(repo, folder):
     except OSError:
         pass  # the cache only spares a later offline run the network; this run has what it needs
     return shards
-
-
-def some_valid_names(repo, folder):
-    """'; valid --dump values include ...' from the Hub's listing of the parent folder, or '' offline."""
-    from huggingface_hub import HfApi
-    parent = folder.rsplit("/", 1)[0]
-    try:
-        names = sorted(e.path.rsplit("/", 1)[-1] for e in HfApi().list_repo_tree(repo, path_in_repo=parent,
-                                                                                 repo_type="dataset")
-                       if not hasattr(e, "size"))  # folders have no size
-    except Exception:  # the hint is a courtesy: without it the error still names the folder
-        return ""
-    option, prefix = ("--dump", "") if parent == "data" else ("--subset", "sample-")
-    shown = names if len(names) <= 6 else names[:3] + ["..."] + names[-3:]
-    shown = [name if name == "..." else prefix + name for name in shown]
-    return f"; valid {option} values ({len(names)}) include: {', '.join(shown)}"
 
 
 def hub_sources(args):
