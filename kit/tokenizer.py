@@ -21,6 +21,8 @@ EOT_TOKEN = 50256  # <|endoftext|>
 VOCAB_SIZE = 50257  # ids the tokenizer can produce; the model pads its embedding to 50304
 EOT_PLACEMENT = "prepend"
 TOKEN_DTYPE = np.uint16  # 50257 < 2**16, so every id fits; train.bin/val.bin are raw uint16
+TOKENIZER_META = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
+                  "eot_placement": EOT_PLACEMENT, "dtype": np.dtype(TOKEN_DTYPE).name}  # in meta.json, checked on read
 
 
 class TokenizerUnavailable(RuntimeError):
@@ -111,8 +113,7 @@ def read_dataset_meta(data_dir):
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-        expected = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
-                    "eot_placement": EOT_PLACEMENT, "dtype": np.dtype(TOKEN_DTYPE).name}
+        expected = dict(TOKENIZER_META)
         if meta.get("adopted"):  # bins from another tool (prepare.py --adopt): where their EOTs go is unknown
             del expected["eot_placement"]
         for key, value in expected.items():

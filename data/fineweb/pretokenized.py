@@ -36,7 +36,7 @@ from configurator import fail
 from kit.atomic import FolderInUse, atomic_write, lock_folder, unlock_folder
 from kit.shards import (HEADER_BYTES, MAX_SHARD_TOKENS, ShardError, download, read_header, token_span,
                         write_shard)
-from kit.tokenizer import (ENCODING_NAME, EOT_PLACEMENT, EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE, max_token_id,
+from kit.tokenizer import (ENCODING_NAME, EOT_TOKEN, TOKEN_DTYPE, TOKENIZER_META, VOCAB_SIZE, max_token_id,
                            read_dataset_meta)
 
 WORK_NAME = "pretokenized.work"
@@ -48,6 +48,13 @@ LLMC_SHARD_TOKENS = 10**8  # --to_llmc's shard size, llm.c's own
 def train_range(args):
     """(first, last) train shard: --shards A-B, --shard N, or shard 1."""
     return args.shards or (1 if args.shard is None else args.shard,) * 2
+
+
+def add_arguments(parser):
+    """prepare.py's options for llm.c shards."""
+    parser.add_argument("--pretokenized", metavar="REPO|DIR", help="llm.c token shards, e.g. kjj0/fineweb10B-gpt2: "
+                        "the val shard and train shards --shards A-B (default 1), no tokenizing (pretokenized.py)")
+    parser.add_argument("--to_llmc", type=Path, metavar="DIR", help="write the dataset in --out_dir as llm.c shards")
 
 
 def check_args(args, error):
@@ -242,9 +249,7 @@ def publish(out_dir, work_dir, manifest, seconds):
                          "max_token_id": max(entry["max_token_id"] for entry in entries)}
     sources = [{"name": source_name(manifest["source"], entry["name"]), "split": entry["split"],
                 "size": entry["size"], "tokens": entry["tokens"]} for entry in manifest["done"]]
-    meta = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
-            "eot_placement": EOT_PLACEMENT, "dtype": np.dtype(TOKEN_DTYPE).name, "splits": splits,
-            "sources": sources, "pretokenized": manifest["source"],
+    meta = {**TOKENIZER_META, "splits": splits, "sources": sources, "pretokenized": manifest["source"],
             "val_split": {"rule": "the source's val shard, as it is"}, "seconds": round(seconds, 2)}
     with atomic_write(work_dir / "meta.json", "w") as f:  # before any move: a full disk fails here, work intact
         json.dump(meta, f, indent=2)
