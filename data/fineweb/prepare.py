@@ -44,8 +44,8 @@ DEFAULT_OUT_DIR = HERE  # data/fineweb/, whatever the working directory
 SPLITS = ("train", "val")
 TOKEN_BYTES = np.dtype(TOKEN_DTYPE).itemsize
 LOCK_NAME, WORK_NAME = "prepare.lock", "prepare.work"  # the work folder: the unfinished run's bins and manifest
-COUNTS = ("rows", "null_texts", "token_count", "train_documents", "train_text_tokens", "val_documents",
-          "val_text_tokens")  # per batch, per source (the manifest) and per run; text tokens: without the EOTs
+COUNTS = ("rows", "null_texts", "token_count", "train_documents", "train_tokens", "val_documents",
+          "val_tokens")  # per batch, per source (the manifest) and per run; train/val tokens: with their EOTs
 VAL_RULE = ("document i of each source (0-based within its file or stream; skipped null texts keep their index) "
             "goes to val iff (splitmix64(splitmix64(seed) ^ i) >> 11) / 2**53 < threshold; if none does, the last "
             "document of the last source goes to val (see prepare.val_scores)")
@@ -126,7 +126,7 @@ def tokenize_task(task):
         if ids.size and ids.max() >= VOCAB_SIZE:  # the one check of the ids: the uint16 cast would wrap them
             raise PrepareError(f"token id {ids.max()} >= vocab size {VOCAB_SIZE}: tokenizer bug")
         result[split] = ids.astype(TOKEN_DTYPE)
-        result[f"{split}_documents"], result[f"{split}_text_tokens"] = len(kept), len(ids) - len(kept)
+        result[f"{split}_documents"], result[f"{split}_tokens"] = len(kept), len(ids)
     return result
 
 
@@ -253,10 +253,6 @@ def summed(entries):
     return total
 
 
-def split_tokens(counts, split):
-    return counts[f"{split}_text_tokens"] + counts[f"{split}_documents"]  # one EOT per document
-
-
 def open_work(work_dir, request, force):
     """The manifest of the unfinished run in work_dir if it was for this very request, else a fresh one.
     Its bins are cut back to what the manifest counts: a killed run may have written past it."""
@@ -266,7 +262,7 @@ def open_work(work_dir, request, force):
     except (OSError, ValueError):
         manifest = None
     if manifest and not force and manifest.get("request") == request:
-        done = {split: split_tokens(summed(manifest["done"]), split) * TOKEN_BYTES for split in SPLITS}
+        done = {split: summed(manifest["done"])[f"{split}_tokens"] * TOKEN_BYTES for split in SPLITS}
         if all(sizes[split] >= done[split] for split in SPLITS):
             for split in SPLITS:
                 os.truncate(work_dir / f"{split}.bin", done[split])
@@ -278,8 +274,6 @@ def open_work(work_dir, request, force):
         print(f"discarding an unfinished run of other inputs or settings{' (--force)' if force else ''}: {work_dir}")
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir()
-    for split in SPLITS:
-        (work_dir / f"{split}.bin").touch()
     manifest = {"request": request, "done": [], "threshold": None, "forced_last_doc": False}
     write_json_atomically(work_dir / "manifest.json", manifest)
     return manifest
@@ -291,7 +285,7 @@ def tokenize_sources(sources, manifest, work_dir, args):
     from tqdm import tqdm
     tqdm.set_lock(threading.RLock())  # not its multiprocessing lock, which can start the resource tracker
     first = len(manifest["done"])
-    tokens = tokens_before = sum(split_tokens(summed(manifest["done"]), split) for split in SPLITS)
+    tokens = tokens_before = sum(summed(manifest["done"])[f"{split}_tokens"] for split in SPLITS)
     prefetch = Prefetch(sources[first])
     prefetch.wait()  # the first download in the foreground, with huggingface_hub's own progress bar
     if any(source.get("remote") for source in sources):
@@ -311,7 +305,7 @@ def tokenize_sources(sources, manifest, work_dir, args):
                     for split in SPLITS:
                         files[split].write(result[split].data)
                     counts = summed([counts, result])
-                    tokens += sum(split_tokens(result, split) for split in SPLITS)
+                    tokens += result["train_tokens"] + result["val_tokens"]
                     status = [f"{(tokens - tokens_before) / max(time.time() - started, 1e-9) / 1e6:.2f}M tok/s"]
                     status += [f"source {k + 1}/{len(sources)}"] if len(sources) > 1 else []
                     if prefetch is not None and prefetch.is_download:
@@ -379,12 +373,12 @@ def publish(out_dir, work_dir, manifest, sources, args, seconds):
     if problem := unsplittable(total, ", ".join(source["name"] for source in sources)):
         manifest["done"].clear()  # nothing worth keeping: the same command would fail the same way
         raise PrepareError(problem)
-    splits = {split: {"documents": total[f"{split}_documents"], "tokens": split_tokens(total, split),
+    splits = {split: {"documents": total[f"{split}_documents"], "tokens": total[f"{split}_tokens"],
                       "file": f"{split}.bin"} for split in SPLITS}
     for info in splits.values():
         info["max_token_id"] = verify_split_file(work_dir / info["file"], info["documents"], info["tokens"])
     recorded = ("name", "path", "size", "mtime", "blob_id", "data_files")
-    text_tokens = total["train_text_tokens"] + total["val_text_tokens"]
+    text_tokens = sum(info["tokens"] - info["documents"] for info in splits.values())  # as FineWeb counts: no EOTs
     meta = {**TOKENIZER_META, "splits": splits,
             "sources": [{**{k: v for k, v in source.items() if k in recorded}, "documents": entry["rows"]}
                         for source, entry in zip(sources, manifest["done"])],

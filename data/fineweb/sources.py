@@ -29,9 +29,7 @@ class PrepareError(Exception):
 # local parquet files
 
 def resolve_inputs(patterns):
-    """The parquet files named by --input: files, globs and folders, each expanded in sorted order. Each must
-    be a regular file: parquet is read from its end, and a pipe or a device cannot seek (a FIFO would even
-    wait forever for a writer)."""
+    """The files named by --input: files, globs and folders, each expanded in sorted order."""
     paths = []
     for pattern in patterns:
         path = Path(pattern)
@@ -44,10 +42,6 @@ def resolve_inputs(patterns):
             found, nothing = [path] if path.exists() else [], f"{path}: no such file"
         if not found:
             raise PrepareError(nothing)
-        for p in found:
-            if not p.is_file():
-                raise PrepareError(f"{p}: not a regular file (a pipe, a device or a socket); prepare.py reads "
-                                   f"parquet files, which it must be able to seek in")
         paths += [p.resolve() for p in found]
     return paths
 
@@ -77,6 +71,9 @@ def describe_parquet(path):
 
 def local_source(path):
     """A checked local parquet file; its name, size and mtime identify it for the no-op check and resuming."""
+    if not path.is_file():  # parquet is read from its end: a pipe or a device cannot seek, a FIFO would even block
+        raise PrepareError(f"{path}: not a regular file (a pipe, a device or a socket); prepare.py reads "
+                           f"parquet files, which it must be able to seek in")
     describe_parquet(path)  # a bad input fails before any work
     stat = path.stat()
     return {"name": str(path), "path": str(path), "size": stat.st_size, "mtime": stat.st_mtime}
