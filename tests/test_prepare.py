@@ -608,16 +608,27 @@ def disk_full(*args):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-@pytest.mark.parametrize("failing_step", ["the bins", "write_json_atomically"])
-def test_disk_full_leaves_no_outputs(tmp_path, monkeypatch, capsys, failing_step):
+def test_disk_full_in_the_first_source_leaves_no_outputs(tmp_path, monkeypatch, capsys):
     source = write_parquet(tmp_path / "docs.parquet", synthetic_texts(100), row_group_size=20)
-    if failing_step == "the bins":
-        bins_on_a_small_disk(monkeypatch, room=1000)
-    else:  # meta.json, once the bins are complete
-        monkeypatch.setattr(prepare, failing_step, disk_full)
+    bins_on_a_small_disk(monkeypatch, room=1000)
     assert "out: writing failed (No space left on device); nothing was published" in fails_with(
         capsys, "--input", source, "--out_dir", tmp_path / "out", "--workers", 1)
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_disk_full_at_meta_json_moves_nothing_and_the_same_command_publishes(tmp_path, monkeypatch, capsys):
+    import kit.tokenizer
+    source = write_parquet(tmp_path / "docs.parquet", synthetic_texts(100), row_group_size=20)
+    args = ["--input", source, "--out_dir", tmp_path / "out", "--workers", 1]
+    monkeypatch.setattr(kit.tokenizer, "atomic_write", disk_full)  # publish_dataset writes meta.json before any move
+    assert fails_with(capsys, *args).endswith("out: writing failed (No space left on device); the 1 finished "
+                                              f"source(s) are kept in {tmp_path / 'out' / 'prepare.work'}: the same "
+                                              f"command continues from there")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["prepare.work"]
+    monkeypatch.undo()
+    prepare.main([*map(str, args)])
+    assert "continuing an unfinished run: 1 of 1 source(s) already done" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
 
 def test_read_meta_rejects_missing_and_inconsistent_outputs(tmp_path):

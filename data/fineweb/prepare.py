@@ -38,7 +38,7 @@ from configurator import STOP_SIGNALS, fail, first_line, handle_signals  # noqa:
 from sources import (DEFAULT_DUMP, HF_REPO, Prefetch, PrepareError, dataset_source, describe_parquet,  # noqa: E402
                      hub_sources, local_source, resolve_inputs, stream_batches)
 from kit.tokenizer import (EOT_TOKEN, TOKEN_DTYPE, TOKENIZER_META, VOCAB_SIZE, TokenizerUnavailable,  # noqa: E402
-                           encode_documents_flat, get_encoding, max_token_id, read_dataset_meta)
+                           encode_documents_flat, get_encoding, max_token_id, publish_dataset, read_dataset_meta)
 
 DEFAULT_OUT_DIR = HERE  # data/fineweb/, whatever the working directory
 SPLITS = ("train", "val")
@@ -366,9 +366,7 @@ def unsplittable(total, names):
 
 
 def publish(out_dir, work_dir, manifest, sources, args, seconds):
-    """Check the finished work bins, then rename each over the dataset in out_dir, which is untouched until
-    then. A rename, never delete-then-write: a reader holding an old bin open (train.py's memmap) keeps its
-    bytes. The old meta.json goes first and the new one comes last, so no reader pairs new bins with it."""
+    """Check the finished work bins, then move them over the dataset in out_dir, which is untouched until then."""
     total = summed(manifest["done"])
     if problem := unsplittable(total, ", ".join(source["name"] for source in sources)):
         manifest["done"].clear()  # nothing worth keeping: the same command would fail the same way
@@ -388,12 +386,7 @@ def publish(out_dir, work_dir, manifest, sources, args, seconds):
             "token_count_diff": None if total["token_count"] is None else text_tokens - total["token_count"],
             "workers": args.workers, "seconds": round(seconds, 2),
             **({"max_tokens": args.max_tokens} if args.max_tokens else {})}
-    write_json_atomically(work_dir / "meta.json", meta)  # before any move: a full disk fails here, work intact
-    (out_dir / "meta.json").unlink(missing_ok=True)
-    for split in SPLITS:
-        os.replace(work_dir / f"{split}.bin", out_dir / f"{split}.bin")
-    os.replace(work_dir / "meta.json", out_dir / "meta.json")
-    shutil.rmtree(work_dir, ignore_errors=True)  # published: a leftover manifest is harmless
+    publish_dataset(work_dir, out_dir, meta)
     return meta
 
 

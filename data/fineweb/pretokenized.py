@@ -37,7 +37,7 @@ from kit.atomic import FolderInUse, atomic_write, lock_folder, unlock_folder
 from kit.shards import (HEADER_BYTES, MAX_SHARD_TOKENS, ShardError, download, read_header, token_span,
                         write_shard)
 from kit.tokenizer import (ENCODING_NAME, EOT_TOKEN, TOKEN_DTYPE, TOKENIZER_META, VOCAB_SIZE, max_token_id,
-                           read_dataset_meta)
+                           publish_dataset, read_dataset_meta)
 
 WORK_NAME = "pretokenized.work"
 LOCK_NAME = "prepare.lock"  # prepare.py's: one writer per folder, whichever way it writes
@@ -239,8 +239,7 @@ def already_done(out_dir, source, names):
 
 
 def publish(out_dir, work_dir, manifest, seconds):
-    """The work bins renamed into out_dir, the old meta.json gone first and the new one written last (as
-    prepare.py publishes: a reader never pairs new bins with an old meta.json)."""
+    """The finished work bins moved into out_dir with their meta.json (kit/tokenizer.publish_dataset)."""
     splits = {}
     for split in ("train", "val"):
         entries = [entry for entry in manifest["done"] if entry["split"] == split]
@@ -251,13 +250,7 @@ def publish(out_dir, work_dir, manifest, seconds):
                 "size": entry["size"], "tokens": entry["tokens"]} for entry in manifest["done"]]
     meta = {**TOKENIZER_META, "splits": splits, "sources": sources, "pretokenized": manifest["source"],
             "val_split": {"rule": "the source's val shard, as it is"}, "seconds": round(seconds, 2)}
-    with atomic_write(work_dir / "meta.json", "w") as f:  # before any move: a full disk fails here, work intact
-        json.dump(meta, f, indent=2)
-    (out_dir / "meta.json").unlink(missing_ok=True)
-    for split in ("train", "val"):
-        os.replace(work_dir / f"{split}.bin", out_dir / f"{split}.bin")
-    os.replace(work_dir / "meta.json", out_dir / "meta.json")
-    shutil.rmtree(work_dir, ignore_errors=True)
+    publish_dataset(work_dir, out_dir, meta)
     return meta
 
 
