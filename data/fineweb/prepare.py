@@ -89,7 +89,8 @@ def threshold_for_val_tokens(described, seed, val_tokens):
 
 
 def no_document_qualifies(documents_per_source, seed, threshold):
-    """Whether the rule sends no document of any source to val (scores depend on the index: the longest decides)."""
+    """Whether the rule sends no document of any source to val (then the last one goes there). Scores depend
+    only on the index within a source, so the longest source decides."""
     longest = max(documents_per_source)
     return not any((val_scores(seed, np.arange(start, min(start + 2**22, longest))) < threshold).any()
                    for start in range(0, longest, 2**22))
