@@ -260,10 +260,10 @@ def open_work(work_dir, request, force):
     try:
         manifest = json.loads((work_dir / "manifest.json").read_text())
         sizes = {split: (work_dir / f"{split}.bin").stat().st_size for split in SPLITS}
-    except (OSError, ValueError):
+        done = {split: summed(manifest["done"])[f"{split}_tokens"] * TOKEN_BYTES for split in SPLITS}
+    except (OSError, ValueError, KeyError, TypeError):  # none, or not one this version wrote: start afresh
         manifest = None
     if manifest and not force and manifest.get("request") == request:
-        done = {split: summed(manifest["done"])[f"{split}_tokens"] * TOKEN_BYTES for split in SPLITS}
         if all(sizes[split] >= done[split] for split in SPLITS):
             for split in SPLITS:
                 os.truncate(work_dir / f"{split}.bin", done[split])
