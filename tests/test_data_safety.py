@@ -45,14 +45,14 @@ def disk_full(*args):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-@pytest.mark.parametrize("failure", ["--val_tokens too large", "corrupt row group", "disk full", "Ctrl-C"])
+@pytest.mark.parametrize("failure", ["an empty train split", "corrupt row group", "disk full", "Ctrl-C"])
 def test_a_refused_or_failed_run_leaves_the_finished_dataset_byte_identical(tmp_path, finished_dataset, monkeypatch,
                                                                             capsys, failure):
     out_dir, before = finished_dataset
     new = write_parquet(tmp_path / "new.parquet", synthetic_texts(60, seed=8), row_group_size=20)
     args = ["--input", str(new), "--out_dir", str(out_dir), "--workers", "1"]
-    if failure == "--val_tokens too large":
-        args += ["--val_tokens", "10000000"]
+    if failure == "an empty train split":  # refused after tokenizing, when the work bins are complete
+        args += ["--val_fraction", "0.999999"]
     if failure == "corrupt row group":
         corrupt_second_row_group(new)
     if failure == "disk full":

@@ -183,35 +183,6 @@ def test_val_is_never_empty(tmp_path):
     assert_bins_hold(tmp_path / "out", texts)
 
 
-def test_val_tokens_takes_the_fewest_documents_in_score_order(tmp_path):
-    texts = synthetic_texts(200)
-    source = write_parquet(tmp_path / "docs.parquet", texts, row_group_size=64)
-    meta = run(tmp_path, "--input", source, "--val_tokens", 1000)
-    assert_bins_hold(tmp_path / "out", texts)
-    assert meta["val_split"]["val_tokens"] == 1000 and "val_fraction" not in meta["val_split"]
-    val_tokens = meta["splits"]["val"]["tokens"]
-    scores = prepare.val_scores(meta["val_split"]["seed"], np.arange(len(texts)))
-    last_in = int(np.argmax(np.where(scores < meta["val_split"]["threshold"], scores, -1)))
-    assert val_tokens >= 1000 > val_tokens - (len(ENC.encode_ordinary(texts[last_in])) + 1)
-
-
-def test_val_tokens_over_several_sources(tmp_path):
-    first, second = synthetic_texts(80, seed=1), synthetic_texts(60, seed=2)
-    sources = [write_parquet(tmp_path / f"{k}.parquet", texts, row_group_size=32)
-               for k, texts in enumerate([first, second])]
-    meta = run(tmp_path, "--input", *sources, "--val_tokens", 1500)
-    assert_bins_hold(tmp_path / "out", first, second)
-    # document i of each source has the same score, so the last step may add one document of each
-    longest = max(len(ENC.encode_ordinary(t)) + 1 for t in first + second)
-    assert 1500 <= meta["splits"]["val"]["tokens"] < 1500 + 2 * longest
-
-
-def test_val_tokens_needs_token_count(tmp_path, capsys):
-    source = write_parquet(tmp_path / "plain.parquet", ["a", "b"], token_count=False)
-    line = fails_with(capsys, "--input", source, "--out_dir", tmp_path / "out", "--val_tokens", 1)
-    assert "token_count column" in line
-
-
 def test_several_inputs_glob_and_folder_in_order(tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()

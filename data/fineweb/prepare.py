@@ -70,24 +70,6 @@ def val_scores(seed, doc_indices):
     return (mixed >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
-def threshold_for_val_tokens(described, seed, val_tokens):
-    """The smallest threshold whose documents hold >= val_tokens tokens (FineWeb's token_count + 1 EOT each)."""
-    tokens_per_doc, scores = [], []
-    for source in described:
-        if not source["has_token_count"]:
-            raise PrepareError(f"{source['path']}: --val_tokens needs FineWeb's token_count column (integers) and "
-                               f"this file has none; use --val_fraction")
-        column = pq.read_table(source["path"], columns=["token_count"]).column("token_count")
-        tokens_per_doc.append(np.array([count or 0 for count in column.to_pylist()], dtype=np.int64) + 1)
-        scores.append(val_scores(seed, np.arange(source["documents"])))
-    tokens_per_doc, scores = np.concatenate(tokens_per_doc), np.concatenate(scores)
-    if val_tokens >= tokens_per_doc.sum():
-        raise PrepareError(f"--val_tokens {val_tokens} must be below the input's {tokens_per_doc.sum()} tokens")
-    order = np.argsort(scores, kind="stable")
-    last_val = np.searchsorted(np.cumsum(tokens_per_doc[order]), val_tokens)  # first position reaching val_tokens
-    return float(np.nextafter(scores[order[last_val]], 1.0))
-
-
 def no_document_qualifies(documents_per_source, seed, threshold):
     """Whether the rule sends no document of any source to val (then the last one goes there). Scores depend
     only on the index within a source, so the longest source decides."""
@@ -134,12 +116,12 @@ def tokenize_task(task):
 def source_tasks(source, path, manifest, args, is_last):
     """One source's tasks, and whether its last document goes to val because the rule sends no document of
     the whole run there (decided with the last parquet source, when every length is known)."""
-    common = {"seed": args.seed, "threshold": manifest["threshold"], "forced_val_doc": -1}
+    common = {"seed": args.seed, "threshold": args.val_fraction, "forced_val_doc": -1}
     if source.get("stream"):
         return (dict(common, texts=texts, first_doc=first) for first, texts in stream_batches(args)), False
     described = describe_parquet(path)
     rows = [entry["rows"] for entry in manifest["done"]] + [described["documents"]]
-    forced = is_last and no_document_qualifies(rows, args.seed, manifest["threshold"])
+    forced = is_last and no_document_qualifies(rows, args.seed, args.val_fraction)
     common.update(path=described["path"], forced_val_doc=rows[-1] - 1 if forced else -1,
                   columns=["text", "token_count"] if described["has_token_count"] else ["text"])
     starts = np.cumsum([0] + described["row_group_rows"][:-1])
@@ -275,7 +257,7 @@ def open_work(work_dir, request, force):
         print(f"discarding an unfinished run of other inputs or settings{' (--force)' if force else ''}: {work_dir}")
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir()
-    manifest = {"request": request, "done": [], "threshold": None, "forced_last_doc": False}
+    manifest = {"request": request, "done": [], "forced_last_doc": False}
     write_json_atomically(work_dir / "manifest.json", manifest)
     return manifest
 
@@ -363,7 +345,7 @@ def unsplittable(total, names):
                 f"null); a train and a val split need at least two")
     for split in SPLITS:
         if total[f"{split}_documents"] == 0:  # the rule put every document on one side: only its settings can fix it
-            return f"the {split} split came out empty ({documents:,} documents); change --val_fraction/--val_tokens"
+            return f"the {split} split came out empty ({documents:,} documents); change --val_fraction"
 
 
 def publish(out_dir, work_dir, manifest, sources, args, seconds):
@@ -381,7 +363,7 @@ def publish(out_dir, work_dir, manifest, sources, args, seconds):
     meta = {**TOKENIZER_META, "splits": splits,
             "sources": [{**{k: v for k, v in source.items() if k in recorded}, "documents": entry["rows"]}
                         for source, entry in zip(sources, manifest["done"])],
-            "val_split": {"rule": VAL_RULE, **val_request(args), "threshold": manifest["threshold"],
+            "val_split": {"rule": VAL_RULE, **val_request(args), "threshold": args.val_fraction,
                           "forced_last_doc": manifest["forced_last_doc"]},
             "null_texts_skipped": total["null_texts"],
             "token_count_diff": None if total["token_count"] is None else text_tokens - total["token_count"],
@@ -436,9 +418,7 @@ def parse_args(argv):
     parser.add_argument("--max_tokens", type=int, help="stop after the batch that reaches this many tokens")
     pretokenized.add_arguments(parser)
     parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT_DIR, help="where the bins go (default: here)")
-    val_size = parser.add_mutually_exclusive_group()
-    val_size.add_argument("--val_fraction", type=float, help="expected fraction of documents in val (default 0.005)")
-    val_size.add_argument("--val_tokens", type=int, help="val size in tokens instead (needs FineWeb's token_count)")
+    parser.add_argument("--val_fraction", type=float, help="expected fraction of documents in val (default 0.005)")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the val split")
     parser.add_argument("--workers", type=int, help="tokenizer processes (default: every core)",
                         default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
@@ -455,12 +435,8 @@ def parse_args(argv):
             (hub_only and other, f"{' '.join(hub_only)} and {other} are alternatives: give one"),
             (hf_only and not args.hf_dataset,
              "--hf_config, --hf_split, --hf_data_files and --text_column go with --hf_dataset"),
-            (args.hf_dataset and args.val_tokens is not None,
-             "--val_tokens needs FineWeb's token_count column, which a stream does not give; use --val_fraction"),
             (args.val_fraction is not None and not 0 < args.val_fraction < 1,
              f"--val_fraction {args.val_fraction}: must be between 0 and 1 (exclusive)"),
-            (args.val_tokens is not None and args.val_tokens < 1,
-             f"--val_tokens {args.val_tokens}: must be at least 1"),
             (args.max_tokens is not None and args.max_tokens < 1,
              f"--max_tokens {args.max_tokens}: must be at least 1"),
             (not 0 <= args.seed < 2**64, f"--seed {args.seed}: must be between 0 and 2**64 - 1"),
@@ -468,7 +444,7 @@ def parse_args(argv):
             (args.shard is not None and args.shard < 0, f"--shard {args.shard}: must be 0 or more")]:
         if problem:
             parser.error(message)
-    if args.val_fraction is None and args.val_tokens is None:
+    if args.val_fraction is None:  # None until here: pretokenized.check_args refuses it given
         args.val_fraction = 0.005
     return args
 
@@ -498,8 +474,7 @@ def identity(source):
 
 
 def val_request(args):
-    return {"seed": args.seed, **({"val_tokens": args.val_tokens} if args.val_tokens else
-                                  {"val_fraction": args.val_fraction})}
+    return {"seed": args.seed, "val_fraction": args.val_fraction}
 
 
 def already_done(out_dir, sources, args):
@@ -529,9 +504,6 @@ def prepare(args, out_dir):
     try:
         manifest = open_work(work_dir, request, args.force)
         if not manifest.get("complete"):
-            if manifest["threshold"] is None:
-                manifest["threshold"] = args.val_fraction or threshold_for_val_tokens(
-                    [describe_parquet(Prefetch(s).wait()) for s in sources], args.seed, args.val_tokens)
             print(f"tokenizing {len(sources)} source(s) with {args.workers} worker(s) -> {out_dir}")
             tokenize_sources(sources, manifest, work_dir, args)
         meta = publish(out_dir, work_dir, manifest, sources, args, time.time() - t0)

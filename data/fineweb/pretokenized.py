@@ -61,8 +61,8 @@ def check_args(args, error):
     """prepare.py's options that mean nothing here are refused, in prepare.py's one-line way (error)."""
     if args.pretokenized and args.to_llmc:
         error("--pretokenized and --to_llmc are alternatives: shards in, or shards out")
-    given = [f"--{k}" for k in ("input", "dump", "subset", "hf_dataset", "adopt", "max_tokens", "val_fraction",
-                                 "val_tokens") if getattr(args, k, None) is not None]
+    given = [f"--{k}" for k in ("input", "dump", "subset", "hf_dataset", "adopt", "max_tokens", "val_fraction")
+             if getattr(args, k, None) is not None]
     if given:
         error(f"{given[0]} does not go with {'--to_llmc' if args.to_llmc else '--pretokenized'}: the tokens are "
               f"taken as they are")
