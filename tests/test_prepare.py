@@ -105,8 +105,6 @@ def expected_splits(texts_per_source, meta):
     split = {"train": [], "val": []}
     for k, texts in enumerate(texts_per_source):
         to_val = prepare.val_scores(rule["seed"], np.arange(len(texts))) < rule["threshold"]
-        if rule["forced_last_doc"] and k == len(texts_per_source) - 1:
-            to_val[-1] = True
         for text, is_val in zip(texts, to_val):
             if text is not None:
                 split["val" if is_val else "train"].append(text)
@@ -175,12 +173,11 @@ def test_split_depends_on_seed_only(tmp_path):
     assert (tmp_path / "a" / "train.bin").read_bytes() == (tmp_path / "b" / "train.bin").read_bytes()
 
 
-def test_val_is_never_empty(tmp_path):
-    texts = ["one", "two", "three"]
-    meta = run(tmp_path, "--input", write_parquet(tmp_path / "tiny.parquet", texts), "--val_fraction", 1e-9)
-    assert meta["val_split"]["forced_last_doc"]
-    assert read_docs(tmp_path / "out" / "val.bin") == ["three"]
-    assert_bins_hold(tmp_path / "out", texts)
+def test_an_empty_val_split_is_refused(tmp_path, capsys):
+    source = write_parquet(tmp_path / "tiny.parquet", ["one", "two", "three"])
+    line = fails_with(capsys, "--input", source, "--out_dir", tmp_path / "out", "--val_fraction", 1e-9)
+    assert "the val split came out empty (3 documents); change --val_fraction" in line
+    assert not (tmp_path / "out" / "val.bin").exists()
 
 
 def test_several_inputs_glob_and_folder_in_order(tmp_path):
@@ -379,15 +376,15 @@ def test_max_tokens_stops_after_the_batch_that_reaches_it(tmp_path):
 
 def test_rerun_is_a_no_op_and_force_redoes(tmp_path, capsys):
     source = write_parquet(tmp_path / "docs.parquet", TRICKY_DOCS)
-    run(tmp_path, "--input", source)
+    run(tmp_path, "--input", source, "--val_fraction", 0.5)
     written = (tmp_path / "out" / "train.bin").stat().st_mtime_ns
-    run(tmp_path, "--input", source)
+    run(tmp_path, "--input", source, "--val_fraction", 0.5)
     assert "nothing to do" in capsys.readouterr().out
     assert (tmp_path / "out" / "train.bin").stat().st_mtime_ns == written
-    run(tmp_path, "--input", source, "--force")
+    run(tmp_path, "--input", source, "--val_fraction", 0.5, "--force")
     assert "tokenizing" in capsys.readouterr().out
-    run(tmp_path, "--input", source, "--force", "--seed", 5)  # other settings: redone, not "nothing to do"
-    run(tmp_path, "--input", source, "--seed", 6)
+    run(tmp_path, "--input", source, "--val_fraction", 0.5, "--force", "--seed", 5)  # redone, not "nothing to do"
+    run(tmp_path, "--input", source, "--val_fraction", 0.5, "--seed", 6)
     assert "nothing to do" not in capsys.readouterr().out
 
 
@@ -590,7 +587,7 @@ def test_disk_full_in_the_first_source_leaves_no_outputs(tmp_path, monkeypatch, 
 def test_disk_full_at_meta_json_moves_nothing_and_the_same_command_publishes(tmp_path, monkeypatch, capsys):
     import kit.tokenizer
     source = write_parquet(tmp_path / "docs.parquet", synthetic_texts(100), row_group_size=20)
-    args = ["--input", source, "--out_dir", tmp_path / "out", "--workers", 1]
+    args = ["--input", source, "--out_dir", tmp_path / "out", "--workers", 1, "--val_fraction", 0.2]
     monkeypatch.setattr(kit.tokenizer, "atomic_write", disk_full)  # publish_dataset writes meta.json before any move
     assert fails_with(capsys, *args).endswith("out: writing failed (No space left on device); the 1 finished "
                                               f"source(s) are kept in {tmp_path / 'out' / 'prepare.work'}: the same "
@@ -605,7 +602,7 @@ def test_disk_full_at_meta_json_moves_nothing_and_the_same_command_publishes(tmp
 def test_read_meta_rejects_missing_and_inconsistent_outputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="meta.json not found"):
         prepare.read_dataset_meta(tmp_path)
-    run(tmp_path, "--input", write_parquet(tmp_path / "docs.parquet", TRICKY_DOCS))
+    run(tmp_path, "--input", write_parquet(tmp_path / "docs.parquet", TRICKY_DOCS), "--val_fraction", 0.5)
     with open(tmp_path / "out" / "train.bin", "ab") as f:
         f.write(b"\0\0")
     with pytest.raises(ValueError, match="train.bin holds .* bytes but meta.json says"):

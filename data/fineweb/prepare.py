@@ -47,8 +47,7 @@ LOCK_NAME, WORK_NAME = "prepare.lock", "prepare.work"  # the work folder: the un
 COUNTS = ("rows", "null_texts", "token_count", "train_documents", "train_tokens", "val_documents",
           "val_tokens")  # per batch, per source (the manifest) and per run; train/val tokens: with their EOTs
 VAL_RULE = ("document i of each source (0-based within its file or stream; skipped null texts keep their index) "
-            "goes to val iff (splitmix64(splitmix64(seed) ^ i) >> 11) / 2**53 < threshold; if none does, the last "
-            "document of the last source goes to val (see prepare.val_scores)")
+            "goes to val iff (splitmix64(splitmix64(seed) ^ i) >> 11) / 2**53 < threshold (see prepare.val_scores)")
 PAUSE_AT = os.environ.get("FINEWEB_GPT_TEST_PAUSE_AT", "")  # for the tests: see pause_at
 
 
@@ -68,14 +67,6 @@ def val_scores(seed, doc_indices):
     """A score in [0, 1) per document that depends only on (seed, document index in its source)."""
     mixed = splitmix64(np.asarray(doc_indices, dtype=np.uint64) ^ splitmix64(np.array([seed], dtype=np.uint64)))
     return (mixed >> np.uint64(11)).astype(np.float64) / 2.0**53
-
-
-def no_document_qualifies(documents_per_source, seed, threshold):
-    """Whether the rule sends no document of any source to val (then the last one goes there). Scores depend
-    only on the index within a source, so the longest source decides."""
-    longest = max(documents_per_source)
-    return not any((val_scores(seed, np.arange(start, min(start + 2**22, longest))) < threshold).any()
-                   for start in range(0, longest, 2**22))
 
 
 # -----------------------------------------------------------------------------
@@ -101,7 +92,7 @@ def tokenize_task(task):
             counts = table.column("token_count").to_pylist()
             token_count = sum(n or 0 for n, text in zip(counts, texts) if text is not None)
     doc_index = task["first_doc"] + np.arange(len(texts))
-    is_val = (val_scores(task["seed"], doc_index) < task["threshold"]) | (doc_index == task["forced_val_doc"])
+    is_val = val_scores(task["seed"], doc_index) < task["threshold"]
     result = {"rows": len(texts), "null_texts": texts.count(None), "token_count": token_count}
     for split, to_val in (("train", False), ("val", True)):
         kept = [text for text, v in zip(texts, is_val) if v == to_val and text is not None]
@@ -113,19 +104,16 @@ def tokenize_task(task):
     return result
 
 
-def source_tasks(source, path, manifest, args, is_last):
-    """One source's tasks, and whether its last document goes to val because the rule sends no document of
-    the whole run there (decided with the last parquet source, when every length is known)."""
-    common = {"seed": args.seed, "threshold": args.val_fraction, "forced_val_doc": -1}
+def source_tasks(source, path, args):
+    """One source's tasks: its row groups, or batches of its streamed documents."""
+    common = {"seed": args.seed, "threshold": args.val_fraction}
     if source.get("stream"):
-        return (dict(common, texts=texts, first_doc=first) for first, texts in stream_batches(args)), False
+        return (dict(common, texts=texts, first_doc=first) for first, texts in stream_batches(args))
     described = describe_parquet(path)
-    rows = [entry["rows"] for entry in manifest["done"]] + [described["documents"]]
-    forced = is_last and no_document_qualifies(rows, args.seed, args.val_fraction)
-    common.update(path=described["path"], forced_val_doc=rows[-1] - 1 if forced else -1,
+    common.update(path=described["path"],
                   columns=["text", "token_count"] if described["has_token_count"] else ["text"])
     starts = np.cumsum([0] + described["row_group_rows"][:-1])
-    return (dict(common, row_group=k, first_doc=int(start)) for k, start in enumerate(starts)), forced
+    return (dict(common, row_group=k, first_doc=int(start)) for k, start in enumerate(starts))
 
 
 class WorkerDied(Exception):
@@ -257,7 +245,7 @@ def open_work(work_dir, request, force):
         print(f"discarding an unfinished run of other inputs or settings{' (--force)' if force else ''}: {work_dir}")
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir()
-    manifest = {"request": request, "done": [], "forced_last_doc": False}
+    manifest = {"request": request, "done": []}
     write_json_atomically(work_dir / "manifest.json", manifest)
     return manifest
 
@@ -282,7 +270,7 @@ def tokenize_sources(sources, manifest, work_dir, args):
             for k in range(first, len(sources)):
                 path, source = prefetch.wait(), sources[k]
                 prefetch = Prefetch(sources[k + 1]) if k + 1 < len(sources) else None
-                tasks, manifest["forced_last_doc"] = source_tasks(source, path, manifest, args, k == len(sources) - 1)
+                tasks = source_tasks(source, path, args)
                 counts = summed([])
                 for result in workers.tokenize_in_order(tasks) if workers else map(tokenize_task, tasks):
                     for split in SPLITS:
@@ -363,8 +351,7 @@ def publish(out_dir, work_dir, manifest, sources, args, seconds):
     meta = {**TOKENIZER_META, "splits": splits,
             "sources": [{**{k: v for k, v in source.items() if k in recorded}, "documents": entry["rows"]}
                         for source, entry in zip(sources, manifest["done"])],
-            "val_split": {"rule": VAL_RULE, **val_request(args), "threshold": args.val_fraction,
-                          "forced_last_doc": manifest["forced_last_doc"]},
+            "val_split": {"rule": VAL_RULE, **val_request(args), "threshold": args.val_fraction},
             "null_texts_skipped": total["null_texts"],
             "token_count_diff": None if total["token_count"] is None else text_tokens - total["token_count"],
             "workers": args.workers, "seconds": round(seconds, 2),
