@@ -256,33 +256,25 @@ def tokenize_sources(sources, manifest, work_dir, args):
     from tqdm import tqdm
     tqdm.set_lock(threading.RLock())  # not its multiprocessing lock, which can start the resource tracker
     first = len(manifest["done"])
-    tokens = tokens_before = sum(summed(manifest["done"])[f"{split}_tokens"] for split in SPLITS)
+    tokens = sum(summed(manifest["done"])[f"{split}_tokens"] for split in SPLITS)
     prefetch = Prefetch(sources[first])
-    prefetch.wait()  # the first download in the foreground, with huggingface_hub's own progress bar
-    if any(source.get("remote") for source in sources):
-        from huggingface_hub.utils import disable_progress_bars
-        disable_progress_bars()  # later downloads run behind our bar, which shows their state
+    prefetch.wait()  # the first download before our bar starts; later ones show huggingface_hub's bar under it
     workers = Workers(args.workers) if args.workers > 1 else None  # one core gains nothing from a process
     try:
         with open(work_dir / "train.bin", "ab") as train_file, open(work_dir / "val.bin", "ab") as val_file, \
-                tqdm(unit="doc", unit_scale=True, disable=None, smoothing=0.1) as bar:
-            files, started = {"train": train_file, "val": val_file}, time.time()
+                tqdm(unit="tok", unit_scale=True, disable=None, smoothing=0.1) as bar:
+            files = {"train": train_file, "val": val_file}
             for k in range(first, len(sources)):
                 path, source = prefetch.wait(), sources[k]
                 prefetch = Prefetch(sources[k + 1]) if k + 1 < len(sources) else None
-                tasks = source_tasks(source, path, args)
-                counts = summed([])
+                tasks, counts = source_tasks(source, path, args), summed([])
+                bar.set_postfix_str(f"source {k + 1}/{len(sources)}", refresh=False)
                 for result in workers.tokenize_in_order(tasks) if workers else map(tokenize_task, tasks):
                     for split in SPLITS:
                         files[split].write(result[split].data)
                     counts = summed([counts, result])
                     tokens += result["train_tokens"] + result["val_tokens"]
-                    status = [f"{(tokens - tokens_before) / max(time.time() - started, 1e-9) / 1e6:.2f}M tok/s"]
-                    status += [f"source {k + 1}/{len(sources)}"] if len(sources) > 1 else []
-                    if prefetch is not None and prefetch.is_download:
-                        status.append("next shard: " + ("downloading" if prefetch.is_alive() else "downloaded"))
-                    bar.update(result["rows"])
-                    bar.set_postfix_str(", ".join(status), refresh=False)
+                    bar.update(result["train_tokens"] + result["val_tokens"])
                     pause_at("batch_written")
                     if args.max_tokens and tokens >= args.max_tokens:
                         break
