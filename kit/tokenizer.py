@@ -12,15 +12,20 @@ import array
 
 import json
 import os
+import shutil
 
 import numpy as np
 import tiktoken
+
+from kit.atomic import atomic_write
 
 ENCODING_NAME = "gpt2"
 EOT_TOKEN = 50256  # <|endoftext|>
 VOCAB_SIZE = 50257  # ids the tokenizer can produce; the model pads its embedding to 50304
 EOT_PLACEMENT = "prepend"
 TOKEN_DTYPE = np.uint16  # 50257 < 2**16, so every id fits; train.bin/val.bin are raw uint16
+TOKENIZER_META = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
+                  "eot_placement": EOT_PLACEMENT, "dtype": np.dtype(TOKEN_DTYPE).name}  # in meta.json, checked on read
 
 
 class TokenizerUnavailable(RuntimeError):
@@ -94,9 +99,22 @@ def check_split_record(meta_path, split, info):
         raise ValueError(f"{meta_path}: splits.{split}.{problem}; rerun prepare.py --force")
 
 
+def publish_dataset(work_dir, out_dir, meta):
+    """Move finished bins from work_dir into out_dir (Paths) with their meta.json, in the order readers rely on.
+    Each bin is renamed over the old one, never deleted first: a reader holding it open keeps its bytes.
+    The old meta.json goes first and the new one comes last, so no reader pairs new bins with an old one."""
+    with atomic_write(work_dir / "meta.json", "w") as f:  # before any move: a full disk fails here, work intact
+        json.dump(meta, f, indent=2)
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    for split in ("train", "val"):
+        os.replace(work_dir / f"{split}.bin", out_dir / f"{split}.bin")
+    os.replace(work_dir / "meta.json", out_dir / "meta.json")
+    shutil.rmtree(work_dir, ignore_errors=True)  # published: a leftover manifest is harmless
+
+
 def read_dataset_meta(data_dir):
     """meta.json of a dataset prepare.py finished, checked against kit/tokenizer.py and the bins beside
-    it. prepare.py writes meta.json last, so bins without it are from an unfinished run.
+    it. publish_dataset writes meta.json last, so bins without it are from an unfinished run.
     Raises FileNotFoundError (nothing prepared there) or ValueError (unfinished or inconsistent)."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(meta_path) and os.path.exists(os.path.join(data_dir, "train.bin")):
@@ -111,8 +129,7 @@ def read_dataset_meta(data_dir):
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-        expected = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
-                    "eot_placement": EOT_PLACEMENT, "dtype": np.dtype(TOKEN_DTYPE).name}
+        expected = dict(TOKENIZER_META)
         if meta.get("adopted"):  # bins from another tool (prepare.py --adopt): where their EOTs go is unknown
             del expected["eot_placement"]
         for key, value in expected.items():

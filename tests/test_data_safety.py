@@ -45,14 +45,13 @@ def disk_full(*args):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-@pytest.mark.parametrize("failure", ["--val_tokens too large", "corrupt row group", "disk full", "Ctrl-C"])
+@pytest.mark.parametrize("failure", ["an empty train split", "corrupt row group", "disk full", "Ctrl-C"])
 def test_a_refused_or_failed_run_leaves_the_finished_dataset_byte_identical(tmp_path, finished_dataset, monkeypatch,
                                                                             capsys, failure):
     out_dir, before = finished_dataset
     new = write_parquet(tmp_path / "new.parquet", synthetic_texts(60, seed=8), row_group_size=20)
-    args = ["--input", str(new), "--out_dir", str(out_dir), "--workers", "1"]
-    if failure == "--val_tokens too large":
-        args += ["--val_tokens", "10000000"]
+    args = ["--input", str(new), "--out_dir", str(out_dir), "--workers", "1", "--val_fraction",
+            "0.999999" if failure == "an empty train split" else "0.2"]  # refused after tokenizing, or not
     if failure == "corrupt row group":
         corrupt_second_row_group(new)
     if failure == "disk full":
@@ -126,7 +125,7 @@ def test_a_dead_worker_or_a_stop_signal_ends_the_run_in_one_line_and_keeps_the_f
     a pool or multiprocessing's resource tracker), and the same command continues from the finished source."""
     sources = [write_parquet(tmp_path / f"{k}.parquet", synthetic_texts(40, seed=k), row_group_size=10)
                for k in range(2)]
-    args = ["--input", *sources, "--out_dir", tmp_path / "out", "--workers", 2]
+    args = ["--input", *sources, "--out_dir", tmp_path / "out", "--val_fraction", 0.2, "--workers", 2]
     pause = tmp_path / "pause"
     proc, _ = start_paused(args, "source_done", pause, preexec_fn=as_in_a_terminal)
     workers = psutil.Process(proc.pid).children(recursive=True)
@@ -351,9 +350,11 @@ def test_symlinked_folders_work(prepared, tmp_path, capsys):
     (tmp_path / "real_data").mkdir()
     (tmp_path / "data").symlink_to(tmp_path / "real_data")
     (tmp_path / "inputs").symlink_to(prepared[1].parent)
-    prepare.main(["--input", str(tmp_path / "inputs"), "--out_dir", str(tmp_path / "data"), "--workers", "1"])
+    prepare.main(["--input", str(tmp_path / "inputs"), "--out_dir", str(tmp_path / "data"), "--workers", "1",
+                  "--val_fraction", "0.2"])
     assert (tmp_path / "data").is_symlink() and (tmp_path / "real_data" / "meta.json").exists()
-    prepare.main(["--input", str(prepared[1]), "--out_dir", str(tmp_path / "real_data"), "--workers", "1"])
+    prepare.main(["--input", str(prepared[1]), "--out_dir", str(tmp_path / "real_data"), "--workers", "1",
+                  "--val_fraction", "0.2"])
     assert "nothing to do" in capsys.readouterr().out  # the same folder and inputs under their real names
     (tmp_path / "real_out").mkdir()
     (tmp_path / "out").symlink_to(tmp_path / "real_out")

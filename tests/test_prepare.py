@@ -105,8 +105,6 @@ def expected_splits(texts_per_source, meta):
     split = {"train": [], "val": []}
     for k, texts in enumerate(texts_per_source):
         to_val = prepare.val_scores(rule["seed"], np.arange(len(texts))) < rule["threshold"]
-        if rule["forced_last_doc"] and k == len(texts_per_source) - 1:
-            to_val[-1] = True
         for text, is_val in zip(texts, to_val):
             if text is not None:
                 split["val" if is_val else "train"].append(text)
@@ -175,41 +173,11 @@ def test_split_depends_on_seed_only(tmp_path):
     assert (tmp_path / "a" / "train.bin").read_bytes() == (tmp_path / "b" / "train.bin").read_bytes()
 
 
-def test_val_is_never_empty(tmp_path):
-    texts = ["one", "two", "three"]
-    meta = run(tmp_path, "--input", write_parquet(tmp_path / "tiny.parquet", texts), "--val_fraction", 1e-9)
-    assert meta["val_split"]["forced_last_doc"]
-    assert read_docs(tmp_path / "out" / "val.bin") == ["three"]
-    assert_bins_hold(tmp_path / "out", texts)
-
-
-def test_val_tokens_takes_the_fewest_documents_in_score_order(tmp_path):
-    texts = synthetic_texts(200)
-    source = write_parquet(tmp_path / "docs.parquet", texts, row_group_size=64)
-    meta = run(tmp_path, "--input", source, "--val_tokens", 1000)
-    assert_bins_hold(tmp_path / "out", texts)
-    assert meta["val_split"]["val_tokens"] == 1000 and "val_fraction" not in meta["val_split"]
-    val_tokens = meta["splits"]["val"]["tokens"]
-    scores = prepare.val_scores(meta["val_split"]["seed"], np.arange(len(texts)))
-    last_in = int(np.argmax(np.where(scores < meta["val_split"]["threshold"], scores, -1)))
-    assert val_tokens >= 1000 > val_tokens - (len(ENC.encode_ordinary(texts[last_in])) + 1)
-
-
-def test_val_tokens_over_several_sources(tmp_path):
-    first, second = synthetic_texts(80, seed=1), synthetic_texts(60, seed=2)
-    sources = [write_parquet(tmp_path / f"{k}.parquet", texts, row_group_size=32)
-               for k, texts in enumerate([first, second])]
-    meta = run(tmp_path, "--input", *sources, "--val_tokens", 1500)
-    assert_bins_hold(tmp_path / "out", first, second)
-    # document i of each source has the same score, so the last step may add one document of each
-    longest = max(len(ENC.encode_ordinary(t)) + 1 for t in first + second)
-    assert 1500 <= meta["splits"]["val"]["tokens"] < 1500 + 2 * longest
-
-
-def test_val_tokens_needs_token_count(tmp_path, capsys):
-    source = write_parquet(tmp_path / "plain.parquet", ["a", "b"], token_count=False)
-    line = fails_with(capsys, "--input", source, "--out_dir", tmp_path / "out", "--val_tokens", 1)
-    assert "token_count column" in line
+def test_an_empty_val_split_is_refused(tmp_path, capsys):
+    source = write_parquet(tmp_path / "tiny.parquet", ["one", "two", "three"])
+    line = fails_with(capsys, "--input", source, "--out_dir", tmp_path / "out", "--val_fraction", 1e-9)
+    assert "the val split came out empty (3 documents); change --val_fraction" in line
+    assert not (tmp_path / "out" / "val.bin").exists()
 
 
 def test_several_inputs_glob_and_folder_in_order(tmp_path):
@@ -303,12 +271,12 @@ def test_subsets_and_other_repos(tmp_path, fake_hub):
     assert_bins_hold(tmp_path / "out", fake_hub.texts["edu"])
 
 
-def test_unknown_dump_subset_or_shard_names_valid_ones(tmp_path, fake_hub, capsys):
+def test_unknown_dump_subset_or_shard_is_one_line_pointing_to_the_valid_ones(tmp_path, fake_hub, capsys):
     out = ["--out_dir", tmp_path / "out"]
     line = fails_with(capsys, *out, "--dump", "CC-MAIN-1999-01")
-    assert line == ("error: HuggingFaceFW/fineweb has no folder data/CC-MAIN-1999-01; valid --dump values (2) include: "
-                    "CC-MAIN-2013-20, CC-MAIN-2024-10")
-    assert "valid --subset values (1) include: sample-10BT" in fails_with(capsys, *out, "--subset", "sample-1T")
+    assert line == ("error: HuggingFaceFW/fineweb has no folder data/CC-MAIN-1999-01; the valid names are the folders "
+                    "at https://huggingface.co/datasets/HuggingFaceFW/fineweb/tree/main/data")
+    assert fails_with(capsys, *out, "--subset", "sample-1T").endswith("/HuggingFaceFW/fineweb/tree/main/sample")
     assert "has 3 files (shards 0-2); --shard/--shards asks for 2-5" in fails_with(capsys, *out, "--shards", "2-5")
     assert "not a range A-B" in fails_with(capsys, *out, "--shards", "5-2")
     assert fake_hub.downloads == [] and not list((tmp_path / "out").iterdir())
@@ -361,18 +329,6 @@ def test_keep_parquet_false_deletes_each_shard_once_tokenized(tmp_path, fake_hub
     assert len(fake_hub.downloads) == 5
 
 
-def test_not_enough_disk_space_is_refused_before_any_download(tmp_path, fake_hub, monkeypatch, capsys):
-    from collections import namedtuple
-    usage = namedtuple("usage", "total used free")
-    run(tmp_path, "--val_fraction", 0.2)
-    fake_hub.downloads.clear()
-    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 5000, 5000))
-    line = fails_with(capsys, "--out_dir", tmp_path / "out", "--shards", "0-2")
-    assert "train.bin/val.bin and the parquet downloads need about 0.0 GB and its disk has 0.0 GB free" in line
-    assert fake_hub.downloads == []
-    assert_bins_hold(tmp_path / "out", fake_hub.texts["a"])  # the earlier run's bins, untouched
-
-
 def test_unreachable_network_points_to_input(tmp_path):
     # the real huggingface_hub, offline (conftest sets HF_HUB_OFFLINE=1) with an empty cache
     proc = run_script(PREPARE, "--out_dir", tmp_path / "out", check=False, env={"HF_HOME": str(tmp_path / "hf")})
@@ -420,15 +376,15 @@ def test_max_tokens_stops_after_the_batch_that_reaches_it(tmp_path):
 
 def test_rerun_is_a_no_op_and_force_redoes(tmp_path, capsys):
     source = write_parquet(tmp_path / "docs.parquet", TRICKY_DOCS)
-    run(tmp_path, "--input", source)
+    run(tmp_path, "--input", source, "--val_fraction", 0.5)
     written = (tmp_path / "out" / "train.bin").stat().st_mtime_ns
-    run(tmp_path, "--input", source)
+    run(tmp_path, "--input", source, "--val_fraction", 0.5)
     assert "nothing to do" in capsys.readouterr().out
     assert (tmp_path / "out" / "train.bin").stat().st_mtime_ns == written
-    run(tmp_path, "--input", source, "--force")
+    run(tmp_path, "--input", source, "--val_fraction", 0.5, "--force")
     assert "tokenizing" in capsys.readouterr().out
-    run(tmp_path, "--input", source, "--force", "--seed", 5)  # other settings: redone, not "nothing to do"
-    run(tmp_path, "--input", source, "--seed", 6)
+    run(tmp_path, "--input", source, "--val_fraction", 0.5, "--force", "--seed", 5)  # redone, not "nothing to do"
+    run(tmp_path, "--input", source, "--val_fraction", 0.5, "--seed", 6)
     assert "nothing to do" not in capsys.readouterr().out
 
 
@@ -620,22 +576,33 @@ def disk_full(*args):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-@pytest.mark.parametrize("failing_step", ["the bins", "write_json_atomically"])
-def test_disk_full_leaves_no_outputs(tmp_path, monkeypatch, capsys, failing_step):
+def test_disk_full_in_the_first_source_leaves_no_outputs(tmp_path, monkeypatch, capsys):
     source = write_parquet(tmp_path / "docs.parquet", synthetic_texts(100), row_group_size=20)
-    if failing_step == "the bins":
-        bins_on_a_small_disk(monkeypatch, room=1000)
-    else:  # meta.json, once the bins are complete
-        monkeypatch.setattr(prepare, failing_step, disk_full)
+    bins_on_a_small_disk(monkeypatch, room=1000)
     assert "out: writing failed (No space left on device); nothing was published" in fails_with(
         capsys, "--input", source, "--out_dir", tmp_path / "out", "--workers", 1)
     assert not list((tmp_path / "out").iterdir())
 
 
+def test_disk_full_at_meta_json_moves_nothing_and_the_same_command_publishes(tmp_path, monkeypatch, capsys):
+    import kit.tokenizer
+    source = write_parquet(tmp_path / "docs.parquet", synthetic_texts(100), row_group_size=20)
+    args = ["--input", source, "--out_dir", tmp_path / "out", "--workers", 1, "--val_fraction", 0.2]
+    monkeypatch.setattr(kit.tokenizer, "atomic_write", disk_full)  # publish_dataset writes meta.json before any move
+    assert fails_with(capsys, *args).endswith("out: writing failed (No space left on device); the 1 finished "
+                                              f"source(s) are kept in {tmp_path / 'out' / 'prepare.work'}: the same "
+                                              f"command continues from there")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["prepare.work"]
+    monkeypatch.undo()
+    prepare.main([*map(str, args)])
+    assert "continuing an unfinished run: 1 of 1 source(s) already done" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
 def test_read_meta_rejects_missing_and_inconsistent_outputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="meta.json not found"):
         prepare.read_dataset_meta(tmp_path)
-    run(tmp_path, "--input", write_parquet(tmp_path / "docs.parquet", TRICKY_DOCS))
+    run(tmp_path, "--input", write_parquet(tmp_path / "docs.parquet", TRICKY_DOCS), "--val_fraction", 0.5)
     with open(tmp_path / "out" / "train.bin", "ab") as f:
         f.write(b"\0\0")
     with pytest.raises(ValueError, match="train.bin holds .* bytes but meta.json says"):

@@ -1,16 +1,13 @@
 """
 FineWeb parquet shards (or any Hugging Face text dataset) -> train.bin / val.bin, raw uint16 GPT-2 token
-streams that np.memmap reads (nanoGPT's format), and meta.json describing them. kit/tokenizer.py decides
-the tokenizer and the EOT rule; sources.py, beside this file, finds, checks and downloads the inputs.
+streams (nanoGPT's format), and meta.json describing them. sources.py, beside this file, finds, checks and
+downloads the inputs; docs/data.md describes every option and behaviour.
 
     python data/fineweb/prepare.py                        # FineWeb, dump CC-MAIN-2013-20, its first file
     python data/fineweb/prepare.py --input shard.parquet  # a file, a glob or a folder of .parquet files
     python data/fineweb/prepare.py --pretokenized kjj0/fineweb10B-gpt2 --shards 1-8  # llm.c shards (pretokenized.py)
 
-Row groups (or batches of streamed documents) go to --workers tokenizer processes and come back in input
-order; the bins grow in out_dir/prepare.work/ with a manifest rewritten after each source, so a killed run
-continues from the source it was in; at the end they are checked and renamed over the dataset in out_dir,
-meta.json last. docs/data.md describes every option and behaviour.
+The bins grow in out_dir/prepare.work/, resumable source by source, and are renamed into out_dir when checked.
 """
 import argparse
 import json
@@ -38,23 +35,19 @@ if str(HERE.parents[1]) not in sys.path:
 import pretokenized  # noqa: E402
 from kit.atomic import FolderInUse, atomic_write, check_writable, lock_folder, unlock_folder  # noqa: E402
 from configurator import STOP_SIGNALS, fail, first_line, handle_signals  # noqa: E402
-from sources import (DEFAULT_DUMP, HF_REPO, Prefetch, PrepareError, dataset_source,  # noqa: E402
-                     delete_downloaded, describe_parquet, hub_sources, is_downloaded, local_source,
-                     resolve_inputs, stream_batches)
-from kit.tokenizer import (ENCODING_NAME, EOT_PLACEMENT, EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE,  # noqa: E402
-                           TokenizerUnavailable, encode_documents_flat, get_encoding, max_token_id,
-                           read_dataset_meta)
+from sources import (DEFAULT_DUMP, HF_REPO, Prefetch, PrepareError, dataset_source, describe_parquet,  # noqa: E402
+                     hub_sources, local_source, resolve_inputs, stream_batches)
+from kit.tokenizer import (EOT_TOKEN, TOKEN_DTYPE, TOKENIZER_META, VOCAB_SIZE, TokenizerUnavailable,  # noqa: E402
+                           encode_documents_flat, get_encoding, max_token_id, publish_dataset, read_dataset_meta)
 
 DEFAULT_OUT_DIR = HERE  # data/fineweb/, whatever the working directory
 SPLITS = ("train", "val")
 TOKEN_BYTES = np.dtype(TOKEN_DTYPE).itemsize
 LOCK_NAME, WORK_NAME = "prepare.lock", "prepare.work"  # the work folder: the unfinished run's bins and manifest
-BIN_BYTES_PER_PARQUET_BYTE = 1.0  # the free-space estimate (docs/data.md: bins about the parquet's size)
-COUNTS = ("rows", "null_texts", "token_count", "train_documents", "train_text_tokens", "val_documents",
-          "val_text_tokens")  # per batch, per source (the manifest) and per run; text tokens: without the EOTs
+COUNTS = ("rows", "null_texts", "token_count", "train_documents", "train_tokens", "val_documents",
+          "val_tokens")  # per batch, per source (the manifest) and per run; train/val tokens: with their EOTs
 VAL_RULE = ("document i of each source (0-based within its file or stream; skipped null texts keep their index) "
-            "goes to val iff (splitmix64(splitmix64(seed) ^ i) >> 11) / 2**53 < threshold; if none does, the last "
-            "document of the last source goes to val (see prepare.val_scores)")
+            "goes to val iff (splitmix64(splitmix64(seed) ^ i) >> 11) / 2**53 < threshold (see prepare.val_scores)")
 PAUSE_AT = os.environ.get("FINEWEB_GPT_TEST_PAUSE_AT", "")  # for the tests: see pause_at
 
 
@@ -74,32 +67,6 @@ def val_scores(seed, doc_indices):
     """A score in [0, 1) per document that depends only on (seed, document index in its source)."""
     mixed = splitmix64(np.asarray(doc_indices, dtype=np.uint64) ^ splitmix64(np.array([seed], dtype=np.uint64)))
     return (mixed >> np.uint64(11)).astype(np.float64) / 2.0**53
-
-
-def threshold_for_val_tokens(described, seed, val_tokens):
-    """The smallest threshold whose documents hold >= val_tokens tokens (FineWeb's token_count + 1 EOT each)."""
-    tokens_per_doc, scores = [], []
-    for source in described:
-        if not source["has_token_count"]:
-            raise PrepareError(f"{source['path']}: --val_tokens needs FineWeb's token_count column (integers) and "
-                               f"this file has none; use --val_fraction")
-        column = pq.read_table(source["path"], columns=["token_count"]).column("token_count")
-        tokens_per_doc.append(np.array([count or 0 for count in column.to_pylist()], dtype=np.int64) + 1)
-        scores.append(val_scores(seed, np.arange(source["documents"])))
-    tokens_per_doc, scores = np.concatenate(tokens_per_doc), np.concatenate(scores)
-    if val_tokens >= tokens_per_doc.sum():
-        raise PrepareError(f"--val_tokens {val_tokens} must be below the input's {tokens_per_doc.sum()} tokens")
-    order = np.argsort(scores, kind="stable")
-    last_val = np.searchsorted(np.cumsum(tokens_per_doc[order]), val_tokens)  # first position reaching val_tokens
-    return float(np.nextafter(scores[order[last_val]], 1.0))
-
-
-def no_document_qualifies(documents_per_source, seed, threshold):
-    """Whether the rule sends no document of any source to val (then the very last one goes there).
-    Scores depend on the index within a source only, so the longest source decides."""
-    longest = max(documents_per_source)
-    return not any((val_scores(seed, np.arange(start, min(start + 2**22, longest))) < threshold).any()
-                   for start in range(0, longest, 2**22))
 
 
 # -----------------------------------------------------------------------------
@@ -125,7 +92,7 @@ def tokenize_task(task):
             counts = table.column("token_count").to_pylist()
             token_count = sum(n or 0 for n, text in zip(counts, texts) if text is not None)
     doc_index = task["first_doc"] + np.arange(len(texts))
-    is_val = (val_scores(task["seed"], doc_index) < task["threshold"]) | (doc_index == task["forced_val_doc"])
+    is_val = val_scores(task["seed"], doc_index) < task["threshold"]
     result = {"rows": len(texts), "null_texts": texts.count(None), "token_count": token_count}
     for split, to_val in (("train", False), ("val", True)):
         kept = [text for text, v in zip(texts, is_val) if v == to_val and text is not None]
@@ -133,23 +100,20 @@ def tokenize_task(task):
         if ids.size and ids.max() >= VOCAB_SIZE:  # the one check of the ids: the uint16 cast would wrap them
             raise PrepareError(f"token id {ids.max()} >= vocab size {VOCAB_SIZE}: tokenizer bug")
         result[split] = ids.astype(TOKEN_DTYPE)
-        result[f"{split}_documents"], result[f"{split}_text_tokens"] = len(kept), len(ids) - len(kept)
+        result[f"{split}_documents"], result[f"{split}_tokens"] = len(kept), len(ids)
     return result
 
 
-def source_tasks(source, path, manifest, args, is_last):
-    """One source's tasks, and whether its last document goes to val because the rule sends no document of
-    the whole run there (decided with the last parquet source, when every length is known)."""
-    common = {"seed": args.seed, "threshold": manifest["threshold"], "forced_val_doc": -1}
+def source_tasks(source, path, args):
+    """One source's tasks: its row groups, or batches of its streamed documents."""
+    common = {"seed": args.seed, "threshold": args.val_fraction}
     if source.get("stream"):
-        return (dict(common, texts=texts, first_doc=first) for first, texts in stream_batches(args)), False
-    described = describe_parquet(path, source["name"])
-    rows = [entry["rows"] for entry in manifest["done"]] + [described["documents"]]
-    forced = is_last and no_document_qualifies(rows, args.seed, manifest["threshold"])
-    common.update(path=described["path"], forced_val_doc=rows[-1] - 1 if forced else -1,
+        return (dict(common, texts=texts, first_doc=first) for first, texts in stream_batches(args))
+    described = describe_parquet(path)
+    common.update(path=described["path"],
                   columns=["text", "token_count"] if described["has_token_count"] else ["text"])
     starts = np.cumsum([0] + described["row_group_rows"][:-1])
-    return (dict(common, row_group=k, first_doc=int(start)) for k, start in enumerate(starts)), forced
+    return (dict(common, row_group=k, first_doc=int(start)) for k, start in enumerate(starts))
 
 
 class WorkerDied(Exception):
@@ -157,10 +121,8 @@ class WorkerDied(Exception):
 
 
 class Workers:
-    """--workers tokenizer processes running serve(), fed in turn with at most two tasks each and read back
-    in input order, so memory stays bounded however long the input is. One pickled message after its length
-    on plain pipes, not multiprocessing: a worker that dies shows at once as a closed pipe, even halfway
-    through a message, and there is no resource tracker to outlive us or report semaphores."""
+    """--workers processes running serve(), each given at most two tasks, read back in input order. Plain pipes,
+    not multiprocessing: a dead worker shows at once as a closed pipe, and no resource tracker outlives us."""
 
     def __init__(self, count):
         code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import prepare; prepare.serve({os.getpid()})"
@@ -197,8 +159,7 @@ def send(fd, message):
 
 
 def receive(stream):
-    """The next message of a pipe, raised if it is an exception; EOFError when the writer is gone, even
-    halfway through a message."""
+    """The next message, raised if it is an exception; EOFError when the writer is gone, even mid-message."""
     size = int.from_bytes(header := stream.read(8), "little")
     data = stream.read(size) if len(header) == 8 else b""
     if len(header) < 8 or len(data) < size:
@@ -209,9 +170,8 @@ def receive(stream):
 
 
 def serve(parent):
-    """A tokenizer process: tasks from stdin until it closes, each result (or the error it raised) to
-    stdout. It ends with its parent, however that dies: at once on Linux, where the kernel sends it
-    SIGKILL (PR_SET_PDEATHSIG), elsewhere after its current task, when the closed pipes tell it."""
+    """A tokenizer process: tasks from stdin until it closes, each result (or its error) to stdout. It ends
+    with its parent: on Linux at once (the kernel's PR_SET_PDEATHSIG), elsewhere when it finds the pipes closed."""
     if sys.platform == "linux":
         import ctypes
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
@@ -239,9 +199,9 @@ def serve(parent):
 
 
 def pause_at(point):
-    """For the tests, off unless FINEWEB_GPT_TEST_PAUSE_AT is "<point>:<file>": the first process to reach
-    the point writes its pid into that new file and waits while the file exists, so that a test acts (a
-    signal, a kill) at that very moment rather than after a sleep that may be too short."""
+    """For the tests, off unless FINEWEB_GPT_TEST_PAUSE_AT is "<point>:<file>": the first process at the point
+    writes its pid into that new file and waits while the file exists. A test then acts (a signal, a kill) at
+    that very moment, not after a sleep that may be too short."""
     name, _, path = PAUSE_AT.partition(":")
     try:
         if name == point:
@@ -264,20 +224,16 @@ def summed(entries):
     return total
 
 
-def split_tokens(counts, split):
-    return counts[f"{split}_text_tokens"] + counts[f"{split}_documents"]  # one EOT per document
-
-
 def open_work(work_dir, request, force):
-    """The manifest of the unfinished run in work_dir if it was for this very request (then its bins are
-    cut back to what the manifest counts: a killed run may have written past it), else a fresh one."""
+    """The manifest of the unfinished run in work_dir if it was for this very request, else a fresh one.
+    Its bins are cut back to what the manifest counts: a killed run may have written past it."""
     try:
         manifest = json.loads((work_dir / "manifest.json").read_text())
         sizes = {split: (work_dir / f"{split}.bin").stat().st_size for split in SPLITS}
-    except (OSError, ValueError):
+        done = {split: summed(manifest["done"])[f"{split}_tokens"] * TOKEN_BYTES for split in SPLITS}
+    except (OSError, ValueError, KeyError, TypeError):  # none, or not one this version wrote: start afresh
         manifest = None
     if manifest and not force and manifest.get("request") == request:
-        done = {split: split_tokens(summed(manifest["done"]), split) * TOKEN_BYTES for split in SPLITS}
         if all(sizes[split] >= done[split] for split in SPLITS):
             for split in SPLITS:
                 os.truncate(work_dir / f"{split}.bin", done[split])
@@ -289,46 +245,36 @@ def open_work(work_dir, request, force):
         print(f"discarding an unfinished run of other inputs or settings{' (--force)' if force else ''}: {work_dir}")
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir()
-    for split in SPLITS:
-        (work_dir / f"{split}.bin").touch()
-    manifest = {"request": request, "done": [], "threshold": None, "forced_last_doc": False}
+    manifest = {"request": request, "done": []}
     write_json_atomically(work_dir / "manifest.json", manifest)
     return manifest
 
 
 def tokenize_sources(sources, manifest, work_dir, args):
-    """Tokenize the sources the manifest does not list as done, appending to the work bins. The manifest
-    is rewritten after each source (bins fsynced first), so a killed run continues with the source it was in."""
+    """Tokenize the sources the manifest does not list as done, appending to the work bins. The manifest is
+    rewritten after each source (bins fsynced first), so a killed run continues with the source it was in."""
     from tqdm import tqdm
     tqdm.set_lock(threading.RLock())  # not its multiprocessing lock, which can start the resource tracker
     first = len(manifest["done"])
-    tokens = tokens_before = sum(split_tokens(summed(manifest["done"]), split) for split in SPLITS)
+    tokens = sum(summed(manifest["done"])[f"{split}_tokens"] for split in SPLITS)
     prefetch = Prefetch(sources[first])
-    prefetch.wait()  # the first download in the foreground, with huggingface_hub's own progress bar
-    if any(source.get("remote") for source in sources):
-        from huggingface_hub.utils import disable_progress_bars
-        disable_progress_bars()  # later downloads run behind our bar, which shows their state
+    prefetch.wait()  # the first download before our bar starts; later ones show huggingface_hub's bar under it
     workers = Workers(args.workers) if args.workers > 1 else None  # one core gains nothing from a process
     try:
         with open(work_dir / "train.bin", "ab") as train_file, open(work_dir / "val.bin", "ab") as val_file, \
-                tqdm(unit="doc", unit_scale=True, disable=None, smoothing=0.1) as bar:
-            files, started = {"train": train_file, "val": val_file}, time.time()
+                tqdm(unit="tok", unit_scale=True, disable=None, smoothing=0.1) as bar:
+            files = {"train": train_file, "val": val_file}
             for k in range(first, len(sources)):
                 path, source = prefetch.wait(), sources[k]
                 prefetch = Prefetch(sources[k + 1]) if k + 1 < len(sources) else None
-                tasks, manifest["forced_last_doc"] = source_tasks(source, path, manifest, args, k == len(sources) - 1)
-                counts = summed([])
+                tasks, counts = source_tasks(source, path, args), summed([])
+                bar.set_postfix_str(f"source {k + 1}/{len(sources)}", refresh=False)
                 for result in workers.tokenize_in_order(tasks) if workers else map(tokenize_task, tasks):
                     for split in SPLITS:
                         files[split].write(result[split].data)
                     counts = summed([counts, result])
-                    tokens += sum(split_tokens(result, split) for split in SPLITS)
-                    status = [f"{(tokens - tokens_before) / max(time.time() - started, 1e-9) / 1e6:.2f}M tok/s"]
-                    status += [f"source {k + 1}/{len(sources)}"] if len(sources) > 1 else []
-                    if prefetch is not None and prefetch.is_download:
-                        status.append("next shard: " + ("downloading" if prefetch.is_alive() else "downloaded"))
-                    bar.update(result["rows"])
-                    bar.set_postfix_str(", ".join(status), refresh=False)
+                    tokens += result["train_tokens"] + result["val_tokens"]
+                    bar.update(result["train_tokens"] + result["val_tokens"])
                     pause_at("batch_written")
                     if args.max_tokens and tokens >= args.max_tokens:
                         break
@@ -339,8 +285,9 @@ def tokenize_sources(sources, manifest, work_dir, args):
                 manifest["done"].append({"name": source["name"], **counts})
                 manifest["complete"] = reached_max or k == len(sources) - 1  # in the same write: no gap to fall into
                 write_json_atomically(work_dir / "manifest.json", manifest)
-                if source.get("remote") and not args.keep_parquet:
-                    delete_downloaded(path)
+                if source.get("remote") and not args.keep_parquet:  # from the Hub's cache: the link and its blob
+                    path.resolve().unlink(missing_ok=True)
+                    path.unlink(missing_ok=True)
                 pause_at("source_done")
                 if reached_max:
                     break
@@ -353,8 +300,8 @@ def tokenize_sources(sources, manifest, work_dir, args):
 # checking and publishing
 
 def verify_split_file(path, documents, tokens):
-    """Re-read a written bin: its size and exactly one EOT per document, each first (encode_ordinary never
-    emits EOT). Returns its largest id, which meta.json records so that train.py need not read it again."""
+    """Re-read a written bin: its size, and one EOT per document, each first (encode_ordinary never emits EOT).
+    Returns its largest id: meta.json records it, so train.py need not read the bin again."""
     if path.stat().st_size != tokens * TOKEN_BYTES:
         raise PrepareError(f"verification failed: {path} holds {path.stat().st_size} bytes, expected {tokens} tokens")
     eots, first, largest = 0, None, -1
@@ -368,115 +315,46 @@ def verify_split_file(path, documents, tokens):
     return largest
 
 
-def check_both_splits_filled(total, names):
-    """Train and val each need a document; say what is wrong with the input when it cannot give them."""
+def unsplittable(total, names):
+    """What is wrong with the input when train and val cannot each get a document, else None."""
     documents = total["train_documents"] + total["val_documents"]
     if documents == 0:
-        raise PrepareError(f"{names}: every text is null ({total['rows']:,} rows): there is nothing to tokenize")
+        return f"{names}: every text is null ({total['rows']:,} rows): there is nothing to tokenize"
     if documents == 1:
-        raise PrepareError(f"{names}: the input holds a single document ({total['rows']:,} rows, "
-                           f"{total['null_texts']:,} null); a train and a val split need at least two")
+        return (f"{names}: the input holds a single document ({total['rows']:,} rows, {total['null_texts']:,} "
+                f"null); a train and a val split need at least two")
     for split in SPLITS:
         if total[f"{split}_documents"] == 0:  # the rule put every document on one side: only its settings can fix it
-            raise PrepareError(f"the {split} split came out empty ({documents:,} documents); "
-                               f"change --val_fraction/--val_tokens")
+            return f"the {split} split came out empty ({documents:,} documents); change --val_fraction"
 
 
 def publish(out_dir, work_dir, manifest, sources, args, seconds):
-    """Check the finished work bins, then move them into out_dir; until then the dataset already there is
-    untouched. Each file is renamed over the old one (never delete-then-write), so a reader holding an old
-    bin open (a running train.py's memmap) keeps reading the old bytes. The old meta.json goes first and the
-    new one comes last: in between a reader finds bins without meta.json and refuses them."""
+    """Check the finished work bins, then move them over the dataset in out_dir, which is untouched until then."""
     total = summed(manifest["done"])
-    try:
-        check_both_splits_filled(total, ", ".join(source["name"] for source in sources))
-    except PrepareError:
+    if problem := unsplittable(total, ", ".join(source["name"] for source in sources)):
         manifest["done"].clear()  # nothing worth keeping: the same command would fail the same way
-        raise
-    splits = {split: {"documents": total[f"{split}_documents"], "tokens": split_tokens(total, split),
+        raise PrepareError(problem)
+    splits = {split: {"documents": total[f"{split}_documents"], "tokens": total[f"{split}_tokens"],
                       "file": f"{split}.bin"} for split in SPLITS}
     for info in splits.values():
         info["max_token_id"] = verify_split_file(work_dir / info["file"], info["documents"], info["tokens"])
     recorded = ("name", "path", "size", "mtime", "blob_id", "data_files")
-    text_tokens = total["train_text_tokens"] + total["val_text_tokens"]
-    meta = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
-            "eot_placement": EOT_PLACEMENT, "dtype": np.dtype(TOKEN_DTYPE).name, "splits": splits,
+    text_tokens = sum(info["tokens"] - info["documents"] for info in splits.values())  # as FineWeb counts: no EOTs
+    meta = {**TOKENIZER_META, "splits": splits,
             "sources": [{**{k: v for k, v in source.items() if k in recorded}, "documents": entry["rows"]}
                         for source, entry in zip(sources, manifest["done"])],
-            "val_split": {"rule": VAL_RULE, **val_request(args), "threshold": manifest["threshold"],
-                          "forced_last_doc": manifest["forced_last_doc"]},
+            "val_split": {"rule": VAL_RULE, **val_request(args), "threshold": args.val_fraction},
             "null_texts_skipped": total["null_texts"],
             "token_count_diff": None if total["token_count"] is None else text_tokens - total["token_count"],
-            "workers": args.workers, "seconds": round(seconds, 2), **({"max_tokens": args.max_tokens}
-                                                                       if args.max_tokens else {})}
-    write_json_atomically(work_dir / "meta.json", meta)  # before any move: a full disk fails here, work intact
-    (out_dir / "meta.json").unlink(missing_ok=True)
-    for split in SPLITS:
-        os.replace(work_dir / f"{split}.bin", out_dir / f"{split}.bin")
-    os.replace(work_dir / "meta.json", out_dir / "meta.json")
-    shutil.rmtree(work_dir, ignore_errors=True)  # published: a leftover manifest is harmless
+            "workers": args.workers, "seconds": round(seconds, 2),
+            **({"max_tokens": args.max_tokens} if args.max_tokens else {})}
+    publish_dataset(work_dir, out_dir, meta)
     return meta
 
 
 def write_json_atomically(path, data):
     with atomic_write(path, "w") as f:
         json.dump(data, f, indent=2)
-
-
-# -----------------------------------------------------------------------------
-# before any work: the output folder, its lock, the free space
-
-def resolve_folder(path):
-    """The output folder (--out_dir, or --adopt's), resolved and proven writable."""
-    try:
-        path = path.resolve()
-    except (OSError, RuntimeError) as e:  # a symlink loop: RuntimeError before Python 3.13
-        raise PrepareError(f"{path}: cannot resolve the folder ({first_line(e)})")
-    if path.exists() and not path.is_dir():
-        raise PrepareError(f"{path}: not a folder; --out_dir names the folder for train.bin, val.bin and meta.json")
-    try:
-        check_writable(path)
-    except OSError as e:  # also a disk without room for one byte
-        raise PrepareError(f"{path}: the output folder is not writable ({e.strerror or e})")
-    return path
-
-
-def lock_out_dir(out_dir):
-    """Hold out_dir/prepare.lock (released by the kernel even on SIGKILL) while this run writes: a second
-    prepare.py into the same folder is refused instead of deleting this run's files."""
-    try:
-        return lock_folder(out_dir, LOCK_NAME)
-    except FolderInUse as e:
-        raise PrepareError(f"{out_dir}: another prepare.py ({e.holder}) is writing to this folder; wait for it "
-                           f"to finish or choose another --out_dir") from None
-    except OSError as e:  # the disk filled up since resolve_folder
-        raise PrepareError(f"{out_dir}: cannot write {LOCK_NAME} ({e.strerror or e})") from None
-
-
-def check_free_space(out_dir, sources, keep_parquet):
-    """Refuse before any work when the bins, and the shards still to download, will not fit on their disks.
-    A dataset already in out_dir stays until the new one is published: both need room."""
-    if any(source["size"] is None for source in sources):
-        return  # a stream: its size is unknown until it is read
-    needs = [(out_dir, "train.bin/val.bin", sum(source["size"] for source in sources) * BIN_BYTES_PER_PARQUET_BYTE)]
-    downloads = [source["size"] for source in sources if source.get("remote") and not is_downloaded(source)]
-    if downloads:
-        from huggingface_hub import constants
-        needs.append((Path(constants.HF_HUB_CACHE), "the parquet downloads",
-                      sum(downloads) if keep_parquet else sum(sorted(downloads)[-2:])))  # without: two at a time
-    by_disk = {}
-    for folder, what, size in needs:
-        while not folder.exists():
-            folder = folder.parent
-        disk = by_disk.setdefault(folder.stat().st_dev, {"folder": folder, "what": [], "bytes": 0})
-        disk["what"].append(what)
-        disk["bytes"] += size
-    for disk in by_disk.values():
-        if disk["bytes"] > (free := shutil.disk_usage(disk["folder"]).free):
-            hint = "; --keep_parquet False keeps two shards at a time" if downloads and keep_parquet else ""
-            raise PrepareError(f"{disk['folder']}: {' and '.join(disk['what'])} need about "
-                               f"{disk['bytes'] / 1e9:.1f} GB and its disk has {free / 1e9:.1f} GB free; "
-                               f"free some space or choose another --out_dir{hint}")
 
 
 # -----------------------------------------------------------------------------
@@ -517,16 +395,12 @@ def parse_args(argv):
     parser.add_argument("--hf_data_files", nargs="+", metavar="PATH", help="data_files passed to datasets.load_dataset")
     parser.add_argument("--text_column", default="text", help="the column holding the text (default text)")
     parser.add_argument("--max_tokens", type=int, help="stop after the batch that reaches this many tokens")
-    parser.add_argument("--pretokenized", metavar="REPO|DIR", help="llm.c token shards, e.g. kjj0/fineweb10B-gpt2: "
-                        "the val shard and train shards --shards A-B (default 1), no tokenizing (pretokenized.py)")
-    parser.add_argument("--to_llmc", type=Path, metavar="DIR", help="write the dataset in --out_dir as llm.c shards")
+    pretokenized.add_arguments(parser)
     parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT_DIR, help="where the bins go (default: here)")
-    val_size = parser.add_mutually_exclusive_group()
-    val_size.add_argument("--val_fraction", type=float, help="expected fraction of documents in val (default 0.005)")
-    val_size.add_argument("--val_tokens", type=int, help="val size in tokens instead (needs FineWeb's token_count)")
+    parser.add_argument("--val_fraction", type=float, help="expected fraction of documents in val (default 0.005)")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the val split")
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                        else os.cpu_count(), help="tokenizer processes (default: every core)")
+    parser.add_argument("--workers", type=int, help="tokenizer processes (default: every core)",
+                        default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     parser.add_argument("--force", action="store_true", help="redo even if the outputs match the inputs")
     args = parser.parse_args(argv)
     if args.pretokenized or args.to_llmc:
@@ -540,20 +414,37 @@ def parse_args(argv):
             (hub_only and other, f"{' '.join(hub_only)} and {other} are alternatives: give one"),
             (hf_only and not args.hf_dataset,
              "--hf_config, --hf_split, --hf_data_files and --text_column go with --hf_dataset"),
-            (args.hf_dataset and args.val_tokens is not None,
-             "--val_tokens needs FineWeb's token_count column, which a stream does not give; use --val_fraction"),
             (args.val_fraction is not None and not 0 < args.val_fraction < 1,
              f"--val_fraction {args.val_fraction}: must be between 0 and 1 (exclusive)"),
-            (args.val_tokens is not None and args.val_tokens < 1, f"--val_tokens {args.val_tokens}: must be at least 1"),
-            (args.max_tokens is not None and args.max_tokens < 1, f"--max_tokens {args.max_tokens}: must be at least 1"),
+            (args.max_tokens is not None and args.max_tokens < 1,
+             f"--max_tokens {args.max_tokens}: must be at least 1"),
             (not 0 <= args.seed < 2**64, f"--seed {args.seed}: must be between 0 and 2**64 - 1"),
             (args.workers < 1, f"--workers {args.workers}: must be at least 1"),
             (args.shard is not None and args.shard < 0, f"--shard {args.shard}: must be 0 or more")]:
         if problem:
             parser.error(message)
-    if args.val_fraction is None and args.val_tokens is None:
+    if args.val_fraction is None:  # None until here: pretokenized.check_args refuses it given
         args.val_fraction = 0.005
     return args
+
+
+def lock_out_dir(path):
+    """The output folder (--out_dir, or --adopt's), resolved, proven writable and locked. prepare.lock (the
+    kernel releases it even on SIGKILL) refuses a second prepare.py that would delete this run's files."""
+    try:
+        path = path.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop: RuntimeError before Python 3.13
+        raise PrepareError(f"{path}: cannot resolve the folder ({first_line(e)})")
+    if path.exists() and not path.is_dir():
+        raise PrepareError(f"{path}: not a folder; --out_dir names the folder for train.bin, val.bin and meta.json")
+    try:
+        check_writable(path)
+        return path, lock_folder(path, LOCK_NAME)
+    except FolderInUse as e:
+        raise PrepareError(f"{path}: another prepare.py ({e.holder}) is writing to this folder; wait for it "
+                           f"to finish or choose another --out_dir") from None
+    except OSError as e:  # also a disk without room for one byte
+        raise PrepareError(f"{path}: the output folder is not writable ({e.strerror or e})") from None
 
 
 def identity(source):
@@ -562,8 +453,7 @@ def identity(source):
 
 
 def val_request(args):
-    return {"seed": args.seed, **({"val_tokens": args.val_tokens} if args.val_tokens else
-                                  {"val_fraction": args.val_fraction})}
+    return {"seed": args.seed, "val_fraction": args.val_fraction}
 
 
 def already_done(out_dir, sources, args):
@@ -581,8 +471,6 @@ def prepare(args, out_dir):
     t0 = time.time()
     if args.input:  # local files are checked now, Hub shards listed now and downloaded as they come
         sources = [local_source(path) for path in resolve_inputs(args.input)]
-        for source in sources:
-            describe_parquet(Path(source["path"]), source["name"])  # a bad input fails before any work
     else:
         sources = [dataset_source(args)] if args.hf_dataset else hub_sources(args)
     if meta := None if args.force else already_done(out_dir, sources, args):
@@ -595,10 +483,6 @@ def prepare(args, out_dir):
     try:
         manifest = open_work(work_dir, request, args.force)
         if not manifest.get("complete"):
-            check_free_space(out_dir, sources[len(manifest["done"]):], args.keep_parquet)
-            if manifest["threshold"] is None:
-                manifest["threshold"] = args.val_fraction or threshold_for_val_tokens(
-                    [describe_parquet(Prefetch(s).wait(), s["name"]) for s in sources], args.seed, args.val_tokens)
             print(f"tokenizing {len(sources)} source(s) with {args.workers} worker(s) -> {out_dir}")
             tokenize_sources(sources, manifest, work_dir, args)
         meta = publish(out_dir, work_dir, manifest, sources, args, time.time() - t0)
@@ -617,9 +501,8 @@ def prepare(args, out_dir):
 
 
 def give_up(out_dir, work_dir, manifest):
-    """After an error: keep the finished sources for the next run to continue from, or remove the work;
-    and say whether the dataset in out_dir is untouched (it is while its meta.json is there: publish()
-    removes that first)."""
+    """After an error: keep the finished sources for the same command to continue from, or remove the work.
+    The dataset in out_dir is untouched while its meta.json is there (publish() removes that first)."""
     if manifest and manifest["done"]:
         outcome = (f"the {len(manifest['done'])} finished source(s) are kept in {work_dir}: the same command "
                    f"continues from there")
@@ -648,30 +531,27 @@ def print_summary(meta, out_dir):
 
 
 def adopt(data_dir):
-    """meta.json for train.bin / val.bin written by another tool (e.g. nanoGPT's prepare scripts): check
-    that they hold uint16 ids below GPT-2's vocabulary, record what can be known, say what cannot."""
+    """meta.json for train.bin / val.bin written by another tool (e.g. nanoGPT's prepare scripts): check that
+    they hold uint16 ids below GPT-2's vocabulary, record what can be known, say what cannot."""
     if (data_dir / "meta.json").exists():
         raise PrepareError(f"{data_dir / 'meta.json'} exists already: --adopt is for bins without one "
                            f"(delete it to adopt the bins as they are)")
     splits = {}
     for split in SPLITS:
         path = data_dir / f"{split}.bin"
-        if not path.exists():
-            raise PrepareError(f"{path}: no such file; --adopt needs train.bin and val.bin")
         if not path.is_file():
-            raise PrepareError(f"{path}: not a regular file (a pipe, a device, a folder); --adopt needs token files")
+            raise PrepareError(f"{path}: not a regular file (missing, a pipe, a device or a folder); --adopt needs "
+                               f"train.bin and val.bin")
         if (size := path.stat().st_size) == 0 or size % TOKEN_BYTES:
             raise PrepareError(f"{path}: {size} bytes, not a non-empty file of uint16 tokens")
         if (largest := max_token_id(path)) >= VOCAB_SIZE:
             raise PrepareError(f"{path} holds token id {largest}, not below GPT-2's vocabulary of {VOCAB_SIZE}: "
                                f"not GPT-2 tokens in uint16; cannot adopt it")
         splits[split] = {"documents": None, "tokens": size // TOKEN_BYTES, "file": path.name, "max_token_id": largest}
-    meta = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN, "eot_placement": "unknown",
-            "dtype": np.dtype(TOKEN_DTYPE).name, "splits": splits, "sources": [], "val_split": None,
-            "adopted": "train.bin and val.bin were written by another tool; prepare.py --adopt checked that they "
-                       "are uint16 ids all below GPT-2's vocabulary. Not known, so not recorded: the document count, "
-                       "the split rule, where EOT tokens go, and whether the ids are really GPT-2's (another "
-                       "tokenizer with a vocabulary this small would pass)"}
+    meta = {**TOKENIZER_META, "eot_placement": "unknown", "splits": splits, "sources": [], "val_split": None,
+            "adopted": "train.bin and val.bin come from another tool; prepare.py --adopt checked that they are uint16 "
+                       "ids all below GPT-2's vocabulary. Not known, so not recorded: the document count, the split "
+                       "rule, where EOT tokens go, and whether the ids are GPT-2's (a small enough vocabulary passes)"}
     write_json_atomically(data_dir / "meta.json", meta)
     print(f"{data_dir / 'meta.json'}: train {splits['train']['tokens']:,} tokens, val {splits['val']['tokens']:,} "
           f"tokens, every id below {VOCAB_SIZE}; not known (not recorded): document count, split rule, EOT placement")
@@ -684,7 +564,7 @@ def stop_like_ctrl_c(signum, frame):
 
 
 def interrupted(error):
-    """The start of the one line and the exit status for a KeyboardInterrupt: Ctrl-C's, or a signal's."""
+    """The start of the one line and the exit status for Ctrl-C's KeyboardInterrupt, or a signal's."""
     name = error.args[0] if error.args else "SIGINT"
     return ("interrupted" if name == "SIGINT" else f"interrupted by {name}"), 128 + signal.Signals[name].value
 
@@ -695,8 +575,7 @@ def main(argv=None):
     try:
         if args.pretokenized or args.to_llmc:
             return pretokenized.run(args)
-        out_dir = resolve_folder(args.adopt or args.out_dir)
-        lock = lock_out_dir(out_dir)
+        out_dir, lock = lock_out_dir(args.adopt or args.out_dir)
         try:
             return adopt(out_dir) if args.adopt else prepare(args, out_dir)
         finally:

@@ -36,8 +36,8 @@ from configurator import fail
 from kit.atomic import FolderInUse, atomic_write, lock_folder, unlock_folder
 from kit.shards import (HEADER_BYTES, MAX_SHARD_TOKENS, ShardError, download, read_header, token_span,
                         write_shard)
-from kit.tokenizer import (ENCODING_NAME, EOT_PLACEMENT, EOT_TOKEN, TOKEN_DTYPE, VOCAB_SIZE, max_token_id,
-                           read_dataset_meta)
+from kit.tokenizer import (ENCODING_NAME, EOT_TOKEN, TOKEN_DTYPE, TOKENIZER_META, VOCAB_SIZE, max_token_id,
+                           publish_dataset, read_dataset_meta)
 
 WORK_NAME = "pretokenized.work"
 LOCK_NAME = "prepare.lock"  # prepare.py's: one writer per folder, whichever way it writes
@@ -50,12 +50,19 @@ def train_range(args):
     return args.shards or (1 if args.shard is None else args.shard,) * 2
 
 
+def add_arguments(parser):
+    """prepare.py's options for llm.c shards."""
+    parser.add_argument("--pretokenized", metavar="REPO|DIR", help="llm.c token shards, e.g. kjj0/fineweb10B-gpt2: "
+                        "the val shard and train shards --shards A-B (default 1), no tokenizing (pretokenized.py)")
+    parser.add_argument("--to_llmc", type=Path, metavar="DIR", help="write the dataset in --out_dir as llm.c shards")
+
+
 def check_args(args, error):
     """prepare.py's options that mean nothing here are refused, in prepare.py's one-line way (error)."""
     if args.pretokenized and args.to_llmc:
         error("--pretokenized and --to_llmc are alternatives: shards in, or shards out")
-    given = [f"--{k}" for k in ("input", "dump", "subset", "hf_dataset", "adopt", "max_tokens", "val_fraction",
-                                 "val_tokens") if getattr(args, k, None) is not None]
+    given = [f"--{k}" for k in ("input", "dump", "subset", "hf_dataset", "adopt", "max_tokens", "val_fraction")
+             if getattr(args, k, None) is not None]
     if given:
         error(f"{given[0]} does not go with {'--to_llmc' if args.to_llmc else '--pretokenized'}: the tokens are "
               f"taken as they are")
@@ -232,8 +239,7 @@ def already_done(out_dir, source, names):
 
 
 def publish(out_dir, work_dir, manifest, seconds):
-    """The work bins renamed into out_dir, the old meta.json gone first and the new one written last (as
-    prepare.py publishes: a reader never pairs new bins with an old meta.json)."""
+    """The finished work bins moved into out_dir with their meta.json (kit/tokenizer.publish_dataset)."""
     splits = {}
     for split in ("train", "val"):
         entries = [entry for entry in manifest["done"] if entry["split"] == split]
@@ -242,17 +248,9 @@ def publish(out_dir, work_dir, manifest, seconds):
                          "max_token_id": max(entry["max_token_id"] for entry in entries)}
     sources = [{"name": source_name(manifest["source"], entry["name"]), "split": entry["split"],
                 "size": entry["size"], "tokens": entry["tokens"]} for entry in manifest["done"]]
-    meta = {"tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN,
-            "eot_placement": EOT_PLACEMENT, "dtype": np.dtype(TOKEN_DTYPE).name, "splits": splits,
-            "sources": sources, "pretokenized": manifest["source"],
+    meta = {**TOKENIZER_META, "splits": splits, "sources": sources, "pretokenized": manifest["source"],
             "val_split": {"rule": "the source's val shard, as it is"}, "seconds": round(seconds, 2)}
-    with atomic_write(work_dir / "meta.json", "w") as f:  # before any move: a full disk fails here, work intact
-        json.dump(meta, f, indent=2)
-    (out_dir / "meta.json").unlink(missing_ok=True)
-    for split in ("train", "val"):
-        os.replace(work_dir / f"{split}.bin", out_dir / f"{split}.bin")
-    os.replace(work_dir / "meta.json", out_dir / "meta.json")
-    shutil.rmtree(work_dir, ignore_errors=True)
+    publish_dataset(work_dir, out_dir, meta)
     return meta
 
 

@@ -1,7 +1,6 @@
 """
 Where prepare.py's documents come from, checked before any work: local parquet files, FineWeb's shards on
-the Hugging Face Hub (found through the Hub's listing API, downloaded through its cache), or any dataset
-streamed by the `datasets` package. prepare.py turns them into tokens.
+the Hugging Face Hub (listed by its API, downloaded through its cache), or any dataset streamed by `datasets`.
 
 A source is a dict: name (as meta.json records it), size in bytes (None for a stream), and how to read it:
 path (a local file), repo + remote (a file on the Hub, downloaded when its turn comes), or stream.
@@ -27,12 +26,10 @@ class PrepareError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# finding the inputs: local parquet files
+# local parquet files
 
 def resolve_inputs(patterns):
-    """The parquet files named by --input: files, globs and folders, each expanded in sorted order.
-    Each must be a regular file: parquet is read from its end, and a pipe or a device (a FIFO, /dev/zero)
-    cannot seek; opening a FIFO would even wait forever for a writer."""
+    """The files named by --input: files, globs and folders, each expanded in sorted order."""
     paths = []
     for pattern in patterns:
         path = Path(pattern)
@@ -45,67 +42,49 @@ def resolve_inputs(patterns):
             found, nothing = [path] if path.exists() else [], f"{path}: no such file"
         if not found:
             raise PrepareError(nothing)
-        for p in found:
-            if not p.is_file():
-                raise PrepareError(f"{p}: not a regular file (a pipe, a device or a socket); prepare.py reads "
-                                   f"parquet files, which it must be able to seek in")
         paths += [p.resolve() for p in found]
     return paths
 
 
-def is_text_type(arrow_type):
-    """Every Arrow type whose values read back as Python strings (or None): string, large_string,
-    string_view, a dictionary of any of them; and null, a column of nothing but null texts."""
-    if pa.types.is_dictionary(arrow_type):
-        return is_text_type(arrow_type.value_type)
-    is_string_view = getattr(pa.types, "is_string_view", lambda t: False)  # pyarrow >= 16
-    return (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or is_string_view(arrow_type)
-            or pa.types.is_null(arrow_type))
-
-
-def describe_parquet(path, name):
+def describe_parquet(path):
     """Check one parquet file and describe what the tokenizer tasks need: rows, row groups, columns."""
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
         raise PrepareError(f"{path}: not a parquet file ({first_line(e)})")
-    columns = parquet.schema_arrow.names
-    if "text" not in columns:
-        raise PrepareError(f"{path}: no 'text' column; it has: {', '.join(columns)}")
-    text_type = parquet.schema_arrow.field("text").type
-    if not is_text_type(text_type):
+    schema = parquet.schema_arrow
+    if "text" not in schema.names:
+        raise PrepareError(f"{path}: no 'text' column; it has: {', '.join(schema.names)}")
+    text_type = schema.field("text").type
+    values = text_type.value_type if pa.types.is_dictionary(text_type) else text_type
+    if str(values) not in ("string", "large_string", "string_view", "null"):  # read back as str (null: all None)
         hint = " (bytes, not text: decode it, e.g. pyarrow.compute.cast(column, pa.string()))" \
             if pa.types.is_binary(text_type) or pa.types.is_large_binary(text_type) else ""
         raise PrepareError(f"{path}: column 'text' holds {text_type}, expected strings{hint}")
     if parquet.metadata.num_rows == 0:
         raise PrepareError(f"{path}: the parquet is empty (0 rows)")
-    return {"name": name, "path": str(path), "documents": parquet.metadata.num_rows,
+    return {"path": str(path), "documents": parquet.metadata.num_rows,
             "row_group_rows": [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)],
-            "has_token_count": "token_count" in columns and pa.types.is_integer(parquet.schema_arrow.field(
+            "has_token_count": "token_count" in schema.names and pa.types.is_integer(schema.field(
                 "token_count").type)}  # FineWeb's; a column of that name holding anything else is not it
 
 
 def local_source(path):
-    stat = path.stat()  # name, size and mtime identify it for the no-op check and for resuming
+    """A checked local parquet file; its name, size and mtime identify it for the no-op check and resuming."""
+    if not path.is_file():  # parquet is read from its end: a pipe or a device cannot seek, a FIFO would even block
+        raise PrepareError(f"{path}: not a regular file (a pipe, a device or a socket); prepare.py reads "
+                           f"parquet files, which it must be able to seek in")
+    describe_parquet(path)  # a bad input fails before any work
+    stat = path.stat()
     return {"name": str(path), "path": str(path), "size": stat.st_size, "mtime": stat.st_mtime}
 
 
 # -----------------------------------------------------------------------------
-# finding the inputs: FineWeb shards on the Hugging Face Hub
-
-def hub_folder(args):
-    """The folder of --repo that --dump or --subset names: data/<dump> or sample/<size>."""
-    if args.subset is None:
-        return "data/" + (args.dump or DEFAULT_DUMP)
-    if not args.subset.startswith("sample-"):
-        raise PrepareError(f"--subset {args.subset}: FineWeb's subsets are its samples, named like sample-10BT; "
-                           f"a dump is chosen with --dump")
-    return "sample/" + args.subset.removeprefix("sample-")
-
+# FineWeb shards on the Hugging Face Hub
 
 def list_shards(repo, folder):
-    """The .parquet files of one folder of a Hub dataset, sorted by name: [{path, size, blob_id}]. From
-    the Hub's listing API, kept in a cache so that the same command works offline later."""
+    """The .parquet files of one folder of a Hub dataset, sorted by name: [{path, size, blob_id}]. From the
+    Hub's listing API, kept in a cache so that the same command works offline later."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.utils import EntryNotFoundError, RepositoryNotFoundError
     cache = Path(constants.HF_HOME) / "fineweb-gpt" / "listings" / (f"{repo}/{folder}".replace("/", "--") + ".json")
@@ -114,7 +93,8 @@ def list_shards(repo, folder):
     except RepositoryNotFoundError:
         raise PrepareError(f"--repo {repo}: no such dataset on the Hugging Face Hub (or it needs a login)")
     except EntryNotFoundError:  # the folder is not in the repo (404)
-        raise PrepareError(f"{repo} has no folder {folder}{some_valid_names(repo, folder)}")
+        raise PrepareError(f"{repo} has no folder {folder}; the valid names are the folders at "
+                           f"https://huggingface.co/datasets/{repo}/tree/main/{folder.rsplit('/', 1)[0]}")
     except Exception as e:  # offline, unreachable, ...: a listing from an earlier run will do
         if cache.exists():
             return json.loads(cache.read_text())
@@ -133,24 +113,14 @@ def list_shards(repo, folder):
     return shards
 
 
-def some_valid_names(repo, folder):
-    """'; valid --dump values include ...' from the Hub's listing of the parent folder, or '' offline."""
-    from huggingface_hub import HfApi
-    parent = folder.rsplit("/", 1)[0]
-    try:
-        names = sorted(e.path.rsplit("/", 1)[-1] for e in HfApi().list_repo_tree(repo, path_in_repo=parent,
-                                                                                 repo_type="dataset")
-                       if not hasattr(e, "size"))  # folders have no size
-    except Exception:  # the hint is a courtesy: without it the error still names the folder
-        return ""
-    option, prefix = ("--dump", "") if parent == "data" else ("--subset", "sample-")
-    shown = names if len(names) <= 6 else names[:3] + ["..."] + names[-3:]
-    shown = [name if name == "..." else prefix + name for name in shown]
-    return f"; valid {option} values ({len(names)}) include: {', '.join(shown)}"
-
-
 def hub_sources(args):
-    repo, folder = args.repo, hub_folder(args)
+    """The shards --shard/--shards picks from the folder --dump or --subset names: data/<dump>, sample/<size>."""
+    repo, folder = args.repo, "data/" + (args.dump or DEFAULT_DUMP)
+    if args.subset is not None:
+        if not args.subset.startswith("sample-"):
+            raise PrepareError(f"--subset {args.subset}: FineWeb's subsets are its samples, named like sample-10BT; "
+                               f"a dump is chosen with --dump")
+        folder = "sample/" + args.subset.removeprefix("sample-")
     first, last = args.shards or (args.shard or 0, args.shard or 0)
     shards = list_shards(repo, folder)
     if last >= len(shards):
@@ -177,14 +147,33 @@ def download_shard(source):
                            f"fetch it elsewhere and pass --input PATH")
 
 
-def delete_downloaded(path):
-    """A downloaded shard, gone from the Hugging Face cache: the snapshot link and the blob it points to."""
-    path.resolve().unlink(missing_ok=True)
-    path.unlink(missing_ok=True)
+class Prefetch(threading.Thread):
+    """A source's file made local: a Hub shard downloads in this thread while the one before is tokenized.
+    A daemon thread: an error or Ctrl-C does not wait for a download to end."""
+
+    def __init__(self, source):
+        super().__init__(daemon=True)
+        self.source, self.error, self.is_download = source, None, bool(source.get("remote"))
+        self.path = Path(source["path"]) if "path" in source else None
+        if self.is_download:
+            self.start()
+
+    def run(self):
+        try:
+            self.path = download_shard(self.source)
+        except Exception as e:  # raised in the main thread by wait()
+            self.error = e
+
+    def wait(self):
+        if self.is_download:
+            self.join()
+        if self.error is not None:
+            raise self.error
+        return self.path
 
 
 # -----------------------------------------------------------------------------
-# finding the inputs: any dataset through the `datasets` package, streamed
+# any dataset through the `datasets` package, streamed
 
 def dataset_source(args):
     name = f"hf-datasets://{args.hf_dataset}" + "".join(f"/{part}" for part in (args.hf_config, args.hf_split) if part)
@@ -215,33 +204,3 @@ def stream_batches(args):
         raise
     except Exception as e:  # a download/parsing boundary: one line with what datasets said
         raise PrepareError(f"--hf_dataset {args.hf_dataset}: cannot read it ({type(e).__name__}: {first_line(e)})")
-
-
-class Prefetch(threading.Thread):
-    """A source's file made local: a Hub shard downloads in this thread while the one before is tokenized.
-    A daemon thread: an error or Ctrl-C does not wait for a download to end."""
-
-    def __init__(self, source):
-        super().__init__(daemon=True)
-        self.source, self.error, self.is_download = source, None, bool(source.get("remote"))
-        self.path = Path(source["path"]) if "path" in source else None
-        if self.is_download:
-            self.start()
-
-    def run(self):
-        try:
-            self.path = download_shard(self.source)
-        except Exception as e:  # raised in the main thread by wait()
-            self.error = e
-
-    def wait(self):
-        if self.is_download:
-            self.join()
-        if self.error is not None:
-            raise self.error
-        return self.path
-
-
-def is_downloaded(source):
-    from huggingface_hub import try_to_load_from_cache
-    return isinstance(try_to_load_from_cache(source["repo"], source["remote"], repo_type="dataset"), str)
