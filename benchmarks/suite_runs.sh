@@ -20,8 +20,8 @@ fi
 for i in $(seq 1 "$runs"); do
   start=$(date +%s)
   load=$(cut -d' ' -f1 /proc/loadavg)
-  eval "$command" > "/tmp/suite_run_$i.log" 2>&1
+  eval "$command" > "/tmp/suite_run_$start.log" 2>&1
   status=$?
-  summary=$(tail -1 "/tmp/suite_run_$i.log")
+  summary=$(tail -1 "/tmp/suite_run_$start.log")
   echo "run $i: load $load, exit $status, $(( $(date +%s) - start )) s, $summary"
 done

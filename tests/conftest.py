@@ -189,3 +189,17 @@ def pytest_report_header(config):
     from kit.runtime import cpu_has_bf16
     return "dtype='auto' on this CPU: " + ("bfloat16 (AVX512-BF16 or AMX)" if cpu_has_bf16() else
                                            "float32 (no AVX512-BF16 or AMX)")
+
+
+def prepare_fails_with(capsys, *args):
+    """data/fineweb/prepare.py's main(args) refused as a user error: exit status 2 and one line `error: ...`;
+    returns it."""
+    if str(REPO_ROOT / "data" / "fineweb") not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT / "data" / "fineweb"))
+    import prepare
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.main([*map(str, args)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    return err

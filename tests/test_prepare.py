@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO_ROOT, DiskFullAfter, run_script
+from conftest import REPO_ROOT, DiskFullAfter, prepare_fails_with, run_script
 from kit.tokenizer import EOT_TOKEN, encode_documents, encode_documents_flat, get_encoding
 
 sys.path.insert(0, str(REPO_ROOT / "data" / "fineweb"))
@@ -78,16 +78,6 @@ def on_each_task(monkeypatch, action):
         return real_tokenize(task)
 
     monkeypatch.setattr(prepare, "tokenize_task", tokenize)
-
-
-def fails_with(capsys, *args):
-    """prepare.main(args) refused as a user error: exit status 2 and one line `error: ...`; returns it."""
-    with pytest.raises(SystemExit) as exit_info:
-        prepare.main([*map(str, args)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
-    return err
 
 
 def read_docs(bin_path):
@@ -175,7 +165,7 @@ def test_split_depends_on_seed_only(tmp_path):
 
 def test_an_empty_val_split_is_refused(tmp_path, capsys):
     source = write_parquet(tmp_path / "tiny.parquet", ["one", "two", "three"])
-    line = fails_with(capsys, "--input", source, "--out_dir", tmp_path / "out", "--val_fraction", 1e-9)
+    line = prepare_fails_with(capsys, "--input", source, "--out_dir", tmp_path / "out", "--val_fraction", 1e-9)
     assert "the val split came out empty (3 documents); change --val_fraction" in line
     assert not (tmp_path / "out" / "val.bin").exists()
 
@@ -273,12 +263,12 @@ def test_subsets_and_other_repos(tmp_path, fake_hub):
 
 def test_unknown_dump_subset_or_shard_is_one_line_pointing_to_the_valid_ones(tmp_path, fake_hub, capsys):
     out = ["--out_dir", tmp_path / "out"]
-    line = fails_with(capsys, *out, "--dump", "CC-MAIN-1999-01")
+    line = prepare_fails_with(capsys, *out, "--dump", "CC-MAIN-1999-01")
     assert line == ("error: HuggingFaceFW/fineweb has no folder data/CC-MAIN-1999-01; the valid names are the folders "
                     "at https://huggingface.co/datasets/HuggingFaceFW/fineweb/tree/main/data")
-    assert fails_with(capsys, *out, "--subset", "sample-1T").endswith("/HuggingFaceFW/fineweb/tree/main/sample")
-    assert "has 3 files (shards 0-2); --shard/--shards asks for 2-5" in fails_with(capsys, *out, "--shards", "2-5")
-    assert "not a range A-B" in fails_with(capsys, *out, "--shards", "5-2")
+    assert prepare_fails_with(capsys, *out, "--subset", "sample-1T").endswith("/HuggingFaceFW/fineweb/tree/main/sample")
+    assert "has 3 files (shards 0-2); --shard/--shards asks for 2-5" in prepare_fails_with(capsys, *out, "--shards", "2-5")
+    assert "not a range A-B" in prepare_fails_with(capsys, *out, "--shards", "5-2")
     assert fake_hub.downloads == [] and not list((tmp_path / "out").iterdir())
 
 
@@ -293,7 +283,7 @@ def test_the_listing_is_cached_for_offline_runs(tmp_path, fake_hub, monkeypatch,
     monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
     meta = run(tmp_path, "--shard", 2, "--val_fraction", 0.2, "--force")  # the listing from the first run
     assert meta["sources"][0]["name"].endswith("data/CC-MAIN-2013-20/000_00002.parquet")
-    line = fails_with(capsys, "--out_dir", tmp_path / "out", "--dump", "CC-MAIN-2024-10")
+    line = prepare_fails_with(capsys, "--out_dir", tmp_path / "out", "--dump", "CC-MAIN-2024-10")
     assert "cannot list HuggingFaceFW/fineweb/data/CC-MAIN-2024-10 (ConnectionError: no network)" in line
     assert "no earlier run cached its listing" in line and "--input" in line
 
@@ -468,7 +458,7 @@ def test_a_failed_run_keeps_its_finished_sources_and_the_same_command_continues(
     else:
         on_each_task(monkeypatch, fail_in_the_third_source)
     if failure.startswith("disk"):
-        line = fails_with(capsys, *args)
+        line = prepare_fails_with(capsys, *args)
         assert line.endswith("writing failed (No space left on device); the 2 finished source(s) are kept in "
                              f"{tmp_path / 'out' / 'prepare.work'}: the same command continues from there")
     else:  # Ctrl-C: a clean stop, exit 130, one line saying what was kept
@@ -510,7 +500,7 @@ def test_several_sources_are_the_concatenation_of_single_source_runs(tmp_path):
 ])
 def test_inputs_too_small_to_split_say_so(tmp_path, capsys, texts, message):
     source = write_parquet(tmp_path / "small.parquet", texts)
-    line = fails_with(capsys, "--input", source, "--out_dir", tmp_path / "out", "--workers", 1)
+    line = prepare_fails_with(capsys, "--input", source, "--out_dir", tmp_path / "out", "--workers", 1)
     assert line.startswith(f"error: {source}: ") and message in line and "--val_fraction" not in line
     assert not list((tmp_path / "out").iterdir())
 
@@ -563,12 +553,12 @@ def test_bad_input_fails_in_one_line_with_no_outputs(tmp_path, case):
 def test_output_folder_not_writable(tmp_path, capsys):
     source = write_parquet(tmp_path / "docs.parquet", TRICKY_DOCS)
     (tmp_path / "a_file").write_text("")
-    assert "a_file/out: the output folder is not writable" in fails_with(
+    assert "a_file/out: the output folder is not writable" in prepare_fails_with(
         capsys, "--input", source, "--out_dir", tmp_path / "a_file" / "out")
     if os.geteuid() != 0:  # root writes through permission bits, so this half only runs as a normal user
         read_only = tmp_path / "read_only"
         read_only.mkdir(mode=0o555)
-        line = fails_with(capsys, "--input", source, "--out_dir", read_only)
+        line = prepare_fails_with(capsys, "--input", source, "--out_dir", read_only)
         assert "read_only: the output folder is not writable" in line
 
 
@@ -579,7 +569,7 @@ def disk_full(*args):
 def test_disk_full_in_the_first_source_leaves_no_outputs(tmp_path, monkeypatch, capsys):
     source = write_parquet(tmp_path / "docs.parquet", synthetic_texts(100), row_group_size=20)
     bins_on_a_small_disk(monkeypatch, room=1000)
-    assert "out: writing failed (No space left on device); nothing was published" in fails_with(
+    assert "out: writing failed (No space left on device); nothing was published" in prepare_fails_with(
         capsys, "--input", source, "--out_dir", tmp_path / "out", "--workers", 1)
     assert not list((tmp_path / "out").iterdir())
 
@@ -589,7 +579,7 @@ def test_disk_full_at_meta_json_moves_nothing_and_the_same_command_publishes(tmp
     source = write_parquet(tmp_path / "docs.parquet", synthetic_texts(100), row_group_size=20)
     args = ["--input", source, "--out_dir", tmp_path / "out", "--workers", 1, "--val_fraction", 0.2]
     monkeypatch.setattr(kit.tokenizer, "atomic_write", disk_full)  # publish_dataset writes meta.json before any move
-    assert fails_with(capsys, *args).endswith("out: writing failed (No space left on device); the 1 finished "
+    assert prepare_fails_with(capsys, *args).endswith("out: writing failed (No space left on device); the 1 finished "
                                               f"source(s) are kept in {tmp_path / 'out' / 'prepare.work'}: the same "
                                               f"command continues from there")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["prepare.work"]
@@ -610,7 +600,7 @@ def test_read_meta_rejects_missing_and_inconsistent_outputs(tmp_path):
 
 
 def test_bad_option_value_is_one_line(capsys):
-    line = fails_with(capsys, "--input", "x.parquet", "--val_fraction", 1.5)
+    line = prepare_fails_with(capsys, "--input", "x.parquet", "--val_fraction", 1.5)
     assert "--val_fraction 1.5: must be between 0 and 1" in line
 
 

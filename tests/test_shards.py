@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, make_token_dataset, random_model, train_args
+from conftest import REPO_ROOT, make_token_dataset, prepare_fails_with, random_model, train_args
 from inprocess import read_metrics, run_inprocess
 from kit import shards
 from kit.checkpoint import save_checkpoint
@@ -35,16 +35,6 @@ def llmc_header(magic=20240520, version=1, count=0):
     header = np.zeros(256, dtype="<i4")
     header[:3] = magic, version, count
     return header.tobytes()
-
-
-def fails_with(capsys, *args):
-    """prepare.main(args) refused: exit status 2 and one line `error: ...`; returns it."""
-    with pytest.raises(SystemExit) as exit_info:
-        prepare.main([*map(str, args)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
-    return err
 
 
 # -----------------------------------------------------------------------------
@@ -83,7 +73,7 @@ def test_each_bad_shard_is_refused_in_one_line(tmp_path, capsys, case, content, 
     (folder / "fineweb_val_000000.bin").write_bytes(content)
     with pytest.raises(shards.ShardError, match=message.replace("(", r"\(").replace(")", r"\)")):
         shards.check_shard(folder / "fineweb_val_000000.bin")
-    line = fails_with(capsys, "--pretokenized", folder, "--out_dir", tmp_path / "out")
+    line = prepare_fails_with(capsys, "--pretokenized", folder, "--out_dir", tmp_path / "out")
     assert message in line and "fineweb_val_000000.bin" in line
     assert not (tmp_path / "out" / "meta.json").exists()
 
@@ -183,7 +173,7 @@ def test_a_killed_download_continues_with_the_shard_it_was_in(tmp_path, fake_hub
 
 
 def test_a_missing_shard_is_named_in_one_line(tmp_path, fake_hub, capsys):
-    line = fails_with(capsys, "--pretokenized", REPO, "--shards", "3-5", "--out_dir", tmp_path / "out")
+    line = prepare_fails_with(capsys, "--pretokenized", REPO, "--shards", "3-5", "--out_dir", tmp_path / "out")
     assert line == (f"error: {REPO} has no file fineweb_train_000005.bin; the 3 shard(s) before it are kept in "
                     f"{tmp_path / 'out' / pretokenized.WORK_NAME}, for a command that takes them again")
     assert not (tmp_path / "out" / "meta.json").exists()
@@ -191,10 +181,10 @@ def test_a_missing_shard_is_named_in_one_line(tmp_path, fake_hub, capsys):
     prepare.main(["--pretokenized", REPO, "--shards", "3-4", "--out_dir", str(tmp_path / "out")])
     assert fake_hub.downloads == []  # the shards before the missing one were kept
     assert_bins_hold(tmp_path / "out", fake_hub, [3, 4])
-    line = fails_with(capsys, "--pretokenized", REPO, "--shards", "0-2", "--out_dir", tmp_path / "out")
+    line = prepare_fails_with(capsys, "--pretokenized", REPO, "--shards", "0-2", "--out_dir", tmp_path / "out")
     assert "train shards are numbered from 1" in line
-    assert "train shards are numbered from 1" in fails_with(capsys, "--pretokenized", REPO, "--shard", "0")
-    line = fails_with(capsys, "--pretokenized", REPO, "--input", "x.parquet")
+    assert "train shards are numbered from 1" in prepare_fails_with(capsys, "--pretokenized", REPO, "--shard", "0")
+    line = prepare_fails_with(capsys, "--pretokenized", REPO, "--input", "x.parquet")
     assert "--input does not go with --pretokenized" in line
 
 
@@ -202,7 +192,7 @@ def test_offline_and_not_cached_says_so_in_one_line(tmp_path, capsys, monkeypatc
     # the real huggingface_hub, offline (conftest sets HF_HUB_OFFLINE=1), with an empty cache
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
-    line = fails_with(capsys, "--pretokenized", REPO, "--out_dir", tmp_path / "out")
+    line = prepare_fails_with(capsys, "--pretokenized", REPO, "--out_dir", tmp_path / "out")
     assert f"cannot download fineweb_val_000000.bin from {REPO}: the network is unreachable" in line
 
 
@@ -226,7 +216,7 @@ def test_ours_to_llmc_and_back_gives_identical_tokens(tmp_path, monkeypatch, cap
         prepare.main(["--pretokenized", str(tmp_path / "llmc"), "--shards", "2-4", "--out_dir", str(tmp_path / "b2")])
     assert not (tmp_path / "b2" / pretokenized.WORK_NAME).exists()
     capsys.readouterr()
-    line = fails_with(capsys, "--out_dir", tmp_path / "nothing", "--to_llmc", tmp_path / "llmc2")
+    line = prepare_fails_with(capsys, "--out_dir", tmp_path / "nothing", "--to_llmc", tmp_path / "llmc2")
     assert "meta.json not found" in line and not (tmp_path / "llmc2").exists()
 
 
