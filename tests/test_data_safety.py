@@ -12,9 +12,9 @@ import psutil
 import pytest
 
 from kit import atomic
-from conftest import DiskFullAfter
+from conftest import DiskFullAfter, prepare_fails_with
 from kit.loader import TokenBatches, open_dataset
-from test_prepare import (bins_on_a_small_disk, fails_with, on_each_task, prepare, start_paused, still_running,
+from test_prepare import (bins_on_a_small_disk, on_each_task, prepare, start_paused, still_running,
                           synthetic_texts, write_parquet)
 
 
@@ -187,7 +187,7 @@ def test_a_full_disk_at_start_is_one_line_and_leaves_no_lock(tmp_path, monkeypat
     source = write_parquet(tmp_path / "docs.parquet", synthetic_texts(10))
     real_temporary_file = atomic.tempfile.TemporaryFile
     monkeypatch.setattr(atomic.tempfile, "TemporaryFile", lambda **kw: DiskFullAfter(real_temporary_file(**kw), 0))
-    line = fails_with(capsys, "--input", source, "--out_dir", tmp_path / "out", "--workers", 1)
+    line = prepare_fails_with(capsys, "--input", source, "--out_dir", tmp_path / "out", "--workers", 1)
     assert line == f"error: {tmp_path / 'out'}: the output folder is not writable (No space left on device)"
     monkeypatch.undo()
     (tmp_path / "out").mkdir(exist_ok=True)
@@ -269,10 +269,10 @@ def test_every_arrow_string_type_in_the_text_column_works_or_is_one_line(tmp_pat
     source = write_text_column(tmp_path / "typed.parquet", texts, arrow_type)
     args = ["--input", source, "--out_dir", tmp_path / "out", *settings]
     if arrow_type in ("binary", "large_binary"):
-        assert f"column 'text' holds {arrow_type}, expected strings (bytes, not text: decode it" in fails_with(
+        assert f"column 'text' holds {arrow_type}, expected strings (bytes, not text: decode it" in prepare_fails_with(
             capsys, *args)
     elif arrow_type == "null":
-        assert "every text is null (31 rows): there is nothing to tokenize" in fails_with(capsys, *args)
+        assert "every text is null (31 rows): there is nothing to tokenize" in prepare_fails_with(capsys, *args)
     else:
         prepare.main(list(map(str, args)))
         for name in ("train.bin", "val.bin"):
@@ -327,7 +327,7 @@ def test_pipes_devices_and_symlink_loops_end_in_one_line(tmp_path, capsys, prepa
     elif "--out_dir" in args:
         args = ["--input", prepared[1], *args]
     with NoHang():
-        assert message in fails_with(capsys, *args, "--workers", 1)
+        assert message in prepare_fails_with(capsys, *args, "--workers", 1)
 
 
 @pytest.mark.parametrize("meta_json", ["/dev/zero", "a FIFO"])
