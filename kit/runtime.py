@@ -1,7 +1,6 @@
 """
 Where and how the model runs: the process set-up, device and dtype choice (DDP included), autocast, timing
-that can be trusted, torch.compile with a fallback, and the device's peak FLOP/s for MFU. Shared by train.py,
-sample.py, eval.py and bench.py.
+that can be trusted, torch.compile with a fallback, and the device's peak FLOP/s for MFU (train.py, bench.py...).
 """
 import ctypes
 import os
@@ -197,8 +196,7 @@ def device_peak_flops(device, dtype, override=None):
 def compile_with_fallback(model, example_step, announce=True):
     """torch.compile(model), tried on one real step (compilation is lazy: no C++ compiler, no Triton, an old GPU
     show up on first use). On failure, warn once and return the eager model: a long run never dies for the sake
-    of speed. Ctrl-C, SIGTERM or SIGHUP while compiling ends the process at once: one line, exit 128 + signal.
-    The 'compiling' line comes once that handler is in place, so a signal sent on seeing it meets the handler."""
+    of speed. Ctrl-C, SIGTERM or SIGHUP while compiling (announced once handled) ends the process at once."""
     previous = stop_at_once_on_signals("during torch.compile's warm-up")
     if announce:
         print("compiling the model... (takes a minute)", flush=True)
