@@ -71,9 +71,10 @@ def val_path(train_config):
     dataset = train_config.get("dataset", "fineweb")
     folder = data_dir or train_config.get("data_dir") or os.path.join(REPO_DIR, "data", dataset)
     path = os.path.join(folder, "val.bin")
+    recorded_max = None  # prepare.py's meta.json records val.bin's largest id: no need to read the file for it
     if os.path.exists(os.path.join(folder, "meta.json")) and not val_file:  # prepare.py's record: same tokenizer
         try:
-            read_dataset_meta(folder)
+            recorded_max = read_dataset_meta(folder)["splits"]["val"].get("max_token_id")
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
     try:
@@ -90,7 +91,7 @@ def val_path(train_config):
         fail(f"{path}: every token to be scored is <|endoftext|> (no text, 0 bytes), so bits per byte is undefined; "
              f"score more of it (val_tokens) or another val.bin")
     try:
-        check_token_ids(path, VOCAB_SIZE)
+        check_token_ids(path, VOCAB_SIZE, recorded_max)
     except ValueError as e:
         fail(str(e))
     return path
